@@ -1,0 +1,96 @@
+"""Process-group and model-parallel set-up shared by training, tools and tests.
+
+One call, `initialize`, does what every entry point needs in the same order: CPU mode when CUDA is
+absent, the default process group (NCCL on GPUs, gloo otherwise), megatron-core's parallel state,
+and the model-parallel RNG seeds.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from bam_megatron.platform import cpu_mode
+
+
+@dataclass(frozen=True)
+class ParallelSizes:
+    """Model-parallel layout; data parallelism is whatever the world size leaves over."""
+
+    tensor: int = 1
+    pipeline: int = 1
+    expert: int = 1
+    sequence_parallel: bool = False
+
+    def validate(self, world_size: int) -> None:
+        """Fail with a one-line message naming the flag when the sizes cannot tile the world."""
+        for flag, value in (
+            ("--tensor-model-parallel-size", self.tensor),
+            ("--pipeline-model-parallel-size", self.pipeline),
+            ("--expert-model-parallel-size", self.expert),
+        ):
+            if value < 1:
+                raise ValueError(f"{flag} must be >= 1, got {value}")
+        model_parallel = self.tensor * self.pipeline
+        if world_size % model_parallel:
+            raise ValueError(
+                f"world size {world_size} is not divisible by --tensor-model-parallel-size "
+                f"({self.tensor}) x --pipeline-model-parallel-size ({self.pipeline})"
+            )
+        data_parallel = world_size // model_parallel
+        if (data_parallel * self.tensor) % self.expert:
+            raise ValueError(
+                f"--expert-model-parallel-size {self.expert} must divide data-parallel x "
+                f"tensor-parallel ranks ({data_parallel} x {self.tensor})"
+            )
+        if self.sequence_parallel and self.tensor == 1:
+            raise ValueError("--sequence-parallel needs --tensor-model-parallel-size > 1")
+
+
+def default_backend() -> str:
+    """NCCL where CUDA is usable, gloo everywhere else."""
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def initialize(
+    sizes: ParallelSizes = ParallelSizes(),
+    seed: int = 1234,
+    timeout_minutes: int = 30,
+) -> None:
+    """Start torch.distributed (from torchrun/Slurm env vars unless already started) and megatron-core.
+
+    Enables CPU mode first when CUDA is absent, so that everything after this call may treat the
+    machine as a GPU machine.
+    """
+    cpu_mode.enable()
+    if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(
+            backend=default_backend(), timeout=datetime.timedelta(minutes=timeout_minutes)
+        )
+    sizes.validate(dist.get_world_size())
+
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=sizes.tensor,
+        pipeline_model_parallel_size=sizes.pipeline,
+        expert_model_parallel_size=sizes.expert,
+        distributed_timeout_minutes=timeout_minutes,
+    )
+    model_parallel_cuda_manual_seed(seed)
+
+
+def destroy() -> None:
+    """Tear down megatron-core's groups and the default process group."""
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,39 @@
+"""bam-megatron: Branch-Attend-Mix mixture-of-experts upcycling on megatron-core."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).parent
+version = {}
+exec((ROOT / "bam_megatron" / "version.py").read_text(), version)
+
+# Pinned to what the test suite runs against. megatron-core 0.17+ needs Python 3.12.
+INSTALL_REQUIRES = [
+    "torch==2.13.0",
+    "megatron-core==0.16.1",
+    "numpy>=1.26,<3",
+    "sentencepiece==0.2.3",
+    "packaging",
+]
+
+EXTRAS_REQUIRE = {
+    "test": ["pytest==9.2.0"],
+    # apex comes with NVIDIA's PyTorch container; Transformer Engine is pinned to what the image tests.
+    "gpu": ["transformer-engine[pytorch]"],
+    "deepspeed": ["deepspeed"],
+}
+
+setup(
+    name="bam-megatron",
+    version=version["__version__"],
+    description="Branch-Attend-Mix: upcycle dense LMs into MoEs that reuse FFNs and attention, on megatron-core",
+    long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["bam_megatron", "bam_megatron.*"]),
+    py_modules=["pretrain_bam"],
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+    entry_points={"console_scripts": []},
+)
