@@ -12,9 +12,10 @@ exec((ROOT / "bam_megatron" / "version.py").read_text(), version)
 INSTALL_REQUIRES = [
     "torch==2.13.0",
     "megatron-core==0.16.1",
-    "numpy>=1.26,<3",
+    "numpy==2.4.6",
     "sentencepiece==0.2.3",
     "packaging",
+    "psutil==7.2.2",  # dist_checkpointing's filesystem writer
 ]
 
 EXTRAS_REQUIRE = {

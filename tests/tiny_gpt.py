@@ -140,3 +140,36 @@ def gradient_step(sizes: ParallelSizes, moe: bool, full_weights, num_microbatche
         "grads": local_shards(model, gradients=True),
         "weights": local_shards(model),
     }
+
+
+def adam_steps(sizes: ParallelSizes, moe: bool, full_weights, steps: int, num_microbatches: int,
+               use_distributed_optimizer: bool) -> dict[str, Any]:
+    """Rank body: ``steps`` AdamW updates with megatron-core's DDP and (distributed) optimizer."""
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    _, ddp = build(sizes, moe, full_weights, use_distributed_optimizer=use_distributed_optimizer)
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(
+            optimizer="adam",
+            lr=1e-2,
+            weight_decay=0.1,
+            clip_grad=1.0,
+            adam_eps=1e-4,
+            use_distributed_optimizer=use_distributed_optimizer,
+        ),
+        [ddp],
+    )
+    initial = local_shards(ddp.module)
+    losses, grad_norms = [], []
+    for step in range(steps):
+        optimizer.zero_grad()
+        losses.append(forward_backward(ddp, num_microbatches, seed=100 + step))
+        ok, grad_norm, _ = optimizer.step()
+        assert ok, "optimizer step was skipped"
+        grad_norms.append(grad_norm)
+    return {
+        "losses": losses,
+        "grad_norms": grad_norms,
+        "initial": initial,
+        "weights": local_shards(ddp.module),
+    }

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import logging
 from typing import Any
 
 import torch
@@ -198,6 +199,11 @@ def _splits_to_host(tensor: Any, as_numpy: bool = False, record_stream: bool = F
     return tensor
 
 
+class _DropForkWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "CPU RNG state changed within GPU RNG context" not in record.getMessage()
+
+
 def _cpu_get_rng_state(device: Any = "cuda", clone: bool = False, graph_safe: bool = False):
     return torch.get_rng_state()
 
@@ -213,6 +219,7 @@ class _CpuMode:
         self._saved: list[tuple[Any, str, Any]] = []
         self._function_mode = _CudaToCpuMode()
         self._dynamo_was_disabled = False
+        self._fork_warning_filter = _DropForkWarning()
 
     def _patch(self, owner: Any, name: str, value: Any) -> None:
         self._saved.append((owner, name, getattr(owner, name, _MISSING)))
@@ -225,6 +232,7 @@ class _CpuMode:
         rng = importlib.import_module("megatron.core.tensor_parallel.random")
         self._patch(rng, "_get_cuda_rng_state", _cpu_get_rng_state)
         self._patch(rng, "_set_cuda_rng_state", _cpu_set_rng_state)
+        logging.getLogger(rng.__name__).addFilter(self._fork_warning_filter)
 
         moe_utils = importlib.import_module("megatron.core.transformer.moe.moe_utils")
         if not hasattr(moe_utils, "te_general_gemm"):
@@ -240,6 +248,9 @@ class _CpuMode:
     def uninstall(self) -> None:
         self._function_mode.__exit__(None, None, None)
         torch._dynamo.config.disable = self._dynamo_was_disabled
+        logging.getLogger("megatron.core.tensor_parallel.random").removeFilter(
+            self._fork_warning_filter
+        )
         for owner, name, original in reversed(self._saved):
             if original is _MISSING:
                 delattr(owner, name)

@@ -1,0 +1,19 @@
+"""Test tiers (as in torchtitan / OLMo-core):
+
+- no marker: runs anywhere, CPU only; multi-rank tests spawn gloo ranks with
+  `bam_megatron.testing.distributed.run_distributed`.
+- ``gpu``: needs CUDA (Transformer Engine, bf16 numerics). Deselected, and reported as such,
+  on machines without a GPU.
+"""
+
+import pytest
+import torch
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    deselected = [item for item in items if item.get_closest_marker("gpu")]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = [item for item in items if not item.get_closest_marker("gpu")]
