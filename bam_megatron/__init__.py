@@ -7,6 +7,14 @@ Package layout (one folder per concern):
 - ``testing``: the multi-rank test harness and shard helpers
 """
 
+import warnings
+
 from bam_megatron.version import __version__
+
+# megatron-core warns at import time, once per module, that Transformer Engine / apex are missing.
+# Without a GPU that is the expected state (the local spec and CPU mode cover it), not news.
+warnings.filterwarnings(
+    "ignore", message=r"(Transformer Engine and Apex are|Apex is) not installed", category=UserWarning
+)
 
 __all__ = ["__version__"]

@@ -3,22 +3,28 @@
 megatron-core is written for CUDA. With torch's CPU build and the gloo backend it runs unchanged once
 the few CUDA-only spots below are covered. `enable()` covers them, only when CUDA is absent, and
 `disable()` undoes every change (tests use both). This is the one place in the project that knows
-about them; everything else is ordinary megatron-core code.
+about them; everything else is ordinary megatron-core code. Nothing here sits on the per-op path of
+a forward or backward pass (see bench/cpu_mode_overhead.py).
 
 What each piece covers (megatron-core 0.16.1):
 
-- ``torch.cuda.current_device / synchronize / Stream / Event / stream / current_stream``: called by
-  ``utils.GlobalMemoryBuffer``, the MoE all-to-all token dispatcher (a device-to-host side stream),
-  ``pipeline_parallel.p2p_communication``, ``tensor_parallel.layers`` (also in backward) and the DDP
-  buffers. On CPU, streams and events are no-ops (every op is synchronous) and the "current device"
-  is the CPU device itself.
-- ``device="cuda"`` literals (``schedules.py`` token counters, ``clip_grads``, DDP buffers,
-  ``.cuda()`` calls, all outside backward): a ``TorchFunctionMode`` rewrites CUDA devices to CPU. It also makes
-  ``Tensor.type()`` report ``torch.cuda.FloatTensor`` for CPU tensors, which is what the optimizer,
-  the distributed optimizer and ``clip_grads`` assert.
+- ``torch.cuda.current_device / synchronize / Stream / Event / stream / current_stream`` and
+  ``Tensor.cuda()``: called by ``utils.GlobalMemoryBuffer``, ``tensor_parallel.layers`` (in backward
+  too), the MoE all-to-all dispatcher (a device-to-host side stream), ``p2p_communication``, the DDP
+  buffers and ``LanguageModule`` (tied embeddings). On CPU every op is synchronous, so streams and
+  events are no-ops; the "current device" is the CPU device and ``.cuda()`` leaves a tensor where it is.
+- ``device="cuda"`` literals in ``transformer.utils`` (the causal mask, built every forward),
+  ``pipeline_parallel.schedules`` (token counters), ``optimizer.*``, ``clip_grads``, the DDP buffers,
+  the MoE aux-loss tracker and ``dist_checkpointing``: those modules see a view of ``torch`` whose
+  tensor factories put CUDA-addressed tensors on the CPU (`_MODULES_WITH_CUDA_LITERALS`).
+- ``param.type() == 'torch.cuda.FloatTensor'`` assertions in the (distributed) optimizer's
+  parameter-group builders and ``clip_grad_by_total_norm_fp32``: those functions run under a
+  ``TorchFunctionMode`` in which ``Tensor.type()`` reports the CUDA type name of a CPU tensor.
 - ``tensor_parallel.random`` (``CudaRNGStatesTracker``, ``model_parallel_cuda_manual_seed``): the
   "CUDA generator" becomes the CPU default generator, so tracker ``fork()`` swaps the CPU state in
   and out exactly as it swaps the CUDA state on a GPU. Dropout is reproducible and differs per TP rank.
+  The tracker's "CPU RNG state changed within GPU RNG context" warning is then always true, and
+  filtered out.
 - ``moe_utils.te_general_gemm``: left undefined when Transformer Engine is missing (a NameError in
   the router GEMM); defined as ``None`` so the plain ``torch.mm`` path runs.
 - ``token_dispatcher.maybe_move_tensor_to_cpu``: on a GPU it turns all-to-all split sizes into host
@@ -34,15 +40,40 @@ The sequence-parallel-capable norm is a module, not a patch: `bam_megatron.model
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import logging
-from typing import Any
+import types
+from typing import Any, Callable
 
 import torch
 import torch._dynamo
 from torch.overrides import TorchFunctionMode
 
 TESTED_MEGATRON_CORE_VERSIONS = ("0.16.1",)
+
+# megatron-core modules that create tensors with device="cuda" (found with grep; inference, FSDP,
+# FP8 and CUDA-graph modules are out of scope on CPU).
+_MODULES_WITH_CUDA_LITERALS = (
+    "megatron.core.utils",
+    "megatron.core.transformer.utils",
+    "megatron.core.transformer.moe.moe_utils",
+    "megatron.core.tensor_parallel.data",
+    "megatron.core.pipeline_parallel.schedules",
+    "megatron.core.pipeline_parallel.utils",
+    "megatron.core.distributed.param_and_grad_buffer",
+    "megatron.core.optimizer.optimizer",
+    "megatron.core.optimizer.clip_grads",
+    "megatron.core.optimizer.grad_scaler",
+    "megatron.core.dist_checkpointing.exchange_utils",
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver",
+    "megatron.core.rerun_state_machine",
+)
+
+_TENSOR_FACTORIES = (
+    "empty", "zeros", "ones", "full", "tensor", "as_tensor", "arange", "eye", "linspace",
+    "rand", "randn", "randint", "randperm", "empty_like", "zeros_like", "ones_like", "full_like",
+)  # fmt: skip
 
 _active: "_CpuMode | None" = None
 
@@ -147,7 +178,7 @@ def _cpu_manual_seed(seed: int) -> None:
 
 _TORCH_CUDA_STANDINS: dict[str, Any] = {
     # Nearly every caller passes this straight on as ``device=``; returning the CPU device (not an
-    # ordinal) keeps those calls right even inside backward, where TorchFunctionModes do not reach.
+    # ordinal) keeps those calls right wherever they run, backward included.
     "current_device": lambda: torch.device("cpu"),
     "synchronize": lambda device=None: None,
     "Stream": _NullStream,
@@ -164,39 +195,69 @@ _TORCH_CUDA_STANDINS: dict[str, Any] = {
 }
 
 
+def _tensor_stays_on_cpu(self: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    return self
+
+
+# --------------------------------------------------------------------------------------------
+# device="cuda" literals: a per-module view of torch whose factories allocate on the CPU.
+
+
 def _is_cuda_device(device: Any) -> bool:
     if isinstance(device, torch.device):
         return device.type == "cuda"
-    if isinstance(device, str):
-        return device.startswith("cuda")
-    # A bare integer device is a CUDA ordinal (bool is an int too, and never a device).
-    return isinstance(device, int) and not isinstance(device, bool)
+    return isinstance(device, str) and device.startswith("cuda")
 
 
-class _CudaToCpuMode(TorchFunctionMode):
-    """Runs CUDA-addressed tensor creation and moves on the CPU."""
+def _on_cpu(factory: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    @functools.wraps(factory)
+    def create(*args: Any, **kwargs: Any) -> torch.Tensor:
+        if _is_cuda_device(kwargs.get("device")):
+            kwargs["device"] = "cpu"
+        return factory(*args, **kwargs)
+
+    return create
+
+
+class _TorchOnCpu(types.ModuleType):
+    """``torch`` as one megatron-core module sees it in CPU mode. Attribute lookups are plain
+    dict lookups (the namespace is copied); only the tensor factories are wrapped."""
+
+    def __init__(self) -> None:
+        super().__init__("torch", torch.__doc__)
+        self.__dict__.update(vars(torch))
+        for name in _TENSOR_FACTORIES:
+            setattr(self, name, _on_cpu(getattr(torch, name)))
+
+    def __getattr__(self, name: str) -> Any:  # submodules torch imports lazily, after the copy
+        return getattr(torch, name)
+
+
+# --------------------------------------------------------------------------------------------
+# param.type() == 'torch.cuda.FloatTensor' assertions.
+
+
+class _CudaTypeNames(TorchFunctionMode):
+    """``Tensor.type()`` without arguments answers with the CUDA type name of a CPU tensor."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is torch.Tensor.cuda:
-            return args[0]
         if func is torch.Tensor.type and len(args) == 1 and not kwargs:
-            # The optimizer and clip_grads assert param.type() == 'torch.cuda.FloatTensor'.
-            name = func(*args)
-            return name.replace("torch.", "torch.cuda.", 1) if args[0].device.type == "cpu" else name
-        if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
-            args = (args[0], "cpu", *args[2:])
-        device = kwargs.get("device")
-        if device is not None and _is_cuda_device(device):
-            kwargs["device"] = "cpu"
+            return func(*args).replace("torch.", "torch.cuda.", 1)
         return func(*args, **kwargs)
 
 
-def _splits_to_host(tensor: Any, as_numpy: bool = False, record_stream: bool = False) -> Any:
-    """CPU twin of moe_utils.maybe_move_tensor_to_cpu: split sizes become numpy for gloo."""
-    if as_numpy and torch.is_tensor(tensor):
-        return tensor.detach().numpy()
-    return tensor
+def _with_cuda_type_names(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with _CudaTypeNames():
+            return fn(*args, **kwargs)
+
+    return run
+
+
+# --------------------------------------------------------------------------------------------
+# The rest: RNG, MoE all-to-all split sizes, te_general_gemm.
 
 
 class _DropForkWarning(logging.Filter):
@@ -212,22 +273,52 @@ def _cpu_set_rng_state(new_state: torch.Tensor, device: Any = -1, graph_safe: bo
     torch.set_rng_state(new_state)
 
 
+def _splits_to_host(tensor: Any, as_numpy: bool = False, record_stream: bool = False) -> Any:
+    """CPU twin of moe_utils.maybe_move_tensor_to_cpu: split sizes become numpy for gloo."""
+    if as_numpy and torch.is_tensor(tensor):
+        return tensor.detach().numpy()
+    return tensor
+
+
+_MISSING = object()
+
+
 class _CpuMode:
     """The set of patches, recorded so that `uninstall` restores every original."""
 
     def __init__(self) -> None:
         self._saved: list[tuple[Any, str, Any]] = []
-        self._function_mode = _CudaToCpuMode()
-        self._dynamo_was_disabled = False
         self._fork_warning_filter = _DropForkWarning()
+        self._dynamo_was_disabled = False
 
     def _patch(self, owner: Any, name: str, value: Any) -> None:
-        self._saved.append((owner, name, getattr(owner, name, _MISSING)))
+        # vars(), not getattr(): keeps staticmethod wrappers, and tells own from inherited attributes.
+        self._saved.append((owner, name, vars(owner).get(name, _MISSING)))
         setattr(owner, name, value)
 
     def install(self) -> None:
         for name, standin in _TORCH_CUDA_STANDINS.items():
             self._patch(torch.cuda, name, standin)
+        self._patch(torch.Tensor, "cuda", _tensor_stays_on_cpu)
+
+        torch_on_cpu = _TorchOnCpu()
+        for module_name in _MODULES_WITH_CUDA_LITERALS:
+            self._patch(importlib.import_module(module_name), "torch", torch_on_cpu)
+
+        optimizer = importlib.import_module("megatron.core.optimizer.optimizer")
+        distrib = importlib.import_module("megatron.core.optimizer.distrib_optimizer")
+        clip_grads = importlib.import_module("megatron.core.optimizer.clip_grads")
+        checked = _with_cuda_type_names(clip_grads.clip_grad_by_total_norm_fp32)
+        self._patch(clip_grads, "clip_grad_by_total_norm_fp32", checked)
+        self._patch(optimizer, "clip_grad_by_total_norm_fp32", checked)  # imported by name there
+        build_groups = distrib.DistributedOptimizer._build_model_and_main_param_groups
+        self._patch(
+            distrib.DistributedOptimizer,
+            "_build_model_and_main_param_groups",
+            staticmethod(_with_cuda_type_names(build_groups)),
+        )
+        fp16 = optimizer.Float16OptimizerWithFloat16Params
+        self._patch(fp16, "__init__", _with_cuda_type_names(fp16.__init__))
 
         rng = importlib.import_module("megatron.core.tensor_parallel.random")
         self._patch(rng, "_get_cuda_rng_state", _cpu_get_rng_state)
@@ -243,10 +334,7 @@ class _CpuMode:
         self._dynamo_was_disabled = torch._dynamo.config.disable
         torch._dynamo.config.disable = True
 
-        self._function_mode.__enter__()
-
     def uninstall(self) -> None:
-        self._function_mode.__exit__(None, None, None)
         torch._dynamo.config.disable = self._dynamo_was_disabled
         logging.getLogger("megatron.core.tensor_parallel.random").removeFilter(
             self._fork_warning_filter
@@ -259,6 +347,4 @@ class _CpuMode:
         self._saved.clear()
 
 
-_MISSING = object()
-
-__all__: list[str] = ["enable", "disable", "is_active", "TESTED_MEGATRON_CORE_VERSIONS"]
+__all__ = ["enable", "disable", "is_active", "TESTED_MEGATRON_CORE_VERSIONS"]

@@ -104,11 +104,12 @@ def run_distributed(
         outcome: dict[int, tuple[bool, Any]] = {}
         deadline = time.monotonic() + timeout
         try:
-            while len(outcome) < world_size and all(ok for ok, _ in outcome.values()):
-                # A rank that failed stops the wait: the others may be blocked in a collective.
+            while len(outcome) < world_size:
                 try:
                     rank, ok, value = results.get(timeout=1.0)
                 except queue.Empty:
+                    if not all(ok for ok, _ in outcome.values()):
+                        break  # the others are likely blocked in a collective with the failed rank
                     _raise_if_stuck(fn, procs, outcome, deadline, timeout, results)
                     continue
                 outcome[rank] = (ok, value)
@@ -118,7 +119,7 @@ def run_distributed(
                 if p.is_alive():
                     p.kill()
                     p.join()
-    failure = _first_failure(outcome)
+    failure = _failures(outcome)
     if failure:
         raise DistributedTestError(f"{fn.__name__} failed on {world_size} ranks" + failure)
     return [pickle.loads(outcome[rank][1]) for rank in range(world_size)]
@@ -135,19 +136,20 @@ def _raise_if_stuck(fn, procs, outcome, deadline: float, timeout: float, results
         except queue.Empty:
             raise DistributedTestError(
                 f"{fn.__name__}: rank {dead[0]} exited with code {procs[dead[0]].exitcode} "
-                "without reporting" + _first_failure(outcome)
+                "without reporting" + _failures(outcome)
             ) from None
     if time.monotonic() > deadline:
         missing = sorted(set(range(len(procs))) - set(outcome))
         raise DistributedTestError(
             f"{fn.__name__}: ranks {missing} did not finish within {timeout:.0f} s"
-            + _first_failure(outcome)
+            + _failures(outcome)
         )
 
 
-def _first_failure(outcome: dict[int, tuple[bool, Any]]) -> str:
-    for rank in sorted(outcome):
-        ok, value = outcome[rank]
-        if not ok:
-            return f"\n--- rank {rank} traceback ---\n{value}"
-    return ""
+def _failures(outcome: dict[int, tuple[bool, Any]]) -> str:
+    """Every failed rank's traceback (a rank's error often makes its peers' collectives fail)."""
+    return "".join(
+        f"\n--- rank {rank} traceback ---\n{value}"
+        for rank, (ok, value) in sorted(outcome.items())
+        if not ok
+    )
