@@ -16,5 +16,7 @@ from bam_megatron.version import __version__
 warnings.filterwarnings(
     "ignore", message=r"(Transformer Engine and Apex are|Apex is) not installed", category=UserWarning
 )
+# Emitted by every TransformerConfig built with megatron-core's own default cuda_graph_scope.
+warnings.filterwarnings("ignore", message="full scope is deprecated", category=UserWarning)
 
 __all__ = ["__version__"]

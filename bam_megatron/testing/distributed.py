@@ -21,6 +21,7 @@ import traceback
 from typing import Any, Callable, Sequence
 
 _PRELOAD = [
+    "bam_megatron",  # first: its warning filters apply to megatron-core's imports
     "torch",
     "megatron.core.models.gpt",
     "megatron.core.optimizer",

@@ -1,0 +1,78 @@
+"""`BAMConfig`: megatron-core's TransformerConfig plus the fields that describe a BAM model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+KV_MODES = ("expert", "shared")
+BLOCK_TYPES = ("parallel", "sequential")
+
+
+@dataclass
+class BAMConfig(TransformerConfig):
+    """TransformerConfig fields for Branch-Attend-Mix (DESIGN.md §1).
+
+    ``num_attention_heads`` / ``num_query_groups`` stay per attention expert, as in the dense
+    models the experts come from; the soft mixture of attention is built as one attention with
+    ``num_attention_experts`` times as many heads.
+    """
+
+    num_attention_experts: int = 1
+    """Attention experts N. 1 is plain (dense) attention."""
+
+    attention_kv_mode: str = "expert"
+    """'expert': per-expert Q, K, V, O. 'shared': per-expert Q and O, one K and V for all experts."""
+
+    attention_router_topk: Optional[int] = None
+    """None: soft MoA, every token to every attention expert. k: keep the k largest gates per
+    token and renormalise (ablation)."""
+
+    block_type: str = "parallel"
+    """'parallel': y = x + Attn(Norm(x)) + FFN(Norm(x)). 'sequential': the pre-norm block."""
+
+    fuse_tp_reduction: bool = True
+    """Parallel block with a dense FFN: sum attention and FFN partial outputs before a single
+    tensor-parallel reduction (one all-reduce or reduce-scatter per layer instead of two)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        n = self.num_attention_experts
+        if n < 1:
+            raise ValueError(f"num_attention_experts must be >= 1, got {n}")
+        if self.attention_kv_mode not in KV_MODES:
+            raise ValueError(f"attention_kv_mode must be one of {KV_MODES}, got {self.attention_kv_mode!r}")
+        if self.block_type not in BLOCK_TYPES:
+            raise ValueError(f"block_type must be one of {BLOCK_TYPES}, got {self.block_type!r}")
+        k = self.attention_router_topk
+        if k is not None and not 1 <= k <= n:
+            raise ValueError(f"attention_router_topk must be in [1, num_attention_experts={n}], got {k}")
+        tp = self.tensor_model_parallel_size
+        if (n * self.num_attention_heads) % tp:
+            raise ValueError(
+                f"{n} attention experts x {self.num_attention_heads} heads are not divisible by "
+                f"--tensor-model-parallel-size {tp}"
+            )
+        if self.attention_kv_groups % tp:
+            raise ValueError(
+                f"{self.attention_kv_groups} KV groups ({self.attention_kv_mode} KV) are not "
+                f"divisible by --tensor-model-parallel-size {tp}"
+            )
+        if self.num_moe_experts is not None and self.num_moe_experts % self.expert_model_parallel_size:
+            raise ValueError(
+                f"--num-experts {self.num_moe_experts} is not divisible by "
+                f"--expert-model-parallel-size {self.expert_model_parallel_size}"
+            )
+
+    @property
+    def uses_soft_moa(self) -> bool:
+        """Whether attention is a mixture (N > 1)."""
+        return self.num_attention_experts > 1
+
+    @property
+    def attention_kv_groups(self) -> int:
+        """KV groups of the one wide attention: N x H_kv (expert KV) or H_kv (shared KV)."""
+        groups = self.num_query_groups or self.num_attention_heads
+        return groups * (self.num_attention_experts if self.attention_kv_mode == "expert" else 1)

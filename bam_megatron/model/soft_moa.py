@@ -1,0 +1,126 @@
+"""Soft mixture of attention (soft MoA) as one megatron-core self-attention with N·H heads.
+
+For N attention experts, each a full multi-head attention with its own Q, K, V and output O::
+
+    Attn(x̂) = Σ_j g_j(x̂) · O_j · MHA_j(x̂) = [O_1 … O_N] · concat_j(g_j(x̂) · MHA_j(x̂))
+
+so soft MoA is an ordinary self-attention with N·H heads whose per-head outputs are scaled by
+their expert's gate before one shared output projection: one QKV GEMM, one attention kernel call,
+one output GEMM. Tensor parallelism splits the N·H heads across ranks like any attention.
+
+Head order (megatron-core's grouped layout: each KV group's query heads, then its K and V):
+
+- expert KV: N·H_kv groups, expert-major; head i belongs to expert i // H.
+- shared KV: H_kv groups shared by all experts; group g holds, for each expert in turn, that
+  expert's H/H_kv heads of group g. Checkpoint conversion permutes Q rows / O columns into it.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+
+from bam_megatron.model.config import BAMConfig
+from bam_megatron.model.router import AttentionRouter
+
+
+@dataclass
+class SoftMoASelfAttentionSubmodules(SelfAttentionSubmodules):
+    """SelfAttention's submodules plus the attention router."""
+
+    router: Union[ModuleSpec, type] = AttentionRouter
+
+
+def wide_attention_config(config: BAMConfig) -> BAMConfig:
+    """The config of the one attention that computes all N experts: N·H query heads."""
+    wide = copy.copy(config)
+    wide.num_attention_heads = config.num_attention_heads * config.num_attention_experts
+    wide.num_query_groups = config.attention_kv_groups
+    return wide
+
+
+def head_to_expert(config: BAMConfig) -> torch.Tensor:
+    """Expert index of each of the N·H heads, in the wide attention's head order."""
+    n, heads, groups = config.num_attention_experts, config.num_attention_heads, config.num_query_groups
+    head = torch.arange(n * heads)
+    if config.attention_kv_mode == "expert":
+        return head // heads
+    # shared KV: within a group, heads run expert-major, heads // groups per expert
+    return (head % (n * heads // groups)) // (heads // groups)
+
+
+class SoftMoASelfAttention(SelfAttention):
+    """Soft MoA self-attention (DESIGN.md §1). Takes the per-expert BAMConfig."""
+
+    def __init__(
+        self,
+        config: BAMConfig,
+        submodules: SoftMoASelfAttentionSubmodules,
+        layer_number: int,
+        attn_mask_type: AttnMaskType = AttnMaskType.causal,
+        cp_comm_type: Optional[str] = None,
+        pg_collection: Any = None,
+    ) -> None:
+        if config.context_parallel_size > 1:
+            raise ValueError("soft MoA does not support context parallelism")
+        super().__init__(
+            wide_attention_config(config),
+            submodules,
+            layer_number,
+            attn_mask_type=attn_mask_type,
+            cp_comm_type=cp_comm_type,
+            pg_collection=pg_collection,
+        )
+        self.router = build_module(submodules.router, config=config)
+        heads_here = self.num_attention_heads_per_partition
+        first = parallel_state.get_tensor_model_parallel_rank() * heads_here
+        self.register_buffer(
+            "head_expert", head_to_expert(config)[first : first + heads_here], persistent=False
+        )
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: Optional[torch.Tensor],
+        rotary_pos_emb: Optional[torch.Tensor] = None,
+        attention_bias: Optional[torch.Tensor] = None,
+        packed_seq_params: Any = None,
+        inference_context: Any = None,
+        **unused: Any,
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """[s, b, h] -> (output [s, b, h] before the TP reduction of the output GEMM, bias)."""
+        if inference_context is not None or packed_seq_params is not None:
+            raise ValueError("soft MoA supports training and full-sequence evaluation only")
+        gates = self.router(hidden_states)  # g(x̂): [s, b, N], fp32
+        query, key, value = self.get_query_key_value_tensors(hidden_states)  # N·H heads, one GEMM
+        if rotary_pos_emb is not None:
+            q_emb, k_emb = rotary_pos_emb if isinstance(rotary_pos_emb, tuple) else (rotary_pos_emb,) * 2
+            cp_group = self.pg_collection.cp
+            query = apply_rotary_pos_emb(query, q_emb, config=self.config, cp_group=cp_group)
+            key = apply_rotary_pos_emb(key, k_emb, config=self.config, cp_group=cp_group)
+
+        if self.checkpoint_core_attention and self.training:
+            heads = self._checkpointed_attention_forward(
+                query, key, value, attention_mask,
+                attn_mask_type=self.attn_mask_type, attention_bias=attention_bias,
+            )  # fmt: skip
+        else:
+            heads = self.core_attention(
+                query, key, value, attention_mask,
+                attn_mask_type=self.attn_mask_type, attention_bias=attention_bias,
+                packed_seq_params=None,
+            )  # fmt: skip  # MHA_j(x̂) for every head of every expert: [s, b, heads·d]
+
+        # g_j(x̂) · MHA_j(x̂): each head scaled by its expert's gate
+        s, b, _ = heads.shape
+        head_gates = gates[..., self.head_expert].to(heads.dtype)  # [s, b, heads]
+        heads = (heads.view(s, b, head_gates.shape[-1], -1) * head_gates.unsqueeze(-1)).view(s, b, -1)
+        return self.linear_proj(heads)  # Σ_j O_j (…): one output GEMM

@@ -1,0 +1,134 @@
+"""Layer specs for every model this project builds, in megatron-core's ModuleSpec form.
+
+One function, `get_bam_layer_spec`, covers dense, BAM, BAM shared-KV and BTX layers, in the
+parallel or sequential block, with the local (pure PyTorch) or Transformer Engine backend. The
+backend is picked automatically: Transformer Engine when importable on a GPU, local otherwise.
+"""
+
+from __future__ import annotations
+
+from megatron.core.models.backends import LocalSpecProvider
+from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec_for_backend
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import (
+    TransformerBlock,
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+import torch
+
+from bam_megatron.model.config import BAMConfig
+from bam_megatron.model.norm import TorchNorm
+from bam_megatron.model.parallel_block import ParallelTransformerLayer, PartialSumRowParallelLinear
+from bam_megatron.model.soft_moa import SoftMoASelfAttention, SoftMoASelfAttentionSubmodules
+
+BACKENDS = ("auto", "local", "te")
+
+
+def transformer_engine_usable() -> bool:
+    """Transformer Engine is importable and there is a GPU to run it on."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        from megatron.core.extensions.transformer_engine import HAVE_TE
+    except ImportError:
+        return False
+    return bool(HAVE_TE)
+
+
+def resolve_backend(backend: str = "auto") -> str:
+    """'auto' -> 'te' where Transformer Engine can run, else 'local'."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "te" if transformer_engine_usable() else "local"
+    if backend == "te" and not transformer_engine_usable():
+        raise ValueError("backend 'te' needs Transformer Engine and a CUDA GPU")
+    return backend
+
+
+def _modules(backend: str) -> dict:
+    if backend == "te":
+        from megatron.core.extensions.transformer_engine import (
+            TEColumnParallelLinear,
+            TEDotProductAttention,
+            TENorm,
+            TERowParallelLinear,
+        )
+        from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
+
+        return dict(norm=TENorm, column=TEColumnParallelLinear, row=TERowParallelLinear,
+                    core_attention=TEDotProductAttention, provider=TESpecProvider())  # fmt: skip
+    return dict(norm=TorchNorm, column=ColumnParallelLinear, row=RowParallelLinear,
+                core_attention=DotProductAttention, provider=LocalSpecProvider())  # fmt: skip
+
+
+def get_bam_layer_spec(config: BAMConfig, backend: str = "auto") -> ModuleSpec:
+    """The transformer layer described by ``config``.
+
+    - attention: soft MoA (``num_attention_experts > 1``) or megatron-core's SelfAttention;
+    - FFN: megatron-core's MoELayer (``num_moe_experts``) or a dense SwiGLU/GELU MLP;
+    - block: `ParallelTransformerLayer` or megatron-core's sequential TransformerLayer.
+      A parallel block with a dense FFN reduces once over TP (`PartialSumRowParallelLinear`;
+      these output GEMMs are plain PyTorch on either backend).
+    """
+    m = _modules(resolve_backend(backend))
+    parallel = config.block_type == "parallel"
+    dense_ffn = config.num_moe_experts is None
+    fused = parallel and dense_ffn and config.fuse_tp_reduction
+    output_linear = PartialSumRowParallelLinear if fused else m["row"]
+
+    if config.uses_soft_moa:
+        attention = ModuleSpec(
+            module=SoftMoASelfAttention,
+            params={"attn_mask_type": AttnMaskType.causal},
+            submodules=SoftMoASelfAttentionSubmodules(
+                linear_qkv=m["column"], core_attention=m["core_attention"], linear_proj=output_linear
+            ),
+        )
+    else:
+        attention = ModuleSpec(
+            module=SelfAttention,
+            params={"attn_mask_type": AttnMaskType.causal},
+            submodules=SelfAttentionSubmodules(
+                linear_qkv=m["column"], core_attention=m["core_attention"], linear_proj=output_linear,
+                q_layernorm=IdentityOp, k_layernorm=IdentityOp,
+            ),
+        )  # fmt: skip
+
+    if dense_ffn:
+        ffn = ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=m["column"], linear_fc2=output_linear))
+    else:
+        ffn = get_moe_module_spec_for_backend(m["provider"], num_experts=config.num_moe_experts)
+
+    return ModuleSpec(
+        module=ParallelTransformerLayer if parallel else TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=m["norm"],
+            self_attention=attention,
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=IdentityOp if parallel else m["norm"],
+            mlp=ffn,
+            mlp_bda=get_bias_dropout_add,
+        ),
+    )
+
+
+def get_bam_block_spec(config: BAMConfig, backend: str = "auto") -> ModuleSpec:
+    """This pipeline stage's layers plus the final norm."""
+    layer = get_bam_layer_spec(config, backend)
+    return ModuleSpec(
+        module=TransformerBlock,
+        submodules=TransformerBlockSubmodules(
+            layer_specs=[layer] * get_num_layers_to_build(config),
+            layer_norm=_modules(resolve_backend(backend))["norm"],
+        ),
+    )
