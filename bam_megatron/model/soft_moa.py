@@ -47,14 +47,22 @@ def wide_attention_config(config: BAMConfig) -> BAMConfig:
     return wide
 
 
+def wide_head_sources(config: BAMConfig) -> torch.Tensor:
+    """For each of the N·H heads of the wide attention, in order: (expert, head within expert)."""
+    n, heads, groups = config.num_attention_experts, config.num_attention_heads, config.num_query_groups
+    i = torch.arange(n * heads)
+    if config.attention_kv_mode == "expert":
+        return torch.stack([i // heads, i % heads], dim=1)
+    # shared KV: group-major; within a group, each expert's heads // groups heads of that group
+    per_group, per_expert_group = n * heads // groups, heads // groups
+    group, slot = i // per_group, i % per_group
+    expert = slot // per_expert_group
+    return torch.stack([expert, group * per_expert_group + slot % per_expert_group], dim=1)
+
+
 def head_to_expert(config: BAMConfig) -> torch.Tensor:
     """Expert index of each of the N·H heads, in the wide attention's head order."""
-    n, heads, groups = config.num_attention_experts, config.num_attention_heads, config.num_query_groups
-    head = torch.arange(n * heads)
-    if config.attention_kv_mode == "expert":
-        return head // heads
-    # shared KV: within a group, heads run expert-major, heads // groups per expert
-    return (head % (n * heads // groups)) // (heads // groups)
+    return wide_head_sources(config)[:, 0]
 
 
 class SoftMoASelfAttention(SelfAttention):

@@ -1,0 +1,58 @@
+"""megatron-core's fused QKV weight layout, and how N dense attentions become one soft MoA.
+
+``linear_qkv.weight`` holds, for each KV group in turn, that group's query heads, then its key
+head, then its value head (``[G, H/G + 2, d_head, d_model]`` flattened); tensor parallelism
+splits it by groups. The output projection's input columns follow the query heads' order.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from bam_megatron.model.config import BAMConfig
+from bam_megatron.model.soft_moa import wide_head_sources
+
+
+def split_qkv(weight: torch.Tensor, heads: int, groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused QKV weight -> (Q [H, d, in], K [G, d, in], V [G, d, in])."""
+    per_group = heads // groups
+    w = weight.view(groups, per_group + 2, -1, weight.shape[-1])
+    q = w[:, :per_group].reshape(heads, -1, weight.shape[-1])
+    return q, w[:, per_group], w[:, per_group + 1]
+
+
+def merge_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """(Q [H, d, in], K [G, d, in], V [G, d, in]) -> fused QKV weight [(H + 2G)·d, in]."""
+    groups, d, d_in = k.shape
+    q = q.reshape(groups, -1, d, d_in)
+    return torch.cat([q, k.unsqueeze(1), v.unsqueeze(1)], dim=1).reshape(-1, d_in)
+
+
+def soft_moa_attention_weights(
+    expert_qkv: Sequence[torch.Tensor],
+    expert_proj: Sequence[torch.Tensor],
+    config: BAMConfig,
+    shared_kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One soft-MoA attention's (linear_qkv, linear_proj) weights from N dense attentions'.
+
+    Expert KV keeps every expert's K and V. Shared KV uses ``shared_kv`` (K, V as [G, d, in]),
+    by default the average of the experts' K and V; query heads and output-projection columns
+    are permuted into the grouped order (`wide_head_sources`).
+    """
+    n, heads, groups = config.num_attention_experts, config.num_attention_heads, config.num_query_groups
+    if len(expert_qkv) != n or len(expert_proj) != n:
+        raise ValueError(f"expected {n} attention experts, got {len(expert_qkv)} QKV and {len(expert_proj)} projections")
+    qs, ks, vs = zip(*(split_qkv(w, heads, groups) for w in expert_qkv))
+    sources = wide_head_sources(config)
+    q = torch.stack(qs)[sources[:, 0], sources[:, 1]]  # [N·H, d, in] in wide head order
+    d = q.shape[1]
+    projs = torch.stack([p.view(p.shape[0], heads, d) for p in expert_proj])  # [N, out, H, d]
+    proj = projs[sources[:, 0], :, sources[:, 1]].permute(1, 0, 2).reshape(projs.shape[1], -1)
+    if config.attention_kv_mode == "expert":
+        k, v = torch.cat(ks), torch.cat(vs)
+    else:
+        k, v = shared_kv if shared_kv is not None else (torch.stack(ks).mean(0), torch.stack(vs).mean(0))
+    return merge_qkv(q, k, v), proj
