@@ -116,7 +116,7 @@ def dropout_losses(seed: int):
     """Rank body (TP=2): two training losses with dropout on."""
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-    _, ddp = build(ParallelSizes(tensor=2), moe=False, dropout=0.2)
+    _, ddp = build(ParallelSizes(tensor=2), "gpt", dropout=0.2)
     model_parallel_cuda_manual_seed(seed)
     return [forward_backward(ddp, 1, seed=step) for step in range(2)]
 

@@ -11,19 +11,19 @@ from bam_megatron.testing.shards import assemble, local_shards
 from tests.tiny_gpt import build
 
 
-def save_checkpoint(sizes: ParallelSizes, moe: bool, directory: str):
+def save_checkpoint(sizes: ParallelSizes, model: str, directory: str):
     from megatron.core import dist_checkpointing
 
-    _, ddp = build(sizes, moe)
+    _, ddp = build(sizes, model)
     os.makedirs(directory, exist_ok=True)
     dist_checkpointing.save(ddp.module.sharded_state_dict(), directory)
     return local_shards(ddp.module)
 
 
-def load_checkpoint(sizes: ParallelSizes, moe: bool, directory: str):
+def load_checkpoint(sizes: ParallelSizes, model: str, directory: str):
     from megatron.core import dist_checkpointing
 
-    _, ddp = build(sizes, moe)
+    _, ddp = build(sizes, model)
     model = ddp.module
     with torch.no_grad():  # make sure every value really comes from the checkpoint
         for param in model.parameters():
@@ -34,20 +34,20 @@ def load_checkpoint(sizes: ParallelSizes, moe: bool, directory: str):
 
 
 @pytest.mark.parametrize(
-    "moe,saved_as,loaded_as",
+    "model,saved_as,loaded_as",
     [  # (layout, world size)
-        (False, (ParallelSizes(tensor=2), 2), (ParallelSizes(), 1)),
-        (False, (ParallelSizes(), 1), (ParallelSizes(tensor=2), 2)),
-        (True, (ParallelSizes(expert=2), 2), (ParallelSizes(), 1)),
-        (True, (ParallelSizes(pipeline=2), 2), (ParallelSizes(tensor=2, sequence_parallel=True), 2)),
+        ("gpt", (ParallelSizes(tensor=2), 2), (ParallelSizes(), 1)),
+        ("gpt", (ParallelSizes(), 1), (ParallelSizes(tensor=2), 2)),
+        ("gpt-moe", (ParallelSizes(expert=2), 2), (ParallelSizes(), 1)),
+        ("gpt-moe", (ParallelSizes(pipeline=2), 2), (ParallelSizes(tensor=2, sequence_parallel=True), 2)),
     ],
     ids=["dense-tp2-to-tp1", "dense-tp1-to-tp2", "moe-ep2-to-ep1", "moe-pp2-to-tp2"],
 )
-def test_resharding_round_trips_exactly(tmp_path, moe, saved_as, loaded_as):
+def test_resharding_round_trips_exactly(tmp_path, model, saved_as, loaded_as):
     ckpt = str(tmp_path / "ckpt")
     (save_sizes, save_world), (load_sizes, load_world) = saved_as, loaded_as
-    saved = assemble(run_distributed(save_checkpoint, save_world, args=(save_sizes, moe, ckpt)))
-    loaded = assemble(run_distributed(load_checkpoint, load_world, args=(load_sizes, moe, ckpt)))
+    saved = assemble(run_distributed(save_checkpoint, save_world, args=(save_sizes, model, ckpt)))
+    loaded = assemble(run_distributed(load_checkpoint, load_world, args=(load_sizes, model, ckpt)))
     assert loaded.keys() == saved.keys()
     for key, value in saved.items():
         assert torch.equal(loaded[key], value), key

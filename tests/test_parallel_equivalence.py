@@ -15,8 +15,8 @@ from tests.tiny_gpt import gradient_step
 MICRO_BATCHES = 4  # several, so the 1F1B pipeline schedule has a steady state
 
 
-def _reference(moe: bool) -> dict:
-    (serial,) = run_distributed(gradient_step, 1, args=(ParallelSizes(), moe, None, MICRO_BATCHES))
+def _reference(model: str) -> dict:
+    (serial,) = run_distributed(gradient_step, 1, args=(ParallelSizes(), model, None, MICRO_BATCHES))
     return {
         "loss": serial["loss"],
         "weights": assemble([serial["weights"]]),
@@ -28,12 +28,18 @@ def _reference(moe: bool) -> dict:
 def reference():
     cache = {}
 
-    def get(moe: bool) -> dict:
-        if moe not in cache:
-            cache[moe] = _reference(moe)
-        return cache[moe]
+    def get(model: str) -> dict:
+        if model not in cache:
+            cache[model] = _reference(model)
+        return cache[model]
 
     return get
+
+
+def _layout_id(sizes: ParallelSizes) -> str:
+    parts = [f"tp{sizes.tensor}" if sizes.tensor > 1 else "", f"pp{sizes.pipeline}" if sizes.pipeline > 1 else "",
+             f"ep{sizes.expert}" if sizes.expert > 1 else "", "sp" if sizes.sequence_parallel else ""]
+    return "-".join(p for p in parts if p) or "serial"
 
 
 def assert_matches_reference(ref: dict, results: list[dict]) -> None:
@@ -47,34 +53,62 @@ def assert_matches_reference(ref: dict, results: list[dict]) -> None:
         torch.testing.assert_close(grad, ref["grads"][key], rtol=1e-4, atol=1e-6, msg=key)
 
 
-@pytest.mark.parametrize(
-    "moe,sizes",
-    [
-        (False, ParallelSizes(tensor=2)),
-        (False, ParallelSizes(tensor=2, sequence_parallel=True)),
-        (False, ParallelSizes(pipeline=2)),
-        (True, ParallelSizes(tensor=2, sequence_parallel=True)),
-        (True, ParallelSizes(expert=2)),
-        (True, ParallelSizes(pipeline=2)),
-    ],
-    ids=["dense-tp2", "dense-tp2-sp", "dense-pp2", "moe-tp2-sp", "moe-ep2", "moe-pp2"],
-)
-def test_parallel_matches_one_rank(reference, moe, sizes):
-    ref = reference(moe)
-    results = run_distributed(gradient_step, 2, args=(sizes, moe, ref["weights"], MICRO_BATCHES))
+BAM_LAYOUTS = [
+    ParallelSizes(tensor=2, sequence_parallel=True),  # megatron-core's MoE needs SP with TP
+    ParallelSizes(expert=2),
+    ParallelSizes(pipeline=2),
+]
+TP2, TP2_SP = ParallelSizes(tensor=2), ParallelSizes(tensor=2, sequence_parallel=True)
+FULL_RECOMPUTE = {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
+
+CASES = [
+    *[(variant, sizes, {}) for variant in ("bam", "bam-shared-kv", "btx") for sizes in BAM_LAYOUTS],
+    # the dense parallel block: fused single TP reduction (default) and the unfused one
+    ("dense", TP2, {}),
+    ("dense", TP2_SP, {}),
+    ("dense", ParallelSizes(pipeline=2), {}),
+    ("dense", TP2, {"fuse_tp_reduction": False}),
+    ("dense", TP2_SP, {"fuse_tp_reduction": False}),
+    # activation recompute: whole layers, soft-MoA core attention, the parallel block's FFN branch
+    ("bam", TP2_SP, FULL_RECOMPUTE),
+    ("bam", TP2_SP, {"recompute_granularity": "selective", "recompute_modules": ["core_attn", "mlp"]}),
+    ("dense", TP2, {"recompute_granularity": "selective", "recompute_modules": ["mlp"]}),
+    # megatron-core's own GPT layer (the foundation)
+    ("gpt", TP2, {}),
+    ("gpt", TP2_SP, {}),
+    ("gpt", ParallelSizes(pipeline=2), {}),
+    ("gpt-moe", TP2_SP, {}),
+    ("gpt-moe", ParallelSizes(expert=2), {}),
+    ("gpt-moe", ParallelSizes(pipeline=2), {}),
+]
+
+
+def _case_id(case) -> str:
+    model, sizes, overrides = case
+    extra = "-".join(f"{k}={v}" for k, v in overrides.items()).replace(" ", "")
+    return "-".join(part for part in (model, _layout_id(sizes), extra) if part)
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_parallel_matches_one_rank(reference, case):
+    model, sizes, overrides = case
+    ref = reference(model)
+    results = run_distributed(
+        gradient_step, 2, args=(sizes, model, ref["weights"], MICRO_BATCHES, None, overrides)
+    )
     assert_matches_reference(ref, results)
 
 
 @pytest.mark.parametrize(
-    "moe,sizes",
-    [(False, ParallelSizes(tensor=2)), (True, ParallelSizes(expert=2))],
+    "model,sizes",
+    [("gpt", ParallelSizes(tensor=2)), ("gpt-moe", ParallelSizes(expert=2))],
     ids=["tp2", "ep2"],
 )
-def test_a_wrong_shard_is_detected(reference, moe, sizes):
+def test_a_wrong_shard_is_detected(reference, model, sizes):
     """Negative control: perturb rank 1's shard of one weight and the comparison must fail."""
-    ref = reference(moe)
+    ref = reference(model)
     results = run_distributed(
-        gradient_step, 2, args=(sizes, moe, ref["weights"], MICRO_BATCHES, 1)
+        gradient_step, 2, args=(sizes, model, ref["weights"], MICRO_BATCHES, 1)
     )
     with pytest.raises(AssertionError):
         assert_matches_reference(ref, results)

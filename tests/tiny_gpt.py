@@ -1,5 +1,7 @@
-"""A tiny megatron-core GPT, its data and one training step, shared by the multi-rank tests.
+"""Tiny models, their data and training steps, shared by the multi-rank tests.
 
+Models: ``gpt`` / ``gpt-moe`` are megatron-core's own local GPT layer (dense / MoE FFN); the BAM
+variants (``dense``, ``bam``, ``bam-shared-kv``, ``btx``) come from `bam_megatron.model.builder`.
 Every function here runs inside a rank started by `bam_megatron.testing.distributed.run_distributed`.
 """
 
@@ -15,6 +17,7 @@ from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from bam_megatron.model.builder import VARIANTS, build_model, variant_config
 from bam_megatron.model.gpt import build_gpt, local_gpt_layer_spec
 from bam_megatron.platform.distributed import ParallelSizes, initialize
 from bam_megatron.testing.shards import load_full_weights, local_shards
@@ -84,11 +87,35 @@ def forward_step(data_iterator, model):
     return output, loss_func
 
 
-def build(sizes: ParallelSizes, moe: bool, full_weights=None, use_distributed_optimizer=False, dropout=0.0):
+def bam_config(sizes: ParallelSizes, variant: str, dropout: float = 0.0, **overrides):
+    """The tiny preset of a BAM variant, with the same equivalence-friendly MoE settings."""
+    return variant_config(
+        variant,
+        preset="tiny",
+        num_experts=NUM_EXPERTS,
+        tensor_model_parallel_size=sizes.tensor,
+        pipeline_model_parallel_size=sizes.pipeline,
+        expert_model_parallel_size=sizes.expert,
+        sequence_parallel=sizes.sequence_parallel,
+        use_cpu_initialization=True,
+        hidden_dropout=dropout,
+        attention_dropout=dropout,
+        moe_aux_loss_coeff=0.0,  # see tiny_config
+        **overrides,
+    )
+
+
+def build(sizes: ParallelSizes, model: str, full_weights=None, use_distributed_optimizer=False,
+          dropout=0.0, overrides: dict | None = None):
     """Initialise parallel state and return (config, DDP-wrapped model) for this rank."""
     initialize(sizes, seed=1234)
-    config = tiny_config(sizes, moe, dropout)
-    model = build_gpt(config, local_gpt_layer_spec(NUM_EXPERTS if moe else None), VOCAB, SEQ)
+    if model in VARIANTS:
+        config = bam_config(sizes, model, dropout, **(overrides or {}))
+        model = build_model(config, VOCAB, SEQ)
+    else:
+        moe = {"gpt": False, "gpt-moe": True}[model]
+        config = tiny_config(sizes, moe, dropout)
+        model = build_gpt(config, local_gpt_layer_spec(NUM_EXPERTS if moe else None), VOCAB, SEQ)
     if full_weights is not None:
         load_full_weights(model, full_weights)
     ddp = DistributedDataParallel(
@@ -122,14 +149,14 @@ def forward_backward(ddp, num_microbatches: int, seed: int = 7) -> float | None:
     return loss.item() / parallel_state.get_data_parallel_world_size()
 
 
-def gradient_step(sizes: ParallelSizes, moe: bool, full_weights, num_microbatches: int,
-                  corrupt_rank: int | None = None) -> dict[str, Any]:
+def gradient_step(sizes: ParallelSizes, model: str, full_weights, num_microbatches: int,
+                  corrupt_rank: int | None = None, overrides: dict | None = None) -> dict[str, Any]:
     """Rank body: loss, gradient shards and weight shards after one forward/backward.
 
     ``corrupt_rank`` perturbs that rank's shard of the first QKV weight: the negative control
     that shows the equivalence checks notice a wrong shard.
     """
-    _, ddp = build(sizes, moe, full_weights)
+    _, ddp = build(sizes, model, full_weights, overrides=overrides)
     model = ddp.module
     if corrupt_rank is not None and torch.distributed.get_rank() == corrupt_rank:
         with torch.no_grad():
@@ -142,12 +169,12 @@ def gradient_step(sizes: ParallelSizes, moe: bool, full_weights, num_microbatche
     }
 
 
-def adam_steps(sizes: ParallelSizes, moe: bool, full_weights, steps: int, num_microbatches: int,
+def adam_steps(sizes: ParallelSizes, model: str, full_weights, steps: int, num_microbatches: int,
                use_distributed_optimizer: bool) -> dict[str, Any]:
     """Rank body: ``steps`` AdamW updates with megatron-core's DDP and (distributed) optimizer."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-    _, ddp = build(sizes, moe, full_weights, use_distributed_optimizer=use_distributed_optimizer)
+    _, ddp = build(sizes, model, full_weights, use_distributed_optimizer=use_distributed_optimizer)
     optimizer = get_megatron_optimizer(
         OptimizerConfig(
             optimizer="adam",
