@@ -26,3 +26,25 @@ def report(result: dict, summary: str) -> None:
     """Print the JSON record, then the one-line summary."""
     print(json.dumps(result, indent=2, sort_keys=True))
     print(summary)
+
+
+def init_single_rank(seed: int = 1234) -> None:
+    """One in-process rank (gloo over a FileStore) with megatron-core's parallel state, CPU mode on."""
+    import os
+    import tempfile
+
+    import torch.distributed as dist
+
+    from bam_megatron.platform import distributed
+
+    if not dist.is_initialized():
+        store = os.path.join(tempfile.mkdtemp(prefix="bam-bench-"), "store")
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    distributed.initialize(distributed.ParallelSizes(), seed=seed)
+
+
+def forward_backward(module, *inputs, **kwargs) -> None:
+    """One forward and backward pass of a megatron-core module returning (output, bias)."""
+    output = module(*inputs, **kwargs)
+    output = output[0] if isinstance(output, tuple) else output
+    output.float().sum().backward()

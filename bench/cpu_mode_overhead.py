@@ -23,7 +23,7 @@ import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.overrides import TorchFunctionMode  # noqa: E402
 
-from bench.common import interleaved_medians, report  # noqa: E402
+from bench.common import init_single_rank, interleaved_medians, report  # noqa: E402
 
 
 class _GlobalDeviceRemap(TorchFunctionMode):
@@ -49,13 +49,9 @@ def main() -> None:
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     from bam_megatron.model.gpt import build_gpt, local_gpt_layer_spec
-    from bam_megatron.platform import cpu_mode, distributed
+    from bam_megatron.platform import cpu_mode
 
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29533")
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    distributed.initialize(distributed.ParallelSizes())
+    init_single_rank()
     config = TransformerConfig(
         num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=args.hidden // 64,
         ffn_hidden_size=4 * args.hidden, gated_linear_unit=True, activation_func=F.silu,

@@ -11,7 +11,6 @@ from megatron.core.models.backends import LocalSpecProvider
 from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec_for_backend
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
-from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
@@ -27,6 +26,7 @@ import torch
 
 from bam_megatron.model.config import BAMConfig
 from bam_megatron.model.norm import TorchNorm
+from bam_megatron.model.sdpa_attention import SDPAttention
 from bam_megatron.model.parallel_block import ParallelTransformerLayer, PartialSumRowParallelLinear
 from bam_megatron.model.soft_moa import SoftMoASelfAttention, SoftMoASelfAttentionSubmodules
 
@@ -68,7 +68,7 @@ def _modules(backend: str) -> dict:
         return dict(norm=TENorm, column=TEColumnParallelLinear, row=TERowParallelLinear,
                     core_attention=TEDotProductAttention, provider=TESpecProvider())  # fmt: skip
     return dict(norm=TorchNorm, column=ColumnParallelLinear, row=RowParallelLinear,
-                core_attention=DotProductAttention, provider=LocalSpecProvider())  # fmt: skip
+                core_attention=SDPAttention, provider=LocalSpecProvider())  # fmt: skip
 
 
 def get_bam_layer_spec(config: BAMConfig, backend: str = "auto") -> ModuleSpec:
