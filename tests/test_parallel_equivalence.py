@@ -15,8 +15,10 @@ from tests.tiny_gpt import gradient_step
 MICRO_BATCHES = 4  # several, so the 1F1B pipeline schedule has a steady state
 
 
-def _reference(model: str) -> dict:
-    (serial,) = run_distributed(gradient_step, 1, args=(ParallelSizes(), model, None, MICRO_BATCHES))
+def _reference(model: str, overrides: dict) -> dict:
+    (serial,) = run_distributed(
+        gradient_step, 1, args=(ParallelSizes(), model, None, MICRO_BATCHES, None, overrides)
+    )
     return {
         "loss": serial["loss"],
         "weights": assemble([serial["weights"]]),
@@ -28,10 +30,12 @@ def _reference(model: str) -> dict:
 def reference():
     cache = {}
 
-    def get(model: str) -> dict:
-        if model not in cache:
-            cache[model] = _reference(model)
-        return cache[model]
+    def get(model: str, overrides: dict | None = None) -> dict:
+        """The one-rank run of the same model and settings (cached per module)."""
+        key = (model, repr(sorted((overrides or {}).items())))
+        if key not in cache:
+            cache[key] = _reference(model, overrides or {})
+        return cache[key]
 
     return get
 
@@ -73,6 +77,9 @@ CASES = [
     ("bam", TP2_SP, FULL_RECOMPUTE),
     ("bam", TP2_SP, {"recompute_granularity": "selective", "recompute_modules": ["core_attn", "mlp"]}),
     ("dense", TP2, {"recompute_granularity": "selective", "recompute_modules": ["mlp"]}),
+    # the sequential (pre-norm) block, for BTX- and Llama-style baselines
+    ("bam", TP2_SP, {"block_type": "sequential"}),
+    ("btx", ParallelSizes(pipeline=2), {"block_type": "sequential"}),
     # megatron-core's own GPT layer (the foundation)
     ("gpt", TP2, {}),
     ("gpt", TP2_SP, {}),
@@ -92,7 +99,7 @@ def _case_id(case) -> str:
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_parallel_matches_one_rank(reference, case):
     model, sizes, overrides = case
-    ref = reference(model)
+    ref = reference(model, overrides)
     results = run_distributed(
         gradient_step, 2, args=(sizes, model, ref["weights"], MICRO_BATCHES, None, overrides)
     )
