@@ -36,5 +36,5 @@ setup(
     py_modules=["pretrain_bam"],
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
-    entry_points={"console_scripts": []},
+    entry_points={"console_scripts": ["bam-stats=bam_megatron.stats:main"]},
 )

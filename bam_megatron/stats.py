@@ -1,0 +1,358 @@
+"""`bam-stats`: parameter counts and FLOPs per token of a preset and variant.
+
+    bam-stats --preset paper-590m --variant bam --json
+    python -m bam_megatron.stats --preset paper-2b --variant dense
+
+Parameters are counted on the model megatron-core really builds (`build_model` at TP=1, local
+backend, on the meta device: no weight memory is allocated, so paper-2b costs nothing). FLOPs come
+from the formula of DESIGN.md §6 (`flops_per_token`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import tempfile
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence
+
+if TYPE_CHECKING:
+    import torch
+    from megatron.core.models.gpt import GPTModel
+
+    from bam_megatron.model.config import BAMConfig
+
+# torch and megatron-core are imported where needed, so that --help and input errors answer at once.
+PRESET_NAMES = ("paper-590m", "paper-2b", "tiny")
+VARIANT_NAMES = ("dense", "bam", "bam-shared-kv", "btx")
+DEFAULT_SEQ_LENGTH = 2048
+"""Context length n_ctx of the attention term when --seq-length is not given (every preset)."""
+PARTS = ("embedding", "attention", "ffn", "routers", "norms", "output_layer", "other")
+"""The parts `count_parameters` splits a model into, in report order."""
+
+FLOPS_CONVENTION = (
+    "DESIGN.md section 6: forward FLOPs per token per transformer layer = 2 per weight of every "
+    "weight matrix the token passes through (QKV and output projection of every attention "
+    "expert, the FFN weights of its top-k experts, both routers) + 2*n_ctx*d_attn per attention "
+    "expert (d_attn = heads x head dim of one expert); norms, biases, embeddings and the output "
+    "layer excluded. Training FLOPs per token = 3 x forward x num_layers."
+)
+
+
+@dataclass(frozen=True)
+class ParameterCounts:
+    """Parameters of a built model: total, active per token, and the total split by part."""
+
+    total: int
+    active: int
+    by_part: dict[str, int]
+
+
+def flops_per_token(config: BAMConfig, seq_length: int) -> dict[str, int]:
+    """Forward FLOPs per token of one transformer layer in the DESIGN.md §6 convention.
+
+    Kaplan et al. (2020) style, so that dense, BAM and BTX models compare on one scale:
+
+    - ``attention``: 2 x the Q, K, V and output projection weights of every attention expert
+      (soft MoA: a token visits all N; shared KV: one K and V for all), plus 2*n_ctx*d_attn per
+      expert for attending over the context, d_attn = heads x head dim of one expert. That term
+      is the causal half of QK^T and AV (the average token sees n_ctx/2 keys:
+      2 products x (n_ctx/2)*d_attn multiply-adds x 2 FLOPs); a kernel that computes the full
+      masked square does twice that.
+    - ``ffn``: 2 x the weights of the token's top-k FFN experts (the dense MLP for ``dense``).
+    - ``router``: 2 x the attention router (N x d, only when N > 1) and the FFN router (E x d).
+
+    The top-k attention ablation (``attention_router_topk``) is counted as soft MoA: the model
+    still computes every expert's heads.
+    """
+    if seq_length < 1:
+        raise ValueError(f"--seq-length must be >= 1, got {seq_length}")
+    d = config.hidden_size
+    n_attention = config.num_attention_experts
+    d_attn = config.num_attention_heads * config.kv_channels  # one expert's Q (and O) width
+    d_kv = (config.num_query_groups or config.num_attention_heads) * config.kv_channels
+    kv_sets = n_attention if config.attention_kv_mode == "expert" else 1
+    projections = n_attention * 2 * d * d_attn + kv_sets * 2 * d * d_kv  # Q and O; K and V
+    attention = 2 * projections + n_attention * 2 * seq_length * d_attn
+
+    if config.num_moe_experts:
+        ffn_size, topk = config.moe_ffn_hidden_size, config.moe_router_topk
+    else:
+        ffn_size, topk = config.ffn_hidden_size, 1
+    fc1_rows = 2 * ffn_size if config.gated_linear_unit else ffn_size
+    ffn = 2 * topk * (fc1_rows * d + ffn_size * d)
+
+    router_rows = (n_attention if n_attention > 1 else 0) + (config.num_moe_experts or 0)
+    router = 2 * router_rows * d
+    return {"attention": attention, "ffn": ffn, "router": router, "total": attention + ffn + router}
+
+
+def training_flops_per_token(config: BAMConfig, seq_length: int) -> int:
+    """Training FLOPs per token of the whole model: 3 x forward x num_layers (DESIGN.md §6).
+
+    Embeddings and the output layer are excluded, like everything outside the transformer layers.
+    """
+    return 3 * config.num_layers * flops_per_token(config, seq_length)["total"]
+
+
+def _part(name: str) -> str:
+    """Which part of the model a parameter (by its GPTModel name) belongs to."""
+    if name.startswith("embedding."):
+        return "embedding"
+    if name.startswith("output_layer."):
+        return "output_layer"
+    if ".router." in name:
+        return "routers"
+    if ".self_attention." in name:
+        return "attention"
+    if ".mlp." in name:
+        return "ffn"
+    if "layernorm" in name:
+        return "norms"
+    return "other"
+
+
+def count_parameters(model: torch.nn.Module, config: BAMConfig) -> ParameterCounts:
+    """Count the parameters of a built model (meta or real), each shared tensor once.
+
+    Active parameters per token: everything except the FFN experts a token does not visit, i.e.
+    (E - k) / E of the expert parameters of every layer (all attention experts count: soft MoA
+    sends every token to every one).
+    """
+    by_part: dict[str, int] = {}
+    expert_params = 0
+    for name, param in model.named_parameters():  # named_parameters() skips tied duplicates
+        part = _part(name)
+        by_part[part] = by_part.get(part, 0) + param.numel()
+        if ".mlp.experts." in name:
+            expert_params += param.numel()
+    by_part = {part: by_part[part] for part in PARTS if part in by_part}
+    total = sum(by_part.values())
+    experts, topk = config.num_moe_experts, config.moe_router_topk
+    if not experts:
+        return ParameterCounts(total=total, active=total, by_part=by_part)
+    if expert_params % experts:
+        raise ValueError(f"{expert_params} expert parameters are not {experts} equal experts")
+    return ParameterCounts(
+        total=total, active=total - expert_params // experts * (experts - topk), by_part=by_part
+    )
+
+
+@contextlib.contextmanager
+def one_rank_parallel_state() -> Iterator[None]:
+    """megatron-core's parallel state for one process at TP = PP = EP = 1, for building models.
+
+    Uses the state already set up if there is one (it must be TP = PP = EP = 1); otherwise starts
+    a one-rank gloo process group (a file store in a temporary folder: no port to pick), calls
+    `bam_megatron.platform.distributed.initialize`, and undoes all of it, CPU mode included, on
+    exit.
+    """
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from bam_megatron.platform import cpu_mode
+    from bam_megatron.platform.distributed import ParallelSizes, initialize
+
+    if parallel_state.model_parallel_is_initialized():
+        sizes = (
+            parallel_state.get_tensor_model_parallel_world_size(),
+            parallel_state.get_pipeline_model_parallel_world_size(),
+            parallel_state.get_expert_model_parallel_world_size(),
+        )
+        if sizes != (1, 1, 1):
+            raise ValueError(f"counting parameters needs TP = PP = EP = 1, got {sizes}")
+        yield
+        return
+    cpu_mode_was_active = cpu_mode.is_active()
+    start_group = not dist.is_initialized()
+    with tempfile.TemporaryDirectory(prefix="bam-stats-") as tmp:
+        if start_group:
+            dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=0, world_size=1)
+        try:
+            initialize(ParallelSizes())
+            yield
+        finally:
+            parallel_state.destroy_model_parallel()
+            if start_group:
+                dist.destroy_process_group()
+            if not cpu_mode_was_active:
+                cpu_mode.disable()
+
+
+def build_meta_model(
+    config: BAMConfig, vocab_size: int, seq_length: int, untie_embeddings: bool
+) -> GPTModel:
+    """The GPTModel `build_model` builds for ``config``, with every weight on the meta device.
+
+    Needs megatron-core's parallel state at TP = PP = EP = 1 (`one_rank_parallel_state`). Always
+    the local backend: Transformer Engine would fold the pre-norm into the QKV linear.
+    """
+    import torch
+
+    from bam_megatron.model.builder import build_model
+
+    if config.perform_initialization or not config.use_cpu_initialization:
+        raise ValueError(
+            "a meta model needs use_cpu_initialization=True and perform_initialization=False"
+        )
+    with torch.device("meta"):
+        return build_model(config, vocab_size, seq_length, untie_embeddings, backend="local")
+
+
+def model_stats(
+    preset: str,
+    variant: str,
+    num_experts: int = 4,
+    moe_router_topk: int = 1,
+    seq_length: int = DEFAULT_SEQ_LENGTH,
+) -> dict[str, Any]:
+    """Everything `bam-stats` reports, as one JSON-ready dict (counts on a meta model, FLOPs by
+    formula). ``num_experts`` / ``moe_router_topk`` are reported as null for ``dense``."""
+    if num_experts < 1:
+        raise ValueError(f"--num-experts must be >= 1, got {num_experts}")
+    if not 1 <= moe_router_topk <= num_experts:
+        raise ValueError(
+            f"--moe-router-topk must be in [1, --num-experts {num_experts}], got {moe_router_topk}"
+        )
+    if seq_length < 1:
+        raise ValueError(f"--seq-length must be >= 1, got {seq_length}")
+    from bam_megatron.model.builder import PRESETS, variant_config  # megatron: after the checks
+
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    config = variant_config(
+        variant, preset, num_experts=num_experts, moe_router_topk=moe_router_topk,
+        use_cpu_initialization=True, perform_initialization=False,
+    )  # fmt: skip
+    sizes = PRESETS[preset]
+    with one_rank_parallel_state():
+        model = build_meta_model(config, sizes.vocab_size, seq_length, sizes.untie_embeddings)
+        params = count_parameters(model, config)
+    mixture = variant != "dense"
+    return {
+        "preset": preset,
+        "variant": variant,
+        "num_experts": num_experts if mixture else None,
+        "moe_router_topk": moe_router_topk if mixture else None,
+        "seq_length": seq_length,
+        "num_layers": config.num_layers,
+        "num_attention_experts": config.num_attention_experts,
+        "num_ffn_experts": config.num_moe_experts or 1,
+        "tied_embeddings": not sizes.untie_embeddings,
+        "total_params": params.total,
+        "active_params": params.active,
+        "params_by_part": params.by_part,
+        "flops_per_token": flops_per_token(config, seq_length),
+        "training_flops_per_token": training_flops_per_token(config, seq_length),
+        "flops_convention": FLOPS_CONVENTION,
+    }
+
+
+def human(value: float, unit: str = "") -> str:
+    """1234567 -> '1.23 M' (or '1.23 MFLOP' with unit='FLOP'): three significant-ish digits."""
+    prefixes = ("K", "M", "G", "T", "P") if unit else ("K", "M", "B", "T", "P")
+    scaled, prefix = float(value), ""
+    for candidate in prefixes:
+        if abs(scaled) < 1000:
+            break
+        scaled, prefix = scaled / 1000, candidate
+    return f"{scaled:.2f} {prefix}{unit}".rstrip() if prefix else f"{value:g} {unit}".rstrip()
+
+
+def format_table(stats: dict[str, Any]) -> str:
+    """The `model_stats` dict as an aligned, human-readable table."""
+    if stats["variant"] == "dense":
+        shape = "one attention, dense FFN"
+    else:
+        attention = stats["num_attention_experts"]
+        shape = (
+            f"{attention} attention expert{'s' if attention > 1 else ''}, "
+            f"{stats['num_ffn_experts']} FFN experts, FFN top-{stats['moe_router_topk']}"
+        )
+    header = [
+        f"bam-stats: {stats['preset']}, {stats['variant']} ({shape})",
+        f"{stats['num_layers']} layers, seq length (n_ctx) {stats['seq_length']}",
+    ]
+    rows: list[tuple[str, str, str]] = [
+        ("parameters", "", ""),
+        ("  total", human(stats["total_params"]), f"{stats['total_params']:,}"),
+        ("  active per token", human(stats["active_params"]), f"{stats['active_params']:,}"),
+    ]
+    for part, count in stats["params_by_part"].items():
+        tied = part == "embedding" and stats["tied_embeddings"]
+        note = " (also the output layer: tied)" if tied else ""
+        rows.append((f"  {part.replace('_', ' ')}", human(count), f"{count:,}{note}"))
+    rows.append(("forward FLOPs per token per layer", "", "(DESIGN.md section 6)"))
+    for part, flops in stats["flops_per_token"].items():
+        rows.append((f"  {part}", human(flops, "FLOP"), f"{flops:,}"))
+    training = stats["training_flops_per_token"]
+    rows += [
+        ("training FLOPs per token", "", "(3 x forward x layers; no embedding/output layer)"),
+        ("  total", human(training, "FLOP"), f"{training:,}"),
+    ]
+    label_width = max(len(label) for label, value, _ in rows if value)
+    value_width = max(len(value) for _, value, _ in rows)
+    lines = header
+    for label, value, note in rows:
+        if value:
+            lines.append(f"{label:<{label_width}}  {value:>{value_width}}  {note}")
+        else:
+            lines += ["", f"{label} {note}".rstrip()]
+    return "\n".join(lines)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bam-stats",
+        description=(
+            "Parameter counts (total and active per token) and FLOPs per token of a BAM model "
+            "preset and variant. Parameters are counted on the model megatron-core builds (on "
+            "the meta device: nothing is allocated)."
+        ),
+        epilog="FLOPs convention: " + FLOPS_CONVENTION,
+    )
+    parser.add_argument(
+        "--preset", required=True, choices=PRESET_NAMES, help="model sizes (DESIGN.md section 5)"
+    )
+    parser.add_argument(
+        "--variant", required=True, choices=VARIANT_NAMES,
+        help="dense: one attention, dense FFN; bam: N attention experts (expert KV) + N FFN "
+        "experts; bam-shared-kv: as bam, one K/V shared by the attention experts; btx: one "
+        "attention + N FFN experts",
+    )  # fmt: skip
+    parser.add_argument(
+        "--num-experts", type=int, default=4,
+        help="experts N: attention experts (bam*) and FFN experts (default 4; dense ignores it)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--moe-router-topk", type=int, default=1,
+        help="FFN experts k per token, 1 <= k <= N (default 1; dense ignores it)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--seq-length", type=int, default=DEFAULT_SEQ_LENGTH,
+        help=f"context length n_ctx of the attention FLOPs (default {DEFAULT_SEQ_LENGTH} for "
+        "every preset)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--json", action="store_true", help="print one JSON object instead of a table"
+    )
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """Command-line entry point (`bam-stats`, `python -m bam_megatron.stats`)."""
+    args = _parser().parse_args(argv)
+    try:
+        stats = model_stats(
+            args.preset, args.variant, args.num_experts, args.moe_router_topk, args.seq_length
+        )
+    except ValueError as error:
+        print(f"bam-stats: error: {' '.join(str(error).split())}", file=sys.stderr)
+        sys.exit(2)
+    print(json.dumps(stats, indent=2) if args.json else format_table(stats))
+
+
+if __name__ == "__main__":
+    main()
