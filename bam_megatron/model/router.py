@@ -29,7 +29,8 @@ class AttentionRouter(MegatronModule):
         super().__init__(config=config)
         self.num_experts = config.num_attention_experts
         self.topk = config.attention_router_topk
-        device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
+        # No device under CPU initialisation: follow the ambient default (e.g. meta for bam-stats).
+        device = None if config.use_cpu_initialization else torch.cuda.current_device()
         self.weight = torch.nn.Parameter(
             torch.empty(self.num_experts, config.hidden_size, dtype=config.params_dtype, device=device)
         )
