@@ -18,5 +18,7 @@ warnings.filterwarnings(
 )
 # Emitted by every TransformerConfig built with megatron-core's own default cuda_graph_scope.
 warnings.filterwarnings("ignore", message="full scope is deprecated", category=UserWarning)
+# megatron-core 0.16.1 still calls torch.distributed's older collective names.
+warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
 
 __all__ = ["__version__"]

@@ -82,7 +82,8 @@ def forward_step(data_iterator, model):
 
     def loss_func(per_token_loss: torch.Tensor):
         loss = per_token_loss.float().mean()
-        return loss, {"lm loss": loss.detach()}
+        # clone: megatron-core's schedule divides the returned loss in place by the micro-batch count
+        return loss, {"lm loss": loss.detach().clone()}
 
     return output, loss_func
 

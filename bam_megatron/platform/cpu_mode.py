@@ -44,6 +44,7 @@ import functools
 import importlib
 import logging
 import types
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -333,8 +334,13 @@ class _CpuMode:
 
         self._dynamo_was_disabled = torch._dynamo.config.disable
         torch._dynamo.config.disable = True
+        # A CUDA tuning hint that megatron-core repeats on every sequence-parallel linear layer.
+        warnings.filterwarnings("ignore", message=".*CUDA_DEVICE_MAX_CONNECTIONS", category=UserWarning)
+        self._warning_filter = warnings.filters[0]
 
     def uninstall(self) -> None:
+        with contextlib.suppress(ValueError):
+            warnings.filters.remove(self._warning_filter)
         torch._dynamo.config.disable = self._dynamo_was_disabled
         logging.getLogger("megatron.core.tensor_parallel.random").removeFilter(
             self._fork_warning_filter

@@ -1,0 +1,148 @@
+"""Domain mixtures on megatron-core's BlendedMegatronDatasetBuilder + GPTDataset.
+
+``--data-path 0.5 code 0.3 law 0.2 math`` is megatron's blend syntax. Every domain is split into
+train/valid/test (``--split``); training samples from the weighted blend, and validation is kept
+per domain, so each domain's perplexity is reported separately (as in the BAM paper's tables).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
+from megatron.core.datasets.indexed_dataset import IndexedDataset, get_bin_path, get_idx_path
+from megatron.core.datasets.utils import get_blend_from_list
+
+from bam_megatron.data.atomic_cache import atomic_index_caches
+from bam_megatron.data.errors import DataError
+
+
+@dataclass(frozen=True)
+class Domain:
+    """One corpus of the mixture: its name (for reports), weight and indexed-dataset prefix."""
+
+    name: str
+    weight: float
+    prefix: str
+
+
+def parse_data_path(data_path: Sequence[str]) -> list[Domain]:
+    """Megatron's ``[W1] PREFIX1 [W2 PREFIX2 ...]`` -> checked domains named after their files."""
+    try:
+        prefixes, weights = get_blend_from_list(list(data_path))
+    except (AssertionError, ValueError):
+        raise DataError(f"--data-path: expected PREFIX... or W1 PREFIX1 W2 PREFIX2 ..., got {' '.join(data_path)}") from None
+    weights = weights or [1.0] * len(prefixes)
+    names = [domain_name(prefix) for prefix in prefixes]
+    if len(set(names)) != len(names):
+        names = [f"{i}:{name}" for i, name in enumerate(names)]
+    for prefix in prefixes:
+        check_indexed_dataset(prefix)
+    return [Domain(n, float(w), p) for n, w, p in zip(names, weights, prefixes)]
+
+
+def domain_name(prefix: str) -> str:
+    """'data/code_text_document' -> 'code'."""
+    name = os.path.basename(prefix.rstrip("/"))
+    return name[: -len("_text_document")] if name.endswith("_text_document") else name
+
+
+def check_indexed_dataset(prefix: str) -> None:
+    """Fail with a one-line error if PREFIX.idx/.bin are missing or the .bin is truncated."""
+    idx, bin_ = get_idx_path(prefix), get_bin_path(prefix)
+    for path in (idx, bin_):
+        if not os.path.isfile(path):
+            raise DataError(f"dataset file not found: {path} (from --data-path {prefix})")
+    try:
+        index = IndexedDataset(prefix, mmap=False).index
+    except Exception as error:  # megatron-core raises assorted errors on a damaged index
+        raise DataError(f"cannot read dataset index {idx}: {error}") from None
+    if len(index) == 0:
+        raise DataError(f"dataset {prefix} holds no sequences")
+    expected = int(index.sequence_pointers[-1]) + int(index.sequence_lengths[-1]) * index.dtype_size
+    actual = os.path.getsize(bin_)
+    if actual < expected:
+        raise DataError(f"dataset file {bin_} is truncated: {actual} bytes, its index expects {expected}")
+
+
+def data_fingerprint(domains: Sequence[Domain], split: str, seq_length: int, seed: int) -> str:
+    """Hash of everything that decides which samples training sees, in which order."""
+    h = hashlib.sha256(json.dumps([split, seq_length, seed]).encode())
+    for d in domains:
+        h.update(json.dumps([d.name, d.weight]).encode())
+        with open(get_idx_path(d.prefix), "rb") as f:
+            h.update(hashlib.sha256(f.read()).digest())
+    return h.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class TokenIds:
+    """What GPTDataset needs from a tokenizer (a SentencePieceTokenizer has these too)."""
+
+    eod: int
+    pad: int
+    vocab_size: int
+
+    @property
+    def unique_identifiers(self) -> dict:
+        """What megatron-core writes into its dataset descriptions (and cache keys)."""
+        return {"class": "TokenIds", "eod": self.eod, "pad": self.pad, "vocab_size": self.vocab_size}
+
+
+def _config(seq_length: int, seed: int, split: str, tokens, cache: Optional[str], blend=None):
+    return GPTDatasetConfig(
+        random_seed=seed,
+        sequence_length=seq_length,
+        blend=blend,
+        split=split,
+        path_to_cache=cache,
+        tokenizer=tokens,
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=False,  # causal masks come from the attention kernels
+    )
+
+
+def build_datasets(
+    domains: Sequence[Domain],
+    split: str,
+    seq_length: int,
+    seed: int,
+    train_samples: int,
+    valid_samples_per_domain: int,
+    tokens,
+    cache: Optional[str] = None,
+):
+    """(train dataset over the blend, {domain name: its validation dataset})."""
+    every_rank = lambda: True  # noqa: E731  (ranks read the same shared files)
+    with atomic_index_caches():
+        blend = ([d.prefix for d in domains], [d.weight for d in domains])
+        config = _config(seq_length, seed, split, tokens, cache, blend)
+        train, _, _ = BlendedMegatronDatasetBuilder(GPTDataset, [train_samples, 0, 0], every_rank, config).build()
+        valid = {}
+        for d in domains:
+            config = _config(seq_length, seed, split, tokens, cache, ([d.prefix], None))
+            _, valid[d.name], _ = BlendedMegatronDatasetBuilder(
+                GPTDataset, [0, valid_samples_per_domain, 0], every_rank, config
+            ).build()
+            if valid[d.name] is None:
+                raise DataError(f"domain {d.name} has no validation split (--split {split})")
+    if train is None:
+        raise DataError(f"no training split (--split {split})")
+    return train, valid
+
+
+def build_mock_datasets(seq_length: int, seed: int, train_samples: int, valid_samples: int, tokens):
+    """Random-token datasets (megatron-core's MockGPTDataset) for smoke tests without files."""
+    config = _config(seq_length, seed, "99,1,0", tokens, None)
+    config.mock = True  # the builder picks mock datasets from this field
+    train, valid, _ = BlendedMegatronDatasetBuilder(
+        MockGPTDataset, [train_samples, valid_samples, 0], lambda: True, config
+    ).build()
+    return train, {"mock": valid}

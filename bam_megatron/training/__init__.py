@@ -1,0 +1,1 @@
+"""Training on megatron-core: arguments, data loading, the loop, checkpoints, logging."""

@@ -1,0 +1,142 @@
+"""Command-line flags of pretrain_bam.py, with Megatron-LM's names where one exists."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Optional, Sequence
+
+from bam_megatron.model.builder import PRESETS, VARIANTS
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The grouped parser; every flag documented."""
+    p = argparse.ArgumentParser(
+        prog="pretrain_bam.py",
+        description="Train a dense, BAM, BAM shared-KV or BTX model on megatron-core "
+        "(phase 1 seed, phase 2 dense experts, phase 3 mixture). Launch with torchrun or srun.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("model")
+    g.add_argument("--variant", choices=VARIANTS, default="dense", help="model family (docs/model.md)")
+    g.add_argument("--preset", choices=sorted(PRESETS), default=None, help="architecture sizes; flags below override")
+    g.add_argument("--num-layers", type=int)
+    g.add_argument("--hidden-size", type=int)
+    g.add_argument("--ffn-hidden-size", type=int)
+    g.add_argument("--num-attention-heads", type=int, help="per attention expert")
+    g.add_argument("--num-query-groups", type=int, help="KV heads per attention expert (GQA)")
+    g.add_argument("--num-experts", type=int, default=4, help="FFN experts and, for bam, attention experts")
+    g.add_argument("--moe-router-topk", type=int, default=1)
+    g.add_argument("--moe-aux-loss-coeff", type=float, default=1e-2, help="Switch load-balancing loss")
+    g.add_argument("--moe-z-loss-coeff", type=float, default=1e-3, help="router z-loss")
+    g.add_argument("--attention-router-topk", type=int, default=None, help="top-k MoA ablation (default: soft)")
+    g.add_argument("--block-type", choices=("parallel", "sequential"), default="parallel")
+    g.add_argument("--seq-length", type=int, default=256)
+    g.add_argument("--untie-embeddings-and-output-weights", action="store_true", default=None,
+                   help="default: as the preset says (untied if no preset)")
+    g.add_argument("--hidden-dropout", type=float, default=0.0)
+    g.add_argument("--attention-dropout", type=float, default=0.0)
+    g.add_argument("--init-method-std", type=float, default=0.02)
+    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    g.add_argument("--vocab-size", type=int, default=None, help="only without --tokenizer-model (mock data)")
+
+    g = p.add_argument_group("parallelism")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--expert-model-parallel-size", type=int, default=1)
+    g.add_argument("--sequence-parallel", action="store_true")
+    g.add_argument("--use-distributed-optimizer", action="store_true")
+    g.add_argument("--recompute-granularity", choices=("full", "selective"), default=None)
+    g.add_argument("--recompute-method", choices=("uniform", "block"), default=None)
+    g.add_argument("--recompute-num-layers", type=int, default=None)
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data-path", nargs="+", default=None,
+                   help="PREFIX... or W1 PREFIX1 W2 PREFIX2 ...: weighted domain mixture (Megatron syntax)")
+    g.add_argument("--split", default="969,30,1", help="train,valid,test proportions of each corpus")
+    g.add_argument("--tokenizer-model", default=None, help="SentencePiece model (tools/train_tokenizer.py)")
+    g.add_argument("--mock-data", action="store_true", help="random tokens, no files (smoke tests)")
+    g.add_argument("--data-cache-path", default=None, help="where dataset index caches go (default: next to the data)")
+
+    g = p.add_argument_group("training")
+    g.add_argument("--micro-batch-size", type=int, default=4)
+    g.add_argument("--global-batch-size", type=int, default=None, help="default: micro batch x data parallel")
+    g.add_argument("--train-iters", type=int, default=None)
+    g.add_argument("--train-samples", type=int, default=None)
+    g.add_argument("--eval-interval", type=int, default=100)
+    g.add_argument("--eval-iters", type=int, default=10)
+    g.add_argument("--log-interval", type=int, default=10)
+    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--max-skipped-iterations", type=int, default=10,
+                   help="stop after this many consecutive iterations with a NaN/Inf loss or grad norm")
+    g.add_argument("--freeze-parameters", nargs="+", default=[], metavar="REGEX",
+                   help="freeze parameters whose name matches any REGEX")
+    g.add_argument("--train-only-parameters", nargs="+", default=[], metavar="REGEX",
+                   help="freeze everything except parameters matching a REGEX (e.g. 'router')")
+
+    g = p.add_argument_group("optimizer and schedule")
+    g.add_argument("--optimizer", choices=("adam", "sgd"), default="adam", help="adam is AdamW (decoupled wd)")
+    g.add_argument("--lr", type=float, default=3e-4)
+    g.add_argument("--min-lr", type=float, default=None, help="default: 10%% of --lr (the paper's recipe)")
+    g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--lr-decay-style", choices=("cosine", "linear", "constant"), default="cosine")
+    g.add_argument("--lr-decay-iters", type=int, default=None, help="default: --train-iters")
+    g.add_argument("--weight-decay", type=float, default=0.1)
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.95)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--bf16", action="store_true", help="bf16 parameters and compute (GPU)")
+
+    g = p.add_argument_group("checkpointing")
+    g.add_argument("--save", default=None, help="checkpoint directory")
+    g.add_argument("--load", default=None, help="resume from the latest checkpoint here")
+    g.add_argument("--save-interval", type=int, default=None)
+    g.add_argument("--finetune", action="store_true",
+                   help="load model weights only: new optimizer, scheduler, iteration 0")
+    g.add_argument("--no-load-rng", action="store_true")
+    g.add_argument("--override-data-fingerprint", action="store_true",
+                   help="resume even though the data configuration differs from the checkpoint's")
+
+    g = p.add_argument_group("logging")
+    g.add_argument("--tensorboard-dir", default=None)
+    g.add_argument("--metrics-file", default=None, help="JSONL, one record per log interval (default: SAVE/metrics.jsonl)")
+    g.add_argument("--exit-signal-handler", action=argparse.BooleanOptionalAction, default=True,
+                   help="on SIGTERM/SIGUSR1 finish the step, save and exit with code 3")
+    return p
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Parse and check flags; a bad combination exits with a one-line message naming the flag."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        validate(args)
+    except ValueError as error:
+        parser.error(str(error))
+    return args
+
+
+def validate(args: argparse.Namespace) -> None:
+    """Checks that need no process group (the rest happen once the world size is known)."""
+    if (args.train_iters is None) == (args.train_samples is None):
+        raise ValueError("give exactly one of --train-iters and --train-samples")
+    if args.data_path is None and not args.mock_data:
+        raise ValueError("--data-path is required (or --mock-data)")
+    if args.data_path is not None and args.tokenizer_model is None:
+        raise ValueError("--data-path needs --tokenizer-model")
+    if args.mock_data and args.tokenizer_model is None and args.vocab_size is None:
+        raise ValueError("--mock-data needs --vocab-size or --tokenizer-model")
+    if args.preset is None:
+        missing = [f for f in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size")
+                   if getattr(args, f) is None]  # fmt: skip
+        if missing:
+            raise ValueError("without --preset, give " + ", ".join("--" + m.replace("_", "-") for m in missing))
+    if args.finetune and args.load is None:
+        raise ValueError("--finetune needs --load")
+    if args.save_interval is not None and args.save is None:
+        raise ValueError("--save-interval needs --save")
+    for flag in ("micro_batch_size", "seq_length", "log_interval", "eval_interval"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1")
+    if args.freeze_parameters and args.train_only_parameters:
+        raise ValueError("use either --freeze-parameters or --train-only-parameters, not both")

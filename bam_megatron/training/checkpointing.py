@@ -1,0 +1,166 @@
+"""Checkpoints with megatron-core's dist_checkpointing, published atomically.
+
+Layout under ``--save DIR``::
+
+    DIR/iter_0000100/                  a complete dist_checkpointing checkpoint
+    DIR/iter_0000200.tmp/              a save in progress (ignored; removed by the next save)
+    DIR/latest_checkpointed_iteration.txt
+
+A save writes every rank's shards into ``iter_N.tmp``, and only when all ranks are done does
+rank 0 rename it to ``iter_N`` and then replace the ``latest`` file (temp file + fsync + rename).
+A job killed at any moment leaves the previous checkpoint loadable and ``latest`` pointing at it.
+
+A checkpoint holds the model, the optimizer (distributed or not), the LR scheduler, every rank's
+RNG states, the iteration and samples consumed, the full configuration, and fingerprints of the
+data mixture and the tokenizer. Loading reshards model and optimizer to the current TP/PP/EP
+layout; RNG states are restored only under the same layout.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from typing import Any, Optional
+
+import numpy
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+from bam_megatron.training import faults
+
+LATEST = "latest_checkpointed_iteration.txt"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used with the current flags; the message says why."""
+
+
+def checkpoint_path(root: str, iteration: int) -> str:
+    """DIR/iter_0000100."""
+    return os.path.join(root, f"iter_{iteration:07d}")
+
+
+def latest_iteration(root: str) -> Optional[int]:
+    """The last published iteration under ``root``, or None if there is none."""
+    path = os.path.join(root, LATEST)
+    if not os.path.isfile(path):
+        return None
+    text = open(path).read().strip()
+    if not text.isdigit():
+        raise CheckpointError(f"{path}: expected an iteration number, found {text!r}")
+    iteration = int(text)
+    if not os.path.isdir(checkpoint_path(root, iteration)):
+        raise CheckpointError(f"{path} names iteration {iteration}, but {checkpoint_path(root, iteration)} is missing")
+    return iteration
+
+
+def _write_atomically(path: str, text: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    directory = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {
+        "python": random.getstate(),
+        "numpy": numpy.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "tracker": get_cuda_rng_tracker().get_states(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    numpy.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _layout() -> dict[str, int]:
+    return {
+        "world_size": dist.get_world_size(),
+        "tensor": parallel_state.get_tensor_model_parallel_world_size(),
+        "pipeline": parallel_state.get_pipeline_model_parallel_world_size(),
+        "expert": parallel_state.get_expert_model_parallel_world_size(),
+    }
+
+
+def _rng_object() -> ShardedObject:
+    # Every rank's own states (TP ranks differ; dropout must resume exactly).
+    return ShardedObject("rng_state", _rng_state(), (dist.get_world_size(),), (dist.get_rank(),), replica_id=0)
+
+
+def _state(model, optimizer, with_rng: bool, is_loading: bool) -> dict[str, Any]:
+    state: dict[str, Any] = {"model": model.sharded_state_dict()}
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(state["model"], is_loading=is_loading)
+    if with_rng:
+        state["rng"] = _rng_object()
+    return state
+
+
+def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, meta: dict[str, Any]) -> str:
+    """Save and publish ``root/iter_N``; every rank calls it. ``meta`` is plain Python data."""
+    final, tmp = checkpoint_path(root, iteration), checkpoint_path(root, iteration) + ".tmp"
+    if dist.get_rank() == 0:
+        os.makedirs(root, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # a save that was killed earlier
+        os.makedirs(tmp)
+    dist.barrier()
+    state = _state(model, optimizer, with_rng=True, is_loading=False)
+    state["meta"] = dict(meta, iteration=iteration, layout=_layout(),
+                         scheduler=scheduler.state_dict() if scheduler is not None else None)  # fmt: skip
+    dist_checkpointing.save(state, tmp)
+    dist.barrier()
+    faults.pause_before_publishing_checkpoint()
+    if dist.get_rank() == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        _write_atomically(os.path.join(root, LATEST), str(iteration))
+    dist.barrier()
+    return final
+
+
+def read_meta(path: str) -> dict[str, Any]:
+    """The plain-Python part of a checkpoint (configuration, iteration, fingerprints)."""
+    try:
+        return dist_checkpointing.load_common_state_dict(path)["meta"]
+    except (FileNotFoundError, KeyError) as error:
+        raise CheckpointError(f"{path} is not a bam-megatron checkpoint ({error})") from None
+
+
+def load_checkpoint(path: str, model, optimizer=None, scheduler=None, load_rng: bool = True) -> dict[str, Any]:
+    """Load ``path`` into this rank's model (and optimizer, scheduler, RNG); return its meta.
+
+    With ``optimizer=None`` only the weights are loaded (``--finetune``).
+    """
+    meta = read_meta(path)
+    same_layout = meta["layout"] == _layout()
+    state = _state(model, optimizer, with_rng=load_rng and same_layout, is_loading=True)
+    loaded = dist_checkpointing.load(state, path)
+    model.load_state_dict(loaded["model"])
+    if optimizer is not None:
+        optimizer.load_state_dict(loaded["optimizer"])
+        if scheduler is not None and meta.get("scheduler") is not None:
+            scheduler.load_state_dict(meta["scheduler"])
+    if "rng" in loaded:
+        _set_rng_state(loaded["rng"])
+    meta["rng_restored"] = "rng" in loaded
+    return meta

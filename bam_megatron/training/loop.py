@@ -1,0 +1,441 @@
+"""The training loop of pretrain_bam.py on megatron-core.
+
+megatron-core supplies the pieces (GPTModel, pipeline schedules, DDP, the (distributed) optimizer,
+OptimizerParamScheduler, dist_checkpointing); this module wires them in the order a run needs:
+set-up and checks, resume, then per iteration one global batch through
+``get_forward_backward_func``, a NaN/Inf guard, the optimizer step, and reports, evaluation,
+checkpoints and preemption at their intervals.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from bam_megatron.data.datasets import TokenIds, build_datasets, build_mock_datasets, data_fingerprint, parse_data_path
+from bam_megatron.data.tokenizer import load_tokenizer, padded_vocab_size
+from bam_megatron.model.builder import PRESETS, build_model, variant_config
+from bam_megatron.model.moe_metrics import moe_aux_losses
+from bam_megatron.platform.distributed import ParallelSizes, initialize
+from bam_megatron.stats import training_flops_per_token
+from bam_megatron.training import checkpointing, faults
+from bam_megatron.training.batches import MicroBatches, fixed_batches
+from bam_megatron.training.metrics import MetricsWriter
+
+EXIT_PREEMPTED = 3
+EXIT_TOO_MANY_NAN = 4
+
+# Flags that define the architecture: a checkpoint must agree with the current flags on these.
+ARCHITECTURE = ("variant", "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                "num_query_groups", "num_experts", "block_type", "padded_vocab_size",
+                "untie_embeddings_and_output_weights")  # fmt: skip
+
+
+@dataclass
+class Progress:
+    """Counters that a checkpoint restores."""
+
+    iteration: int = 0
+    consumed_samples: int = 0
+    skipped_iterations: int = 0
+    nan_iterations: int = 0
+    consecutive_skips: int = 0
+    preempted: bool = False
+    router_loss_sums: dict = field(default_factory=dict)
+
+
+class _Preemption:
+    """SIGTERM / SIGUSR1 (Slurm's --signal) set a flag; the loop saves after the current step."""
+
+    def __init__(self) -> None:
+        self.received = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = True
+
+    def any_rank(self) -> bool:
+        flag = torch.tensor([1 if self.received else 0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def _resolve_architecture(args) -> None:
+    """Fill architecture flags from the preset, so checkpoints record concrete values."""
+    preset = PRESETS.get(args.preset) if args.preset else None
+    for flag in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups"):
+        if getattr(args, flag) is None and preset is not None:
+            setattr(args, flag, getattr(preset, flag))
+    if args.num_query_groups is None:
+        args.num_query_groups = args.num_attention_heads
+    if args.untie_embeddings_and_output_weights is None:
+        args.untie_embeddings_and_output_weights = preset.untie_embeddings if preset else True
+    if args.variant == "dense":
+        args.num_experts = None
+
+
+def model_config(args):
+    """The BAMConfig for the flags (megatron-core validates the rest in __post_init__)."""
+    overrides = dict(
+        num_layers=args.num_layers, hidden_size=args.hidden_size, ffn_hidden_size=args.ffn_hidden_size,
+        num_attention_heads=args.num_attention_heads, num_query_groups=args.num_query_groups,
+        block_type=args.block_type, hidden_dropout=args.hidden_dropout, attention_dropout=args.attention_dropout,
+        init_method_std=args.init_method_std,
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        expert_model_parallel_size=args.expert_model_parallel_size,
+        sequence_parallel=args.sequence_parallel,
+        recompute_granularity=args.recompute_granularity, recompute_method=args.recompute_method,
+        recompute_num_layers=args.recompute_num_layers,
+        use_cpu_initialization=not torch.cuda.is_available(),
+    )  # fmt: skip
+    if args.bf16:
+        overrides.update(bf16=True, params_dtype=torch.bfloat16, pipeline_dtype=torch.bfloat16)
+    if args.variant != "dense":
+        overrides.update(moe_aux_loss_coeff=args.moe_aux_loss_coeff, moe_z_loss_coeff=args.moe_z_loss_coeff)
+        if args.variant in ("bam", "bam-shared-kv"):
+            overrides["attention_router_topk"] = args.attention_router_topk
+    return variant_config(args.variant, num_experts=args.num_experts or 4,
+                          moe_router_topk=args.moe_router_topk, **overrides)  # fmt: skip
+
+
+def freeze(model: torch.nn.Module, args) -> tuple[int, int]:
+    """Apply --freeze-parameters / --train-only-parameters; return (trainable, total) counts."""
+    for name, param in model.named_parameters():
+        if args.train_only_parameters:
+            param.requires_grad = any(re.search(p, name) for p in args.train_only_parameters)
+        elif args.freeze_parameters:
+            param.requires_grad = not any(re.search(p, name) for p in args.freeze_parameters)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    if trainable == 0:
+        raise ValueError("--freeze-parameters/--train-only-parameters left no parameter to train")
+    return trainable, total
+
+
+def _loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
+    loss_mask = loss_mask.view(-1).float()
+    loss = (per_token_loss.view(-1).float() * loss_mask).sum() / loss_mask.sum().clamp(min=1)
+    # clone: megatron-core's schedule divides the returned loss in place by the micro-batch count
+    return loss, {"lm loss": loss.detach().clone()}
+
+
+def _forward_step(data_iterator, model):
+    batch = next(data_iterator)
+    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    return output, lambda out: _loss_func(batch["loss_mask"], out)
+
+
+def _is_logging_rank() -> bool:
+    return (parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
+            and parallel_state.get_data_parallel_rank() == 0)  # fmt: skip
+
+
+def _say(message: str) -> None:
+    if dist.get_rank() == 0:
+        print(message, flush=True)
+
+
+def _mean_loss(losses: list[dict]) -> Optional[torch.Tensor]:
+    """Mean loss over micro-batches and data-parallel ranks (last pipeline stage), else None."""
+    if not parallel_state.is_pipeline_last_stage():
+        return None
+    loss = torch.stack([d["lm loss"] for d in losses]).mean().clone()
+    dist.all_reduce(loss, group=parallel_state.get_data_parallel_group())
+    return loss / parallel_state.get_data_parallel_world_size()
+
+
+def _all_finite(loss: Optional[torch.Tensor], model: torch.nn.Module) -> bool:
+    """True when the loss and every gradient are finite, on every rank."""
+    bad = loss is not None and not bool(torch.isfinite(loss))
+    for param in model.parameters():
+        grad = getattr(param, "main_grad", None)
+        if grad is not None and not bad:
+            bad = not bool(torch.isfinite(grad).all())
+    flag = torch.tensor([1 if bad else 0])
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag.item() == 0
+
+
+class Trainer:
+    """One training run: everything set up from the flags, then `run()`."""
+
+    def __init__(self, args) -> None:
+        self.args = args
+        sizes = ParallelSizes(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+                              args.expert_model_parallel_size, args.sequence_parallel)  # fmt: skip
+        initialize(sizes, seed=args.seed)
+        _resolve_architecture(args)
+        dp = parallel_state.get_data_parallel_world_size()
+        args.global_batch_size = args.global_batch_size or args.micro_batch_size * dp
+        if args.global_batch_size % (args.micro_batch_size * dp):
+            raise ValueError(f"--global-batch-size {args.global_batch_size} is not a multiple of "
+                             f"--micro-batch-size x data-parallel size ({args.micro_batch_size} x {dp})")  # fmt: skip
+        self.num_microbatches = args.global_batch_size // (args.micro_batch_size * dp)
+        if args.train_iters is None:
+            args.train_iters = math.ceil(args.train_samples / args.global_batch_size)
+        if args.min_lr is None:
+            args.min_lr = 0.1 * args.lr  # cosine decay to 10% of peak (the paper's recipe)
+
+        self.tokenizer = load_tokenizer(args.tokenizer_model) if args.tokenizer_model else None
+        raw_vocab = self.tokenizer.vocab_size if self.tokenizer else args.vocab_size
+        args.padded_vocab_size = padded_vocab_size(raw_vocab, args.make_vocab_size_divisible_by,
+                                                   args.tensor_model_parallel_size)  # fmt: skip
+        self.config = model_config(args)
+        self._build_data(dp)
+
+        model = build_model(self.config, args.padded_vocab_size, args.seq_length,
+                            untie_embeddings=args.untie_embeddings_and_output_weights)  # fmt: skip
+        if args.bf16:
+            from megatron.core.transformer.module import Float16Module
+
+            model = Float16Module(self.config, model)
+        self.trainable, self.total = freeze(model, args)
+        self.model = model
+        self.ddp = DistributedDataParallel(
+            self.config,
+            DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=args.use_distributed_optimizer),
+            model,
+        )
+        self.config.finalize_model_grads_func = finalize_model_grads
+        self.optimizer = get_megatron_optimizer(
+            OptimizerConfig(
+                optimizer=args.optimizer, lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
+                adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
+                clip_grad=args.clip_grad, bf16=args.bf16, use_distributed_optimizer=args.use_distributed_optimizer,
+            ),
+            [self.ddp],
+        )  # fmt: skip
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer, init_lr=0.0, max_lr=args.lr, min_lr=args.min_lr,
+            lr_warmup_steps=args.lr_warmup_iters, lr_decay_steps=args.lr_decay_iters or args.train_iters,
+            lr_decay_style=args.lr_decay_style, start_wd=args.weight_decay, end_wd=args.weight_decay,
+            wd_incr_steps=args.train_iters, wd_incr_style="constant",
+        )  # fmt: skip
+        self.progress = Progress()
+        self._resume()
+        self.batches = MicroBatches(self.train_ds, args.micro_batch_size, parallel_state.get_data_parallel_rank(),
+                                    dp, self.progress.consumed_samples)  # fmt: skip
+        metrics_file = args.metrics_file or (os.path.join(args.save, "metrics.jsonl") if args.save else None)
+        self.writer = MetricsWriter(args.tensorboard_dir, metrics_file) if _is_logging_rank() else None
+        self.flops_per_token = training_flops_per_token(self.config, args.seq_length)
+
+    # ---------------------------------------------------------------------------------------
+    def _build_data(self, dp: int) -> None:
+        args = self.args
+        train_samples = args.train_iters * args.global_batch_size
+        valid_samples = max(1, args.eval_iters) * args.micro_batch_size * dp
+        tok = self.tokenizer
+        tokens = TokenIds(tok.eod, tok.pad, tok.vocab_size) if tok else TokenIds(0, 1, args.vocab_size)
+        if args.mock_data:
+            self.domains = []
+            self.train_ds, self.valid_ds = build_mock_datasets(args.seq_length, args.seed, train_samples,
+                                                               valid_samples, tokens)  # fmt: skip
+            self.data_fingerprint = f"mock:{args.seq_length}:{args.seed}"
+        else:
+            self.domains = parse_data_path(args.data_path)
+            self.train_ds, self.valid_ds = build_datasets(
+                self.domains, args.split, args.seq_length, args.seed, train_samples, valid_samples,
+                tokens, args.data_cache_path,
+            )  # fmt: skip
+            self.data_fingerprint = data_fingerprint(self.domains, args.split, args.seq_length, args.seed)
+
+    def _meta(self) -> dict[str, Any]:
+        p = self.progress
+        return {
+            "consumed_samples": p.consumed_samples, "skipped_iterations": p.skipped_iterations,
+            "nan_iterations": p.nan_iterations, "args": vars(self.args).copy(),
+            "data_fingerprint": self.data_fingerprint,
+            "tokenizer_fingerprint": self.tokenizer.fingerprint if self.tokenizer else None,
+        }  # fmt: skip
+
+    def _resume(self) -> None:
+        args = self.args
+        if not args.load:
+            return
+        iteration = checkpointing.latest_iteration(args.load) if os.path.isdir(args.load) else None
+        if iteration is None:
+            if args.finetune:
+                raise checkpointing.CheckpointError(f"--finetune: no checkpoint in {args.load}")
+            _say(f"no checkpoint in {args.load}: starting from scratch")
+            return
+        path = checkpointing.checkpoint_path(args.load, iteration)
+        meta = checkpointing.read_meta(path)
+        self._check_compatible(path, meta)
+        if args.finetune:
+            checkpointing.load_checkpoint(path, self.model, load_rng=False)
+            _say(f"loaded weights from {path} (--finetune: optimizer, schedule and iteration start afresh)")
+            return
+        meta = checkpointing.load_checkpoint(path, self.model, self.optimizer, self.scheduler,
+                                             load_rng=not args.no_load_rng)  # fmt: skip
+        p = self.progress
+        p.iteration, p.consumed_samples = meta["iteration"], meta["consumed_samples"]
+        p.skipped_iterations, p.nan_iterations = meta["skipped_iterations"], meta["nan_iterations"]
+        _say(f"resumed from {path} at iteration {p.iteration} ({p.consumed_samples} samples consumed"
+             f"{'' if meta['rng_restored'] else '; RNG states not restored: different parallel layout'})")  # fmt: skip
+
+    def _check_compatible(self, path: str, meta: dict[str, Any]) -> None:
+        saved = meta["args"]
+        for key in ARCHITECTURE:
+            if saved.get(key) != getattr(self.args, key):
+                raise checkpointing.CheckpointError(
+                    f"checkpoint {path} was saved with --{key.replace('_', '-')} {saved.get(key)}, "
+                    f"but this run has {getattr(self.args, key)}"
+                )
+        ours = self.tokenizer.fingerprint if self.tokenizer else None
+        if meta.get("tokenizer_fingerprint") != ours:
+            raise checkpointing.CheckpointError(
+                f"checkpoint {path} was trained with another tokenizer than {self.args.tokenizer_model}"
+            )
+        if (not self.args.finetune and not self.args.override_data_fingerprint
+                and meta["data_fingerprint"] != self.data_fingerprint):  # fmt: skip
+            raise checkpointing.CheckpointError(
+                f"checkpoint {path} was trained on another data configuration (--data-path, --split, "
+                "--seq-length or --seed differ, or the files changed); pass --override-data-fingerprint "
+                "to resume anyway"
+            )
+
+    # ---------------------------------------------------------------------------------------
+    def save(self) -> None:
+        """Checkpoint the current iteration under --save."""
+        if self.args.save:
+            path = checkpointing.save_checkpoint(self.args.save, self.progress.iteration, self.model,
+                                                 self.optimizer, self.scheduler, self._meta())  # fmt: skip
+            _say(f"saved checkpoint {path}")
+
+    def _train_step(self) -> tuple[Optional[float], Optional[float], bool]:
+        batches = self.batches.next_global_batch(self.num_microbatches)
+        self.ddp.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        losses = get_forward_backward_func()(
+            forward_step_func=_forward_step, data_iterator=iter(batches), model=[self.ddp],
+            num_microbatches=self.num_microbatches, seq_length=self.args.seq_length,
+            micro_batch_size=self.args.micro_batch_size, forward_only=False,
+        )  # fmt: skip
+        loss = _mean_loss(losses)
+        if loss is not None and faults.nan_loss_injected(self.progress.iteration + 1):
+            loss = loss * float("nan")
+        if not _all_finite(loss, self.model):
+            return None if loss is None else loss.item(), None, False
+        ok, grad_norm, _ = self.optimizer.step()
+        if ok:
+            self.scheduler.step(increment=1)
+        return None if loss is None else loss.item(), grad_norm, ok
+
+    def evaluate(self) -> dict[str, float]:
+        """Mean validation loss of every domain (forward only, fixed samples)."""
+        losses = {}
+        dp_rank, dp = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+        for name, dataset in self.valid_ds.items():
+            batches = fixed_batches(dataset, self.args.micro_batch_size, dp_rank, dp, self.args.eval_iters)
+            out = get_forward_backward_func()(
+                forward_step_func=_forward_step, data_iterator=iter(batches), model=[self.ddp],
+                num_microbatches=len(batches), seq_length=self.args.seq_length,
+                micro_batch_size=self.args.micro_batch_size, forward_only=True,
+            )  # fmt: skip
+            loss = _mean_loss(out)
+            if loss is not None:
+                losses[name] = loss.item()
+        moe_aux_losses(reduce_across_ranks=False)  # evaluation does not count toward training logs
+        return losses
+
+    def run(self) -> int:
+        """Train to --train-iters; return the process exit code."""
+        args, p = self.args, self.progress
+        pct = 100.0 * self.trainable / self.total
+        _say(f"{args.variant} model: {self.total:,} parameters on rank 0, {self.trainable:,} trainable ({pct:.1f}%); "
+             f"{self.num_microbatches} micro-batches x {args.micro_batch_size} per data-parallel rank")  # fmt: skip
+        preemption = _Preemption() if args.exit_signal_handler else None
+        interval_start, interval_iters = time.perf_counter(), 0
+        while p.iteration < args.train_iters:
+            loss, grad_norm, stepped = self._train_step()
+            p.iteration += 1
+            p.consumed_samples += args.global_batch_size
+            interval_iters += 1
+            if not stepped:
+                p.skipped_iterations += 1
+                p.nan_iterations += 1
+                p.consecutive_skips += 1
+                _say(f" iteration {p.iteration}: NaN/Inf loss or gradient, update skipped "
+                     f"({p.consecutive_skips} in a row)")  # fmt: skip
+                if p.consecutive_skips >= args.max_skipped_iterations:
+                    _say(f"stopping: {p.consecutive_skips} consecutive iterations with NaN/Inf "
+                         f"(--max-skipped-iterations {args.max_skipped_iterations})")  # fmt: skip
+                    return EXIT_TOO_MANY_NAN
+            else:
+                p.consecutive_skips = 0
+            router = moe_aux_losses()
+            for name, per_layer in router.items():
+                p.router_loss_sums[name] = p.router_loss_sums.get(name, 0.0) + sum(per_layer) / len(per_layer)
+            if p.iteration % args.log_interval == 0:
+                elapsed = time.perf_counter() - interval_start
+                self._log(loss, grad_norm, elapsed / interval_iters, interval_iters, router)
+                interval_start, interval_iters = time.perf_counter(), 0
+            if args.eval_iters > 0 and p.iteration % args.eval_interval == 0:
+                losses = self.evaluate()
+                if self.writer is not None:
+                    self.writer.validation(p.iteration, losses)
+                interval_start = time.perf_counter()  # iteration times exclude evaluation
+            if args.save_interval and p.iteration % args.save_interval == 0:
+                self.save()
+                interval_start = time.perf_counter()
+            if preemption is not None and preemption.any_rank():
+                _say(f"preemption signal received: saving at iteration {p.iteration} and exiting")
+                if args.save and not (args.save_interval and p.iteration % args.save_interval == 0):
+                    self.save()
+                return EXIT_PREEMPTED
+        if args.save and not (args.save_interval and p.iteration % args.save_interval == 0):
+            self.save()
+        if self.writer is not None:
+            self.writer.close()
+        return 0
+
+    def _log(self, loss, grad_norm, seconds_per_iter: float, iters: int, router_last: dict) -> None:
+        p, args = self.progress, self.args
+        if self.writer is None:
+            p.router_loss_sums = {}
+            return
+        tokens = args.global_batch_size * args.seq_length
+        self.writer.training({
+            "iteration": p.iteration, "train_iters": args.train_iters, "consumed_samples": p.consumed_samples,
+            "ms_per_iteration": seconds_per_iter * 1e3, "tokens_per_second": tokens / seconds_per_iter,
+            "tflops_per_device": self.flops_per_token * tokens / seconds_per_iter / dist.get_world_size() / 1e12,
+            "learning_rate": self.optimizer.param_groups[0]["lr"], "global_batch_size": args.global_batch_size,
+            "lm_loss": loss, "grad_norm": grad_norm,
+            "router_losses": {k: v / iters for k, v in p.router_loss_sums.items()},
+            "router_losses_per_layer": router_last,
+            "skipped_iterations": p.skipped_iterations, "nan_iterations": p.nan_iterations,
+        })  # fmt: skip
+        p.router_loss_sums = {}
+
+
+def main(argv=None) -> int:
+    """Entry point: parse flags, train, return the exit code (2 for bad input)."""
+    import bam_megatron  # noqa: F401  (quiet megatron-core's import-time warnings)
+    from bam_megatron.data.errors import DataError
+    from bam_megatron.training.arguments import parse_args
+
+    args = parse_args(argv)
+    try:
+        trainer = Trainer(args)
+    except (DataError, checkpointing.CheckpointError, ValueError) as error:
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(f"pretrain_bam.py: error: {error}", file=sys.stderr, flush=True)
+        return 2
+    return trainer.run()
