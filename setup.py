@@ -36,5 +36,11 @@ setup(
     py_modules=["pretrain_bam"],
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
-    entry_points={"console_scripts": ["bam-stats=bam_megatron.stats:main"]},
+    entry_points={
+        "console_scripts": [
+            "bam-stats=bam_megatron.stats:main",
+            "bam-train-tokenizer=bam_megatron.data.train_tokenizer:main",
+            "bam-preprocess-data=bam_megatron.data.preprocess:main",
+        ]
+    },
 )
