@@ -8,11 +8,13 @@ per domain, so each domain's perplexity is reported separately (as in the BAM pa
 from __future__ import annotations
 
 import hashlib
+import math
 import json
 import os
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+from megatron.core.datasets.blended_dataset import BlendedDataset
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 from megatron.core.datasets.indexed_dataset import IndexedDataset, get_bin_path, get_idx_path
@@ -109,6 +111,18 @@ def _config(seq_length: int, seed: int, split: str, tokens, cache: Optional[str]
     )
 
 
+def _check_splits_have_documents(domains: Sequence[Domain], split_matrix, split: str) -> None:
+    """megatron-core's sample-index builder loops forever on a split without documents."""
+    for d in domains:
+        documents = len(IndexedDataset(d.prefix, mmap=False).document_indices) - 1
+        for name, bounds in zip(("train", "validation"), split_matrix[:2]):
+            if bounds is not None and int(bounds[1] * documents) - int(bounds[0] * documents) == 0:
+                raise DataError(
+                    f"domain {d.name} ({documents} documents) has no {name} documents with "
+                    f"--split {split}; add documents or change --split"
+                )
+
+
 def build_datasets(
     domains: Sequence[Domain],
     split: str,
@@ -119,23 +133,25 @@ def build_datasets(
     tokens,
     cache: Optional[str] = None,
 ):
-    """(train dataset over the blend, {domain name: its validation dataset})."""
-    every_rank = lambda: True  # noqa: E731  (ranks read the same shared files)
+    """(train dataset over the blend, {domain name: its validation dataset}).
+
+    One builder call: the validation datasets are the per-domain parts of the blended
+    validation split, sized so that the smallest-weight domain still has enough samples.
+    The test split keeps its documents out of training but is not built.
+    """
+    config = _config(seq_length, seed, split, tokens, cache, ([d.prefix for d in domains], [d.weight for d in domains]))
+    config.split_matrix = [*config.split_matrix[:2], None]
+    _check_splits_have_documents(domains, config.split_matrix, split)
+    total = sum(d.weight for d in domains)
+    valid_samples = math.ceil(valid_samples_per_domain * total / min(d.weight for d in domains)) + len(domains)
     with atomic_index_caches():
-        blend = ([d.prefix for d in domains], [d.weight for d in domains])
-        config = _config(seq_length, seed, split, tokens, cache, blend)
-        train, _, _ = BlendedMegatronDatasetBuilder(GPTDataset, [train_samples, 0, 0], every_rank, config).build()
-        valid = {}
-        for d in domains:
-            config = _config(seq_length, seed, split, tokens, cache, ([d.prefix], None))
-            _, valid[d.name], _ = BlendedMegatronDatasetBuilder(
-                GPTDataset, [0, valid_samples_per_domain, 0], every_rank, config
-            ).build()
-            if valid[d.name] is None:
-                raise DataError(f"domain {d.name} has no validation split (--split {split})")
-    if train is None:
-        raise DataError(f"no training split (--split {split})")
-    return train, valid
+        train, valid, _ = BlendedMegatronDatasetBuilder(
+            GPTDataset, [train_samples, valid_samples, 0], lambda: True, config  # every rank reads the files
+        ).build()
+    if train is None or valid is None:
+        raise DataError(f"--split {split} leaves no training or no validation data")
+    parts = valid.datasets if isinstance(valid, BlendedDataset) else [valid]
+    return train, {d.name: part for d, part in zip(domains, parts)}
 
 
 def build_mock_datasets(seq_length: int, seed: int, train_samples: int, valid_samples: int, tokens):

@@ -252,7 +252,7 @@ class Trainer:
             self.domains = parse_data_path(args.data_path)
             self.train_ds, self.valid_ds = build_datasets(
                 self.domains, args.split, args.seq_length, args.seed, train_samples, valid_samples,
-                tokens, args.data_cache_path,
+                tokens, args.data_cache_path or os.path.join(os.path.dirname(self.domains[0].prefix), "cache"),
             )  # fmt: skip
             self.data_fingerprint = data_fingerprint(self.domains, args.split, args.seq_length, args.seed)
 
