@@ -30,6 +30,13 @@ What each piece covers (megatron-core 0.16.1):
 - ``token_dispatcher.maybe_move_tensor_to_cpu``: on a GPU it turns all-to-all split sizes into host
   numpy arrays; for CPU tensors it leaves them as tensors, which gloo's ``all_to_all_single``
   rejects. CPU mode converts them.
+- ``DistributedOptimizer`` without apex / Transformer Engine (always the case on CPU) keeps Adam's
+  ``step`` in torch's per-parameter state: ``state_dict()`` asserts on a fresh optimizer that has
+  no state yet (which loading a checkpoint asks for first), and the fully-reshardable loader
+  copies every state key but ``step`` from the checkpoint (a KeyError), after ``load_state_dict``
+  gave all parameters one shared ``step`` tensor, which torch's Adam then increments once per
+  parameter. CPU mode gives a fresh optimizer its step-0 state, keeps the restored ``step`` aside
+  during that copy, and gives every parameter its own ``step`` tensor.
 - ``jit_fuser`` (``torch.compile``): megatron-core's fused kernels are compiled for the GPU; on CPU
   they would invoke Inductor and a C++ compiler per function, so TorchDynamo is disabled and they
   run eagerly.
@@ -258,6 +265,56 @@ def _with_cuda_type_names(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 # --------------------------------------------------------------------------------------------
+# The distributed optimizer's Adam 'step' without apex / Transformer Engine.
+
+
+def _zero_adam_state(inner: torch.optim.Optimizer) -> None:
+    for group in inner.param_groups:
+        for param in group["params"]:
+            state = inner.state[param]
+            if "step" not in state:
+                state.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(param),
+                             exp_avg_sq=torch.zeros_like(param))  # fmt: skip
+
+
+def _state_dict_of_fresh_optimizer(state_dict: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(state_dict)
+    def run(self: Any) -> Any:
+        if len(self.optimizer.state) == 0 and isinstance(self.optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+            _zero_adam_state(self.optimizer)  # what the first step would create
+        return state_dict(self)
+
+    return run
+
+
+def _set_states_keeping_step(set_states: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(set_states)
+    def run(self: Any, model_param: Any, tensors: dict) -> Any:
+        group_index, group_order = self.model_param_group_index_map[model_param]
+        state = self.optimizer.state[self.optimizer.param_groups[group_index]["params"][group_order]]
+        step = state.pop("step", None)  # load_state_dict restored it already
+        try:
+            return set_states(self, model_param, tensors)
+        finally:
+            if step is not None:
+                state["step"] = step
+
+    return run
+
+
+def _load_state_dict_untying_steps(load_state_dict: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(load_state_dict)
+    def run(self: Any, state_dict: Any) -> Any:
+        result = load_state_dict(self, state_dict)
+        for state in self.optimizer.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()  # Adam increments it in place
+        return result
+
+    return run
+
+
+# --------------------------------------------------------------------------------------------
 # The rest: RNG, MoE all-to-all split sizes, te_general_gemm.
 
 
@@ -318,6 +375,11 @@ class _CpuMode:
             "_build_model_and_main_param_groups",
             staticmethod(_with_cuda_type_names(build_groups)),
         )
+        dist_opt = distrib.DistributedOptimizer
+        self._patch(dist_opt, "state_dict", _state_dict_of_fresh_optimizer(dist_opt.state_dict))
+        self._patch(dist_opt, "load_state_dict", _load_state_dict_untying_steps(dist_opt.load_state_dict))
+        self._patch(dist_opt, "_set_main_param_and_optimizer_states",
+                    _set_states_keeping_step(dist_opt._set_main_param_and_optimizer_states))  # fmt: skip
         fp16 = optimizer.Float16OptimizerWithFloat16Params
         self._patch(fp16, "__init__", _with_cuda_type_names(fp16.__init__))
 

@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-iters", type=int, default=10)
     g.add_argument("--log-interval", type=int, default=10)
     g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--exit-interval", type=int, default=None,
+                   help="stop (after saving, with --save) once the iteration is a multiple of this")
     g.add_argument("--max-skipped-iterations", type=int, default=10,
                    help="stop after this many consecutive iterations with a NaN/Inf loss or grad norm")
     g.add_argument("--freeze-parameters", nargs="+", default=[], metavar="REGEX",

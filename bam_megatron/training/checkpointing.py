@@ -3,7 +3,8 @@
 Layout under ``--save DIR``::
 
     DIR/iter_0000100/                  a complete dist_checkpointing checkpoint
-    DIR/iter_0000200.tmp/              a save in progress (ignored; removed by the next save)
+    DIR/iter_0000200.tmp/              a save in progress, or one killed midway (ignored;
+                                       the next save removes it)
     DIR/latest_checkpointed_iteration.txt
 
 A save writes every rank's shards into ``iter_N.tmp``, and only when all ranks are done does
@@ -110,7 +111,12 @@ def _rng_object() -> ShardedObject:
 def _state(model, optimizer, with_rng: bool, is_loading: bool) -> dict[str, Any]:
     state: dict[str, Any] = {"model": model.sharded_state_dict()}
     if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(state["model"], is_loading=is_loading)
+        # 'fully_reshardable': the distributed optimizer's state in canonical per-parameter form,
+        # loadable under another TP/PP/EP/DP layout or without the distributed optimizer.
+        state["optimizer"] = optimizer.sharded_state_dict(
+            state["model"], is_loading=is_loading,
+            metadata={"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True},
+        )
     if with_rng:
         state["rng"] = _rng_object()
     return state
@@ -121,7 +127,9 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, meta
     final, tmp = checkpoint_path(root, iteration), checkpoint_path(root, iteration) + ".tmp"
     if dist.get_rank() == 0:
         os.makedirs(root, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)  # a save that was killed earlier
+        for name in os.listdir(root):  # saves that were killed midway
+            if name.startswith("iter_") and name.endswith(".tmp"):
+                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
         os.makedirs(tmp)
     dist.barrier()
     state = _state(model, optimizer, with_rng=True, is_loading=False)

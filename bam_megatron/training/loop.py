@@ -197,6 +197,13 @@ class Trainer:
         raw_vocab = self.tokenizer.vocab_size if self.tokenizer else args.vocab_size
         args.padded_vocab_size = padded_vocab_size(raw_vocab, args.make_vocab_size_divisible_by,
                                                    args.tensor_model_parallel_size)  # fmt: skip
+        self.checkpoint, self.checkpoint_meta = self._find_checkpoint()
+        if self.checkpoint_meta is not None:
+            # Vocabulary padding depends on TP; a checkpoint from another TP keeps its padding
+            # when the current TP size divides it, so its embedding reshards as is.
+            saved = self.checkpoint_meta["args"]["padded_vocab_size"]
+            if saved != args.padded_vocab_size and saved >= raw_vocab and saved % args.tensor_model_parallel_size == 0:
+                args.padded_vocab_size = saved
         self.config = model_config(args)
         self._build_data(dp)
 
@@ -265,18 +272,24 @@ class Trainer:
             "tokenizer_fingerprint": self.tokenizer.fingerprint if self.tokenizer else None,
         }  # fmt: skip
 
-    def _resume(self) -> None:
+    def _find_checkpoint(self) -> tuple[Optional[str], Optional[dict[str, Any]]]:
+        """The checkpoint --load points at (latest iteration) and its meta, or (None, None)."""
         args = self.args
         if not args.load:
-            return
+            return None, None
         iteration = checkpointing.latest_iteration(args.load) if os.path.isdir(args.load) else None
         if iteration is None:
             if args.finetune:
                 raise checkpointing.CheckpointError(f"--finetune: no checkpoint in {args.load}")
             _say(f"no checkpoint in {args.load}: starting from scratch")
-            return
+            return None, None
         path = checkpointing.checkpoint_path(args.load, iteration)
-        meta = checkpointing.read_meta(path)
+        return path, checkpointing.read_meta(path)
+
+    def _resume(self) -> None:
+        args, path, meta = self.args, self.checkpoint, self.checkpoint_meta
+        if path is None:
+            return
         self._check_compatible(path, meta)
         if args.finetune:
             checkpointing.load_checkpoint(path, self.model, load_rng=False)
@@ -298,6 +311,20 @@ class Trainer:
                     f"checkpoint {path} was saved with --{key.replace('_', '-')} {saved.get(key)}, "
                     f"but this run has {getattr(self.args, key)}"
                 )
+        if not self.args.finetune and saved.get("use_distributed_optimizer") != self.args.use_distributed_optimizer:
+            raise checkpointing.CheckpointError(
+                f"checkpoint {path} was saved {'with' if saved.get('use_distributed_optimizer') else 'without'} "
+                "--use-distributed-optimizer; resume with the same optimizer (or load weights only with --finetune)"
+            )
+        saved_ep = meta["layout"]["expert"]
+        if not self.args.finetune and saved_ep != self.args.expert_model_parallel_size:
+            # megatron-core 0.16.1 groups expert parameters into their own optimizer only when EP > 1,
+            # and cannot map optimizer state between the two structures.
+            raise checkpointing.CheckpointError(
+                f"checkpoint {path} was saved with --expert-model-parallel-size {saved_ep}: its optimizer "
+                "state reshards across TP, PP and DP but not EP; keep that EP size, or load the weights "
+                "only with --finetune"
+            )
         ours = self.tokenizer.fingerprint if self.tokenizer else None
         if meta.get("tokenizer_fingerprint") != ours:
             raise checkpointing.CheckpointError(
@@ -395,6 +422,11 @@ class Trainer:
             if args.save_interval and p.iteration % args.save_interval == 0:
                 self.save()
                 interval_start = time.perf_counter()
+            if args.exit_interval and p.iteration % args.exit_interval == 0 and p.iteration < args.train_iters:
+                _say(f"--exit-interval {args.exit_interval}: stopping at iteration {p.iteration}")
+                if args.save and not (args.save_interval and p.iteration % args.save_interval == 0):
+                    self.save()
+                return 0
             if preemption is not None and preemption.any_rank():
                 _say(f"preemption signal received: saving at iteration {p.iteration} and exiting")
                 if args.save and not (args.save_interval and p.iteration % args.save_interval == 0):
