@@ -212,3 +212,29 @@ def test_checkpoint_reshards_to_one_rank(tmp_path, corpus, saved_with):
     else:
         assert codes == [0], out
         assert "resumed from" in out
+
+
+def train_and_report_changes(argv: list[str]) -> dict:
+    """Rank body: which parameters a short run changed, and how many it could train."""
+    from bam_megatron.training.arguments import parse_args
+    from bam_megatron.training.loop import Trainer
+
+    trainer = Trainer(parse_args(argv))
+    before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+    assert trainer.run() == 0
+    changed = sorted(name for name, p in trainer.model.named_parameters() if not torch.equal(p, before[name]))
+    return {"changed": changed, "trainable": trainer.trainable, "total": trainer.total}
+
+
+def test_train_only_routers(tmp_path, corpus):
+    tensorboard = tmp_path / "tb"
+    argv = base_args(corpus, "--train-iters", "2", "--train-only-parameters", r"router\.weight",
+                     "--tensorboard-dir", str(tensorboard))  # fmt: skip
+    (result,) = run_distributed(train_and_report_changes, 1, args=(argv,))
+    assert result["changed"], "nothing trained"
+    assert all(name.endswith("router.weight") for name in result["changed"]), result["changed"]
+    assert {n.split(".")[-2] for n in result["changed"]} == {"router"}
+    assert any("self_attention.router" in n for n in result["changed"])  # attention router
+    assert any("mlp.router" in n for n in result["changed"])  # FFN router
+    assert 0 < result["trainable"] < result["total"] / 100
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(tensorboard))

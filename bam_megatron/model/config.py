@@ -38,6 +38,9 @@ class BAMConfig(TransformerConfig):
     tensor-parallel reduction (one all-reduce or reduce-scatter per layer instead of two)."""
 
     def __post_init__(self) -> None:
+        pp = self.pipeline_model_parallel_size
+        if self.num_layers % pp:  # megatron-core would only assert
+            raise ValueError(f"--num-layers {self.num_layers} is not divisible by --pipeline-model-parallel-size {pp}")
         super().__post_init__()
         n = self.num_attention_experts
         if n < 1:
