@@ -16,11 +16,12 @@ INSTALL_REQUIRES = [
     "sentencepiece==0.2.3",
     "packaging",
     "psutil==7.2.2",  # dist_checkpointing's filesystem writer
+    "tensorboard==2.21.0",  # torch.utils.tensorboard
 ]
 
 EXTRAS_REQUIRE = {
     "test": ["pytest==9.2.0"],
-    # apex comes with NVIDIA's PyTorch container; Transformer Engine is pinned to what the image tests.
+    # NVIDIA's PyTorch container ships Transformer Engine and apex; this extra is for other GPU machines.
     "gpu": ["transformer-engine[pytorch]"],
     "deepspeed": ["deepspeed"],
 }
@@ -38,6 +39,7 @@ setup(
     extras_require=EXTRAS_REQUIRE,
     entry_points={
         "console_scripts": [
+            "bam-pretrain=bam_megatron.training.loop:main",
             "bam-stats=bam_megatron.stats:main",
             "bam-train-tokenizer=bam_megatron.data.train_tokenizer:main",
             "bam-preprocess-data=bam_megatron.data.preprocess:main",

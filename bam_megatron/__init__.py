@@ -3,8 +3,11 @@
 Package layout (one folder per concern):
 
 - ``platform``: process groups, CPU mode for megatron-core (gloo, no CUDA)
-- ``model``: layer specs and model builders
-- ``testing``: the multi-rank test harness and shard helpers
+- ``model``: BAMConfig, soft MoA attention, parallel block, layer specs, model builder
+- ``data``: SentencePiece tokenizer, preprocessing to indexed datasets, domain mixtures
+- ``training``: pretrain_bam.py's flags, loop, checkpoints and metrics
+- ``stats``: ``bam-stats``, parameter counts and FLOPs per token
+- ``testing``: the multi-rank test harness, rank launcher and shard helpers
 """
 
 import warnings

@@ -78,6 +78,8 @@ def initialize(
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
+    if parallel_state.model_parallel_is_initialized():  # a second model in the same process
+        return
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=sizes.tensor,
         pipeline_model_parallel_size=sizes.pipeline,
