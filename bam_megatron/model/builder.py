@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from megatron.core.models.gpt import GPTModel
 
 from bam_megatron.model.config import BAMConfig
+from bam_megatron.model.gpt import gpt_model
 from bam_megatron.model.specs import get_bam_block_spec
 
 VARIANTS = ("dense", "bam", "bam-shared-kv", "btx")
@@ -113,15 +114,5 @@ def build_model(
     post_process: Optional[bool] = None,
 ) -> GPTModel:
     """A GPTModel (RoPE) holding this rank's pipeline stage of the model ``config`` describes."""
-    from megatron.core import parallel_state
-
-    return GPTModel(
-        config=config,
-        transformer_layer_spec=get_bam_block_spec(config, backend),
-        vocab_size=vocab_size,
-        max_sequence_length=max_sequence_length,
-        pre_process=parallel_state.is_pipeline_first_stage() if pre_process is None else pre_process,
-        post_process=parallel_state.is_pipeline_last_stage() if post_process is None else post_process,
-        share_embeddings_and_output_weights=not untie_embeddings,
-        position_embedding_type="rope",
-    )
+    return gpt_model(config, get_bam_block_spec(config, backend), vocab_size, max_sequence_length,
+                     untie_embeddings, pre_process, post_process)  # fmt: skip

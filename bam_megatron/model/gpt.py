@@ -1,8 +1,9 @@
-"""Block specs and a GPTModel builder on megatron-core's local (pure PyTorch) modules."""
+"""megatron-core GPTModel assembly shared by every model this project builds."""
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -17,8 +18,8 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from bam_megatron.model.norm import TorchNorm
 
 
-def local_gpt_layer_spec(num_experts: int | None = None) -> ModuleSpec:
-    """megatron-core's local GPT layer with norms that accept sequence parallelism."""
+def local_gpt_layer_spec(num_experts: Optional[int] = None) -> ModuleSpec:
+    """megatron-core's own local GPT layer, with norms that accept sequence parallelism."""
     spec = get_gpt_layer_local_spec(num_experts=num_experts)
     spec.submodules = dataclasses.replace(
         spec.submodules, input_layernorm=TorchNorm, pre_mlp_layernorm=TorchNorm
@@ -26,34 +27,40 @@ def local_gpt_layer_spec(num_experts: int | None = None) -> ModuleSpec:
     return spec
 
 
-def block_spec(config: TransformerConfig, layer_spec: ModuleSpec) -> ModuleSpec:
-    """The layers of this pipeline stage plus a final norm that accepts sequence parallelism."""
+def block_spec(config: TransformerConfig, layer_spec: ModuleSpec, final_norm: type = TorchNorm) -> ModuleSpec:
+    """The layers of this pipeline stage plus the final norm."""
     return ModuleSpec(
         module=TransformerBlock,
         submodules=TransformerBlockSubmodules(
-            layer_specs=[layer_spec] * get_num_layers_to_build(config), layer_norm=TorchNorm
+            layer_specs=[layer_spec] * get_num_layers_to_build(config), layer_norm=final_norm
         ),
     )
 
 
-def build_gpt(
+def gpt_model(
     config: TransformerConfig,
-    layer_spec: ModuleSpec,
+    transformer_spec: ModuleSpec,
     vocab_size: int,
     max_sequence_length: int,
     untie_embeddings: bool = True,
-    position_embedding_type: str = "rope",
+    pre_process: Optional[bool] = None,
+    post_process: Optional[bool] = None,
 ) -> GPTModel:
-    """A GPTModel holding this rank's pipeline stage."""
+    """A RoPE GPTModel holding this rank's pipeline stage (first/last stage from parallel state)."""
     from megatron.core import parallel_state
 
     return GPTModel(
         config=config,
-        transformer_layer_spec=block_spec(config, layer_spec),
+        transformer_layer_spec=transformer_spec,
         vocab_size=vocab_size,
         max_sequence_length=max_sequence_length,
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage(),
+        pre_process=parallel_state.is_pipeline_first_stage() if pre_process is None else pre_process,
+        post_process=parallel_state.is_pipeline_last_stage() if post_process is None else post_process,
         share_embeddings_and_output_weights=not untie_embeddings,
-        position_embedding_type=position_embedding_type,
+        position_embedding_type="rope",
     )
+
+
+def build_gpt(config: TransformerConfig, layer_spec: ModuleSpec, vocab_size: int, max_sequence_length: int) -> GPTModel:
+    """A GPTModel of ``layer_spec`` layers (megatron-core's own layers: tests, demo, benchmarks)."""
+    return gpt_model(config, block_spec(config, layer_spec), vocab_size, max_sequence_length)

@@ -7,6 +7,8 @@ backend is picked automatically: Transformer Engine when importable on a GPU, lo
 
 from __future__ import annotations
 
+import torch
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.models.backends import LocalSpecProvider
 from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec_for_backend
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
@@ -15,19 +17,13 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.transformer_block import (
-    TransformerBlock,
-    TransformerBlockSubmodules,
-    get_num_layers_to_build,
-)
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
-from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
-import torch
 
 from bam_megatron.model.config import BAMConfig
+from bam_megatron.model.gpt import block_spec
 from bam_megatron.model.norm import TorchNorm
-from bam_megatron.model.sdpa_attention import SDPAttention
 from bam_megatron.model.parallel_block import ParallelTransformerLayer, PartialSumRowParallelLinear
+from bam_megatron.model.sdpa_attention import SDPAttention
 from bam_megatron.model.soft_moa import SoftMoASelfAttention, SoftMoASelfAttentionSubmodules
 
 BACKENDS = ("auto", "local", "te")
@@ -124,11 +120,5 @@ def get_bam_layer_spec(config: BAMConfig, backend: str = "auto") -> ModuleSpec:
 
 def get_bam_block_spec(config: BAMConfig, backend: str = "auto") -> ModuleSpec:
     """This pipeline stage's layers plus the final norm."""
-    layer = get_bam_layer_spec(config, backend)
-    return ModuleSpec(
-        module=TransformerBlock,
-        submodules=TransformerBlockSubmodules(
-            layer_specs=[layer] * get_num_layers_to_build(config),
-            layer_norm=_modules(resolve_backend(backend))["norm"],
-        ),
-    )
+    backend = resolve_backend(backend)
+    return block_spec(config, get_bam_layer_spec(config, backend), final_norm=_modules(backend)["norm"])
