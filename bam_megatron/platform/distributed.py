@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -51,6 +52,13 @@ class ParallelSizes:
             raise ValueError("--sequence-parallel needs --tensor-model-parallel-size > 1")
 
 
+def free_port() -> int:
+    """A TCP port that was free a moment ago on the loopback interface."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def default_backend() -> str:
     """NCCL where CUDA is usable, gloo everywhere else."""
     return "nccl" if torch.cuda.is_available() else "gloo"
@@ -61,13 +69,19 @@ def initialize(
     seed: int = 1234,
     timeout_minutes: int = 30,
 ) -> None:
-    """Start torch.distributed (from torchrun/Slurm env vars unless already started) and megatron-core.
+    """Start torch.distributed (from torchrun/Slurm env vars, else as a world of one, unless already
+    started) and megatron-core.
 
     Enables CPU mode first when CUDA is absent, so that everything after this call may treat the
     machine as a GPU machine.
     """
     cpu_mode.enable()
     if not dist.is_initialized():
+        if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
+            # Started as a plain `python` process, not by torchrun / srun: a world of one.
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
+                              MASTER_ADDR=os.environ.get("MASTER_ADDR", "127.0.0.1"),
+                              MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))  # fmt: skip
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(

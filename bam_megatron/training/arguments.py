@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save-interval", type=int, default=None)
     g.add_argument("--finetune", action="store_true",
                    help="load model weights only: new optimizer, scheduler, iteration 0")
+    g.add_argument("--pretrained-checkpoint", default=None,
+                   help="when --load holds no checkpoint yet, start from these weights (a --save directory "
+                   "or an iter_* directory): the seed for phase 2, the upcycled model for phase 3")
     g.add_argument("--no-load-rng", action="store_true")
     g.add_argument("--override-data-fingerprint", action="store_true",
                    help="resume even though the data configuration differs from the checkpoint's")

@@ -59,6 +59,15 @@ def latest_iteration(root: str) -> Optional[int]:
     return iteration
 
 
+def resolve_checkpoint(path: str) -> str:
+    """A --save directory (its latest iteration) or an iter_* directory -> the iteration directory."""
+    if os.path.isfile(os.path.join(path, LATEST)):
+        return checkpoint_path(path, latest_iteration(path))
+    if os.path.isfile(os.path.join(path, "metadata.json")):
+        return path
+    raise CheckpointError(f"no checkpoint at {path} (neither a --save directory nor an iter_* directory)")
+
+
 def _write_atomically(path: str, text: str) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w") as f:

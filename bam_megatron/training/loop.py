@@ -273,27 +273,37 @@ class Trainer:
         }  # fmt: skip
 
     def _find_checkpoint(self) -> tuple[Optional[str], Optional[dict[str, Any]]]:
-        """The checkpoint --load points at (latest iteration) and its meta, or (None, None)."""
+        """The checkpoint to start from and its meta, or (None, None); sets ``self.weights_only``.
+
+        --load's latest checkpoint resumes the run (weights only with --finetune). When --load
+        holds none yet, --pretrained-checkpoint's weights initialise the model: so every phase
+        can always pass both, and a restarted job resumes its own checkpoints.
+        """
         args = self.args
-        if not args.load:
-            return None, None
-        iteration = checkpointing.latest_iteration(args.load) if os.path.isdir(args.load) else None
-        if iteration is None:
-            if args.finetune:
+        self.weights_only = args.finetune
+        if args.load:
+            iteration = checkpointing.latest_iteration(args.load) if os.path.isdir(args.load) else None
+            if iteration is not None:
+                path = checkpointing.checkpoint_path(args.load, iteration)
+                return path, checkpointing.read_meta(path)
+            if args.finetune and not args.pretrained_checkpoint:
                 raise checkpointing.CheckpointError(f"--finetune: no checkpoint in {args.load}")
+        if args.pretrained_checkpoint:
+            path = checkpointing.resolve_checkpoint(args.pretrained_checkpoint)
+            self.weights_only = True
+            return path, checkpointing.read_meta(path)
+        if args.load:
             _say(f"no checkpoint in {args.load}: starting from scratch")
-            return None, None
-        path = checkpointing.checkpoint_path(args.load, iteration)
-        return path, checkpointing.read_meta(path)
+        return None, None
 
     def _resume(self) -> None:
         args, path, meta = self.args, self.checkpoint, self.checkpoint_meta
         if path is None:
             return
         self._check_compatible(path, meta)
-        if args.finetune:
+        if self.weights_only:
             checkpointing.load_checkpoint(path, self.model, load_rng=False)
-            _say(f"loaded weights from {path} (--finetune: optimizer, schedule and iteration start afresh)")
+            _say(f"loaded weights from {path} (optimizer, schedule and iteration start afresh)")
             return
         meta = checkpointing.load_checkpoint(path, self.model, self.optimizer, self.scheduler,
                                              load_rng=not args.no_load_rng)  # fmt: skip
@@ -311,13 +321,13 @@ class Trainer:
                     f"checkpoint {path} was saved with --{key.replace('_', '-')} {saved.get(key)}, "
                     f"but this run has {getattr(self.args, key)}"
                 )
-        if not self.args.finetune and saved.get("use_distributed_optimizer") != self.args.use_distributed_optimizer:
+        if not self.weights_only and saved.get("use_distributed_optimizer") != self.args.use_distributed_optimizer:
             raise checkpointing.CheckpointError(
                 f"checkpoint {path} was saved {'with' if saved.get('use_distributed_optimizer') else 'without'} "
                 "--use-distributed-optimizer; resume with the same optimizer (or load weights only with --finetune)"
             )
         saved_ep = meta["layout"]["expert"]
-        if not self.args.finetune and saved_ep != self.args.expert_model_parallel_size:
+        if not self.weights_only and saved_ep != self.args.expert_model_parallel_size:
             # megatron-core 0.16.1 groups expert parameters into their own optimizer only when EP > 1,
             # and cannot map optimizer state between the two structures.
             raise checkpointing.CheckpointError(
@@ -330,7 +340,7 @@ class Trainer:
             raise checkpointing.CheckpointError(
                 f"checkpoint {path} was trained with another tokenizer than {self.args.tokenizer_model}"
             )
-        if (not self.args.finetune and not self.args.override_data_fingerprint
+        if (not self.weights_only and not self.args.override_data_fingerprint
                 and meta["data_fingerprint"] != self.data_fingerprint):  # fmt: skip
             raise checkpointing.CheckpointError(
                 f"checkpoint {path} was trained on another data configuration (--data-path, --split, "

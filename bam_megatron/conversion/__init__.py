@@ -1,0 +1,1 @@
+"""Checkpoint conversion: branching a seed into experts, upcycling dense experts into an MoE."""

@@ -1,0 +1,271 @@
+"""Phase 3, mix: build one MoE checkpoint from the seed and the dense experts (DESIGN.md §1).
+
+    bam-upcycle --expert seed=runs/seed --expert code=runs/code --expert law=runs/law \\
+        --expert math=runs/math --method bam --save runs/bam-init
+
+Methods:
+
+- ``bam``: FFN experts and attention experts copied from each source (soft MoA, expert KV);
+  norms, embedding and output layer averaged; both routers newly initialised.
+- ``bam-shared-kv``: as ``bam``; K and V are one projection shared by all attention experts,
+  the average of the sources' (``--shared-kv-init average``) or one source's.
+- ``btx``: attention averaged, FFN experts copied (Branch-Train-MiX).
+- ``sparse``: one source copied into every FFN expert (sparse upcycling); ``--num-experts``.
+
+Sources are read one at a time through megatron-core's dist_checkpointing (any TP/PP they were
+saved with), so memory holds the MoE being built plus one source. The output is a checkpoint
+that ``pretrain_bam.py --pretrained-checkpoint`` loads under the target TP/EP/PP; it is written
+under a temporary name with a manifest (sources, their steps and hashes, method, router seed) and
+renamed when complete, so a failed upcycle leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import resource
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+METHODS = ("bam", "bam-shared-kv", "btx", "sparse")
+# Source flags that must agree: they define the dense architecture every source shares.
+ARCHITECTURE = ("variant", "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                "num_query_groups", "block_type", "padded_vocab_size", "untie_embeddings_and_output_weights",
+                "seq_length")  # fmt: skip
+
+
+class UpcycleError(ValueError):
+    """A source or a target setting that makes upcycling impossible; one line naming it."""
+
+
+@dataclass(frozen=True)
+class Source:
+    """One dense checkpoint, by name."""
+
+    name: str
+    path: str  # the iter_* directory
+    meta: dict
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Flags of bam-upcycle."""
+    p = argparse.ArgumentParser(prog="bam-upcycle", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--expert", action="append", required=True, metavar="NAME=DIR",
+                   help="a dense source checkpoint (a --save directory or an iter_* directory); "
+                   "repeat, in expert order (the seed first by convention)")
+    p.add_argument("--method", choices=METHODS, required=True)
+    p.add_argument("--save", required=True, help="output directory (must not exist)")
+    p.add_argument("--num-experts", type=int, default=None, help="sparse upcycling: number of FFN experts")
+    p.add_argument("--moe-router-topk", type=int, default=1)
+    p.add_argument("--shared-kv-init", default="average", help="bam-shared-kv: 'average' or a source NAME")
+    p.add_argument("--router-init-std", type=float, default=0.02)
+    p.add_argument("--seed", type=int, default=1234, help="router initialisation seed")
+    g = p.add_argument_group("target layout (checked now; the checkpoint itself reshards on load)")
+    g.add_argument("--target-tensor-parallel-size", type=int, default=1)
+    g.add_argument("--target-pipeline-parallel-size", type=int, default=1)
+    g.add_argument("--target-expert-parallel-size", type=int, default=1)
+    return p.parse_args(argv)
+
+
+def read_sources(specs: Sequence[str]) -> list[Source]:
+    """NAME=DIR flags -> sources with their checkpoint meta; names must be unique."""
+    from bam_megatron.training import checkpointing
+
+    sources = []
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise UpcycleError(f"--expert {spec!r}: expected NAME=DIR")
+        try:
+            resolved = checkpointing.resolve_checkpoint(path)
+            meta = checkpointing.read_meta(resolved)
+        except checkpointing.CheckpointError as error:
+            raise UpcycleError(f"source {name}: {error}") from None
+        sources.append(Source(name, resolved, meta))
+    names = [s.name for s in sources]
+    if len(set(names)) != len(names):
+        raise UpcycleError(f"--expert names must be unique, got {', '.join(names)}")
+    return sources
+
+
+def validate(sources: Sequence[Source], args: argparse.Namespace) -> int:
+    """Check the sources agree and the target layout fits; return the number of experts."""
+    first = sources[0]
+    for s in sources:
+        if s.meta["args"]["variant"] != "dense":
+            raise UpcycleError(f"source {s.name} is a {s.meta['args']['variant']} model; sources must be dense")
+        for key in ARCHITECTURE:
+            if s.meta["args"].get(key) != first.meta["args"].get(key):
+                raise UpcycleError(
+                    f"source {s.name} has {key}={s.meta['args'].get(key)}, but {first.name} has "
+                    f"{first.meta['args'].get(key)}: sources must share one architecture"
+                )
+        if s.meta.get("tokenizer_fingerprint") != first.meta.get("tokenizer_fingerprint"):
+            raise UpcycleError(f"source {s.name} was trained with another tokenizer than {first.name}")
+    if args.method == "sparse":
+        if len(sources) != 1:
+            raise UpcycleError("--method sparse copies one source: give exactly one --expert")
+        experts = args.num_experts or 4
+    else:
+        if args.num_experts is not None and args.num_experts != len(sources):
+            raise UpcycleError(f"--num-experts {args.num_experts} differs from the {len(sources)} sources")
+        experts = len(sources)
+        if experts < 2:
+            raise UpcycleError(f"--method {args.method} needs at least 2 sources")
+    if args.method == "bam-shared-kv" and args.shared_kv_init not in ["average", *(s.name for s in sources)]:
+        raise UpcycleError(f"--shared-kv-init {args.shared_kv_init!r}: 'average' or one of the source names")
+    a = first.meta["args"]
+    if not 1 <= args.moe_router_topk <= experts:
+        raise UpcycleError(f"--moe-router-topk {args.moe_router_topk} must be in [1, {experts}]")
+    if experts % args.target_expert_parallel_size:
+        raise UpcycleError(f"{experts} experts are not divisible by --target-expert-parallel-size {args.target_expert_parallel_size}")
+    heads = a["num_attention_heads"] * (experts if args.method in ("bam", "bam-shared-kv") else 1)
+    if heads % args.target_tensor_parallel_size:
+        raise UpcycleError(f"{heads} attention heads are not divisible by --target-tensor-parallel-size {args.target_tensor_parallel_size}")
+    if a["num_layers"] % args.target_pipeline_parallel_size:
+        raise UpcycleError(f"{a['num_layers']} layers are not divisible by --target-pipeline-parallel-size {args.target_pipeline_parallel_size}")
+    return experts
+
+
+def _checkpoint_hash(path: str) -> str:
+    """sha256 of a checkpoint's metadata (names, shapes and byte layout of every tensor)."""
+    with open(os.path.join(path, "metadata.json"), "rb") as f:
+        digest = hashlib.sha256(f.read())
+    with open(os.path.join(path, ".metadata"), "rb") as f:
+        digest.update(f.read())
+    return digest.hexdigest()[:16]
+
+
+def _layout_args(args: dict) -> argparse.Namespace:
+    """A source's training flags, as a one-rank model without dropout."""
+    ns = argparse.Namespace(**args)
+    ns.tensor_model_parallel_size = ns.pipeline_model_parallel_size = ns.expert_model_parallel_size = 1
+    ns.sequence_parallel, ns.hidden_dropout, ns.attention_dropout = False, 0.0, 0.0
+    ns.recompute_granularity = ns.recompute_method = ns.recompute_num_layers = None
+    ns.bf16 = False
+    return ns
+
+
+def target_args(sources: Sequence[Source], args: argparse.Namespace, experts: int) -> dict:
+    """The training flags recorded in the output checkpoint (what pretrain_bam.py checks)."""
+    out = dict(sources[0].meta["args"])
+    out.update(
+        variant={"sparse": "btx"}.get(args.method, args.method), num_experts=experts,
+        moe_router_topk=args.moe_router_topk, tensor_model_parallel_size=args.target_tensor_parallel_size,
+        pipeline_model_parallel_size=args.target_pipeline_parallel_size,
+        expert_model_parallel_size=args.target_expert_parallel_size, use_distributed_optimizer=False,
+    )  # fmt: skip
+    return out
+
+
+def upcycle(args: argparse.Namespace) -> dict:
+    """Build and save the MoE; return the manifest. Runs on one process (gloo, CPU)."""
+    import torch
+
+    from bam_megatron.model.builder import build_model
+    from bam_megatron.model.qkv_layout import soft_moa_attention_weights, split_qkv
+    from bam_megatron.platform.distributed import ParallelSizes, initialize
+    from bam_megatron.training import checkpointing
+    from bam_megatron.training.loop import model_config
+
+    start = time.time()
+    sources = read_sources(args.expert)
+    experts = validate(sources, args)
+    if os.path.exists(args.save):
+        raise UpcycleError(f"--save {args.save} already exists")
+    initialize(ParallelSizes(), seed=args.seed)
+
+    out_args = target_args(sources, args, experts)
+    config = model_config(_layout_args(out_args))
+    target = build_model(config, out_args["padded_vocab_size"], out_args["seq_length"],
+                         untie_embeddings=out_args["untie_embeddings_and_output_weights"])  # fmt: skip
+    params = dict(target.named_parameters())
+    sums: dict[str, torch.Tensor] = {}
+    attention: dict[int, dict[str, list]] = {}
+    heads, groups = config.num_attention_heads, config.num_query_groups
+    moa = args.method in ("bam", "bam-shared-kv")
+
+    with torch.no_grad():
+        for index, source in enumerate(sources):
+            print(f"reading source {source.name} ({source.path})", flush=True)
+            dense_args = _layout_args(source.meta["args"])
+            dense = build_model(model_config(dense_args), dense_args.padded_vocab_size, dense_args.seq_length,
+                                untie_embeddings=dense_args.untie_embeddings_and_output_weights)  # fmt: skip
+            checkpointing.load_checkpoint(source.path, dense, load_rng=False)
+            for name, weight in dense.named_parameters():
+                parts = name.split(".")
+                if ".mlp.linear_fc" in name:  # FFN: one expert per source (every expert: sparse)
+                    layer_prefix, fc = name.split(".mlp.")
+                    for e in (range(experts) if args.method == "sparse" else [index]):
+                        params[f"{layer_prefix}.mlp.experts.local_experts.{e}.{fc}"].copy_(weight)
+                elif moa and ".self_attention.linear_" in name:
+                    layer = int(parts[2])
+                    slot = attention.setdefault(layer, {"linear_qkv": [], "linear_proj": []})
+                    slot[parts[-2]].append(weight.clone())
+                else:  # norms, embedding, output layer, (btx) attention: averaged
+                    sums[name] = sums.get(name, 0) + weight.double()
+            del dense
+        for name, total in sums.items():
+            params[name].copy_((total / len(sources)).to(params[name].dtype))
+        for layer, slot in attention.items():
+            shared = None
+            if args.method == "bam-shared-kv" and args.shared_kv_init != "average":
+                chosen = [s.name for s in sources].index(args.shared_kv_init)
+                _, k, v = split_qkv(slot["linear_qkv"][chosen], heads, groups)
+                shared = (k, v)
+            qkv, proj = soft_moa_attention_weights(slot["linear_qkv"], slot["linear_proj"], config, shared)
+            params[f"decoder.layers.{layer}.self_attention.linear_qkv.weight"].copy_(qkv)
+            params[f"decoder.layers.{layer}.self_attention.linear_proj.weight"].copy_(proj)
+        generator = torch.Generator().manual_seed(args.seed)
+        for name, param in params.items():  # new routers: small random init, no bias
+            if name.endswith("router.weight"):
+                param.copy_(torch.randn(param.shape, generator=generator) * args.router_init_std)
+
+    manifest = {
+        "method": args.method, "experts": experts, "router_init_seed": args.seed,
+        "router_init_std": args.router_init_std, "moe_router_topk": args.moe_router_topk,
+        "shared_kv_init": args.shared_kv_init if args.method == "bam-shared-kv" else None,
+        "sources": [{"name": s.name, "path": os.path.abspath(s.path), "iteration": s.meta["iteration"],
+                     "hash": _checkpoint_hash(s.path)} for s in sources],
+        "expert_names": [s.name for s in sources] if args.method != "sparse" else [sources[0].name] * experts,
+    }  # fmt: skip
+    meta = {
+        "consumed_samples": 0, "skipped_iterations": 0, "nan_iterations": 0, "args": out_args,
+        "data_fingerprint": None, "tokenizer_fingerprint": sources[0].meta.get("tokenizer_fingerprint"),
+        "upcycled": manifest,
+    }  # fmt: skip
+    tmp = args.save.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        checkpointing.save_checkpoint(tmp, 0, target, None, None, meta)
+        manifest["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+        manifest["seconds"] = round(time.time() - start, 2)
+        with open(os.path.join(tmp, "upcycle_manifest.json"), "w") as f:
+            json.dump(manifest, f, indent=2)
+        os.replace(tmp, args.save)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of bam-upcycle / tools/upcycle.py; exit code 2 for bad input."""
+    import bam_megatron  # noqa: F401
+
+    args = parse_args(argv)
+    try:
+        manifest = upcycle(args)
+    except UpcycleError as error:
+        print(f"bam-upcycle: error: {error}", file=sys.stderr, flush=True)
+        return 2
+    print(f"wrote {args.save}: {args.method} with {manifest['experts']} experts from "
+          f"{', '.join(s['name'] for s in manifest['sources'])} in {manifest['seconds']} s, "
+          f"peak memory {manifest['peak_rss_mb']} MB", flush=True)  # fmt: skip
+    return 0
