@@ -34,9 +34,9 @@ from typing import Optional, Sequence
 
 METHODS = ("bam", "bam-shared-kv", "btx", "sparse")
 # Source flags that must agree: they define the dense architecture every source shares.
+# (The padded vocabulary may differ: it depends on the TP size a source was trained with.)
 ARCHITECTURE = ("variant", "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
-                "num_query_groups", "block_type", "padded_vocab_size", "untie_embeddings_and_output_weights",
-                "seq_length")  # fmt: skip
+                "num_query_groups", "block_type", "untie_embeddings_and_output_weights", "seq_length")  # fmt: skip
 
 
 class UpcycleError(ValueError):
@@ -155,6 +155,10 @@ def _layout_args(args: dict) -> argparse.Namespace:
 def target_args(sources: Sequence[Source], args: argparse.Namespace, experts: int) -> dict:
     """The training flags recorded in the output checkpoint (what pretrain_bam.py checks)."""
     out = dict(sources[0].meta["args"])
+    # The largest padding among the sources, rounded up so the target TP size divides it.
+    multiple = out["make_vocab_size_divisible_by"] * args.target_tensor_parallel_size
+    largest = max(s.meta["args"]["padded_vocab_size"] for s in sources)
+    out["padded_vocab_size"] = -(-largest // multiple) * multiple
     out.update(
         variant={"sparse": "btx"}.get(args.method, args.method), num_experts=experts,
         moe_router_topk=args.moe_router_topk, tensor_model_parallel_size=args.target_tensor_parallel_size,
@@ -209,10 +213,15 @@ def upcycle(args: argparse.Namespace) -> dict:
                     slot = attention.setdefault(layer, {"linear_qkv": [], "linear_proj": []})
                     slot[parts[-2]].append(weight.clone())
                 else:  # norms, embedding, output layer, (btx) attention: averaged
-                    sums[name] = sums.get(name, 0) + weight.double()
+                    total, count = sums.setdefault(name, (torch.zeros(params[name].shape, dtype=torch.float64),
+                                                          torch.zeros(params[name].shape[:1], dtype=torch.float64)))  # fmt: skip
+                    total[: weight.shape[0]] += weight.double()  # vocab rows: a source may pad less
+                    count[: weight.shape[0]] += 1
             del dense
-        for name, total in sums.items():
-            params[name].copy_((total / len(sources)).to(params[name].dtype))
+        for name, (total, count) in sums.items():
+            # Rows no source has (extra vocabulary padding) stay zero: no token id reaches them.
+            mean = total / count.clamp(min=1).view(-1, *([1] * (total.dim() - 1)))
+            params[name].copy_(mean.to(params[name].dtype))
         for layer, slot in attention.items():
             shared = None
             if args.method == "bam-shared-kv" and args.shared_kv_init != "average":

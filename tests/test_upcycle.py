@@ -1,0 +1,211 @@
+"""bam-upcycle: what each method copies, averages and initialises, checked on the built models."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from bam_megatron.conversion.upcycle import main as upcycle_main
+from bam_megatron.platform.distributed import ParallelSizes
+from bam_megatron.testing.distributed import run_distributed
+from bam_megatron.training import checkpointing
+from tests.test_training import base_args, logits_from_checkpoint, run
+from tests.training_fixtures import corpus  # noqa: F401  (fixture)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def dense_args(corpus, domain: str, seed: int, *extra: str) -> list[str]:
+    args = base_args(corpus, "--train-iters", "2", "--seed", str(seed), *extra)
+    args[args.index("--variant") + 1] = "dense"
+    start = args.index("--data-path") + 1
+    args[start : start + 6] = [corpus[domain]]
+    return args
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory, corpus):
+    """Two differently trained dense checkpoints, plus one saved at TP=2."""
+    root = tmp_path_factory.mktemp("sources")
+    made = {}
+    for name, domain, seed in (("seed", "law", 1), ("code", "code", 2)):
+        made[name] = str(root / name)
+        codes, out = run(root, name, dense_args(corpus, domain, seed, "--save", made[name]), world=1)
+        assert codes == [0], out
+    made["tp2"] = str(root / "tp2")
+    codes, out = run(root, "tp2", dense_args(corpus, "math", 3, "--save", made["tp2"], "--tensor-model-parallel-size", "2"))
+    assert codes == [0, 0], out
+    return made
+
+
+def weights(path: str) -> dict[str, torch.Tensor]:
+    """Rank body: the checkpoint's parameters as full tensors (one rank)."""
+    from bam_megatron.model.builder import build_model
+    from bam_megatron.platform.distributed import initialize
+    from bam_megatron.training.loop import model_config
+
+    initialize(ParallelSizes())
+    args = argparse.Namespace(**checkpointing.read_meta(path)["args"])
+    args.tensor_model_parallel_size = args.pipeline_model_parallel_size = args.expert_model_parallel_size = 1
+    args.sequence_parallel = False
+    model = build_model(model_config(args), args.padded_vocab_size, args.seq_length,
+                        untie_embeddings=args.untie_embeddings_and_output_weights)  # fmt: skip
+    checkpointing.load_checkpoint(path, model, load_rng=False)
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def load(path: str) -> dict[str, torch.Tensor]:
+    (w,) = run_distributed(weights, 1, args=(checkpointing.resolve_checkpoint(path),))
+    return w
+
+
+def upcycled(tmp_path, sources, method: str, *extra: str, names=("seed", "code")) -> str:
+    out = str(tmp_path / method)
+    argv = [f for n in names for f in ("--expert", f"{n}={sources[n]}")] + ["--method", method, "--save", out, *extra]
+    assert run_distributed(_upcycle_in_rank, 1, args=(argv,)) == [0]
+    return out
+
+
+def _upcycle_in_rank(argv):
+    return upcycle_main(argv)
+
+
+def _upcycle_capturing_stderr(argv):
+    import contextlib
+    import io
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = upcycle_main(argv)
+    return code, err.getvalue()
+
+
+def test_bam_copies_experts_averages_the_rest_and_initialises_routers(tmp_path, sources):
+    out = upcycled(tmp_path, sources, "bam")
+    moe, seed, code = load(out), load(sources["seed"]), load(sources["code"])
+    for layer in range(2):
+        p = f"decoder.layers.{layer}"
+        for e, src in enumerate((seed, code)):  # FFN expert e is source e's FFN
+            for fc in ("linear_fc1", "linear_fc2"):
+                assert torch.equal(moe[f"{p}.mlp.experts.local_experts.{e}.{fc}.weight"], src[f"{p}.mlp.{fc}.weight"])
+        # attention expert e is source e's attention (expert-major heads in the wide QKV / O)
+        h = seed[f"{p}.self_attention.linear_proj.weight"].shape[1]
+        proj = moe[f"{p}.self_attention.linear_proj.weight"]
+        assert torch.equal(proj[:, :h], seed[f"{p}.self_attention.linear_proj.weight"])
+        assert torch.equal(proj[:, h:], code[f"{p}.self_attention.linear_proj.weight"])
+        norm = f"{p}.input_layernorm.weight"
+        torch.testing.assert_close(moe[norm], (seed[norm] + code[norm]) / 2)
+        for router in (f"{p}.self_attention.router.weight", f"{p}.mlp.router.weight"):
+            assert moe[router].shape[0] == 2 and 0.005 < moe[router].std() < 0.05
+    for name in ("embedding.word_embeddings.weight", "output_layer.weight", "decoder.final_layernorm.weight"):
+        torch.testing.assert_close(moe[name], (seed[name] + code[name]) / 2)
+    manifest = json.load(open(os.path.join(out, "upcycle_manifest.json")))
+    assert [s["name"] for s in manifest["sources"]] == ["seed", "code"] and manifest["method"] == "bam"
+    assert all(s["iteration"] == 2 and len(s["hash"]) == 16 for s in manifest["sources"])
+
+
+def test_btx_averages_attention_and_sparse_copies_one_source(tmp_path, sources):
+    seed, code = load(sources["seed"]), load(sources["code"])
+    btx = load(upcycled(tmp_path, sources, "btx"))
+    qkv = "decoder.layers.0.self_attention.linear_qkv.weight"
+    torch.testing.assert_close(btx[qkv], (seed[qkv] + code[qkv]) / 2)
+    sparse = load(upcycled(tmp_path, sources, "sparse", "--num-experts", "3", names=("seed",)))
+    for e in range(3):
+        assert torch.equal(sparse[f"decoder.layers.1.mlp.experts.local_experts.{e}.linear_fc2.weight"],
+                           seed["decoder.layers.1.mlp.linear_fc2.weight"])  # fmt: skip
+    assert torch.equal(sparse[qkv], seed[qkv])
+
+
+def renormalised_logits(path: str, sizes: ParallelSizes):
+    """Rank body: logits with renormalised top-k FFN routing (so identical experts = the dense FFN)."""
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    original = TopKRouter.forward
+
+    def forward(self, *args, **kwargs):
+        self.config.moe_router_pre_softmax = False  # softmax over the selected top-k: weights sum to 1
+        return original(self, *args, **kwargs)
+
+    TopKRouter.forward = forward
+    return logits_from_checkpoint(path, sizes)
+
+
+@pytest.mark.parametrize("method", ["bam", "bam-shared-kv"])
+def test_identical_copies_reproduce_the_dense_model(tmp_path, sources, method):
+    argv = ["--expert", f"a={sources['seed']}", "--expert", f"b={sources['seed']}", "--method", method,
+            "--moe-router-topk", "2", "--save", str(tmp_path / "copies")]  # fmt: skip
+    assert run_distributed(_upcycle_in_rank, 1, args=(argv,)) == [0]
+    out = checkpointing.resolve_checkpoint(str(tmp_path / "copies"))
+    dense = checkpointing.resolve_checkpoint(sources["seed"])
+    (moe_logits,) = run_distributed(renormalised_logits, 1, args=(out, ParallelSizes()))
+    (dense_logits,) = run_distributed(logits_from_checkpoint, 1, args=(dense, ParallelSizes()))
+    torch.testing.assert_close(moe_logits, dense_logits, rtol=1e-5, atol=1e-5)
+
+
+def test_sources_saved_at_tp2_give_the_same_logits_at_any_target_layout(tmp_path, sources):
+    argv = ["--expert", f"a={sources['tp2']}", "--expert", f"b={sources['seed']}", "--method", "bam",
+            "--save", str(tmp_path / "mixed"), "--target-expert-parallel-size", "2",
+            "--target-tensor-parallel-size", "2"]  # fmt: skip
+    assert run_distributed(_upcycle_in_rank, 1, args=(argv,)) == [0]
+    path = checkpointing.resolve_checkpoint(str(tmp_path / "mixed"))
+    (one,) = run_distributed(logits_from_checkpoint, 1, args=(path, ParallelSizes()))
+    ep2 = [x for x in run_distributed(logits_from_checkpoint, 2, args=(path, ParallelSizes(expert=2))) if x is not None][0]
+    tp2 = [x for x in run_distributed(logits_from_checkpoint, 2, args=(path, ParallelSizes(tensor=2, sequence_parallel=True)))
+           if x is not None][0]  # fmt: skip
+    torch.testing.assert_close(ep2, one, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(tp2, one, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "case,expected",
+    [
+        ("missing", "source ghost: no checkpoint at"),
+        ("bad-spec", "--expert 'seedonly': expected NAME=DIR"),
+        ("duplicate", "--expert names must be unique"),
+        ("not-dense", "is a bam model; sources must be dense"),
+        ("ep", "2 experts are not divisible by --target-expert-parallel-size 3"),
+        ("tp", "attention heads are not divisible by --target-tensor-parallel-size 3"),
+        ("topk", "--moe-router-topk 3 must be in [1, 2]"),
+        ("architecture", "has hidden_size=128, but seed has 64"),
+    ],
+)
+def test_bad_input_is_refused_before_writing(tmp_path, sources, corpus, case, expected):
+    out = tmp_path / "out"
+    experts = ["--expert", f"seed={sources['seed']}", "--expert", f"code={sources['code']}"]
+    extra: list[str] = []
+    if case == "missing":
+        experts[3] = f"ghost={tmp_path / 'ghost'}"
+    elif case == "bad-spec":
+        experts[1] = "seedonly"
+    elif case == "duplicate":
+        experts[3] = f"seed={sources['code']}"
+    elif case == "not-dense":
+        experts[3] = f"code={upcycled(tmp_path, sources, 'bam')}"
+    elif case == "ep":
+        extra = ["--target-expert-parallel-size", "3"]
+    elif case == "tp":
+        extra = ["--target-tensor-parallel-size", "3"]
+    elif case == "topk":
+        extra = ["--moe-router-topk", "3"]
+    elif case == "architecture":
+        wide = str(tmp_path / "wide")
+        codes, log = run(tmp_path, "wide", dense_args(corpus, "code", 4, "--save", wide, "--hidden-size", "128"), world=1)
+        assert codes == [0], log
+        experts[3] = f"code={wide}"
+    argv = [*experts, "--method", "bam", "--save", str(out), *extra]
+    if case == "missing":  # once through the command line
+        result = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "upcycle.py"), *argv],
+                                capture_output=True, text=True)  # fmt: skip
+        code, stderr = result.returncode, result.stderr
+    else:
+        ((code, stderr),) = run_distributed(_upcycle_capturing_stderr, 1, args=(argv,))
+    assert code == 2, stderr
+    lines = [line for line in stderr.splitlines() if "error:" in line]
+    assert len(lines) == 1 and expected in lines[0], stderr
+    assert not out.exists() and not (tmp_path / "out.tmp").exists()
