@@ -17,6 +17,7 @@ INSTALL_REQUIRES = [
     "packaging",
     "psutil==7.2.2",  # dist_checkpointing's filesystem writer
     "tensorboard==2.21.0",  # torch.utils.tensorboard
+    "matplotlib==3.11.2",  # bam-eval's routing heatmaps
 ]
 
 EXTRAS_REQUIRE = {
@@ -41,8 +42,11 @@ setup(
         "console_scripts": [
             "bam-pretrain=bam_megatron.training.loop:main",
             "bam-stats=bam_megatron.stats:main",
+            "bam-upcycle=bam_megatron.conversion.upcycle:main",
+            "bam-branch=bam_megatron.conversion.branch:main",
             "bam-train-tokenizer=bam_megatron.data.train_tokenizer:main",
             "bam-preprocess-data=bam_megatron.data.preprocess:main",
+            "bam-eval=bam_megatron.evaluation.cli:main",
         ]
     },
 )

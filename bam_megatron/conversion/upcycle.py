@@ -22,7 +22,6 @@ renamed when complete, so a failed upcycle leaves nothing behind.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import resource
@@ -133,15 +132,6 @@ def validate(sources: Sequence[Source], args: argparse.Namespace) -> int:
     return experts
 
 
-def _checkpoint_hash(path: str) -> str:
-    """sha256 of a checkpoint's metadata (names, shapes and byte layout of every tensor)."""
-    with open(os.path.join(path, "metadata.json"), "rb") as f:
-        digest = hashlib.sha256(f.read())
-    with open(os.path.join(path, ".metadata"), "rb") as f:
-        digest.update(f.read())
-    return digest.hexdigest()[:16]
-
-
 def _layout_args(args: dict) -> argparse.Namespace:
     """A source's training flags, as a one-rank model without dropout."""
     ns = argparse.Namespace(**args)
@@ -241,7 +231,7 @@ def upcycle(args: argparse.Namespace) -> dict:
         "router_init_std": args.router_init_std, "moe_router_topk": args.moe_router_topk,
         "shared_kv_init": args.shared_kv_init if args.method == "bam-shared-kv" else None,
         "sources": [{"name": s.name, "path": os.path.abspath(s.path), "iteration": s.meta["iteration"],
-                     "hash": _checkpoint_hash(s.path)} for s in sources],
+                     "hash": checkpointing.checkpoint_hash(s.path)} for s in sources],
         "expert_names": [s.name for s in sources] if args.method != "sparse" else [sources[0].name] * experts,
     }  # fmt: skip
     meta = {

@@ -15,6 +15,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a dense, BAM, BAM shared-KV or BTX model on megatron-core "
         "(phase 1 seed, phase 2 dense experts, phase 3 mixture). Launch with torchrun or srun.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        fromfile_prefix_chars="@",  # pretrain_bam.py @phase2.args: flags one per line (tools/branch.py)
     )
     g = p.add_argument_group("model")
     g.add_argument("--variant", choices=VARIANTS, default="dense", help="model family (docs/model.md)")

@@ -19,6 +19,7 @@ layout; RNG states are restored only under the same layout.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import shutil
@@ -66,6 +67,15 @@ def resolve_checkpoint(path: str) -> str:
     if os.path.isfile(os.path.join(path, "metadata.json")):
         return path
     raise CheckpointError(f"no checkpoint at {path} (neither a --save directory nor an iter_* directory)")
+
+
+def checkpoint_hash(path: str) -> str:
+    """Short sha256 of a checkpoint's metadata files (every tensor's name, shape and byte layout)."""
+    digest = hashlib.sha256()
+    for name in ("metadata.json", ".metadata"):
+        with open(os.path.join(path, name), "rb") as f:
+            digest.update(f.read())
+    return digest.hexdigest()[:16]
 
 
 def _write_atomically(path: str, text: str) -> None:
