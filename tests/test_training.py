@@ -114,7 +114,7 @@ def test_preemption_signal_saves_and_exits_with_code_3(tmp_path, corpus, signum)
 
 def test_nan_iterations_are_skipped_and_counted(tmp_path, corpus):
     run_dir = tmp_path / "run"
-    codes, out = run(tmp_path, "one-nan", base_args(corpus, "--train-samples", "8", "--save", str(run_dir)),
+    codes, out = run(tmp_path, "one-nan", base_args(corpus, "--train-samples", "16", "--save", str(run_dir)),
                      env={"BAM_FAULT_NAN_ITERATIONS": "2"})  # fmt: skip
     assert codes == [0, 0], out
     assert "iteration 2: NaN/Inf loss or gradient, update skipped" in out

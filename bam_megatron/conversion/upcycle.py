@@ -142,6 +142,15 @@ def _layout_args(args: dict) -> argparse.Namespace:
     return ns
 
 
+def _config_without_init(args: argparse.Namespace):
+    """The model config for ``args``, skipping random initialisation: every weight is overwritten."""
+    from bam_megatron.training.loop import model_config
+
+    config = model_config(args)
+    config.perform_initialization = False
+    return config
+
+
 def target_args(sources: Sequence[Source], args: argparse.Namespace, experts: int) -> dict:
     """The training flags recorded in the output checkpoint (what pretrain_bam.py checks)."""
     out = dict(sources[0].meta["args"])
@@ -166,8 +175,6 @@ def upcycle(args: argparse.Namespace) -> dict:
     from bam_megatron.model.qkv_layout import soft_moa_attention_weights, split_qkv
     from bam_megatron.platform.distributed import ParallelSizes, initialize
     from bam_megatron.training import checkpointing
-    from bam_megatron.training.loop import model_config
-
     start = time.time()
     sources = read_sources(args.expert)
     experts = validate(sources, args)
@@ -176,7 +183,7 @@ def upcycle(args: argparse.Namespace) -> dict:
     initialize(ParallelSizes(), seed=args.seed)
 
     out_args = target_args(sources, args, experts)
-    config = model_config(_layout_args(out_args))
+    config = _config_without_init(_layout_args(out_args))
     target = build_model(config, out_args["padded_vocab_size"], out_args["seq_length"],
                          untie_embeddings=out_args["untie_embeddings_and_output_weights"])  # fmt: skip
     params = dict(target.named_parameters())
@@ -189,7 +196,7 @@ def upcycle(args: argparse.Namespace) -> dict:
         for index, source in enumerate(sources):
             print(f"reading source {source.name} ({source.path})", flush=True)
             dense_args = _layout_args(source.meta["args"])
-            dense = build_model(model_config(dense_args), dense_args.padded_vocab_size, dense_args.seq_length,
+            dense = build_model(_config_without_init(dense_args), dense_args.padded_vocab_size, dense_args.seq_length,
                                 untie_embeddings=dense_args.untie_embeddings_and_output_weights)  # fmt: skip
             checkpointing.load_checkpoint(source.path, dense, load_rng=False)
             for name, weight in dense.named_parameters():

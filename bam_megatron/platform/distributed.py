@@ -42,11 +42,12 @@ class ParallelSizes:
                 f"world size {world_size} is not divisible by --tensor-model-parallel-size "
                 f"({self.tensor}) x --pipeline-model-parallel-size ({self.pipeline})"
             )
-        data_parallel = world_size // model_parallel
-        if (data_parallel * self.tensor) % self.expert:
+        # megatron-core's experts are also split over TP (expert tensor parallel size = TP), so
+        # each pipeline stage's ranks must hold whole EP x TP groups.
+        if (world_size // self.pipeline) % (self.expert * self.tensor):
             raise ValueError(
-                f"--expert-model-parallel-size {self.expert} must divide data-parallel x "
-                f"tensor-parallel ranks ({data_parallel} x {self.tensor})"
+                f"--expert-model-parallel-size {self.expert} x --tensor-model-parallel-size {self.tensor} "
+                f"must divide the {world_size // self.pipeline} ranks of a pipeline stage"
             )
         if self.sequence_parallel and self.tensor == 1:
             raise ValueError("--sequence-parallel needs --tensor-model-parallel-size > 1")

@@ -71,7 +71,7 @@ class _Preemption:
         self.received = True
 
     def any_rank(self) -> bool:
-        flag = torch.tensor([1 if self.received else 0])
+        flag = torch.tensor([1 if self.received else 0], device=_device())
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
@@ -136,8 +136,13 @@ def _loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
     return loss, {"lm loss": loss.detach().clone()}
 
 
+def _device() -> torch.device:
+    """Where tensors for collectives and batches go: the GPU of this rank (the CPU in CPU mode)."""
+    return torch.device(torch.cuda.current_device())
+
+
 def _forward_step(data_iterator, model):
-    batch = next(data_iterator)
+    batch = {key: value.to(_device(), non_blocking=True) for key, value in next(data_iterator).items()}
     output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
     return output, lambda out: _loss_func(batch["loss_mask"], out)
 
@@ -168,7 +173,7 @@ def _all_finite(loss: Optional[torch.Tensor], model: torch.nn.Module) -> bool:
         grad = getattr(param, "main_grad", None)
         if grad is not None and not bad:
             bad = not bool(torch.isfinite(grad).all())
-    flag = torch.tensor([1 if bad else 0])
+    flag = torch.tensor([1 if bad else 0], device=_device())
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return flag.item() == 0
 
