@@ -6,6 +6,8 @@ Package layout (one folder per concern):
 - ``model``: BAMConfig, soft MoA attention, parallel block, layer specs, model builder
 - ``data``: SentencePiece tokenizer, preprocessing to indexed datasets, domain mixtures
 - ``training``: pretrain_bam.py's flags, loop, checkpoints and metrics
+- ``conversion``: branching a seed into experts, upcycling dense experts into an MoE
+- ``evaluation``: per-domain perplexity tables and routing analysis (``bam-eval``)
 - ``stats``: ``bam-stats``, parameter counts and FLOPs per token
 - ``testing``: the multi-rank test harness, rank launcher and shard helpers
 """
