@@ -9,6 +9,9 @@
 import pytest
 import torch
 
+from tests.data_fixtures import text_corpus  # noqa: F401  (session fixture: generated JSONL + tokenizer)
+from tests.training_fixtures import corpus  # noqa: F401  (session fixture: tokenizer + domain datasets)
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():

@@ -1,7 +1,7 @@
 """Shared fixtures for the data tests: a small generated corpus and a tiny tokenizer trained on it.
 
 A plain module (not conftest.py): tests import the fixtures they use, e.g.
-``from tests.data_fixtures import corpus  # noqa: F401``.
+the ``text_corpus`` fixture (registered in tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def write_jsonl(path: str | os.PathLike, records: list) -> str:
 
 
 @pytest.fixture(scope="session")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> Corpus:
+def text_corpus(tmp_path_factory: pytest.TempPathFactory) -> Corpus:
     """60 generated documents (~12 KB) plus ``TRICKY_TEXTS``, and a bpe tokenizer of 400 pieces on them."""
     root = tmp_path_factory.mktemp("corpus")
     texts = list(synthetic_documents(60, seed=7)) + TRICKY_TEXTS

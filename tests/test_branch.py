@@ -11,7 +11,6 @@ from bam_megatron.conversion.branch import main as branch_main
 from bam_megatron.training import checkpointing
 from bam_megatron.training.arguments import parse_args
 from tests.test_training import base_args, run
-from tests.training_fixtures import corpus  # noqa: F401  (fixture)
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,6 @@ from bam_megatron.testing.distributed import run_distributed
 from bam_megatron.testing.launch import launch
 from bam_megatron.training import checkpointing
 from tests.test_training import SCRIPT, base_args
-from tests.training_fixtures import corpus  # noqa: F401  (fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EVAL = os.path.join(ROOT, "tools", "eval.py")

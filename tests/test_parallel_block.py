@@ -1,7 +1,6 @@
 """The parallel attention + FFN block: its equation, its single fused TP reduction, and the
 per-layer router losses of the MoE FFN."""
 
-import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F

@@ -12,44 +12,44 @@ import pytest
 from bam_megatron.data.errors import DataError
 from bam_megatron.data.tokenizer import SPECIAL_IDS, load_tokenizer, padded_vocab_size
 from bam_megatron.data.train_tokenizer import main as train_main
-from tests.data_fixtures import TRICKY_TEXTS, VOCAB_SIZE, corpus, write_jsonl  # noqa: F401
+from tests.data_fixtures import TRICKY_TEXTS, VOCAB_SIZE, write_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_special_ids_are_the_documented_ones(corpus):
-    tok = load_tokenizer(corpus.model)
+def test_special_ids_are_the_documented_ones(text_corpus):
+    tok = load_tokenizer(text_corpus.model)
     assert SPECIAL_IDS == {"pad": 0, "unk": 1, "bos": 2, "eos": 3}
     assert (tok.pad, tok.unk, tok.bos, tok.eos, tok.eod) == (0, 1, 2, 3, 3)
     assert tok.vocab_size == VOCAB_SIZE
-    assert tok.path == corpus.model
+    assert tok.path == text_corpus.model
 
 
 @pytest.mark.parametrize("text", TRICKY_TEXTS + ["", "plain words of the corpus", "never seen: ǅ ʬ ₿ 🦜"])
-def test_round_trip_is_exact_and_never_unk(corpus, text):
-    tok = load_tokenizer(corpus.model)
+def test_round_trip_is_exact_and_never_unk(text_corpus, text):
+    tok = load_tokenizer(text_corpus.model)
     ids = tok.tokenize(text)
     assert all(isinstance(i, int) and 0 <= i < tok.vocab_size for i in ids)
     assert tok.unk not in ids  # byte fallback covers every character
     assert tok.detokenize(ids) == text
 
 
-def test_corpus_documents_round_trip_and_compress(corpus):
-    tok = load_tokenizer(corpus.model)
-    for text in corpus.texts:
+def test_corpus_documents_round_trip_and_compress(text_corpus):
+    tok = load_tokenizer(text_corpus.model)
+    for text in text_corpus.texts:
         ids = tok.tokenize(text)
         assert tok.detokenize(ids) == text
     # Learned merges, not bytes: clearly fewer tokens than UTF-8 bytes on the text it was trained on.
-    total_ids = sum(len(tok.tokenize(t)) for t in corpus.texts)
-    assert total_ids < 0.75 * sum(len(t.encode()) for t in corpus.texts)
+    total_ids = sum(len(tok.tokenize(t)) for t in text_corpus.texts)
+    assert total_ids < 0.75 * sum(len(t.encode()) for t in text_corpus.texts)
 
 
-def test_fingerprint_is_sha256_of_the_model_file(corpus, tmp_path):
-    tok = load_tokenizer(corpus.model)
-    with open(corpus.model, "rb") as f:
+def test_fingerprint_is_sha256_of_the_model_file(text_corpus, tmp_path):
+    tok = load_tokenizer(text_corpus.model)
+    with open(text_corpus.model, "rb") as f:
         assert tok.fingerprint == hashlib.sha256(f.read()).hexdigest()
     other = tmp_path / "other"
-    write_jsonl(tmp_path / "c.jsonl", [{"text": t} for t in corpus.texts[:30]])
+    write_jsonl(tmp_path / "c.jsonl", [{"text": t} for t in text_corpus.texts[:30]])
     assert train_main(["--input", str(tmp_path / "c.jsonl"), "--vocab-size", "350", "--output-prefix", str(other)]) == 0
     assert load_tokenizer(f"{other}.model").fingerprint != tok.fingerprint
 
@@ -93,13 +93,13 @@ def test_non_sentencepiece_file_names_the_path(tmp_path):
     assert str(path) in str(info.value) and "\n" not in str(info.value)
 
 
-def test_training_is_deterministic_and_reads_txt_and_jsonl(tmp_path, corpus):
+def test_training_is_deterministic_and_reads_txt_and_jsonl(tmp_path, text_corpus):
     txt = tmp_path / "extra.txt"
-    txt.write_text("\n".join(corpus.texts[:20]) + "\n", encoding="utf-8")
+    txt.write_text("\n".join(text_corpus.texts[:20]) + "\n", encoding="utf-8")
     models = []
     for run in ("a", "b"):
         prefix = tmp_path / run / "spm"
-        argv = ["--input", corpus.jsonl, str(txt), "--vocab-size", "380", "--output-prefix", str(prefix),
+        argv = ["--input", text_corpus.jsonl, str(txt), "--vocab-size", "380", "--output-prefix", str(prefix),
                 "--model-type", "unigram", "--input-sentence-size", "150", "--seed", "3"]  # fmt: skip
         assert train_main(argv) == 0
         assert sorted(os.listdir(prefix.parent)) == ["spm.model", "spm.vocab"]  # no temp dir left
@@ -123,11 +123,11 @@ def test_empty_corpus_fails_without_output(tmp_path):
     assert not (tmp_path / "out").exists() or os.listdir(tmp_path / "out") == []
 
 
-def test_failed_training_leaves_previous_model_untouched(tmp_path, corpus, capsys):
+def test_failed_training_leaves_previous_model_untouched(tmp_path, text_corpus, capsys):
     prefix = tmp_path / "spm"
     (tmp_path / "spm.model").write_bytes(b"previous model")
-    # The corpus cannot support 100000 pieces: SentencePiece fails after the temporary dir was made.
-    code = train_main(["--input", corpus.jsonl, "--vocab-size", "100000", "--output-prefix", str(prefix)])
+    # The text_corpus cannot support 100000 pieces: SentencePiece fails after the temporary dir was made.
+    code = train_main(["--input", text_corpus.jsonl, "--vocab-size", "100000", "--output-prefix", str(prefix)])
     assert code == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: --vocab-size 100000") and "Please set it to a value <=" in err

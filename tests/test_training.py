@@ -20,7 +20,6 @@ from bam_megatron.platform.distributed import ParallelSizes
 from bam_megatron.testing.distributed import run_distributed
 from bam_megatron.testing.launch import launch
 from bam_megatron.training import checkpointing
-from tests.training_fixtures import corpus  # noqa: F401  (fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "pretrain_bam.py")

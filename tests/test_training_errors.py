@@ -10,7 +10,6 @@ import sys
 import pytest
 
 from tests.test_training import SCRIPT, base_args, run
-from tests.training_fixtures import corpus  # noqa: F401  (fixture)
 
 
 def single_error_line(output: str) -> str:

@@ -16,7 +16,6 @@ from bam_megatron.platform.distributed import ParallelSizes
 from bam_megatron.testing.distributed import run_distributed
 from bam_megatron.training import checkpointing
 from tests.test_training import base_args, logits_from_checkpoint, run
-from tests.training_fixtures import corpus  # noqa: F401  (fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

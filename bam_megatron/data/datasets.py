@@ -12,7 +12,7 @@ import math
 import json
 import os
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from megatron.core.datasets.blended_dataset import BlendedDataset
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
@@ -152,6 +152,23 @@ def build_datasets(
         raise DataError(f"--split {split} leaves no training or no validation data")
     parts = valid.datasets if isinstance(valid, BlendedDataset) else [valid]
     return train, {d.name: part for d, part in zip(domains, parts)}
+
+
+def validation_sets(domains: Sequence[Domain], split: str, seq_length: int, seed: int, tokens: Any,
+                    cache: Optional[str]) -> dict[str, GPTDataset]:  # fmt: skip
+    """{domain name: one epoch of its validation split}; every rank builds (reads) them."""
+    datasets = {}
+    for domain in domains:
+        config = _config(seq_length, seed, split, tokens, cache, ([domain.prefix], None))
+        config.split_matrix = [None, config.split_matrix[1], None]  # neither train nor test is needed
+        _check_splits_have_documents([domain], config.split_matrix, split)
+        with atomic_index_caches():
+            _, valid, _ = BlendedMegatronDatasetBuilder(GPTDataset, [None, None, None], lambda: True, config).build()
+        if valid is None or len(valid) == 0:
+            raise DataError(f"domain {domain.name}: --split {split} leaves no validation samples of "
+                            f"--seq-length {seq_length}")  # fmt: skip
+        datasets[domain.name] = valid
+    return datasets
 
 
 def build_mock_datasets(seq_length: int, seed: int, train_samples: int, valid_samples: int, tokens):

@@ -129,7 +129,8 @@ def evaluate(plan: Plan, args: argparse.Namespace, sizes) -> dict[str, Any]:
     from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
 
     from bam_megatron.evaluation.checkpoints import load_model
-    from bam_megatron.evaluation.data import eval_batches, validation_sets
+    from bam_megatron.data.datasets import validation_sets
+    from bam_megatron.evaluation.data import eval_batches
     from bam_megatron.evaluation.perplexity import token_losses
     from bam_megatron.evaluation.routing import RoutingCollector
 

@@ -9,35 +9,12 @@ samples here are the first N samples of the validation data training reported on
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import numpy
 import torch
-from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-from megatron.core.datasets.gpt_dataset import GPTDataset
-
-from bam_megatron.data.atomic_cache import atomic_index_caches
-from bam_megatron.data.datasets import Domain, _check_splits_have_documents, _config
-from bam_megatron.data.errors import DataError
 
 BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
-
-
-def validation_sets(domains: Sequence[Domain], split: str, seq_length: int, seed: int, tokens: Any,
-                    cache: Optional[str]) -> dict[str, GPTDataset]:  # fmt: skip
-    """{domain name: one epoch of its validation split}; every rank builds (reads) them."""
-    datasets = {}
-    for domain in domains:
-        config = _config(seq_length, seed, split, tokens, cache, ([domain.prefix], None))
-        config.split_matrix = [None, config.split_matrix[1], None]  # neither train nor test is needed
-        _check_splits_have_documents([domain], config.split_matrix, split)
-        with atomic_index_caches():
-            _, valid, _ = BlendedMegatronDatasetBuilder(GPTDataset, [None, None, None], lambda: True, config).build()
-        if valid is None or len(valid) == 0:
-            raise DataError(f"domain {domain.name}: --split {split} leaves no validation samples of "
-                            f"--seq-length {seq_length}")  # fmt: skip
-        datasets[domain.name] = valid
-    return datasets
 
 
 def eval_batches(dataset: Any, num_samples: int, micro_batch_size: int, dp_rank: int, dp_size: int,
