@@ -1,5 +1,5 @@
 # Two commands do all the set-up on a fresh machine:
-#   make demo   # the tiny CPU demo
+#   make demo   # the whole BAM method on tiny models, on CPU (about 10 minutes)
 #   make test   # the test suite (what CI runs)
 PYTHON ?= python3
 VENV ?= .venv
@@ -17,7 +17,7 @@ $(STAMP): setup.py
 	touch $@
 
 demo: $(STAMP)
-	$(VENV)/bin/torchrun --standalone --nproc-per-node 2 examples/demo_cpu.py
+	$(PY) examples/bam_demo.py
 
 test: $(STAMP)
 	$(PY) -m pytest tests
