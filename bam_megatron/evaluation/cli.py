@@ -26,6 +26,7 @@ import torch.distributed as dist
 from bam_megatron.data.datasets import Domain, TokenIds, parse_data_path
 from bam_megatron.data.tokenizer import load_tokenizer
 from bam_megatron.evaluation import report
+from bam_megatron.platform.atomic import write_atomically
 from bam_megatron.evaluation.checkpoints import EvalModel, check_same_tokenizer, find_models, parse_model_flag
 from bam_megatron.training.checkpointing import CheckpointError
 
@@ -229,7 +230,7 @@ def _run(args: argparse.Namespace) -> int:
     print(files["perplexity.md"].decode().split("\n\n", 2)[2], end="", flush=True)
     os.makedirs(args.output_dir, exist_ok=True)
     for name, content in files.items():
-        report.write_bytes_atomic(os.path.join(args.output_dir, name), content)
+        write_atomically(os.path.join(args.output_dir, name), content)
     print(f"wrote {', '.join(os.path.join(args.output_dir, n) for n in files if n.endswith(('.md', '.json')))}")
     figures = [os.path.join(args.output_dir, n) for n in files if n.endswith(".png")]
     if figures:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from typing import Any, Mapping, Sequence
 
 KIND_TITLES = {
@@ -30,19 +29,6 @@ def perplexity_table(domains: Sequence[str], perplexities: Mapping[str, Mapping[
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
-
-def write_bytes_atomic(path: str, data: bytes) -> None:
-    """Write ``path`` under a temporary name, then rename it into place."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_text_atomic(path: str, text: str) -> None:
-    write_bytes_atomic(path, text.encode("utf-8"))
 
 
 def json_text(data: Any) -> str:

@@ -32,6 +32,7 @@ from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
+from bam_megatron.platform.atomic import write_atomically
 from bam_megatron.training import faults
 
 LATEST = "latest_checkpointed_iteration.txt"
@@ -76,20 +77,6 @@ def checkpoint_hash(path: str) -> str:
         with open(os.path.join(path, name), "rb") as f:
             digest.update(f.read())
     return digest.hexdigest()[:16]
-
-
-def _write_atomically(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    directory = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -160,7 +147,7 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, meta
     if dist.get_rank() == 0:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        _write_atomically(os.path.join(root, LATEST), str(iteration))
+        write_atomically(os.path.join(root, LATEST), str(iteration))
     dist.barrier()
     return final
 
