@@ -12,8 +12,9 @@ Methods:
 - ``btx``: attention averaged, FFN experts copied (Branch-Train-MiX).
 - ``sparse``: one source copied into every FFN expert (sparse upcycling); ``--num-experts``.
 
-Sources are read one at a time through megatron-core's dist_checkpointing (any TP/PP they were
-saved with), so memory holds the MoE being built plus one source. The output is a checkpoint
+The MoE is built and written layer by layer (``bam_megatron.conversion.layerwise``): each
+source's layer is read through megatron-core's dist_checkpointing (any TP/PP it was saved
+with), so memory holds one layer of the MoE and of a source, never a whole model. The output is a checkpoint
 that ``pretrain_bam.py --pretrained-checkpoint`` loads under the target TP/EP/PP; it is written
 under a temporary name with a manifest (sources, their steps and hashes, method, router seed) and
 renamed when complete, so a failed upcycle leaves nothing behind.
@@ -28,14 +29,18 @@ import resource
 import shutil
 import sys
 import time
+import zlib
 from dataclasses import dataclass
 from typing import Optional, Sequence
+
+import torch
 
 METHODS = ("bam", "bam-shared-kv", "btx", "sparse")
 # Source flags that must agree: they define the dense architecture every source shares.
 # (The padded vocabulary may differ: it depends on the TP size a source was trained with.)
 ARCHITECTURE = ("variant", "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
-                "num_query_groups", "block_type", "untie_embeddings_and_output_weights", "seq_length")  # fmt: skip
+                "num_query_groups", "block_type", "untie_embeddings_and_output_weights", "seq_length",
+                "normalization", "rotary_base")  # fmt: skip
 
 
 class UpcycleError(ValueError):
@@ -142,13 +147,18 @@ def _layout_args(args: dict) -> argparse.Namespace:
     return ns
 
 
-def _config_without_init(args: argparse.Namespace):
-    """The model config for ``args``, skipping random initialisation: every weight is overwritten."""
+def _meta_model(args: argparse.Namespace):
+    """The one-rank model ``args`` describe, on the meta device: shapes only, no memory."""
+    from bam_megatron.conversion.layerwise import meta_model
+    from bam_megatron.model.builder import build_model
     from bam_megatron.training.loop import model_config
 
     config = model_config(args)
-    config.perform_initialization = False
-    return config
+    config.perform_initialization = False  # every weight is written by the upcycler
+    config.use_cpu_initialization = True  # let the meta device context decide where tensors live
+    build = lambda: build_model(config, args.padded_vocab_size, args.seq_length,  # noqa: E731
+                                untie_embeddings=args.untie_embeddings_and_output_weights)  # fmt: skip
+    return meta_model(build), config
 
 
 def target_args(sources: Sequence[Source], args: argparse.Namespace, experts: int) -> dict:
@@ -167,14 +177,93 @@ def target_args(sources: Sequence[Source], args: argparse.Namespace, experts: in
     return out
 
 
-def upcycle(args: argparse.Namespace) -> dict:
-    """Build and save the MoE; return the manifest. Runs on one process (gloo, CPU)."""
-    import torch
+def _router_init(name: str, shape: torch.Size, seed: int, std: float) -> "torch.Tensor":
+    """A new router's weight: N(0, std), seeded per parameter so it does not depend on write order."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    return torch.randn(shape, generator=generator) * std
 
-    from bam_megatron.model.builder import build_model
-    from bam_megatron.model.qkv_layout import soft_moa_attention_weights, split_qkv
+
+def _running_mean(target: "torch.Tensor", weight: "torch.Tensor", seen: "torch.Tensor") -> None:
+    """Fold ``weight`` into the mean held in ``target``; ``seen`` counts sources per row.
+
+    Rows beyond a source's vocabulary (it padded less) are left to the sources that have them;
+    rows no source has stay zero, as no token id reaches them. Exact for identical sources.
+    """
+    rows = weight.shape[0]
+    seen[:rows] += 1
+    target[:rows] += (weight - target[:rows]) / seen[:rows].view(-1, *([1] * (weight.dim() - 1)))
+
+
+class _Mixer:
+    """Fills one unit (TOP or a layer) of the MoE from the same unit of every source."""
+
+    def __init__(self, args: argparse.Namespace, sources: Sequence[Source], experts: int, config):
+        self.args, self.sources, self.experts, self.config = args, sources, experts, config
+        self.source_models = [_meta_model(_layout_args(s.meta["args"]))[0] for s in sources]
+        self.moa = args.method in ("bam", "bam-shared-kv")
+
+    def __call__(self, unit: int, params: dict) -> None:
+        from bam_megatron.conversion.layerwise import TOP, read_unit
+
+        label = "embeddings and output layer" if unit == TOP else f"layer {unit + 1}/{self.config.num_layers}"
+        print(f"upcycling {label}", flush=True)
+        written: set[str] = set()
+        seen: dict[str, torch.Tensor] = {}
+        attention: dict[str, list] = {"linear_qkv": [], "linear_proj": []}
+        for index, (source, model) in enumerate(zip(self.sources, self.source_models)):
+            for name, weight in read_unit(model, unit, source.path).items():
+                if ".mlp.linear_fc" in name:  # FFN: one expert per source (every expert: sparse)
+                    layer_prefix, fc = name.split(".mlp.")
+                    for e in range(self.experts) if self.args.method == "sparse" else [index]:
+                        target = f"{layer_prefix}.mlp.experts.local_experts.{e}.{fc}"
+                        params[target].copy_(weight)
+                        written.add(target)
+                elif self.moa and ".self_attention.linear_" in name:
+                    attention[name.split(".")[-2]].append(weight)
+                else:  # norms, embedding, output layer, (btx) attention: averaged
+                    if name not in seen:
+                        params[name].zero_()
+                        seen[name] = torch.zeros(params[name].shape[0], dtype=torch.int64)
+                    _running_mean(params[name], weight, seen[name])
+                    written.add(name)
+        if attention["linear_qkv"]:
+            self._mix_attention(unit, params, attention, written)
+        for name, param in params.items():  # new routers: small random init, no bias
+            if name.endswith("router.weight"):
+                param.copy_(_router_init(name, param.shape, self.args.seed, self.args.router_init_std))
+                written.add(name)
+        missing = sorted(set(params) - written)
+        if missing:  # uninitialised memory must never reach the checkpoint
+            raise RuntimeError(f"upcycling left {', '.join(missing)} unset")
+
+    def _mix_attention(self, layer: int, params: dict, attention: dict, written: set) -> None:
+        from bam_megatron.model.qkv_layout import soft_moa_attention_weights, split_qkv
+
+        shared = None
+        if self.args.method == "bam-shared-kv" and self.args.shared_kv_init != "average":
+            chosen = [s.name for s in self.sources].index(self.args.shared_kv_init)
+            _, k, v = split_qkv(attention["linear_qkv"][chosen], self.config.num_attention_heads,
+                                self.config.num_query_groups)  # fmt: skip
+            shared = (k, v)
+        qkv, proj = soft_moa_attention_weights(attention["linear_qkv"], attention["linear_proj"], self.config, shared)
+        prefix = f"decoder.layers.{layer}.self_attention"
+        params[f"{prefix}.linear_qkv.weight"].copy_(qkv)
+        params[f"{prefix}.linear_proj.weight"].copy_(proj)
+        written.update({f"{prefix}.linear_qkv.weight", f"{prefix}.linear_proj.weight"})
+
+
+def upcycle(args: argparse.Namespace) -> dict:
+    """Build and save the MoE layer by layer; return the manifest. Runs on one process (gloo, CPU).
+
+    The MoE is a meta-device model; ``StreamingSaveStrategy`` materialises one unit at a time
+    (embeddings, then each layer), ``_Mixer`` fills it from that unit of every source, and the
+    checkpoint writer streams it to disk. Memory: one unit of the MoE plus one unit of a source
+    (all sources' attention of one layer for soft MoA), whatever the depth.
+    """
+    from bam_megatron.conversion.layerwise import StreamingSaveStrategy
     from bam_megatron.platform.distributed import ParallelSizes, initialize
     from bam_megatron.training import checkpointing
+
     start = time.time()
     sources = read_sources(args.expert)
     experts = validate(sources, args)
@@ -183,55 +272,8 @@ def upcycle(args: argparse.Namespace) -> dict:
     initialize(ParallelSizes(), seed=args.seed)
 
     out_args = target_args(sources, args, experts)
-    config = _config_without_init(_layout_args(out_args))
-    target = build_model(config, out_args["padded_vocab_size"], out_args["seq_length"],
-                         untie_embeddings=out_args["untie_embeddings_and_output_weights"])  # fmt: skip
-    params = dict(target.named_parameters())
-    sums: dict[str, torch.Tensor] = {}
-    attention: dict[int, dict[str, list]] = {}
-    heads, groups = config.num_attention_heads, config.num_query_groups
-    moa = args.method in ("bam", "bam-shared-kv")
-
-    with torch.no_grad():
-        for index, source in enumerate(sources):
-            print(f"reading source {source.name} ({source.path})", flush=True)
-            dense_args = _layout_args(source.meta["args"])
-            dense = build_model(_config_without_init(dense_args), dense_args.padded_vocab_size, dense_args.seq_length,
-                                untie_embeddings=dense_args.untie_embeddings_and_output_weights)  # fmt: skip
-            checkpointing.load_checkpoint(source.path, dense, load_rng=False)
-            for name, weight in dense.named_parameters():
-                parts = name.split(".")
-                if ".mlp.linear_fc" in name:  # FFN: one expert per source (every expert: sparse)
-                    layer_prefix, fc = name.split(".mlp.")
-                    for e in (range(experts) if args.method == "sparse" else [index]):
-                        params[f"{layer_prefix}.mlp.experts.local_experts.{e}.{fc}"].copy_(weight)
-                elif moa and ".self_attention.linear_" in name:
-                    layer = int(parts[2])
-                    slot = attention.setdefault(layer, {"linear_qkv": [], "linear_proj": []})
-                    slot[parts[-2]].append(weight.clone())
-                else:  # norms, embedding, output layer, (btx) attention: averaged
-                    total, count = sums.setdefault(name, (torch.zeros(params[name].shape, dtype=torch.float64),
-                                                          torch.zeros(params[name].shape[:1], dtype=torch.float64)))  # fmt: skip
-                    total[: weight.shape[0]] += weight.double()  # vocab rows: a source may pad less
-                    count[: weight.shape[0]] += 1
-            del dense
-        for name, (total, count) in sums.items():
-            # Rows no source has (extra vocabulary padding) stay zero: no token id reaches them.
-            mean = total / count.clamp(min=1).view(-1, *([1] * (total.dim() - 1)))
-            params[name].copy_(mean.to(params[name].dtype))
-        for layer, slot in attention.items():
-            shared = None
-            if args.method == "bam-shared-kv" and args.shared_kv_init != "average":
-                chosen = [s.name for s in sources].index(args.shared_kv_init)
-                _, k, v = split_qkv(slot["linear_qkv"][chosen], heads, groups)
-                shared = (k, v)
-            qkv, proj = soft_moa_attention_weights(slot["linear_qkv"], slot["linear_proj"], config, shared)
-            params[f"decoder.layers.{layer}.self_attention.linear_qkv.weight"].copy_(qkv)
-            params[f"decoder.layers.{layer}.self_attention.linear_proj.weight"].copy_(proj)
-        generator = torch.Generator().manual_seed(args.seed)
-        for name, param in params.items():  # new routers: small random init, no bias
-            if name.endswith("router.weight"):
-                param.copy_(torch.randn(param.shape, generator=generator) * args.router_init_std)
+    target, config = _meta_model(_layout_args(out_args))
+    strategy = StreamingSaveStrategy(target, _Mixer(args, sources, experts, config))
 
     manifest = {
         "method": args.method, "experts": experts, "router_init_seed": args.seed,
@@ -249,7 +291,7 @@ def upcycle(args: argparse.Namespace) -> dict:
     tmp = args.save.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        checkpointing.save_checkpoint(tmp, 0, target, None, None, meta)
+        checkpointing.save_checkpoint(tmp, 0, target, None, None, meta, sharded_strategy=strategy)
         manifest["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
         manifest["seconds"] = round(time.time() - start, 2)
         with open(os.path.join(tmp, "upcycle_manifest.json"), "w") as f:

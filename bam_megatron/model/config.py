@@ -33,6 +33,9 @@ class BAMConfig(TransformerConfig):
     block_type: str = "parallel"
     """'parallel': y = x + Attn(Norm(x)) + FFN(Norm(x)). 'sequential': the pre-norm block."""
 
+    rotary_base: float = 10000.0
+    """RoPE base (Hugging Face's ``rope_theta``); read by the GPTModel builder."""
+
     fuse_tp_reduction: bool = True
     """Parallel block with a dense FFN: sum attention and FFN partial outputs before a single
     tensor-parallel reduction (one all-reduce or reduce-scatter per layer instead of two)."""

@@ -58,6 +58,7 @@ def gpt_model(
         post_process=parallel_state.is_pipeline_last_stage() if post_process is None else post_process,
         share_embeddings_and_output_weights=not untie_embeddings,
         position_embedding_type="rope",
+        rotary_base=getattr(config, "rotary_base", 10000.0),
     )
 
 

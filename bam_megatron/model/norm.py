@@ -14,7 +14,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 
 class TorchNorm:
-    """Build ``torch.nn.LayerNorm`` or ``torch.nn.RMSNorm`` from a TransformerConfig (spec-compatible)."""
+    """Build ``torch.nn.LayerNorm`` (no bias) or ``torch.nn.RMSNorm`` from a TransformerConfig (spec-compatible)."""
 
     def __new__(
         cls,
@@ -32,7 +32,9 @@ class TorchNorm:
             raise ValueError(
                 f"normalization={config.normalization!r}: TorchNorm supports {sorted(kinds)}"
             )
-        norm = kinds[config.normalization](hidden_size, eps=eps)
+        # LayerNorm without bias (as Cohere's): the two norms then have the same parameters.
+        extra = {"bias": False} if config.normalization == "LayerNorm" else {}
+        norm = kinds[config.normalization](hidden_size, eps=eps, **extra)
         for param in norm.parameters():
             param.sequence_parallel = config.sequence_parallel
         return norm

@@ -67,6 +67,11 @@ def _modules(backend: str) -> dict:
                 core_attention=SDPAttention, provider=LocalSpecProvider())  # fmt: skip
 
 
+def _norm(config: BAMConfig, backend: str) -> type:
+    # Transformer Engine's LayerNorm always has a bias; ours has none (one checkpoint format for both backends).
+    return TorchNorm if config.normalization == "LayerNorm" else _modules(backend)["norm"]
+
+
 def get_bam_layer_spec(config: BAMConfig, backend: str = "auto") -> ModuleSpec:
     """The transformer layer described by ``config``.
 
@@ -77,6 +82,7 @@ def get_bam_layer_spec(config: BAMConfig, backend: str = "auto") -> ModuleSpec:
       these output GEMMs are plain PyTorch on either backend).
     """
     m = _modules(resolve_backend(backend))
+    norm = _norm(config, resolve_backend(backend))
     parallel = config.block_type == "parallel"
     dense_ffn = config.num_moe_experts is None
     fused = parallel and dense_ffn and config.fuse_tp_reduction
@@ -108,10 +114,10 @@ def get_bam_layer_spec(config: BAMConfig, backend: str = "auto") -> ModuleSpec:
     return ModuleSpec(
         module=ParallelTransformerLayer if parallel else TransformerLayer,
         submodules=TransformerLayerSubmodules(
-            input_layernorm=m["norm"],
+            input_layernorm=norm,
             self_attention=attention,
             self_attn_bda=get_bias_dropout_add,
-            pre_mlp_layernorm=IdentityOp if parallel else m["norm"],
+            pre_mlp_layernorm=IdentityOp if parallel else norm,
             mlp=ffn,
             mlp_bda=get_bias_dropout_add,
         ),
@@ -121,4 +127,4 @@ def get_bam_layer_spec(config: BAMConfig, backend: str = "auto") -> ModuleSpec:
 def get_bam_block_spec(config: BAMConfig, backend: str = "auto") -> ModuleSpec:
     """This pipeline stage's layers plus the final norm."""
     backend = resolve_backend(backend)
-    return block_spec(config, get_bam_layer_spec(config, backend), final_norm=_modules(backend)["norm"])
+    return block_spec(config, get_bam_layer_spec(config, backend), final_norm=_norm(config, backend))

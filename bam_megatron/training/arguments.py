@@ -31,6 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--moe-z-loss-coeff", type=float, default=1e-3, help="router z-loss")
     g.add_argument("--attention-router-topk", type=int, default=None, help="top-k MoA ablation (default: soft)")
     g.add_argument("--block-type", choices=("parallel", "sequential"), default="parallel")
+    g.add_argument("--normalization", choices=("RMSNorm", "LayerNorm"), default="RMSNorm",
+                   help="the block's pre-norm and the final norm; LayerNorm has no bias (Cohere's: "
+                   "what bam-convert-hf exports to and imports from CohereForCausalLM)")
+    g.add_argument("--rotary-base", type=float, default=10000.0, help="RoPE base (Hugging Face: rope_theta)")
     g.add_argument("--seq-length", type=int, default=256)
     g.add_argument("--untie-embeddings-and-output-weights", action="store_true", default=None,
                    help="default: as the preset says (untied if no preset)")

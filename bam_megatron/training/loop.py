@@ -43,7 +43,9 @@ EXIT_TOO_MANY_NAN = 4
 # Flags that define the architecture: a checkpoint must agree with the current flags on these.
 ARCHITECTURE = ("variant", "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
                 "num_query_groups", "num_experts", "block_type", "padded_vocab_size",
-                "untie_embeddings_and_output_weights")  # fmt: skip
+                "untie_embeddings_and_output_weights", "normalization", "rotary_base")  # fmt: skip
+# What a checkpoint saved before a flag existed was built with.
+ARCHITECTURE_DEFAULTS = {"normalization": "RMSNorm", "rotary_base": 10000.0}
 
 
 @dataclass
@@ -96,6 +98,8 @@ def model_config(args):
         num_layers=args.num_layers, hidden_size=args.hidden_size, ffn_hidden_size=args.ffn_hidden_size,
         num_attention_heads=args.num_attention_heads, num_query_groups=args.num_query_groups,
         block_type=args.block_type, hidden_dropout=args.hidden_dropout, attention_dropout=args.attention_dropout,
+        normalization=getattr(args, "normalization", ARCHITECTURE_DEFAULTS["normalization"]),
+        rotary_base=getattr(args, "rotary_base", ARCHITECTURE_DEFAULTS["rotary_base"]),
         init_method_std=args.init_method_std,
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
@@ -321,7 +325,7 @@ class Trainer:
     def _check_compatible(self, path: str, meta: dict[str, Any]) -> None:
         saved = meta["args"]
         for key in ARCHITECTURE:
-            if saved.get(key) != getattr(self.args, key):
+            if saved.get(key, ARCHITECTURE_DEFAULTS.get(key)) != getattr(self.args, key):
                 raise checkpointing.CheckpointError(
                     f"checkpoint {path} was saved with --{key.replace('_', '-')} {saved.get(key)}, "
                     f"but this run has {getattr(self.args, key)}"
