@@ -36,8 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "what bam-convert-hf exports to and imports from CohereForCausalLM)")
     g.add_argument("--rotary-base", type=float, default=10000.0, help="RoPE base (Hugging Face: rope_theta)")
     g.add_argument("--seq-length", type=int, default=256)
-    g.add_argument("--untie-embeddings-and-output-weights", action="store_true", default=None,
-                   help="default: as the preset says (untied if no preset)")
+    g.add_argument("--untie-embeddings-and-output-weights", action=argparse.BooleanOptionalAction, default=None,
+                   help="default: as the preset says (untied if no preset); --no-... ties them")
     g.add_argument("--hidden-dropout", type=float, default=0.0)
     g.add_argument("--attention-dropout", type=float, default=0.0)
     g.add_argument("--init-method-std", type=float, default=0.02)
