@@ -61,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tokenizer-model", default=None, help="SentencePiece model (tools/train_tokenizer.py)")
     g.add_argument("--mock-data", action="store_true", help="random tokens, no files (smoke tests)")
     g.add_argument("--data-cache-path", default=None, help="where dataset index caches go (default: next to the data)")
+    g.add_argument("--instruct-data-path", default=None,
+                   help="instruction tuning instead of --data-path: JSONL of prompt/response pairs, loss on the "
+                   "response tokens only, padded to --seq-length (docs/peft.md)")
+    g.add_argument("--instruct-valid-path", default=None, help="held-out JSONL pairs for the validation loss")
+    g.add_argument("--instruct-prompt-key", default="prompt", help="JSON key of the prompt")
+    g.add_argument("--instruct-response-key", default="response", help="JSON key of the response")
 
     g = p.add_argument_group("training")
     g.add_argument("--micro-batch-size", type=int, default=4)
@@ -79,6 +85,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="freeze parameters whose name matches any REGEX")
     g.add_argument("--train-only-parameters", nargs="+", default=[], metavar="REGEX",
                    help="freeze everything except parameters matching a REGEX (e.g. 'router')")
+
+    g = p.add_argument_group("PEFT", "parameter-efficient MoE fine-tuning (docs/peft.md): freeze the base model, "
+                             "train adapters and their routers only, save adapter-only checkpoints")
+    g.add_argument("--peft", choices=("mov", "molora"), default=None,
+                   help="mov: mixture of (IA)3 vectors on K, V and the FFN activation; molora: mixture of LoRA "
+                   "adapters on Q/K/V, O and both FFN projections")
+    g.add_argument("--peft-num-experts", type=int, default=10, help="adapter experts per adapted module (1: plain (IA)3 / LoRA)")
+    g.add_argument("--lora-rank", type=int, default=4, help="MoLoRA rank r")
+    g.add_argument("--lora-alpha", type=float, default=16.0, help="MoLoRA scaling: updates are scaled by alpha / r")
 
     g = p.add_argument_group("optimizer and schedule")
     g.add_argument("--optimizer", choices=("adam", "sgd"), default="adam", help="adam is AdamW (decoupled wd)")
@@ -130,10 +145,14 @@ def validate(args: argparse.Namespace) -> None:
     """Checks that need no process group (the rest happen once the world size is known)."""
     if (args.train_iters is None) == (args.train_samples is None):
         raise ValueError("give exactly one of --train-iters and --train-samples")
-    if args.data_path is None and not args.mock_data:
-        raise ValueError("--data-path is required (or --mock-data)")
+    if args.data_path is None and not args.mock_data and args.instruct_data_path is None:
+        raise ValueError("--data-path is required (or --mock-data, or --instruct-data-path)")
     if args.data_path is not None and args.tokenizer_model is None:
         raise ValueError("--data-path needs --tokenizer-model")
+    if args.instruct_data_path is not None and (args.tokenizer_model is None or args.data_path or args.mock_data):
+        raise ValueError("--instruct-data-path needs --tokenizer-model and replaces --data-path / --mock-data")
+    if args.peft and (args.freeze_parameters or args.train_only_parameters):
+        raise ValueError("--peft freezes the base model itself: drop --freeze-parameters/--train-only-parameters")
     if args.mock_data and args.tokenizer_model is None and args.vocab_size is None:
         raise ValueError("--mock-data needs --vocab-size or --tokenizer-model")
     if args.preset is None:

@@ -216,8 +216,7 @@ class Trainer:
         self.config = model_config(args)
         self._build_data(dp)
 
-        model = build_model(self.config, args.padded_vocab_size, args.seq_length,
-                            untie_embeddings=args.untie_embeddings_and_output_weights)  # fmt: skip
+        model = self._build_model()
         if args.bf16:
             from megatron.core.transformer.module import Float16Module
 
@@ -253,6 +252,11 @@ class Trainer:
         self.flops_per_token = training_flops_per_token(self.config, args.seq_length)
 
     # ---------------------------------------------------------------------------------------
+    def _build_model(self) -> torch.nn.Module:
+        """This rank's model, before bf16 wrapping and freezing (PeftTrainer adds adapters here)."""
+        return build_model(self.config, self.args.padded_vocab_size, self.args.seq_length,
+                           untie_embeddings=self.args.untie_embeddings_and_output_weights)  # fmt: skip
+
     def _build_data(self, dp: int) -> None:
         args = self.args
         train_samples = args.train_iters * args.global_batch_size
@@ -264,6 +268,15 @@ class Trainer:
             self.train_ds, self.valid_ds = build_mock_datasets(args.seq_length, args.seed, train_samples,
                                                                valid_samples, tokens)  # fmt: skip
             self.data_fingerprint = f"mock:{args.seq_length}:{args.seed}"
+        elif args.instruct_data_path:  # prompt/response pairs, loss on the response (docs/peft.md)
+            from bam_megatron.data.instruct import build_instruct_datasets
+
+            self.domains = []
+            self.train_ds, self.valid_ds, self.data_fingerprint, summary = build_instruct_datasets(
+                args.instruct_data_path, args.instruct_valid_path, tok, args.seq_length, args.seed, train_samples,
+                args.instruct_prompt_key, args.instruct_response_key,
+            )  # fmt: skip
+            _say(summary)
         else:
             self.domains = parse_data_path(args.data_path)
             self.train_ds, self.valid_ds = build_datasets(
@@ -476,6 +489,15 @@ class Trainer:
         p.router_loss_sums = {}
 
 
+def make_trainer(args) -> Trainer:
+    """The Trainer for the flags: with --peft, bam_megatron.peft's PeftTrainer."""
+    if args.peft:
+        from bam_megatron.peft.trainer import PeftTrainer
+
+        return PeftTrainer(args)
+    return Trainer(args)
+
+
 def main(argv=None) -> int:
     """Entry point: parse flags, train, return the exit code (2 for bad input)."""
     import bam_megatron  # noqa: F401  (quiet megatron-core's import-time warnings)
@@ -484,7 +506,7 @@ def main(argv=None) -> int:
 
     args = parse_args(argv)
     try:
-        trainer = Trainer(args)
+        trainer = make_trainer(args)
     except (DataError, checkpointing.CheckpointError, ValueError) as error:
         if not dist.is_initialized() or dist.get_rank() == 0:
             print(f"pretrain_bam.py: error: {error}", file=sys.stderr, flush=True)

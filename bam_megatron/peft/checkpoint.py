@@ -1,0 +1,123 @@
+"""Adapter-only checkpoints, loadable on top of the base checkpoint they were trained from.
+
+An adapter checkpoint is an ordinary bam-megatron checkpoint directory (``SAVE/iter_N``, written
+by `bam_megatron.training.checkpointing` through dist_checkpointing, published atomically) whose
+model part holds only the adapter and router tensors, with their tensor-parallel sharding
+declared, so it reshards across TP/PP/EP like any checkpoint. It also holds the optimizer state of
+those tensors, the scheduler, RNG states and the meta, whose ``peft`` entry records the method and
+sizes, and the base checkpoint (path and `checkpoint_hash`) the adapters were trained on.
+
+Loading is two steps: the frozen base from its checkpoint (every tensor but the adapters), then the
+adapters (and, to resume, their optimizer state) from theirs. Both go through `ModelView`, which
+shows dist_checkpointing only one part of the model.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+
+from bam_megatron.peft.apply import is_adapter_name
+from bam_megatron.training import checkpointing
+from bam_megatron.training.checkpointing import CheckpointError
+
+
+class ModelView:
+    """The part of a model whose state-dict keys satisfy ``select``, as checkpointing sees it:
+    ``sharded_state_dict()`` lists only those tensors, and ``load_state_dict`` loads exactly them
+    (and fails if any of them is missing)."""
+
+    def __init__(self, model: torch.nn.Module, select: Callable[[str], bool]) -> None:
+        self.model, self.select = model, select
+
+    def sharded_state_dict(self, *args: Any, **kwargs: Any) -> dict:
+        """The model's sharded state dict restricted to the selected keys."""
+        full = self.model.sharded_state_dict(*args, **kwargs)
+        return {key: value for key, value in full.items() if self.select(key)}
+
+    def load_state_dict(self, state_dict: dict, strict: bool = True):
+        """Load the selected tensors; any other tensor of the model is left as it is."""
+        result = self.model.load_state_dict(state_dict, strict=False)
+        missing = [k for k in result.missing_keys if self.select(k) and not k.endswith("_extra_state")]
+        if result.unexpected_keys or missing:
+            raise CheckpointError(f"checkpoint does not match the model: missing {missing[:5]}, "
+                                  f"unexpected {result.unexpected_keys[:5]}")  # fmt: skip
+        return result
+
+
+def adapters_of(model: torch.nn.Module) -> ModelView:
+    """The adapters and routers of ``model``."""
+    return ModelView(model, is_adapter_name)
+
+
+def base_of(model: torch.nn.Module) -> ModelView:
+    """Everything of ``model`` but its adapters."""
+    return ModelView(model, lambda key: not is_adapter_name(key))
+
+
+@dataclass
+class Checkpoints:
+    """Where a PEFT run's weights come from: the base (weights only) and the adapters (or None)."""
+
+    base: Optional[str] = None
+    base_meta: Optional[dict] = None
+    adapters: Optional[str] = None
+    adapters_meta: Optional[dict] = None
+
+
+def find_checkpoints(load: Optional[str], pretrained: Optional[str]) -> Checkpoints:
+    """Resolve ``--load`` / ``--pretrained-checkpoint`` for a PEFT run.
+
+    - ``--load`` holds an adapter checkpoint: resume it, on the base it names, or on
+      ``--pretrained-checkpoint``, which must then be that same base (same hash);
+    - ``--load`` holds a full model checkpoint: that is the base;
+    - otherwise ``--pretrained-checkpoint`` is the base, and the adapters start fresh.
+    """
+    found = Checkpoints()
+    if load and os.path.isdir(load) and checkpointing.latest_iteration(load) is not None:
+        path = checkpointing.checkpoint_path(load, checkpointing.latest_iteration(load))
+        meta = checkpointing.read_meta(path)
+        if "peft" not in meta:
+            if pretrained:
+                raise CheckpointError(f"--load {load} holds a full model checkpoint, not adapters; pass the base "
+                                      "either as --load or as --pretrained-checkpoint, not both")  # fmt: skip
+            found.base, found.base_meta = path, meta
+            return found
+        found.adapters, found.adapters_meta = path, meta
+        recorded = meta["peft"]
+        base = checkpointing.resolve_checkpoint(pretrained) if pretrained else recorded["base_checkpoint"]
+        if base is not None:
+            if not os.path.isdir(base):
+                raise CheckpointError(f"the adapters in {path} were trained on base checkpoint {base}, which is gone; "
+                                      "pass its new location with --pretrained-checkpoint")  # fmt: skip
+            if checkpointing.checkpoint_hash(base) != recorded["base_hash"]:
+                raise CheckpointError(f"the adapters in {path} were trained on base {recorded['base_checkpoint']} "
+                                      f"(hash {recorded['base_hash']}), but {base} has hash "
+                                      f"{checkpointing.checkpoint_hash(base)}")  # fmt: skip
+            found.base, found.base_meta = base, checkpointing.read_meta(base)
+        return found
+    if pretrained:
+        found.base = checkpointing.resolve_checkpoint(pretrained)
+        found.base_meta = checkpointing.read_meta(found.base)
+        if "peft" in found.base_meta:
+            raise CheckpointError(f"--pretrained-checkpoint {pretrained} holds adapters, not a base model")
+    return found
+
+
+def peft_meta(config_dict: dict, base: Optional[str]) -> dict:
+    """The ``peft`` entry of an adapter checkpoint's meta."""
+    return {**config_dict, "base_checkpoint": os.path.abspath(base) if base else None,
+            "base_hash": checkpointing.checkpoint_hash(base) if base else None}  # fmt: skip
+
+
+def check_same_adapters(path: str, recorded: dict, config_dict: dict) -> None:
+    """Refuse to resume adapters saved with another method or other sizes."""
+    for key, value in config_dict.items():
+        if recorded.get(key) != value:
+            flag = {"method": "--peft", "num_experts": "--peft-num-experts", "rank": "--lora-rank",
+                    "alpha": "--lora-alpha"}[key]  # fmt: skip
+            raise CheckpointError(f"adapter checkpoint {path} was saved with {flag} {recorded.get(key)}, "
+                                  f"but this run has {value}")  # fmt: skip
