@@ -187,11 +187,16 @@ def _running_mean(target: "torch.Tensor", weight: "torch.Tensor", seen: "torch.T
     """Fold ``weight`` into the mean held in ``target``; ``seen`` counts sources per row.
 
     Rows beyond a source's vocabulary (it padded less) are left to the sources that have them;
-    rows no source has stay zero, as no token id reaches them. Exact for identical sources.
+    rows no source has stay zero, as no token id reaches them. In place (no model-sized
+    temporaries) and exact for identical sources: t + (x - t)/k == x when t == x.
     """
     rows = weight.shape[0]
     seen[:rows] += 1
-    target[:rows] += (weight - target[:rows]) / seen[:rows].view(-1, *([1] * (weight.dim() - 1)))
+    counts = seen[:rows]
+    if bool((counts == counts[0]).all()):
+        target[:rows].lerp_(weight, 1.0 / float(counts[0]))
+    else:
+        target[:rows].lerp_(weight, (1.0 / counts).view(-1, *([1] * (weight.dim() - 1))).to(weight.dtype))
 
 
 class _Mixer:
@@ -262,9 +267,11 @@ def upcycle(args: argparse.Namespace) -> dict:
     """
     from bam_megatron.conversion.layerwise import StreamingSaveStrategy
     from bam_megatron.platform.distributed import ParallelSizes, initialize
+    from bam_megatron.platform.memory import return_freed_tensors_to_os
     from bam_megatron.training import checkpointing
 
     start = time.time()
+    return_freed_tensors_to_os()
     sources = read_sources(args.expert)
     experts = validate(sources, args)
     if os.path.exists(args.save):

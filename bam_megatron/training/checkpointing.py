@@ -128,8 +128,13 @@ def _state(model, optimizer, with_rng: bool, is_loading: bool) -> dict[str, Any]
     return state
 
 
-def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, meta: dict[str, Any]) -> str:
-    """Save and publish ``root/iter_N``; every rank calls it. ``meta`` is plain Python data."""
+def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, meta: dict[str, Any],
+                    sharded_strategy=None) -> str:  # fmt: skip
+    """Save and publish ``root/iter_N``; every rank calls it. ``meta`` is plain Python data.
+
+    ``sharded_strategy``: a dist_checkpointing save strategy other than the default (the
+    converters' layer-by-layer writer).
+    """
     final, tmp = checkpoint_path(root, iteration), checkpoint_path(root, iteration) + ".tmp"
     if dist.get_rank() == 0:
         os.makedirs(root, exist_ok=True)
@@ -141,7 +146,7 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, meta
     state = _state(model, optimizer, with_rng=True, is_loading=False)
     state["meta"] = dict(meta, iteration=iteration, layout=_layout(),
                          scheduler=scheduler.state_dict() if scheduler is not None else None)  # fmt: skip
-    dist_checkpointing.save(state, tmp)
+    dist_checkpointing.save(state, tmp, sharded_strategy=sharded_strategy)
     dist.barrier()
     faults.pause_before_publishing_checkpoint()
     if dist.get_rank() == 0:

@@ -1,0 +1,300 @@
+"""A bam-megatron model (dense, BTX, BAM, BAM shared-KV) for Hugging Face transformers (remote code).
+
+Written by ``bam-convert-hf export --format bam``; self-contained (torch + transformers only) and
+numerically the forward pass bam-megatron trains (megatron-core GPTModel with the BAM spec):
+
+    x̂ = Norm(x)                                   one shared pre-norm (RMSNorm or bias-free LayerNorm)
+    y = x + Attn(x̂) + FFN(x̂)                      parallel block
+
+    Attn(x̂) = Σ_j g_j(x̂) · O_j · MHA_j(x̂)          soft mixture of attention, g = softmax(W_r x̂)
+            = O · concat_heads(g_expert(head) · head(x̂))   one attention with N·H heads
+
+    FFN(x̂) = Σ_{e ∈ top-k} p_e(x̂) · SwiGLU_e(x̂)    p = softmax(router logits) (pre-softmax top-k,
+                                                   no renormalisation, as megatron-core)
+
+RoPE is megatron-core's (non-interleaved halves, base ``rope_theta``); attention is causal with
+scale 1/sqrt(head_dim); no biases anywhere. A dense model is N = 1 attention expert and no FFN
+experts. Generation uses transformers' DynamicCache (one K/V cache of the wide attention; with
+shared K/V it holds H_kv heads for all experts).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from .configuration_bam import BamConfig
+
+
+def _norm(config: BamConfig) -> nn.Module:
+    if config.normalization == "LayerNorm":
+        return nn.LayerNorm(config.hidden_size, eps=config.norm_eps, bias=False)
+    return nn.RMSNorm(config.hidden_size, eps=config.norm_eps)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = torch.chunk(x, 2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class BamRotaryEmbedding(nn.Module):
+    """megatron-core's RotaryEmbedding: frequencies base^(-2i/d), halves [freqs, freqs] (not interleaved).
+
+    The frequencies are computed on each call rather than kept in a buffer: transformers builds
+    models on the meta device, which would leave a non-persistent buffer uninitialised.
+    """
+
+    def __init__(self, config: BamConfig) -> None:
+        super().__init__()
+        self.dim, self.base = config.head_dim, config.rope_theta
+
+    def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """position_ids [b, t] -> cos, sin [b, 1, t, head_dim] in fp32."""
+        steps = torch.arange(0, self.dim, 2, dtype=torch.float32, device=position_ids.device)
+        inv_freq = 1.0 / (self.base ** (steps / self.dim))
+        freqs = position_ids[..., None].float() * inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+        return emb.cos(), emb.sin()
+
+
+def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # As megatron-core: cos/sin cast to the activations' dtype, then x·cos + rotate_half(x)·sin.
+    return x * cos.to(x.dtype) + _rotate_half(x) * sin.to(x.dtype)
+
+
+class BamSwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)): megatron-core's gated MLP (fc1 = [gate; up], fc2 = down)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class BamMoE(nn.Module):
+    """Top-k FFN experts with megatron-core's router (softmax score, no capacity limit: dropless)."""
+
+    def __init__(self, config: BamConfig) -> None:
+        super().__init__()
+        self.topk = config.num_experts_per_tok
+        self.pre_softmax = config.moe_router_pre_softmax
+        self.router = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.experts = nn.ModuleList(
+            BamSwiGLU(config.hidden_size, config.moe_intermediate_size) for _ in range(config.num_experts)
+        )
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, h] -> (probabilities [T, k], expert indices [T, k])."""
+        logits = self.router(x)
+        if self.pre_softmax:  # softmax over all experts, keep the top k as they are
+            scores = torch.softmax(logits, dim=-1, dtype=torch.float32).type_as(logits)
+            return torch.topk(scores, self.topk, dim=-1)
+        top, index = torch.topk(logits, self.topk, dim=-1)  # softmax over the top k only
+        return torch.softmax(top, dim=-1, dtype=torch.float32).type_as(logits), index
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1])
+        probs, index = self.route(x)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            token, slot = torch.where(index == e)
+            if token.numel():
+                out.index_add_(0, token, expert(x[token]) * probs[token, slot, None])
+        return out.view(shape)
+
+
+class BamAttention(nn.Module):
+    """Soft mixture of N attention experts as one causal attention with N·H query heads.
+
+    Each head's output is scaled by its expert's gate before the one output projection. N = 1 is
+    plain (grouped-query) attention without a router.
+    """
+
+    def __init__(self, config: BamConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_heads = config.num_attention_heads * config.num_attention_experts
+        self.num_kv_heads = config.attention_kv_groups
+        self.num_experts = config.num_attention_experts
+        self.topk = config.attention_router_topk
+        h, d = config.hidden_size, self.head_dim
+        self.q_proj = nn.Linear(h, self.num_heads * d, bias=False)
+        self.k_proj = nn.Linear(h, self.num_kv_heads * d, bias=False)
+        self.v_proj = nn.Linear(h, self.num_kv_heads * d, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * d, h, bias=False)
+        if self.num_experts > 1:
+            self.router = nn.Linear(h, self.num_experts, bias=False)
+            self.head_expert = config.head_experts()  # a list, not a buffer (see BamRotaryEmbedding)
+
+    def gates(self, x: torch.Tensor) -> torch.Tensor:
+        """g(x̂) = softmax(W_r x̂) in fp32 [b, t, N]; top-k MoA keeps the k largest, renormalised."""
+        gates = torch.softmax(self.router(x).float(), dim=-1)
+        if self.topk is not None and self.topk < self.num_experts:
+            top, index = gates.topk(self.topk, dim=-1)
+            gates = torch.zeros_like(gates).scatter(-1, index, top / top.sum(-1, keepdim=True))
+        return gates
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        mask: Optional[torch.Tensor],
+        past_key_values: Optional[Cache],
+    ) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = _apply_rope(q, *rope), _apply_rope(k, *rope)
+        if past_key_values is not None:
+            k, v = past_key_values.update(k, v, self.layer_idx)
+        causal = mask is None and t > 1  # no cache, no padding: the plain causal kernel, as in training
+        heads = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal, scale=self.head_dim**-0.5,
+            enable_gqa=self.num_kv_heads != self.num_heads,
+        )  # [b, N·H, t, d]; query head i uses K/V head i // (N·H / kv heads), megatron-core's grouping
+        heads = heads.transpose(1, 2)  # [b, t, N·H, d]
+        if self.num_experts > 1:
+            head_expert = torch.tensor(self.head_expert, device=x.device)
+            heads = heads * self.gates(x)[..., head_expert].to(heads.dtype).unsqueeze(-1)
+        return self.o_proj(heads.reshape(b, t, -1))
+
+
+class BamDecoderLayer(nn.Module):
+    """y = x + Attn(Norm(x)) + FFN(Norm(x))."""
+
+    def __init__(self, config: BamConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.input_layernorm = _norm(config)
+        self.self_attn = BamAttention(config, layer_idx)
+        self.mlp = BamMoE(config) if config.num_experts else BamSwiGLU(config.hidden_size, config.intermediate_size)
+
+    def forward(self, x, rope, mask, past_key_values):
+        normed = self.input_layernorm(x)
+        return x + self.self_attn(normed, rope, mask, past_key_values) + self.mlp(normed)
+
+
+class BamPreTrainedModel(PreTrainedModel):
+    """Weights initialisation and loading glue."""
+
+    config_class = BamConfig
+    config: BamConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["BamDecoderLayer"]
+    _supports_cache_class = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = getattr(self.config, "initializer_range", 0.02)
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+            nn.init.ones_(module.weight)
+
+
+def _attention_mask(
+    attention_mask: Optional[torch.Tensor], query_length: int, past_length: int, dtype: torch.dtype,
+    device: torch.device,
+) -> Optional[torch.Tensor]:
+    """Additive mask [b, 1, t, past + t]: causal, with padded keys (attention_mask == 0) masked.
+
+    None where SDPA needs no mask: a fresh unpadded sequence (its causal kernel, as in training)
+    or one new token, which sees every cached key.
+    """
+    padded = attention_mask is not None and not bool(attention_mask.all())
+    if not padded and (past_length == 0 or query_length == 1):
+        return None
+    total = past_length + query_length
+    keys = torch.arange(total, device=device)
+    queries = past_length + torch.arange(query_length, device=device)
+    allowed = (keys[None, :] <= queries[:, None])[None, None]
+    if padded:
+        allowed = allowed & attention_mask[:, None, None, -total:].bool().to(device)
+    return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+class BamModel(BamPreTrainedModel):
+    """Embedding, the decoder layers and the final norm."""
+
+    def __init__(self, config: BamConfig) -> None:
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(BamDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = _norm(config)
+        self.rotary_emb = BamRotaryEmbedding(config)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: Optional[torch.LongTensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.LongTensor] = None,
+        past_key_values: Optional[Cache] = None,
+        inputs_embeds: Optional[torch.Tensor] = None,
+        use_cache: Optional[bool] = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("give exactly one of input_ids and inputs_embeds")
+        hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache()
+        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        t = hidden.shape[1]
+        if position_ids is None:
+            position_ids = (past + torch.arange(t, device=hidden.device)).unsqueeze(0).expand(hidden.shape[0], -1)
+        rope = self.rotary_emb(position_ids)
+        mask = _attention_mask(attention_mask, t, past, hidden.dtype, hidden.device)
+        for layer in self.layers:
+            hidden = layer(hidden, rope, mask, past_key_values if use_cache else None)
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden), past_key_values=past_key_values)
+
+
+class BamForCausalLM(BamPreTrainedModel, GenerationMixin):
+    """BamModel + the output layer (tied to the embedding when ``tie_word_embeddings``)."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: BamConfig) -> None:
+        super().__init__(config)
+        self.model = BamModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.embed_tokens
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def forward(
+        self,
+        input_ids: Optional[torch.LongTensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.LongTensor] = None,
+        past_key_values: Optional[Cache] = None,
+        inputs_embeds: Optional[torch.Tensor] = None,
+        labels: Optional[torch.LongTensor] = None,
+        use_cache: Optional[bool] = None,
+        logits_to_keep: int = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        out = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache)
+        hidden = out.last_hidden_state
+        logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
+        loss = None
+        if labels is not None:  # next-token loss; -100 ignored
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)

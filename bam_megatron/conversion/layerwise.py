@@ -1,0 +1,233 @@
+"""Layer-by-layer checkpoint I/O: read one layer of a dense source, write a model one layer at a time.
+
+Converting checkpoints (upcycling, format conversion) should need memory for one layer, not for
+the model. Both directions keep the model on PyTorch's ``meta`` device (shapes, no storage) and
+give real storage to one *unit* at a time: ``TOP`` (embedding, final norm, output layer) or one
+transformer layer.
+
+- Reading: ``read_unit`` materialises a unit of a meta model and reads into it just that unit's
+  chunks, as megatron-core's ``sharded_state_dict`` of the model lays them out, so a source saved
+  under any TP/PP is resharded to the reading layout.
+- Writing: ``StreamingSaveStrategy`` is a dist_checkpointing save strategy for the ``torch_dist``
+  format. Megatron-core plans the save from the meta model exactly as it would for a real one
+  (same keys, shapes and chunks, so ``dist_checkpointing.load`` reads it like any checkpoint);
+  the tensor data is produced unit by unit while PyTorch's checkpoint writer streams it to disk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+from typing import Callable, Iterator, Union
+
+import torch
+from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace, nested_values
+from megatron.core.dist_checkpointing.mapping import (
+    ShardedTensor,
+    ShardedTensorFactory,
+    apply_factories,
+    apply_factory_merges,
+)
+from megatron.core.dist_checkpointing.strategies.base import SaveShardedStrategy
+from megatron.core.dist_checkpointing.strategies.torch import (
+    MCoreSavePlanner,
+    _replace_state_dict_keys_with_sharded_keys,
+    mcore_to_pyt_state_dict,
+)
+from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint import load as dcp_load
+from torch.distributed.checkpoint import save as dcp_save
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+from torch.distributed.checkpoint.planner import WriteItem, WriteItemType
+
+TOP = -1  # the unit holding everything outside decoder.layers
+LAYERS = "decoder.layers."
+
+Unit = int  # TOP or a layer number
+
+
+def meta_model(build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+    """``build()`` on the meta device; the config must have use_cpu_initialization=True.
+
+    (Without it megatron-core passes ``device=current_device()`` explicitly, which overrides the
+    meta device context and would allocate the whole model.)
+    """
+    with torch.device("meta"):
+        model = build()
+    on_meta = {p.device.type for p in model.parameters()}
+    if on_meta != {"meta"}:
+        raise RuntimeError(f"expected a model on the meta device, got parameters on {sorted(on_meta)}")
+    return model
+
+
+def num_layers(model) -> int:
+    """Transformer layers in a one-stage (PP=1) GPTModel."""
+    return len(model.decoder.layers)
+
+
+def unit_of_parameter(name: str) -> Unit:
+    """decoder.layers.3.mlp... -> 3; embedding / final norm / output layer -> TOP."""
+    if name.startswith(LAYERS):
+        return int(name[len(LAYERS) :].split(".", 1)[0])
+    return TOP
+
+
+def _unit_modules(model, unit: Unit) -> list[torch.nn.Module]:
+    if unit != TOP:
+        return [model.decoder.layers[unit]]
+    modules = [model.embedding, model.decoder.final_layernorm, getattr(model, "output_layer", None)]
+    return [m for m in modules if m is not None]
+
+
+@contextlib.contextmanager
+def materialised(model, unit: Unit) -> Iterator[dict[str, torch.nn.Parameter]]:
+    """Give one unit of a meta model real (uninitialised) CPU storage; back to meta on exit.
+
+    Yields the unit's parameters by their full names.
+    """
+    modules = _unit_modules(model, unit)
+    for module in modules:
+        module.to_empty(device="cpu")
+    try:
+        yield {n: p for n, p in model.named_parameters() if unit_of_parameter(n) == unit}
+    finally:
+        for module in modules:
+            module.to_empty(device="meta")
+
+
+def _has_storage(value) -> bool:
+    return isinstance(value, (ShardedTensor, ShardedTensorFactory)) and value.data.device.type != "meta"
+
+
+class _Chunks:
+    """The chunks of one checkpoint tensor that this process reads (DCP's chunk protocol)."""
+
+    def __init__(self, global_shape: tuple):
+        self.global_shape = torch.Size(global_shape)
+        self.chunks: dict[tuple, torch.Tensor] = {}
+
+    def size(self) -> torch.Size:
+        return self.global_shape
+
+    def __create_chunk_list__(self) -> list[ChunkStorageMetadata]:
+        return [ChunkStorageMetadata(offsets=torch.Size(o), sizes=t.shape) for o, t in self.chunks.items()]
+
+
+class _PartialLoadPlanner(DefaultLoadPlanner):
+    """Reads just the requested chunks of each tensor, straight into the model's storage."""
+
+    def __init__(self):
+        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+
+    def set_up_planner(self, state_dict, metadata=None, is_coordinator: bool = False) -> None:
+        # The default set-up maps every value through DCP's tensor types, which drops ours.
+        self.original_state_dict = self.state_dict = state_dict
+        self.metadata, self.is_coordinator = metadata, is_coordinator
+
+    def lookup_tensor(self, index) -> torch.Tensor:
+        return self.state_dict[index.fqn].chunks[tuple(index.offset)]
+
+
+def read_unit(model, unit: Unit, checkpoint_dir: str) -> dict[str, torch.Tensor]:
+    """One unit's parameters of the ``torch_dist`` checkpoint at ``checkpoint_dir``, by name.
+
+    ``model`` is a meta model of the checkpoint's architecture at any layout megatron-core can
+    reshard to (typically TP=PP=1). Its own ``sharded_state_dict`` (factories included) says
+    which chunk of which stored tensor each parameter is; PyTorch's checkpoint reader reads just
+    those (megatron-core's own loader assumes every layer of a stacked tensor is requested).
+    """
+    with materialised(model, unit) as params:
+        wanted = {k: v for k, v in model.sharded_state_dict().items() if _has_storage(v)}
+        factories = {k: v for k, v in wanted.items() if isinstance(v, ShardedTensorFactory)}
+        apply_factories(wanted)  # e.g. SwiGLU's fc1: stored as two halves
+        requests: dict[str, _Chunks] = {}
+        for value in nested_values(wanted):
+            chunks = requests.setdefault(value.key, _Chunks(value.global_shape))
+            shape = (1,) * value.prepend_axis_num + tuple(value.local_shape)
+            chunks.chunks[tuple(value.global_offset)] = value.data.view(shape)
+        dcp_load(requests, storage_reader=FileSystemReader(checkpoint_dir), planner=_PartialLoadPlanner())
+        dict_list_map_inplace(lambda sharded: sharded.data, wanted)
+        apply_factory_merges(wanted, factories)
+        return {name: wanted[name].detach() for name in params}
+
+
+def _write_item_unit(item: WriteItem) -> Unit:
+    if item.type == WriteItemType.BYTE_IO or not item.index.fqn.startswith(LAYERS):
+        return TOP
+    return int(item.index.offset[0])  # megatron prepends the layer axis to decoder.layers.* tensors
+
+
+class _StreamingPlanner(MCoreSavePlanner):
+    """Megatron-core's save plan, ordered unit by unit, with tensor data produced on demand."""
+
+    def __init__(self, produce: Callable[[str, tuple], torch.Tensor]):
+        super().__init__(flatten_state_dict=False)
+        self.produce = produce
+
+    def create_local_plan(self):
+        plan = super().create_local_plan()
+        # The writer streams items in plan order (one thread, one file): one unit after another.
+        plan.items.sort(key=_write_item_unit)
+        return plan
+
+    def resolve_data(self, write_item: WriteItem) -> Union[torch.Tensor, io.BytesIO]:
+        if write_item.type == WriteItemType.BYTE_IO:
+            return super().resolve_data(write_item)
+        return self.produce(write_item.index.fqn, tuple(write_item.index.offset))
+
+
+class StreamingSaveStrategy(SaveShardedStrategy):
+    """Save a meta model's checkpoint in the ``torch_dist`` format, filling one unit at a time.
+
+    ``fill(unit, params)`` writes the values of one unit's freshly materialised parameters
+    (full names -> tensors); it is called once per unit, in order (TOP first, then the layers).
+    Single process only (the converters run on one rank).
+    """
+
+    def __init__(self, model, fill: Callable[[Unit, dict[str, torch.nn.Parameter]], None]):
+        super().__init__("torch_dist", 1)
+        self.model, self.fill = model, fill
+        self._unit: Unit | None = None
+        self._chunks: dict[tuple[str, tuple], torch.Tensor] = {}
+        self._exit: contextlib.ExitStack | None = None
+
+    @property
+    def can_handle_sharded_objects(self) -> bool:
+        return True
+
+    def _load_unit(self, unit: Unit) -> None:
+        self._release()
+        self._exit = contextlib.ExitStack()
+        params = self._exit.enter_context(materialised(self.model, unit))
+        with torch.no_grad():
+            self.fill(unit, params)
+        state = self.model.sharded_state_dict()
+        apply_factories(state)  # e.g. SwiGLU's fc1, stored as two halves
+        for value in state.values():
+            for sharded in value if isinstance(value, list) else [value]:
+                if isinstance(sharded, ShardedTensor) and sharded.data.device.type != "meta":
+                    shape = (1,) * sharded.prepend_axis_num + tuple(sharded.local_shape)
+                    self._chunks[(sharded.key, tuple(sharded.global_offset))] = sharded.data.detach().view(shape)
+        self._unit = unit
+
+    def _release(self) -> None:
+        if self._exit is not None:
+            self._exit.close()
+        self._exit, self._unit, self._chunks = None, None, {}
+
+    def _produce(self, key: str, offset: tuple) -> torch.Tensor:
+        unit = TOP if not key.startswith(LAYERS) else offset[0]
+        if unit != self._unit:
+            self._load_unit(unit)
+        return self._chunks[(key, offset)]
+
+    def save(self, sharded_state_dict, checkpoint_dir: Union[str, Path]) -> None:
+        """Plan from the (meta) sharded state dict; write with data produced per unit."""
+        state, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, keep_only_main_replica=True)
+        writer = FileSystemWriter(str(checkpoint_dir), single_file_per_rank=True, thread_count=1)
+        try:
+            dcp_save(mcore_to_pyt_state_dict(state, False), storage_writer=writer,
+                     planner=_StreamingPlanner(self._produce))  # fmt: skip
+        finally:
+            self._release()
