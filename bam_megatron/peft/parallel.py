@@ -70,10 +70,13 @@ class LinearInfo:
 def _te_classes() -> tuple[tuple[type, ...], tuple[type, ...]]:
     """Transformer Engine's column/row linears, where TE is installed (else empty)."""
     try:
-        from megatron.core.extensions.transformer_engine import TEColumnParallelLinear, TERowParallelLinear
+        from megatron.core.extensions import transformer_engine as te
     except Exception:  # noqa: BLE001 - TE missing or unusable: nothing to recognise
         return (), ()
-    return (TEColumnParallelLinear,), (TERowParallelLinear,)
+    column, row = getattr(te, "TEColumnParallelLinear", None), getattr(te, "TERowParallelLinear", None)
+    if not getattr(te, "HAVE_TE", False) or not isinstance(column, type) or not isinstance(row, type):
+        return (), ()  # megatron-core defines placeholders when TE is not installed
+    return (column,), (row,)
 
 
 def describe_linear(linear: torch.nn.Module, name: str) -> LinearInfo:
@@ -90,9 +93,7 @@ def describe_linear(linear: torch.nn.Module, name: str) -> LinearInfo:
         tp_group, partial = linear.tp_group, bool(linear.explicit_expert_comm)
         sequence_parallel = bool(linear.sequence_parallel) and not partial
         is_expert = bool(linear.is_expert)
-    elif te_column and isinstance(linear, te_column + te_row) and type(linear).__name__ in (
-        "TEColumnParallelLinear", "TERowParallelLinear"
-    ):  # fmt: skip
+    elif te_column and isinstance(linear, te_column + te_row):
         kind = "column" if isinstance(linear, te_column) else "row"
         # TE builds expert linears that communicate explicitly with parallel_mode=None
         tp_group, partial = linear._tp_group, linear.parallel_mode is None
