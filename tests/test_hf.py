@@ -139,16 +139,22 @@ def test_cohere_export_of_a_tp2_checkpoint_matches_transformers(sources, tmp_pat
 
 
 def _round_trip(dense: str, root: str) -> list[int]:
-    a, seed, b = (os.path.join(root, n) for n in ("a", "seed", "b"))
+    a, seed, b, half = (os.path.join(root, n) for n in ("a", "seed", "b", "bf16"))
     return [convert("export", "--load", dense, "--save", a)[0], convert("import", "--load", a, "--save", seed)[0],
-            convert("export", "--load", seed, "--save", b)[0]]  # fmt: skip
+            convert("export", "--load", seed, "--save", b)[0],
+            convert("export", "--load", seed, "--save", half, "--dtype", "bfloat16")[0]]  # fmt: skip
 
 
 def test_export_import_export_is_byte_identical(sources, tmp_path, corpus):
-    assert run_distributed(_round_trip, 1, args=(sources["dense"], str(tmp_path))) == [[0, 0, 0]]
+    from safetensors.torch import load_file
+
+    assert run_distributed(_round_trip, 1, args=(sources["dense"], str(tmp_path))) == [[0, 0, 0, 0]]
     for name in ("model.safetensors", "config.json", "tokenizer.model"):
         with open(tmp_path / "a" / name, "rb") as a, open(tmp_path / "b" / name, "rb") as b:
             assert a.read() == b.read(), name
+    full, half = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "bf16" / "model.safetensors"))
+    assert sorted(full) == sorted(half) and all(torch.equal(full[n].bfloat16(), half[n]) for n in full)
+    assert json.load(open(tmp_path / "bf16" / "config.json"))["dtype"] == "bfloat16"
     from bam_megatron.data.tokenizer import load_tokenizer
     from bam_megatron.training import checkpointing
 

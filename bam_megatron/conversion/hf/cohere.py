@@ -95,6 +95,7 @@ def to_cohere(
         "logit_scale": 1.0, "tie_word_embeddings": tied, "use_qk_norm": False, "attention_bias": False,
         "attention_dropout": 0.0, "initializer_range": config.init_method_std, "use_cache": True,
         "rope_parameters": {"rope_type": "default", "rope_theta": float(config.rotary_base)},
+        "rope_theta": float(config.rotary_base),  # transformers 4.x's key (5.x reads rope_parameters)
         "bos_token_id": token_ids.get("bos_token_id"), "eos_token_id": token_ids.get("eos_token_id"),
         "pad_token_id": token_ids.get("pad_token_id"),
     }  # fmt: skip

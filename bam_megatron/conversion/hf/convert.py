@@ -64,6 +64,15 @@ def _export_tokenizer(meta: dict[str, Any], override: Optional[str], notes: list
     return None
 
 
+def _check_all_converted(weights: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]) -> None:
+    """Every parameter of our model went into the export (nothing silently dropped)."""
+    exported = sum(t.numel() for t in tensors.values())
+    ours = sum(t.numel() for t in weights.values())
+    if exported != ours:
+        raise ConversionError(f"the export holds {exported:,} weights but the model has {ours:,}: "
+                              "parameters without a Hugging Face counterpart")  # fmt: skip
+
+
 def export_checkpoint(load: str, save: str, fmt: str = "auto", dtype: str = "float32",
                       tokenizer_model: Optional[str] = None) -> Report:  # fmt: skip
     """Write the checkpoint ``load`` (any TP/PP/EP) as a Hugging Face model directory ``save``."""
@@ -77,6 +86,9 @@ def export_checkpoint(load: str, save: str, fmt: str = "auto", dtype: str = "flo
         raise ConversionError(f"output {save} already exists")
     path, meta = megatron_io.read_checkpoint(load)
     args, notes = meta["args"], []
+    if args.get("peft"):
+        raise ConversionError(f"peft={args['peft']}: {path} holds adapters on a base model, which the exported "
+                              "formats cannot express; export the base checkpoint")  # fmt: skip
     config = megatron_io.model_config_for(args)
     fmt, reason = choose_format(fmt, config, args["variant"])
     if reason:
@@ -90,6 +102,7 @@ def export_checkpoint(load: str, save: str, fmt: str = "auto", dtype: str = "flo
     weights, config = megatron_io.load_weights(path, meta)  # every check passed: now the expensive part
     convert_weights = cohere.to_cohere if fmt == "cohere" else bam_format.to_bam
     tensors, hf_config = convert_weights(weights, config, args, token_ids)
+    _check_all_converted(weights, tensors)
     hf_config["dtype"] = dtype
     tensors = {name: t.to(DTYPES[dtype]) for name, t in tensors.items()}
     with hf_files.atomic_directory(save) as tmp:

@@ -91,14 +91,14 @@ def sha256_file(path: str) -> str:
 
 
 def sentencepiece_ids(path: str) -> dict[str, Optional[int]]:
-    """bos/eos/pad/unk ids of a SentencePiece model (None where it has none)."""
+    """bos/eos/pad ids of a SentencePiece model, as config.json keys (None where it has none)."""
     import sentencepiece
 
     try:
         sp = sentencepiece.SentencePieceProcessor(model_file=path)
     except (RuntimeError, OSError) as error:
         raise ConversionError(f"not a SentencePiece model: {path} ({str(error).splitlines()[0]})") from None
-    ids = {"bos_token_id": sp.bos_id(), "eos_token_id": sp.eos_id(), "pad_token_id": sp.pad_id(), "unk": sp.unk_id()}
+    ids = {"bos_token_id": sp.bos_id(), "eos_token_id": sp.eos_id(), "pad_token_id": sp.pad_id()}
     return {key: (value if value >= 0 else None) for key, value in ids.items()}
 
 
