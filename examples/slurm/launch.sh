@@ -195,9 +195,12 @@ bam_train() {
     BAM_FORWARD_USR1=1
     bam_step "rank%t.log" -- "$BAM_PYTHON" "$BAM_CODE_DIR/pretrain_bam.py" "$@" "${extra[@]}" || rc=$?
     BAM_FORWARD_USR1=0
-    bam_log "pretrain_bam.py exited with code $rc"
+    bam_log "pretrain_bam.py exited with code $rc (rank logs: $(bam_job_log_dir))"
     if ((rc == BAM_EXIT_PREEMPTED)); then
         bam_log "preempted: checkpoint saved"
+        bam_requeue
+    elif ((rc > 128 && BAM_USR1)); then
+        bam_log "SIGUSR1 arrived while srun was starting: requeued to resume from the last checkpoint"
         bam_requeue
     fi
     exit "$rc"
