@@ -208,3 +208,42 @@ def test_bad_input_is_refused_before_writing(tmp_path, sources, corpus, case, ex
     lines = [line for line in stderr.splitlines() if "error:" in line]
     assert len(lines) == 1 and expected in lines[0], stderr
     assert not out.exists() and not (tmp_path / "out.tmp").exists()
+
+
+def _upcycle_watching_memory(argv, fail_at_layer):
+    """Rank body: upcycle while recording which units of the MoE hold real storage at each fill."""
+    from bam_megatron.conversion import layerwise, upcycle
+
+    seen, models, fill = [], [], upcycle._Mixer.__call__
+
+    class Watching(layerwise.StreamingSaveStrategy):
+        def __init__(self, model, fill):
+            super().__init__(model, fill)
+            models.append(model)
+
+    def watched_fill(self, unit, params):
+        live = {layerwise.unit_of_parameter(n) for n, p in models[0].named_parameters() if p.device.type != "meta"}
+        seen.append((unit, sorted(live)))
+        if unit == fail_at_layer:
+            raise RuntimeError("disk full (simulated)")
+        return fill(self, unit, params)
+
+    layerwise.StreamingSaveStrategy, upcycle._Mixer.__call__ = Watching, watched_fill  # this rank's process only
+    try:
+        upcycle_main(argv)
+    except BaseException as error:  # torch's checkpoint writer re-raises it in a CheckpointException (a BaseException)
+        return seen, str(error)
+    return seen, None
+
+
+def test_the_moe_is_built_one_layer_at_a_time_and_a_failure_leaves_nothing(tmp_path, sources):
+    argv = ["--expert", f"seed={sources['seed']}", "--expert", f"code={sources['code']}", "--method", "bam"]
+    out = tmp_path / "streamed"
+    ((seen, error),) = run_distributed(_upcycle_watching_memory, 1, args=(argv + ["--save", str(out)], None))
+    assert error is None and out.is_dir()
+    # embeddings first, then each layer; while a unit is filled, only it has storage
+    assert seen == [(-1, [-1]), (0, [0]), (1, [1])]
+    broken = tmp_path / "broken"
+    ((seen, error),) = run_distributed(_upcycle_watching_memory, 1, args=(argv + ["--save", str(broken)], 1))
+    assert "disk full (simulated)" in error and [unit for unit, _ in seen] == [-1, 0, 1]
+    assert not broken.exists() and not (tmp_path / "broken.tmp").exists()
