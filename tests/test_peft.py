@@ -148,8 +148,11 @@ def test_adapter_checkpoint_restores_exactly(single_rank, tmp_path_factory):
 # ---------------------------------------------------------------------------------------------
 # tensor, sequence and expert parallelism against one rank
 
-CASES = [(v, m, o) for v, o in (("dense", {}), ("dense", {"fuse_tp_reduction": False}), ("bam", {}), ("btx", {}))
-         for m in METHODS]  # fmt: skip
+FULL_RECOMPUTE = {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
+CASES = [(v, m, o) for v, o in (("dense", {}), ("dense", {"fuse_tp_reduction": False}), ("bam", {}), ("btx", {}),
+                                ("bam", FULL_RECOMPUTE)) for m in METHODS]  # fmt: skip
+# activation recompute of the parallel block's FFN branch (megatron-core's reentrant checkpoint)
+CASES.append(("dense", "molora", {"recompute_granularity": "selective", "recompute_modules": ["mlp"]}))
 
 
 def peft_gradients(sizes: ParallelSizes, cases: list, full_weights: list | None) -> list[dict]:

@@ -90,6 +90,24 @@ def _global_expert_names(layer: torch.nn.Module) -> dict[str, str]:
     return names
 
 
+def _embedding_output_requires_grad(gpt: torch.nn.Module) -> None:
+    """megatron-core's activation recompute (a reentrant autograd Function) runs its backward only
+    if an input requires grad; with the embedding frozen, the hidden states would not, and the
+    adapters inside recomputed layers would get no gradient. Mark the embedding's output as
+    requiring grad (what Hugging Face's ``enable_input_require_grads`` does). Later pipeline
+    stages receive activations that already require grad."""
+    embedding = getattr(gpt, "embedding", None)
+    if embedding is None:
+        return
+
+    def hook(module, args, output):
+        if torch.is_grad_enabled() and not output.requires_grad:
+            output.requires_grad_(True)
+        return output
+
+    embedding.register_forward_hook(hook)
+
+
 def apply_peft(model: torch.nn.Module, config: PeftConfig) -> torch.nn.Module:
     """Attach ``config``'s adapters to every transformer layer of ``model`` (in place) and freeze
     every other parameter; returns ``model``. Call before DDP wraps the model.
@@ -117,6 +135,7 @@ def apply_peft(model: torch.nn.Module, config: PeftConfig) -> torch.nn.Module:
                 _adapt_mlp(module, key, config)
     for name, param in model.named_parameters():
         param.requires_grad = is_adapter_name(name)
+    _embedding_output_requires_grad(gpt)
     return model
 
 
