@@ -6,7 +6,8 @@ submit the real sbatch scripts with a tiny model and check checkpoints and logs:
 
 - phase 1 on 2 ranks (gloo), preempted by SIGUSR1 to the batch shell: it saves, requeues itself,
   and the second run resumes from the saved iteration to the end (every iteration trained once);
-- phase 2 as a job array over two experts branched from that seed;
+- phase 2 as a job array over two experts branched from that seed, one of them cancelled while
+  it trains (SIGTERM: it saves and stays cancelled);
 - phase 3: upcycle (one task) then the BAM mixture;
 - the container and error paths, shellcheck on every script, and the Docker image's
   requirements (setup.py's pins without the image's torch).
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import re
 import shutil
 import socket
@@ -39,9 +41,11 @@ SBIN_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "squeue", "scancel", "sinfo")
 # Sizes for a 2-core CPU machine; the scripts' own defaults ask for 8 GPUs per node.
 CPU_JOB = ["--gpus-per-node=0", "--time=15"]
+FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 
 
 def _missing_reason() -> str | None:
+    """Why the cluster cannot run here, or None."""
     missing = [d for d in DAEMONS if shutil.which(d, path=SBIN_PATH) is None]
     if missing:
         return (f"Slurm/MUNGE not installed ({', '.join(missing)} missing): "
@@ -81,11 +85,15 @@ class LocalSlurm:
         for sub in ("state", "spool", "log"):
             (self.root / sub).mkdir()
         r = self.root
+        ports = set()
+        while len(ports) < 2:
+            ports.add(free_port())
+        ctld_port, slurmd_port = sorted(ports)
         self.conf.write_text(f"""\
 ClusterName=bamtest
 SlurmctldHost={self.host}(127.0.0.1)
-SlurmctldPort={free_port()}
-SlurmdPort={free_port()}
+SlurmctldPort={ctld_port}
+SlurmdPort={slurmd_port}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -110,7 +118,7 @@ SelectTypeParameters=CR_Core
 SlurmdParameters=config_overrides
 ReturnToService=2
 JobRequeue=1
-KillWait=10
+KillWait=60
 MinJobAge=600
 SchedulerParameters=sched_interval=1,bf_interval=1
 NodeName={self.host} NodeAddr=127.0.0.1 CPUs={max(4, int(hardware.get("CPUs", 2)))} RealMemory=1000 State=UNKNOWN
@@ -172,7 +180,7 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
     def stop(self) -> None:
         """Cancel every job, wait for them to go, stop the daemons, remove the directory."""
         if len(self.procs) == 2 and all(p.poll() is None for p in self.procs):
-            self.run(["scancel", "--full", f"--user={os.getuid()}"], check=False)
+            self.run(["scancel", "--full", f"--user={pwd.getpwuid(os.getuid()).pw_name}"], check=False)
             deadline = time.time() + 30
             while time.time() < deadline and self.run(["squeue", "-h"], check=False).stdout.strip():
                 time.sleep(0.5)
@@ -190,9 +198,6 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
             except (ProcessLookupError, ValueError):
                 pass
         shutil.rmtree(self.root, ignore_errors=True)
-
-
-FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 
 
 @pytest.fixture(scope="module")
@@ -230,14 +235,17 @@ def bam_env(corpus, **settings) -> dict[str, str]:
 
 
 def read(path: Path) -> str:
+    """A file's text, or a note that it is missing (for assertion messages)."""
     return path.read_text() if path.exists() else f"<{path} missing>"
 
 
 def rank_logs(work: Path, name: str, job_id: str, run: int) -> Path:
+    """launch.sh's per-rank log directory of one run of a job."""
     return work / "runs" / "logs" / f"{name}-{job_id}" / f"run{run}"
 
 
 def iteration_reached(log: Path) -> int:
+    """The last iteration a rank log reports (0 before the first)."""
     found = re.findall(r"iteration\s+(\d+)/", log.read_text()) if log.exists() else []
     return int(found[-1]) if found else 0
 
@@ -283,7 +291,7 @@ def test_phase1_preempted_saves_requeues_and_resumes(seed, work):
     # The job's own log (appended across runs): rendezvous, preemption, requeue, second run.
     assert f"run 0: 1 node(s) x 2 task(s), 0 GPU(s) per node, world size 2" in out
     assert "SIGUSR1: asking the training to save and stop" in out and "pretrain_bam.py exited with code 3" in out
-    assert f"requeued job {job_id} (restart 1)" in out
+    assert f"requeued job {job_id} (restart 1)" in out and "SIGTERM" not in out  # the requeue's own TERM is quiet
     assert "run 1: 1 node(s) x 2 task(s)" in out and "pretrain_bam.py exited with code 0" in out
     # Per-rank logs of each run.
     first, second = rank_logs(work, "bam-seed", job_id, 0), rank_logs(work, "bam-seed", job_id, 1)
@@ -299,32 +307,51 @@ def test_phase1_preempted_saves_requeues_and_resumes(seed, work):
     assert [r["iteration"] for r in records if r["kind"] == "train"] == list(range(1, SEED_ITERS + 1))
 
 
+EXPERT_ITERS = 100
+
+
 @pytest.fixture(scope="module")
 def experts(slurm, work, corpus, seed):
-    """tools/branch.py on the seed, then phase 2 as a 2-task array: (array job id, its tasks' records)."""
+    """tools/branch.py on the seed, then phase 2 as a 2-task array whose second task is cancelled
+    (SIGTERM) while it trains: (array job id, its tasks' records, the iteration task 1 saved)."""
     from bam_megatron.conversion.branch import main as branch_main
 
     argv = ["--seed-checkpoint", str(work / "runs" / "seed"), "--output-dir", str(work / "runs" / "experts"),
             "--experts", "code", "math", "--domain-data", f"code={corpus['code']}", f"math={corpus['math']}",
             "--general-data", corpus["law"]]  # fmt: skip
     assert branch_main(argv) == 0
-    env = bam_env(corpus, BAM_TRAIN_ITERS="3")
+    env = bam_env(corpus, BAM_TRAIN_ITERS=str(EXPERT_ITERS))
     # --oversubscribe lifts the script's --exclusive: both tasks share the node.
     job_id = slurm.sbatch("phase2_experts.sbatch", *CPU_JOB, "--array=0-1", "--ntasks-per-node=1", "--oversubscribe",
                           env=env, cwd=work)  # fmt: skip
-    return job_id, [slurm.wait(f"{job_id}_{i}") for i in range(2)]
+    math_log = rank_logs(work, "bam-experts", f"{job_id}_1", 0) / "rank0.log"
+    deadline = time.time() + 300
+    while iteration_reached(math_log) < 2:
+        assert time.time() < deadline and slurm.job(f"{job_id}_1")["JobState"] in ("PENDING", "RUNNING"), read(math_log)
+        time.sleep(0.2)
+    slurm.run(["scancel", f"{job_id}_1"])
+    jobs = [slurm.wait(f"{job_id}_{i}") for i in range(2)]
+    saved = re.search(r"preemption signal received: saving at iteration (\d+)", read(math_log))
+    assert saved, read(math_log)
+    return job_id, jobs, int(saved.group(1))
 
 
 def test_phase2_array_trains_one_expert_per_task(experts, work):
-    job_id, jobs = experts
-    for index, (name, job) in enumerate(zip(("code", "math"), jobs)):
-        out = read(work / f"bam-experts-{job_id}_{index}.out")
-        assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), out
-        assert f"expert {name}: {work}/runs/experts/{name} (latest checkpoint: none)" in out
+    job_id, jobs, math_saved = experts
+    outs = [read(work / f"bam-experts-{job_id}_{i}.out") for i in range(2)]
+    for index, name in enumerate(("code", "math")):
+        assert f"expert {name}: {work}/runs/experts/{name} (latest checkpoint: none)" in outs[index]
         log = read(rank_logs(work, "bam-experts", f"{job_id}_{index}", 0) / "rank0.log")
         init = checkpointing.resolve_checkpoint(str(work / "runs" / "experts" / name / "init"))
         assert f"loaded weights from {init}" in log, log
-        assert checkpointing.latest_iteration(str(work / "runs" / "experts" / name / "ckpt")) == 3
+    assert (jobs[0]["JobState"], jobs[0]["ExitCode"]) == ("COMPLETED", "0:0"), outs[0]
+    assert checkpointing.latest_iteration(str(work / "runs" / "experts" / "code" / "ckpt")) == EXPERT_ITERS
+    # scancel: the ranks save and stop; the job is not requeued (a cancelled job stays cancelled).
+    assert (jobs[1]["JobState"], jobs[1]["Restarts"]) == ("CANCELLED", "0"), outs[1]
+    assert 2 <= math_saved < EXPERT_ITERS
+    assert checkpointing.latest_iteration(str(work / "runs" / "experts" / "math" / "ckpt")) == math_saved
+    assert "SIGTERM: the job is cancelled or out of time" in outs[1] and "not requeued" in outs[1], outs[1]
+    assert "requeued job" not in outs[1]
 
 
 def test_phase3_upcycles_then_trains_the_mixture(slurm, work, corpus, experts):

@@ -3,7 +3,8 @@
 # phase3_mix.sbatch source it inside their batch job (it is not run on its own).
 #
 # Rendezvous: one Slurm task per GPU (per CPU rank without GPUs), no torchrun. This file exports
-#   MASTER_ADDR  the first node of the allocation (scontrol show hostnames "$SLURM_JOB_NODELIST")
+#   MASTER_ADDR  the first node of the allocation (scontrol show hostnames "$SLURM_JOB_NODELIST"),
+#                or BAM_MASTER_ADDR (e.g. that node's name on a faster network)
 #   MASTER_PORT  15000 + job id mod 15000 (BAM_MASTER_PORT to choose another)
 # and every task of a step sets RANK=SLURM_PROCID, LOCAL_RANK=SLURM_LOCALID and
 # WORLD_SIZE=SLURM_NTASKS (the step's) before exec'ing pretrain_bam.py, which starts
@@ -55,6 +56,7 @@ BAM_STEP_PID=""       # the running srun
 BAM_FORWARD_USR1=0    # 1 while the training runs: SIGUSR1 goes on to its tasks
 BAM_USR1=0            # SIGUSR1 received: requeue once the current step is done
 BAM_TERMINATED=0      # SIGTERM received: never requeue
+BAM_REQUEUEING=0      # scontrol requeue called: its SIGTERM is expected
 
 bam_log() {
     printf '[bam %(%F %T)T] %s\n' -1 "$*" # bash's own clock: no subprocess to lose to a signal
@@ -71,7 +73,7 @@ bam_rendezvous() {
     local tasks=${SLURM_NTASKS:?sbatch did not set SLURM_NTASKS}
     local per_node=$((tasks / nodes))
     local gpus=${SLURM_GPUS_ON_NODE:-0}
-    MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+    MASTER_ADDR=${BAM_MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}
     export MASTER_ADDR MASTER_PORT=$BAM_MASTER_PORT
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}} PYTHONUNBUFFERED=1
     if ((gpus > 0 && per_node > gpus)); then
@@ -111,6 +113,9 @@ _bam_on_usr1() {
 _bam_on_term() {
     # Slurm signals the tasks itself (they save and exit 3 within KillWait); srun must not get
     # another SIGTERM, which would make it SIGKILL them.
+    if ((BAM_REQUEUEING)); then
+        return # our own requeue ends this run
+    fi
     BAM_TERMINATED=1
     bam_log "SIGTERM: the job is cancelled or out of time; the training saves, no requeue"
 }
@@ -173,10 +178,13 @@ bam_requeue() {
         bam_log "stopped by SIGTERM: not requeued (resubmit to resume)"
     elif ((restarts >= BAM_MAX_REQUEUES)); then
         bam_log "requeued $restarts times already (BAM_MAX_REQUEUES=$BAM_MAX_REQUEUES): not requeued"
-    elif scontrol requeue "$SLURM_JOB_ID"; then
-        bam_log "requeued job $SLURM_JOB_ID (restart $((restarts + 1))): it resumes from the latest checkpoint"
-        exit 0
     else
+        BAM_REQUEUEING=1
+        if scontrol requeue "$SLURM_JOB_ID"; then
+            bam_log "requeued job $SLURM_JOB_ID (restart $((restarts + 1))): it resumes from the latest checkpoint"
+            exit 0
+        fi
+        BAM_REQUEUEING=0
         bam_log "scontrol requeue failed: resubmit to resume"
     fi
     exit "$BAM_EXIT_PREEMPTED"
