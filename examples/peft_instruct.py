@@ -113,15 +113,17 @@ def _run(argv: list[str], log: str, threads: int) -> float:
     return time.perf_counter() - start
 
 
-def _metrics(path: str) -> tuple[Optional[float], Optional[int]]:
-    """(last held-out loss, trainable parameters) from a run's metrics and log."""
-    loss = None
+def _heldout_loss(path: str) -> float:
+    """The last held-out loss in a run's metrics file."""
+    losses = []
     with open(path) as f:
         for line in f:
             record = json.loads(line)
             if record["kind"] == "valid":
-                loss = record["loss"]["instruct"]
-    return loss, None
+                losses.append(record["loss"]["instruct"])
+    if not losses:
+        raise RuntimeError(f"no validation record in {path}")
+    return losses[-1]
 
 
 def _trainable(log: str) -> tuple[int, int]:
@@ -205,7 +207,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             os.remove(metrics)
         iters = ["--train-iters", str(args.iters), "--eval-interval", str(args.iters)] if "--train-iters" not in flags else []
         seconds = _run(["pretrain_bam.py", *common, *iters, *flags, "--metrics-file", metrics], log(key), 1)
-        loss, _ = _metrics(metrics)
+        loss = _heldout_loss(metrics)
         trainable, total = _trainable(log(key))
         print(f"  {name}: held-out loss {loss:.4f} ({seconds:.0f} s)", flush=True)
         return name, loss, trainable, total, seconds

@@ -16,7 +16,7 @@ from bam_megatron.peft import PeftConfig, adapter_parameters, apply_peft, is_ada
 from bam_megatron.platform.distributed import ParallelSizes
 from bam_megatron.testing.distributed import run_distributed
 from bam_megatron.testing.shards import assemble
-from tests.test_training import SCRIPT, losses, run
+from tests.test_training import losses, run
 
 VARIANTS = ("dense", "bam", "btx")
 METHODS = ("molora", "mov")

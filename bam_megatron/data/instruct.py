@@ -93,7 +93,8 @@ def encode_pairs(pairs: Sequence[tuple[str, str]], tokenizer: Any, seq_length: i
         labels.append(row[1:])
         masks.append(mask)
     if not tokens:
-        raise DataError(f"every prompt is at least --seq-length {seq_length} tokens long: no response token to train on")
+        raise DataError(f"every prompt is at least --seq-length {seq_length} tokens long: "
+                        "no response token to train on")  # fmt: skip
     return Encoded(numpy.stack(tokens), numpy.stack(labels), numpy.stack(masks), truncated, dropped)
 
 
@@ -158,5 +159,5 @@ def build_instruct_datasets(train_path: str, valid_path: Optional[str], tokenize
     cut = train.truncated + sum(d.encoded.truncated for d in valid_sets.values())
     dropped = train.dropped + sum(d.encoded.dropped for d in valid_sets.values())
     summary += f" ({cut} cut to --seq-length {seq_length}, {dropped} dropped: prompt fills the window)"
-    return (InstructDataset(train, train_samples, seed), valid_sets, fingerprint([train_path, valid_path], keys, seq_length, seed),
-            summary)  # fmt: skip
+    train_set = InstructDataset(train, train_samples, seed)
+    return train_set, valid_sets, fingerprint([train_path, valid_path], keys, seq_length, seed), summary

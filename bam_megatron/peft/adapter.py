@@ -49,7 +49,8 @@ class Adapter(torch.nn.Module):
         if fill == "zeros":
             full = torch.zeros(global_shape)
         elif fill == "normal":
-            full = torch.empty(global_shape).normal_(0.0, std, generator=_generator(self.peft.seed, f"{self.key}.{name}"))
+            gen = _generator(self.peft.seed, f"{self.key}.{name}")
+            full = torch.empty(global_shape).normal_(0.0, std, generator=gen)
         else:
             raise ValueError(f"unknown fill {fill!r}")
         if tp_axis is not None:

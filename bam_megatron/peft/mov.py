@@ -58,7 +58,8 @@ class MoVQKV(Adapter):
         shape = (*lead, self.groups, 1, self.head_dim) if gates is not None else (self.groups, 1, self.head_dim)
         k = _merged(self.ia3_k, gates, out.dtype).view(shape)
         v = _merged(self.ia3_v, gates, out.dtype).view(shape)
-        q, key, value = out.view(*lead, self.groups, self.per_group + 2, self.head_dim).split([self.per_group, 1, 1], -2)
+        heads = out.view(*lead, self.groups, self.per_group + 2, self.head_dim)  # [q…, k, v] per group
+        q, key, value = heads.split([self.per_group, 1, 1], dim=-2)
         return torch.cat([q, key * k, value * v], dim=-2).view(out.shape)
 
     def attach(self, linear_module: torch.nn.Module) -> None:

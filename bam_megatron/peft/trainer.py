@@ -66,7 +66,8 @@ class PeftTrainer(Trainer):
         p = self.progress
         p.iteration, p.consumed_samples = meta["iteration"], meta["consumed_samples"]
         p.skipped_iterations, p.nan_iterations = meta["skipped_iterations"], meta["nan_iterations"]
-        _say(f"resumed adapters from {found.adapters} at iteration {p.iteration} ({p.consumed_samples} samples consumed)")
+        _say(f"resumed adapters from {found.adapters} at iteration {p.iteration} "
+             f"({p.consumed_samples} samples consumed)")  # fmt: skip
 
     def _meta(self) -> dict[str, Any]:
         meta = super()._meta()
