@@ -289,7 +289,7 @@ def test_phase1_preempted_saves_requeues_and_resumes(seed, work):
     assert (job["JobState"], job["ExitCode"], job["Restarts"]) == ("COMPLETED", "0:0", "1"), out
     assert 3 <= saved < SEED_ITERS
     # The job's own log (appended across runs): rendezvous, preemption, requeue, second run.
-    assert f"run 0: 1 node(s) x 2 task(s), 0 GPU(s) per node, world size 2" in out
+    assert re.search(r"run 0: 1 node\(s\) x 2 task\(s\), 0 GPU\(s\) per node, \d+ CPU\(s\) per task, world size 2", out)
     assert "SIGUSR1: asking the training to save and stop" in out and "pretrain_bam.py exited with code 3" in out
     assert f"requeued job {job_id} (restart 1)" in out and "SIGTERM" not in out  # the requeue's own TERM is quiet
     assert "run 1: 1 node(s) x 2 task(s)" in out and "pretrain_bam.py exited with code 0" in out

@@ -34,10 +34,14 @@
 : "${BAM_REPO:?the .sbatch script sets BAM_REPO before sourcing launch.sh}"
 
 : "${BAM_RUNS:=${SLURM_SUBMIT_DIR}/runs}"          # every phase's checkpoints, under one root
+[[ $BAM_RUNS == /* ]] || BAM_RUNS=$SLURM_SUBMIT_DIR/$BAM_RUNS
 : "${BAM_LOG_DIR:=${BAM_RUNS}/logs}"                # per-rank logs
 : "${BAM_PYTHON:=python}"                           # the interpreter the tasks run
 : "${BAM_CONTAINER_IMAGE:=}"                        # pyxis image (registry#image:tag or a .sqsh file)
-: "${BAM_CONTAINER_MOUNTS:=${SLURM_SUBMIT_DIR}:${SLURM_SUBMIT_DIR},${BAM_RUNS}:${BAM_RUNS}}"
+if [[ -z ${BAM_CONTAINER_MOUNTS:-} ]]; then         # the submit directory, and BAM_RUNS if elsewhere
+    BAM_CONTAINER_MOUNTS=$SLURM_SUBMIT_DIR:$SLURM_SUBMIT_DIR
+    [[ $BAM_RUNS == "$SLURM_SUBMIT_DIR"/* ]] || BAM_CONTAINER_MOUNTS+=,$BAM_RUNS:$BAM_RUNS
+fi
 : "${BAM_CONTAINER_WORKDIR:=${SLURM_SUBMIT_DIR}}"   # relative paths mean the same inside and out
 if [[ -n $BAM_CONTAINER_IMAGE ]]; then
     : "${BAM_CODE_DIR:=/workspace/bam-megatron}"    # where the Dockerfile puts the project
@@ -50,6 +54,29 @@ fi
 : "${BAM_MAX_REQUEUES:=10}"                         # requeues after preemption, per job
 : "${BAM_STEP_WAIT:=120}"                           # srun --wait: seconds the other ranks get after one exits
 : "${BAM_DRY_RUN:=0}"                               # 1: print the srun command lines, run nothing
+
+# Defaults of the model, data and schedule flags (phase 1 and 3; the .sbatch sets the
+# phase-specific ones - BAM_TRAIN_ITERS, BAM_LR, BAM_WARMUP - before sourcing this file).
+: "${BAM_PRESET:=paper-590m}"
+: "${BAM_SEQ_LENGTH:=2048}"
+: "${BAM_DATA_PATH:=}"
+: "${BAM_TOKENIZER:=}"
+: "${BAM_MOCK_DATA:=0}"
+: "${BAM_VOCAB_SIZE:=32000}"
+: "${BAM_TP:=1}"
+: "${BAM_PP:=1}"
+: "${BAM_EP:=1}"
+: "${BAM_MICRO_BATCH:=4}"
+: "${BAM_GLOBAL_BATCH:=}"
+: "${BAM_SAVE_INTERVAL:=1000}"
+: "${BAM_LOG_INTERVAL:=10}"
+: "${BAM_EVAL_INTERVAL:=1000}"
+: "${BAM_EVAL_ITERS:=10}"
+: "${BAM_DIST_OPT:=1}"
+: "${BAM_BF16:=auto}"
+: "${BAM_EXPERTS:=code law math}"
+: "${BAM_SEED_DIR:=${BAM_RUNS}/seed}"
+: "${BAM_EXPERTS_DIR:=${BAM_RUNS}/experts}"
 
 BAM_EXIT_PREEMPTED=3  # pretrain_bam.py: checkpoint saved after SIGTERM/SIGUSR1
 BAM_STEP_PID=""       # the running srun
@@ -73,6 +100,9 @@ bam_rendezvous() {
     local tasks=${SLURM_NTASKS:?sbatch did not set SLURM_NTASKS}
     local per_node=$((tasks / nodes))
     local gpus=${SLURM_GPUS_ON_NODE:-0}
+    # Each task's share of the node's CPUs: srun would otherwise give (and bind) one CPU per task.
+    local share=$((${SLURM_CPUS_ON_NODE:-1} / per_node))
+    BAM_CPUS_PER_TASK=${BAM_CPUS_PER_TASK:-${SLURM_CPUS_PER_TASK:-$((share > 0 ? share : 1))}}
     MASTER_ADDR=${BAM_MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}
     export MASTER_ADDR MASTER_PORT=$BAM_MASTER_PORT
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}} PYTHONUNBUFFERED=1
@@ -82,7 +112,7 @@ bam_rendezvous() {
         bam_log "warning: $per_node tasks per node leave $((gpus - per_node)) of $gpus GPUs idle"
     fi
     bam_log "job ${SLURM_JOB_ID} (${SLURM_JOB_NAME:-}) run ${SLURM_RESTART_COUNT:-0}: $nodes node(s) x $per_node task(s)," \
-        "$gpus GPU(s) per node, world size $tasks, rendezvous $MASTER_ADDR:$MASTER_PORT"
+        "$gpus GPU(s) per node, $BAM_CPUS_PER_TASK CPU(s) per task, world size $tasks, rendezvous $MASTER_ADDR:$MASTER_PORT"
 }
 
 # Directory of this job's per-rank logs (one subdirectory per run of a requeued job).
@@ -138,9 +168,7 @@ bam_step() {
         shift
     done
     shift
-    if [[ -n ${SLURM_CPUS_PER_TASK:-} ]]; then
-        cmd+=(--cpus-per-task="$SLURM_CPUS_PER_TASK") # srun no longer inherits it from sbatch
-    fi
+    cmd+=(--cpus-per-task="$BAM_CPUS_PER_TASK") # srun does not inherit sbatch's
     if [[ -n $BAM_CONTAINER_IMAGE ]]; then
         cmd+=(--container-image="$BAM_CONTAINER_IMAGE" --container-mounts="$BAM_CONTAINER_MOUNTS"
             --container-workdir="$BAM_CONTAINER_WORKDIR")
@@ -244,29 +272,6 @@ bam_common_flags() {
         BAM_FLAGS+=(--bf16)
     fi
 }
-
-# Defaults of the model, data and schedule flags (phase 1 and 3; the .sbatch sets the
-# phase-specific ones - BAM_TRAIN_ITERS, BAM_LR, BAM_WARMUP - before sourcing this file).
-: "${BAM_PRESET:=paper-590m}"
-: "${BAM_SEQ_LENGTH:=2048}"
-: "${BAM_DATA_PATH:=}"
-: "${BAM_TOKENIZER:=}"
-: "${BAM_MOCK_DATA:=0}"
-: "${BAM_VOCAB_SIZE:=32000}"
-: "${BAM_TP:=1}"
-: "${BAM_PP:=1}"
-: "${BAM_EP:=1}"
-: "${BAM_MICRO_BATCH:=4}"
-: "${BAM_GLOBAL_BATCH:=}"
-: "${BAM_SAVE_INTERVAL:=1000}"
-: "${BAM_LOG_INTERVAL:=10}"
-: "${BAM_EVAL_INTERVAL:=1000}"
-: "${BAM_EVAL_ITERS:=10}"
-: "${BAM_DIST_OPT:=1}"
-: "${BAM_BF16:=auto}"
-: "${BAM_EXPERTS:=code law math}"
-: "${BAM_SEED_DIR:=${BAM_RUNS}/seed}"
-: "${BAM_EXPERTS_DIR:=${BAM_RUNS}/experts}"
 
 mkdir -p "$BAM_RUNS" "$BAM_LOG_DIR"
 bam_rendezvous
