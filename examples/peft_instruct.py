@@ -3,7 +3,7 @@
 
     python examples/peft_instruct.py                      # everything, a few minutes on 2 CPU cores
     python examples/peft_instruct.py --quick              # a smoke run (~1 minute)
-    python examples/peft_instruct.py --base runs/seed --tokenizer-model tok.model   # your own seed
+    python examples/peft_instruct.py --base runs/seed --tokenizer-model tok.model   # your own seed (any variant)
 
 Stages (the project's own entry points, as subprocesses; everything under --workdir):
 
@@ -137,12 +137,28 @@ def _trainable(log: str) -> tuple[int, int]:
     raise RuntimeError(f"no parameter report in {log}")
 
 
+def _architecture_of(base: str) -> list[str]:
+    """pretrain_bam.py's architecture flags of a checkpoint (a run must repeat them to load it)."""
+    sys.path.insert(0, REPO)
+    from bam_megatron.training.checkpointing import read_meta, resolve_checkpoint
+
+    saved = read_meta(resolve_checkpoint(base))["args"]
+    flags = []
+    for key in ("variant", "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+                "block_type", "normalization", "rotary_base"):  # fmt: skip
+        if saved.get(key) is not None:
+            flags += [f"--{key.replace('_', '-')}", str(saved[key])]
+    if saved["variant"] != "dense":
+        flags += ["--num-experts", str(saved["num_experts"])]
+    untie = saved["untie_embeddings_and_output_weights"]
+    return flags + ["--untie-embeddings-and-output-weights" if untie else "--no-untie-embeddings-and-output-weights"]
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default=os.path.join(REPO, "runs", "peft_instruct"))
     parser.add_argument("--base", default=None, help="seed checkpoint to fine-tune (a --save directory); skips stages 2-3")
     parser.add_argument("--tokenizer-model", default=None, help="the seed's tokenizer (with --base)")
-    parser.add_argument("--variant", default="dense", help="variant of the seed (with --base: as it was trained)")
     parser.add_argument("--experts", type=int, default=10, help="adapter experts of MoV and MoLoRA")
     parser.add_argument("--rank", type=int, default=4, help="LoRA rank")
     parser.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha")
@@ -165,9 +181,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     data = write_data(work, n_train, n_valid, 200 if args.quick else 2000)
     print(f"data: {n_train} training and {n_valid} held-out instruction pairs, 7 tasks -> {work}/data", flush=True)
 
-    sizes = ["--num-layers", "4", "--hidden-size", "128", "--num-attention-heads", "4", "--ffn-hidden-size", "384",
-             "--seq-length", "64", "--micro-batch-size", "16", "--variant", args.variant]  # fmt: skip
+    shape = ["--seq-length", "64", "--micro-batch-size", "16"]
     if args.base is None:
+        sizes = ["--variant", "dense", "--num-layers", "4", "--hidden-size", "128", "--num-attention-heads", "4",
+                 "--ffn-hidden-size", "384", *shape]  # fmt: skip
         tokenizer = os.path.join(work, "tok", "spm")
         _run(["tools/train_tokenizer.py", "--input", data["tokenizer"], "--vocab-size", "400",
               "--output-prefix", tokenizer], log("tokenizer"), 2)  # fmt: skip
@@ -182,6 +199,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         print(f"seed: pre-trained {args.seed_iters} iterations on task-free text ({seconds:.0f} s)", flush=True)
     else:
         base, tokenizer = args.base, args.tokenizer_model
+        sizes = [*_architecture_of(base), *shape]
 
     eval_iters = math.ceil(n_valid / 16)
     common = [*sizes, "--tokenizer-model", tokenizer, "--instruct-data-path", data["train"], "--instruct-valid-path",
@@ -216,7 +234,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     with ThreadPoolExecutor(2) as pool:
         rows = list(pool.map(fine_tune, runs.items()))
 
-    print(f"\nheld-out loss on the response tokens of {n_valid} unseen pairs ({args.variant} seed, "
+    print(f"\nheld-out loss on the response tokens of {n_valid} unseen pairs ({sizes[sizes.index('--variant') + 1]} seed, "
           f"{args.iters} fine-tuning iterations):\n")  # fmt: skip
     print("| method | trainable params | % of model | held-out loss | ppl |")
     print("|---|---:|---:|---:|---:|")

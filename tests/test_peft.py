@@ -110,6 +110,10 @@ def single_rank_checks(checkpoint_dir: str) -> dict:
     now = dict(fresh.named_parameters())
     out["restored"] = all(torch.equal(now[n], saved[n]) for n in saved if is_adapter_name(n))
     out["base_untouched"] = all(torch.equal(now[n], p) for n, p in base_before.items())
+    # an MoE expert that receives no tokens
+    expert = model.decoder.layers[0].mlp.experts.local_experts[0]
+    nothing = torch.zeros(0, expert.linear_fc1.weight.shape[1])
+    out["empty_expert"] = tuple(expert(nothing, torch.zeros(0))[0].shape)
     out["adapter_numel"] = sum(p.numel() for p in adapter_parameters(model).values())
     out["model_numel"] = sum(p.numel() for p in model.parameters())
     return out
@@ -138,6 +142,10 @@ def test_adapted_modules_compute_the_soft_mixture(single_rank, case):
     actual, naive = single_rank[case]
     torch.testing.assert_close(actual, naive, rtol=1e-5, atol=1e-5)
     assert not torch.equal(actual, naive * 0)
+
+
+def test_an_expert_without_tokens(single_rank):
+    assert single_rank["empty_expert"] == (0, 64)
 
 
 def test_adapter_checkpoint_restores_exactly(single_rank, tmp_path_factory):

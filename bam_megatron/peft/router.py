@@ -59,5 +59,5 @@ def mix(t: torch.Tensor, gates: Optional[torch.Tensor], num_experts: int) -> tor
     """Scale each expert's slice of ``t`` [..., E·k] by its gate [..., E] (no router: unchanged)."""
     if gates is None:
         return t
-    shape = t.shape
-    return (t.view(*shape[:-1], num_experts, -1) * gates.to(t.dtype).unsqueeze(-1)).view(shape)
+    shape = t.shape  # explicit sizes: an MoE expert may receive no tokens at all
+    return (t.view(*shape[:-1], num_experts, shape[-1] // num_experts) * gates.to(t.dtype).unsqueeze(-1)).view(shape)
