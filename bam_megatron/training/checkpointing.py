@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import queue
 import random
 import shutil
 from typing import Any, Optional
@@ -128,6 +129,21 @@ def _state(model, optimizer, with_rng: bool, is_loading: bool) -> dict[str, Any]
     return state
 
 
+def _collect_write_results_in_process() -> None:
+    """Let megatron-core's checkpoint writer report to a plain queue instead of a Manager's.
+
+    Its writer collects write results through a ``multiprocessing`` Manager queue, started (once
+    per process) in a *spawned* process, which re-imports ``__main__`` (torch, megatron-core):
+    seconds at the first save and again at exit, on every rank. Our saves are synchronous, so
+    the results are put and taken in this very process and a ``queue.Queue`` does the job.
+    (An asynchronous save would need the Manager; we do not make any.)
+    """
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is None:
+        filesystem_async._results_queue = queue.Queue()
+
+
 def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, meta: dict[str, Any],
                     sharded_strategy=None) -> str:  # fmt: skip
     """Save and publish ``root/iter_N``; every rank calls it. ``meta`` is plain Python data.
@@ -144,6 +160,7 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, meta
         os.makedirs(tmp)
     dist.barrier()
     state = _state(model, optimizer, with_rng=True, is_loading=False)
+    _collect_write_results_in_process()
     state["meta"] = dict(meta, iteration=iteration, layout=_layout(),
                          scheduler=scheduler.state_dict() if scheduler is not None else None)  # fmt: skip
     dist_checkpointing.save(state, tmp, sharded_strategy=sharded_strategy)
