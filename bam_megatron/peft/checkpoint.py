@@ -31,6 +31,8 @@ class ModelView:
     (and fails if any of them is missing)."""
 
     def __init__(self, model: torch.nn.Module, select: Callable[[str], bool]) -> None:
+        while not hasattr(model, "decoder") and hasattr(model, "module"):  # Float16Module (--bf16), DDP
+            model = model.module  # (Float16Module.load_state_dict returns nothing to check)
         self.model, self.select = model, select
 
     def sharded_state_dict(self, *args: Any, **kwargs: Any) -> dict:
