@@ -137,16 +137,6 @@ def validate(sources: Sequence[Source], args: argparse.Namespace) -> int:
     return experts
 
 
-def _layout_args(args: dict) -> argparse.Namespace:
-    """A source's training flags, as a one-rank model without dropout."""
-    ns = argparse.Namespace(**args)
-    ns.tensor_model_parallel_size = ns.pipeline_model_parallel_size = ns.expert_model_parallel_size = 1
-    ns.sequence_parallel, ns.hidden_dropout, ns.attention_dropout = False, 0.0, 0.0
-    ns.recompute_granularity = ns.recompute_method = ns.recompute_num_layers = None
-    ns.bf16 = False
-    return ns
-
-
 def _meta_model(args: argparse.Namespace):
     """The one-rank model ``args`` describe, on the meta device: shapes only, no memory."""
     from bam_megatron.conversion.layerwise import meta_model
@@ -204,7 +194,9 @@ class _Mixer:
 
     def __init__(self, args: argparse.Namespace, sources: Sequence[Source], experts: int, config):
         self.args, self.sources, self.experts, self.config = args, sources, experts, config
-        self.source_models = [_meta_model(_layout_args(s.meta["args"]))[0] for s in sources]
+        from bam_megatron.training.checkpointing import one_rank_args
+
+        self.source_models = [_meta_model(one_rank_args(s.meta["args"]))[0] for s in sources]
         self.moa = args.method in ("bam", "bam-shared-kv")
 
     def __call__(self, unit: int, params: dict) -> None:
@@ -279,7 +271,7 @@ def upcycle(args: argparse.Namespace) -> dict:
     initialize(ParallelSizes(), seed=args.seed)
 
     out_args = target_args(sources, args, experts)
-    target, config = _meta_model(_layout_args(out_args))
+    target, config = _meta_model(checkpointing.one_rank_args(out_args))
     strategy = StreamingSaveStrategy(target, _Mixer(args, sources, experts, config))
 
     manifest = {

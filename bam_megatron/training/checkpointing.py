@@ -19,6 +19,7 @@ layout; RNG states are restored only under the same layout.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import os
 import queue
@@ -172,6 +173,20 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, meta
         write_atomically(os.path.join(root, LATEST), str(iteration))
     dist.barrier()
     return final
+
+
+def one_rank_args(saved_args: dict[str, Any]) -> argparse.Namespace:
+    """A checkpoint's training flags as a one-rank fp32 model without dropout or recompute.
+
+    What tools that load or write checkpoints on one process (upcycle, convert, evaluate) build;
+    dist_checkpointing reshards from and to any layout.
+    """
+    ns = argparse.Namespace(**saved_args)
+    ns.tensor_model_parallel_size = ns.pipeline_model_parallel_size = ns.expert_model_parallel_size = 1
+    ns.sequence_parallel, ns.hidden_dropout, ns.attention_dropout = False, 0.0, 0.0
+    ns.recompute_granularity = ns.recompute_method = ns.recompute_num_layers = None
+    ns.bf16 = False
+    return ns
 
 
 def read_meta(path: str) -> dict[str, Any]:

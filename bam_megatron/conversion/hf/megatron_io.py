@@ -8,7 +8,6 @@ an ``iter_*`` directory, the ``latest`` file and the meta (training flags, token
 
 from __future__ import annotations
 
-import argparse
 import os
 import warnings
 from typing import Any
@@ -31,21 +30,12 @@ def read_checkpoint(path: str) -> tuple[str, dict[str, Any]]:
         raise ConversionError(str(error)) from None
 
 
-def one_rank_args(args: dict[str, Any]) -> argparse.Namespace:
-    """A checkpoint's training flags as a one-rank fp32 model without dropout."""
-    ns = argparse.Namespace(**args)
-    ns.tensor_model_parallel_size = ns.pipeline_model_parallel_size = ns.expert_model_parallel_size = 1
-    ns.sequence_parallel, ns.hidden_dropout, ns.attention_dropout = False, 0.0, 0.0
-    ns.recompute_granularity = ns.recompute_method = ns.recompute_num_layers = None
-    ns.bf16 = False
-    return ns
-
-
 def model_config_for(args: dict[str, Any]):
     """The BAMConfig of a checkpoint's model on one rank (no process group needed)."""
+    from bam_megatron.training import checkpointing
     from bam_megatron.training.loop import model_config
 
-    config = model_config(one_rank_args(args))
+    config = model_config(checkpointing.one_rank_args(args))
     config.perform_initialization = False  # every weight is loaded or overwritten
     return config
 
