@@ -3,7 +3,7 @@
 Converting checkpoints (upcycling, format conversion) should need memory for one layer, not for
 the model. Both directions keep the model on PyTorch's ``meta`` device (shapes, no storage) and
 give real storage to one *unit* at a time: ``TOP`` (embedding, final norm, output layer) or one
-transformer layer.
+transformer layer (two while writing: the next unit is filled as the current one is written).
 
 - Reading: ``read_unit`` materialises a unit of a meta model and reads into it just that unit's
   chunks, as megatron-core's ``sharded_state_dict`` of the model lays them out, so a source saved
@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import io
+import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterator, Union
 
@@ -40,6 +42,9 @@ from torch.distributed.checkpoint import load as dcp_load
 from torch.distributed.checkpoint import save as dcp_save
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
 from torch.distributed.checkpoint.planner import WriteItem, WriteItemType
+
+# read_unit reads without collectives, on purpose; torch warns about that on every call.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 TOP = -1  # the unit holding everything outside decoder.layers
 LAYERS = "decoder.layers."
@@ -146,7 +151,9 @@ def read_unit(model, unit: Unit, checkpoint_dir: str) -> dict[str, torch.Tensor]
             chunks = requests.setdefault(value.key, _Chunks(value.global_shape))
             shape = (1,) * value.prepend_axis_num + tuple(value.local_shape)
             chunks.chunks[tuple(value.global_offset)] = value.data.view(shape)
-        dcp_load(requests, storage_reader=FileSystemReader(checkpoint_dir), planner=_PartialLoadPlanner())
+        # no_dist: each process reads what it asks for (no collectives; safe on a helper thread)
+        dcp_load(requests, storage_reader=FileSystemReader(checkpoint_dir), planner=_PartialLoadPlanner(),
+                 no_dist=True)  # fmt: skip
         dict_list_map_inplace(lambda sharded: sharded.data, wanted)
         apply_factory_merges(wanted, factories)
         return {name: wanted[name].detach() for name in params}
@@ -177,57 +184,92 @@ class _StreamingPlanner(MCoreSavePlanner):
         return self.produce(write_item.index.fqn, tuple(write_item.index.offset))
 
 
+def _chunk_unit(key: str, offset: tuple) -> Unit:
+    return int(offset[0]) if key.startswith(LAYERS) else TOP
+
+
+class _PreparedUnit:
+    """One unit of the model with real storage, filled, as the checkpoint's chunks."""
+
+    def __init__(self, model, unit: Unit, fill: Callable):
+        self.unit, self._exit = unit, contextlib.ExitStack()
+        try:
+            params = self._exit.enter_context(materialised(model, unit))
+            with torch.no_grad():  # (grad mode is per thread)
+                fill(unit, params)
+            state = model.sharded_state_dict()
+            apply_factories(state)  # e.g. SwiGLU's fc1, stored as two halves
+            self.chunks: dict[tuple[str, tuple], torch.Tensor] = {}
+            for sharded in nested_values(state):
+                if isinstance(sharded, ShardedTensor) and sharded.data.device.type != "meta":
+                    offset = tuple(sharded.global_offset)
+                    if _chunk_unit(sharded.key, offset) == unit:  # (the unit being written is live too)
+                        shape = (1,) * sharded.prepend_axis_num + tuple(sharded.local_shape)
+                        self.chunks[(sharded.key, offset)] = sharded.data.detach().view(shape)
+        except BaseException:
+            self.release()
+            raise
+
+    def release(self) -> None:
+        self._exit.close()
+
+
 class StreamingSaveStrategy(SaveShardedStrategy):
     """Save a meta model's checkpoint in the ``torch_dist`` format, filling one unit at a time.
 
     ``fill(unit, params)`` writes the values of one unit's freshly materialised parameters
     (full names -> tensors); it is called once per unit, in order (TOP first, then the layers).
-    Single process only (the converters run on one rank).
+    While one unit is written, the next is filled on a helper thread (torch ops and file I/O
+    release the GIL), so at most two units hold storage. Single process only (the converters run
+    on one rank).
     """
 
     def __init__(self, model, fill: Callable[[Unit, dict[str, torch.nn.Parameter]], None]):
         super().__init__("torch_dist", 1)
         self.model, self.fill = model, fill
-        self._unit: Unit | None = None
-        self._chunks: dict[tuple[str, tuple], torch.Tensor] = {}
-        self._exit: contextlib.ExitStack | None = None
+        self.order: list[Unit] = [TOP, *range(num_layers(model))]  # the planner's write order
+        self._current: _PreparedUnit | None = None
+        self._next: Future | None = None
+        self._pool: ThreadPoolExecutor | None = None
 
     @property
     def can_handle_sharded_objects(self) -> bool:
         return True
 
-    def _load_unit(self, unit: Unit) -> None:
-        self._release()
-        self._exit = contextlib.ExitStack()
-        params = self._exit.enter_context(materialised(self.model, unit))
-        with torch.no_grad():
-            self.fill(unit, params)
-        state = self.model.sharded_state_dict()
-        apply_factories(state)  # e.g. SwiGLU's fc1, stored as two halves
-        for value in state.values():
-            for sharded in value if isinstance(value, list) else [value]:
-                if isinstance(sharded, ShardedTensor) and sharded.data.device.type != "meta":
-                    shape = (1,) * sharded.prepend_axis_num + tuple(sharded.local_shape)
-                    self._chunks[(sharded.key, tuple(sharded.global_offset))] = sharded.data.detach().view(shape)
-        self._unit = unit
-
-    def _release(self) -> None:
-        if self._exit is not None:
-            self._exit.close()
-        self._exit, self._unit, self._chunks = None, None, {}
+    def _prepare(self, unit: Unit) -> Future:
+        return self._pool.submit(_PreparedUnit, self.model, unit, self.fill)
 
     def _produce(self, key: str, offset: tuple) -> torch.Tensor:
-        unit = TOP if not key.startswith(LAYERS) else offset[0]
-        if unit != self._unit:
-            self._load_unit(unit)
-        return self._chunks[(key, offset)]
+        unit = _chunk_unit(key, offset)
+        if self._current is None or self._current.unit != unit:
+            if self._current is not None:
+                self._current.release()
+                self._current = None
+            if self._next is None:
+                self._next = self._prepare(unit)
+            prepared, self._next = self._next.result(), None
+            if prepared.unit != unit:  # not the planned order: prepare what is asked
+                prepared.release()
+                prepared = self._prepare(unit).result()
+            self._current = prepared
+            position = self.order.index(unit)
+            if position + 1 < len(self.order):
+                self._next = self._prepare(self.order[position + 1])
+        return self._current.chunks[(key, offset)]
 
     def save(self, sharded_state_dict, checkpoint_dir: Union[str, Path]) -> None:
         """Plan from the (meta) sharded state dict; write with data produced per unit."""
         state, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, keep_only_main_replica=True)
         writer = FileSystemWriter(str(checkpoint_dir), single_file_per_rank=True, thread_count=1)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bam-fill")
         try:
             dcp_save(mcore_to_pyt_state_dict(state, False), storage_writer=writer,
                      planner=_StreamingPlanner(self._produce))  # fmt: skip
         finally:
-            self._release()
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            for pending in [self._current] + ([self._next] if self._next is not None else []):
+                if isinstance(pending, Future):
+                    pending = pending.result() if not pending.cancelled() and pending.exception() is None else None
+                if pending is not None:
+                    pending.release()
+            self._current = self._next = self._pool = None
