@@ -159,10 +159,15 @@ def read_unit(model, unit: Unit, checkpoint_dir: str) -> dict[str, torch.Tensor]
         return {name: wanted[name].detach() for name in params}
 
 
+def _chunk_unit(key: str, offset: tuple) -> Unit:
+    # megatron-core prepends the layer axis to decoder.layers.* tensors
+    return int(offset[0]) if key.startswith(LAYERS) else TOP
+
+
 def _write_item_unit(item: WriteItem) -> Unit:
-    if item.type == WriteItemType.BYTE_IO or not item.index.fqn.startswith(LAYERS):
+    if item.type == WriteItemType.BYTE_IO:
         return TOP
-    return int(item.index.offset[0])  # megatron prepends the layer axis to decoder.layers.* tensors
+    return _chunk_unit(item.index.fqn, tuple(item.index.offset))
 
 
 class _StreamingPlanner(MCoreSavePlanner):
@@ -182,10 +187,6 @@ class _StreamingPlanner(MCoreSavePlanner):
         if write_item.type == WriteItemType.BYTE_IO:
             return super().resolve_data(write_item)
         return self.produce(write_item.index.fqn, tuple(write_item.index.offset))
-
-
-def _chunk_unit(key: str, offset: tuple) -> Unit:
-    return int(offset[0]) if key.startswith(LAYERS) else TOP
 
 
 class _PreparedUnit:
