@@ -13,8 +13,9 @@ Methods:
 - ``sparse``: one source copied into every FFN expert (sparse upcycling); ``--num-experts``.
 
 The MoE is built and written layer by layer (``bam_megatron.conversion.layerwise``): each
-source's layer is read through megatron-core's dist_checkpointing (any TP/PP it was saved
-with), so memory holds one layer of the MoE and of a source, never a whole model. The output is a checkpoint
+source's layer is read as its chunks of the ``torch_dist`` checkpoint (any TP/PP it was saved
+with), so memory holds a layer or two of the MoE and one of a source, never a whole model
+(docs/phases.md). The output is a checkpoint
 that ``pretrain_bam.py --pretrained-checkpoint`` loads under the target TP/EP/PP; it is written
 under a temporary name with a manifest (sources, their steps and hashes, method, router seed) and
 renamed when complete, so a failed upcycle leaves nothing behind.
@@ -167,13 +168,13 @@ def target_args(sources: Sequence[Source], args: argparse.Namespace, experts: in
     return out
 
 
-def _router_init(name: str, shape: torch.Size, seed: int, std: float) -> "torch.Tensor":
+def _router_init(name: str, shape: torch.Size, seed: int, std: float) -> torch.Tensor:
     """A new router's weight: N(0, std), seeded per parameter so it does not depend on write order."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
     return torch.randn(shape, generator=generator) * std
 
 
-def _running_mean(target: "torch.Tensor", weight: "torch.Tensor", seen: "torch.Tensor") -> None:
+def _running_mean(target: torch.Tensor, weight: torch.Tensor, seen: torch.Tensor) -> None:
     """Fold ``weight`` into the mean held in ``target``; ``seen`` counts sources per row.
 
     Rows beyond a source's vocabulary (it padded less) are left to the sources that have them;
