@@ -342,3 +342,43 @@ def test_flag_and_model_errors():
         PeftConfig("molora", rank=0)
     with pytest.raises(ValueError, match="--peft must be one of"):
         PeftConfig("lora")
+
+
+def _refusals() -> dict:
+    """Rank body: what apply_peft says of modules it cannot adapt (each a clear error, nothing half-done)."""
+    from megatron.core.transformer.attention import CrossAttention
+    from megatron.core.transformer.moe.experts import GroupedMLP
+
+    from bam_megatron.model.builder import build_model
+    from bam_megatron.peft.parallel import describe_linear
+    from bam_megatron.platform.distributed import initialize
+    from tests.tiny_gpt import SEQ, VOCAB, bam_config
+
+    initialize(ParallelSizes(), seed=1234)
+    errors = {}
+
+    def refusal(fn) -> str:
+        try:
+            fn()
+        except NotImplementedError as error:
+            return str(error)
+        return "accepted"
+
+    errors["plain linear"] = refusal(lambda: describe_linear(torch.nn.Linear(4, 4), "layers.0.custom"))
+    for case, replace in (("grouped experts", ("mlp", "experts", GroupedMLP)),
+                          ("cross attention", (None, "self_attention", CrossAttention))):  # fmt: skip
+        model = build_model(bam_config(ParallelSizes(), "bam"), VOCAB, SEQ)
+        parent_name, child, cls = replace
+        parent = getattr(model.decoder.layers[1], parent_name) if parent_name else model.decoder.layers[1]
+        stand_in = cls.__new__(cls)  # an instance of the unsupported class, without its CUDA-only set-up
+        torch.nn.Module.__init__(stand_in)
+        setattr(parent, child, stand_in)
+        errors[case] = refusal(lambda: apply_peft(model, PeftConfig("molora", **SMALL)))
+    return errors
+
+
+def test_modules_peft_cannot_adapt_are_refused_by_name():
+    (errors,) = run_distributed(_refusals, 1)
+    assert errors["plain linear"].startswith("PEFT cannot adapt layers.0.custom: Linear is not a megatron-core")
+    assert errors["grouped experts"].startswith("PEFT cannot adapt layers.1.mlp.experts: grouped-GEMM experts (GroupedMLP)")
+    assert errors["cross attention"] == "PEFT cannot adapt layers.1.self_attention: CrossAttention is not self-attention"
