@@ -63,9 +63,7 @@ class PeftTrainer(Trainer):
             return
         meta = checkpointing.load_checkpoint(found.adapters, adapters, self.optimizer, self.scheduler,
                                              load_rng=not args.no_load_rng)  # fmt: skip
-        p = self.progress
-        p.iteration, p.consumed_samples = meta["iteration"], meta["consumed_samples"]
-        p.skipped_iterations, p.nan_iterations = meta["skipped_iterations"], meta["nan_iterations"]
+        p = self._restore_progress(meta)
         _say(f"resumed adapters from {found.adapters} at iteration {p.iteration} "
              f"({p.consumed_samples} samples consumed)")  # fmt: skip
 

@@ -329,11 +329,16 @@ class Trainer:
             return
         meta = checkpointing.load_checkpoint(path, self.model, self.optimizer, self.scheduler,
                                              load_rng=not args.no_load_rng)  # fmt: skip
+        p = self._restore_progress(meta)
+        _say(f"resumed from {path} at iteration {p.iteration} ({p.consumed_samples} samples consumed"
+             f"{'' if meta['rng_restored'] else '; RNG states not restored: different parallel layout'})")  # fmt: skip
+
+    def _restore_progress(self, meta: dict[str, Any]) -> Progress:
+        """Iteration, samples consumed and skip counts of a resumed checkpoint."""
         p = self.progress
         p.iteration, p.consumed_samples = meta["iteration"], meta["consumed_samples"]
         p.skipped_iterations, p.nan_iterations = meta["skipped_iterations"], meta["nan_iterations"]
-        _say(f"resumed from {path} at iteration {p.iteration} ({p.consumed_samples} samples consumed"
-             f"{'' if meta['rng_restored'] else '; RNG states not restored: different parallel layout'})")  # fmt: skip
+        return p
 
     def _check_compatible(self, path: str, meta: dict[str, Any]) -> None:
         saved = meta["args"]
