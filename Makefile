@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test lint bench clean
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -19,9 +19,13 @@ $(STAMP): setup.py
 demo: $(STAMP)
 	$(PY) examples/bam_demo.py
 
-test: $(STAMP)
+test: $(STAMP) lint
 	@bash tools/ci/install_slurm.sh  # Slurm + MUNGE for tests/test_slurm.py, where it can
 	$(PY) -m pytest tests
+
+lint: $(STAMP)  # one style, configured in ruff.toml: `ruff format .` fixes what this reports
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 bench: $(STAMP)
 	for script in bench/*.py; do $(PY) $$script || exit 1; done

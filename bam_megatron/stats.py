@@ -15,8 +15,9 @@ import contextlib
 import json
 import sys
 import tempfile
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional
 
 if TYPE_CHECKING:
     import torch
@@ -135,9 +136,7 @@ def count_parameters(model: torch.nn.Module, config: BAMConfig) -> ParameterCoun
         return ParameterCounts(total=total, active=total, by_part=by_part)
     if expert_params % experts:
         raise ValueError(f"{expert_params} expert parameters are not {experts} equal experts")
-    return ParameterCounts(
-        total=total, active=total - expert_params // experts * (experts - topk), by_part=by_part
-    )
+    return ParameterCounts(total=total, active=total - expert_params // experts * (experts - topk), by_part=by_part)
 
 
 @contextlib.contextmanager
@@ -181,9 +180,7 @@ def one_rank_parallel_state() -> Iterator[None]:
                 cpu_mode.disable()
 
 
-def build_meta_model(
-    config: BAMConfig, vocab_size: int, seq_length: int, untie_embeddings: bool
-) -> GPTModel:
+def build_meta_model(config: BAMConfig, vocab_size: int, seq_length: int, untie_embeddings: bool) -> GPTModel:
     """The GPTModel `build_model` builds for ``config``, with every weight on the meta device.
 
     Needs megatron-core's parallel state at TP = PP = EP = 1 (`one_rank_parallel_state`). Always
@@ -194,9 +191,7 @@ def build_meta_model(
     from bam_megatron.model.builder import build_model
 
     if config.perform_initialization or not config.use_cpu_initialization:
-        raise ValueError(
-            "a meta model needs use_cpu_initialization=True and perform_initialization=False"
-        )
+        raise ValueError("a meta model needs use_cpu_initialization=True and perform_initialization=False")
     with torch.device("meta"):
         return build_model(config, vocab_size, seq_length, untie_embeddings, backend="local")
 
@@ -213,9 +208,7 @@ def model_stats(
     if num_experts < 1:
         raise ValueError(f"--num-experts must be >= 1, got {num_experts}")
     if not 1 <= moe_router_topk <= num_experts:
-        raise ValueError(
-            f"--moe-router-topk must be in [1, --num-experts {num_experts}], got {moe_router_topk}"
-        )
+        raise ValueError(f"--moe-router-topk must be in [1, --num-experts {num_experts}], got {moe_router_topk}")
     if seq_length < 1:
         raise ValueError(f"--seq-length must be >= 1, got {seq_length}")
     from bam_megatron.model.builder import PRESETS, variant_config  # megatron: after the checks
@@ -223,9 +216,13 @@ def model_stats(
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     config = variant_config(
-        variant, preset, num_experts=num_experts, moe_router_topk=moe_router_topk,
-        use_cpu_initialization=True, perform_initialization=False,
-    )  # fmt: skip
+        variant,
+        preset,
+        num_experts=num_experts,
+        moe_router_topk=moe_router_topk,
+        use_cpu_initialization=True,
+        perform_initialization=False,
+    )
     sizes = PRESETS[preset]
     with one_rank_parallel_state():
         model = build_meta_model(config, sizes.vocab_size, seq_length, sizes.untie_embeddings)
@@ -313,31 +310,34 @@ def _parser() -> argparse.ArgumentParser:
         ),
         epilog="FLOPs convention: " + FLOPS_CONVENTION,
     )
+    parser.add_argument("--preset", required=True, choices=PRESET_NAMES, help="model sizes (DESIGN.md section 5)")
     parser.add_argument(
-        "--preset", required=True, choices=PRESET_NAMES, help="model sizes (DESIGN.md section 5)"
-    )
-    parser.add_argument(
-        "--variant", required=True, choices=VARIANT_NAMES,
+        "--variant",
+        required=True,
+        choices=VARIANT_NAMES,
         help="dense: one attention, dense FFN; bam: N attention experts (expert KV) + N FFN "
         "experts; bam-shared-kv: as bam, one K/V shared by the attention experts; btx: one "
         "attention + N FFN experts",
-    )  # fmt: skip
-    parser.add_argument(
-        "--num-experts", type=int, default=4,
-        help="experts N: attention experts (bam*) and FFN experts (default 4; dense ignores it)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--moe-router-topk", type=int, default=1,
-        help="FFN experts k per token, 1 <= k <= N (default 1; dense ignores it)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--seq-length", type=int, default=DEFAULT_SEQ_LENGTH,
-        help=f"context length n_ctx of the attention FLOPs (default {DEFAULT_SEQ_LENGTH} for "
-        "every preset)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--json", action="store_true", help="print one JSON object instead of a table"
     )
+    parser.add_argument(
+        "--num-experts",
+        type=int,
+        default=4,
+        help="experts N: attention experts (bam*) and FFN experts (default 4; dense ignores it)",
+    )
+    parser.add_argument(
+        "--moe-router-topk",
+        type=int,
+        default=1,
+        help="FFN experts k per token, 1 <= k <= N (default 1; dense ignores it)",
+    )
+    parser.add_argument(
+        "--seq-length",
+        type=int,
+        default=DEFAULT_SEQ_LENGTH,
+        help=f"context length n_ctx of the attention FLOPs (default {DEFAULT_SEQ_LENGTH} for every preset)",
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     return parser
 
 
@@ -345,9 +345,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     """Command-line entry point (`bam-stats`, `python -m bam_megatron.stats`)."""
     args = _parser().parse_args(argv)
     try:
-        stats = model_stats(
-            args.preset, args.variant, args.num_experts, args.moe_router_topk, args.seq_length
-        )
+        stats = model_stats(args.preset, args.variant, args.num_experts, args.moe_router_topk, args.seq_length)
     except ValueError as error:
         print(f"bam-stats: error: {' '.join(str(error).split())}", file=sys.stderr)
         sys.exit(2)

@@ -16,11 +16,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import bam_megatron  # noqa: E402,F401
 import torch  # noqa: E402
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding  # noqa: E402
 from megatron.core.transformer.spec_utils import build_module  # noqa: E402
 
+import bam_megatron  # noqa: E402,F401
 from bam_megatron.model.builder import variant_config  # noqa: E402
 from bam_megatron.model.specs import get_bam_layer_spec  # noqa: E402
 from bench.common import forward_backward, init_single_rank, interleaved_medians, report  # noqa: E402
@@ -38,11 +38,23 @@ def main() -> None:
     init_single_rank()
 
     n = args.experts
-    common = dict(hidden_size=args.hidden, num_layers=1, ffn_hidden_size=4 * args.hidden,
-                  num_experts=n, use_cpu_initialization=True, moe_aux_loss_coeff=0.0, moe_z_loss_coeff=None)  # fmt: skip
+    common = dict(
+        hidden_size=args.hidden,
+        num_layers=1,
+        ffn_hidden_size=4 * args.hidden,
+        num_experts=n,
+        use_cpu_initialization=True,
+        moe_aux_loss_coeff=0.0,
+        moe_z_loss_coeff=None,
+    )
     bam_cfg = variant_config("bam", num_attention_heads=args.heads, num_query_groups=args.heads, **common)
-    ref_cfg = variant_config("btx", num_attention_heads=n * args.heads, num_query_groups=n * args.heads,
-                             kv_channels=args.hidden // args.heads, **common)  # fmt: skip
+    ref_cfg = variant_config(
+        "btx",
+        num_attention_heads=n * args.heads,
+        num_query_groups=n * args.heads,
+        kv_channels=args.hidden // args.heads,
+        **common,
+    )
     bam = build_module(get_bam_layer_spec(bam_cfg, "local"), config=bam_cfg, layer_number=1)
     ref = build_module(get_bam_layer_spec(ref_cfg, "local"), config=ref_cfg, layer_number=1)
     with torch.no_grad():  # same expert weights, so both FFNs route the same way and do the same work
@@ -57,12 +69,18 @@ def main() -> None:
     )
     ratio = ours / reference
     report(
-        {"bench": "bam_layer_overhead", "config": vars(args), "device": "cpu",
-         "bam_layer_ms": round(ours * 1e3, 2), "wide_attention_layer_ms": round(reference * 1e3, 2),
-         "ratio_bam_over_reference": round(ratio, 3), "goal": "<= 1.05"},
+        {
+            "bench": "bam_layer_overhead",
+            "config": vars(args),
+            "device": "cpu",
+            "bam_layer_ms": round(ours * 1e3, 2),
+            "wide_attention_layer_ms": round(reference * 1e3, 2),
+            "ratio_bam_over_reference": round(ratio, 3),
+            "goal": "<= 1.05",
+        },
         f"bam_layer_overhead: BAM layer {ours * 1e3:.1f} ms vs dense {n * args.heads}-head layer with the "
         f"same MoE FFN {reference * 1e3:.1f} ms (fwd+bwd): ratio {ratio:.3f} (goal <= 1.05)",
-    )  # fmt: skip
+    )
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 
 def interleaved_medians(a: Callable[[], None], b: Callable[[], None], rounds: int, warmup: int = 3):

@@ -17,12 +17,12 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import bam_megatron  # noqa: E402,F401
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.overrides import TorchFunctionMode  # noqa: E402
 
+import bam_megatron  # noqa: E402,F401
 from bench.common import init_single_rank, interleaved_medians, report  # noqa: E402
 
 
@@ -53,10 +53,18 @@ def main() -> None:
 
     init_single_rank()
     config = TransformerConfig(
-        num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=args.hidden // 64,
-        ffn_hidden_size=4 * args.hidden, gated_linear_unit=True, activation_func=F.silu,
-        normalization="RMSNorm", add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0,
-        bias_activation_fusion=False, pipeline_dtype=torch.float32,
+        num_layers=args.layers,
+        hidden_size=args.hidden,
+        num_attention_heads=args.hidden // 64,
+        ffn_hidden_size=4 * args.hidden,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        normalization="RMSNorm",
+        add_bias_linear=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        bias_activation_fusion=False,
+        pipeline_dtype=torch.float32,
     )
     model = build_gpt(config, local_gpt_layer_spec(), 1024, args.seq)
     tokens = torch.randint(0, 1024, (args.batch, args.seq))

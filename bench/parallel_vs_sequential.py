@@ -14,9 +14,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import bam_megatron  # noqa: E402,F401
 import torch  # noqa: E402
 
+import bam_megatron  # noqa: E402,F401
 from bam_megatron.testing.distributed import run_distributed  # noqa: E402
 from bench.common import report  # noqa: E402
 
@@ -33,9 +33,14 @@ def time_blocks(args: dict) -> dict:
 
     tp = args["tensor_model_parallel_size"]
     initialize(ParallelSizes(tensor=tp), seed=1)
-    common = dict(hidden_size=args["hidden"], num_attention_heads=args["heads"], num_layers=1,
-                  ffn_hidden_size=4 * args["hidden"], tensor_model_parallel_size=tp,
-                  use_cpu_initialization=True)  # fmt: skip
+    common = dict(
+        hidden_size=args["hidden"],
+        num_attention_heads=args["heads"],
+        num_layers=1,
+        ffn_hidden_size=4 * args["hidden"],
+        tensor_model_parallel_size=tp,
+        use_cpu_initialization=True,
+    )
     layers = {}
     for block in ("parallel", "sequential"):
         cfg = variant_config("dense", block_type=block, **common)
@@ -65,12 +70,17 @@ def main() -> None:
     parallel, sequential = timings["parallel_s"], timings["sequential_s"]
     ratio = sequential / parallel
     report(
-        {"bench": "parallel_vs_sequential", "config": args, "device": "cpu (gloo)",
-         "parallel_ms": round(parallel * 1e3, 2), "sequential_ms": round(sequential * 1e3, 2),
-         "ratio_sequential_over_parallel": round(ratio, 3)},
+        {
+            "bench": "parallel_vs_sequential",
+            "config": args,
+            "device": "cpu (gloo)",
+            "parallel_ms": round(parallel * 1e3, 2),
+            "sequential_ms": round(sequential * 1e3, 2),
+            "ratio_sequential_over_parallel": round(ratio, 3),
+        },
         f"parallel_vs_sequential: parallel block {parallel * 1e3:.1f} ms vs sequential "
         f"{sequential * 1e3:.1f} ms (fwd+bwd, TP={args['tensor_model_parallel_size']}): ratio {ratio:.3f}",
-    )  # fmt: skip
+    )
 
 
 if __name__ == "__main__":

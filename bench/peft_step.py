@@ -25,7 +25,6 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import bam_megatron  # noqa: E402,F401
-
 from bam_megatron.testing.distributed import run_distributed  # noqa: E402
 from bench.common import report  # noqa: E402
 
@@ -35,11 +34,32 @@ CONFIGS = ("full", "mov", "molora")
 def _argv(settings: dict, config: str) -> list[str]:
     h = settings["hidden"]
     argv = [
-        "--variant", settings["variant"], "--mock-data", "--vocab-size", "1024", "--train-iters", "100000",
-        "--num-layers", str(settings["layers"]), "--hidden-size", str(h), "--num-attention-heads", str(max(1, h // 64)),
-        "--ffn-hidden-size", str(4 * h), "--num-experts", "4", "--seq-length", str(settings["seq"]),
-        "--micro-batch-size", str(settings["micro_batch"]), "--eval-iters", "0", "--lr", "1e-4",
-    ]  # fmt: skip
+        "--variant",
+        settings["variant"],
+        "--mock-data",
+        "--vocab-size",
+        "1024",
+        "--train-iters",
+        "100000",
+        "--num-layers",
+        str(settings["layers"]),
+        "--hidden-size",
+        str(h),
+        "--num-attention-heads",
+        str(max(1, h // 64)),
+        "--ffn-hidden-size",
+        str(4 * h),
+        "--num-experts",
+        "4",
+        "--seq-length",
+        str(settings["seq"]),
+        "--micro-batch-size",
+        str(settings["micro_batch"]),
+        "--eval-iters",
+        "0",
+        "--lr",
+        "1e-4",
+    ]
     if config != "full":
         argv += ["--peft", config, "--peft-num-experts", str(settings["experts"]), "--lora-rank", str(settings["rank"])]
     if settings["bf16"]:
@@ -71,8 +91,10 @@ def measure_time(settings: dict) -> dict:
             t._train_step()
             sync()
             times[c].append(time.perf_counter() - start)
-    return {c: {"step_s": statistics.median(times[c]), "trainable": trainers[c].trainable, "total": trainers[c].total}
-            for c in CONFIGS}  # fmt: skip
+    return {
+        c: {"step_s": statistics.median(times[c]), "trainable": trainers[c].trainable, "total": trainers[c].total}
+        for c in CONFIGS
+    }
 
 
 def measure_memory(settings: dict, config: str) -> dict:
@@ -131,20 +153,27 @@ def main() -> None:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (1 rank, 1 thread)"
     result = {"bench": "peft_step", "config": settings, "device": device, "memory_kind": memory["full"]["kind"]}
     for c in CONFIGS:
-        result[c] = {"step_ms": round(1e3 * timing[c]["step_s"], 2), "peak_memory_mb": round(memory[c]["peak_bytes"] / 2**20, 1),
-                     "trainable_params": timing[c]["trainable"], "total_params": timing[c]["total"],
-                     "trainable_pct": round(100 * timing[c]["trainable"] / timing[c]["total"], 3)}  # fmt: skip
+        result[c] = {
+            "step_ms": round(1e3 * timing[c]["step_s"], 2),
+            "peak_memory_mb": round(memory[c]["peak_bytes"] / 2**20, 1),
+            "trainable_params": timing[c]["trainable"],
+            "total_params": timing[c]["total"],
+            "trainable_pct": round(100 * timing[c]["trainable"] / timing[c]["total"], 3),
+        }
     for c in ("mov", "molora"):
-        result[f"{c}_over_full"] = {"step_time": round(timing[c]["step_s"] / timing["full"]["step_s"], 3),
-                                    "peak_memory": round(memory[c]["peak_bytes"] / memory["full"]["peak_bytes"], 3)}  # fmt: skip
+        result[f"{c}_over_full"] = {
+            "step_time": round(timing[c]["step_s"] / timing["full"]["step_s"], 3),
+            "peak_memory": round(memory[c]["peak_bytes"] / memory["full"]["peak_bytes"], 3),
+        }
     r = result
     report(
         result,
-        f"peft_step ({settings['variant']}, d={settings['hidden']}, {device}): step full {r['full']['step_ms']:.1f} ms, "
-        f"MoV {r['mov']['step_ms']:.1f} ms ({r['mov_over_full']['step_time']:.2f}x), MoLoRA {r['molora']['step_ms']:.1f} ms "
+        f"peft_step ({settings['variant']}, d={settings['hidden']}, {device}): "
+        f"step full {r['full']['step_ms']:.1f} ms, MoV {r['mov']['step_ms']:.1f} ms "
+        f"({r['mov_over_full']['step_time']:.2f}x), MoLoRA {r['molora']['step_ms']:.1f} ms "
         f"({r['molora_over_full']['step_time']:.2f}x); peak memory full {r['full']['peak_memory_mb']:.0f} MB, "
         f"MoV {r['mov_over_full']['peak_memory']:.2f}x, MoLoRA {r['molora_over_full']['peak_memory']:.2f}x",
-    )  # fmt: skip
+    )
 
 
 if __name__ == "__main__":

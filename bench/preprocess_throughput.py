@@ -23,11 +23,13 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import bam_megatron  # noqa: E402,F401
 import sentencepiece  # noqa: E402
 
-from bam_megatron.data import preprocess  # noqa: E402
-from bam_megatron.data import train_tokenizer  # noqa: E402
+import bam_megatron  # noqa: E402,F401
+from bam_megatron.data import (
+    preprocess,  # noqa: E402
+    train_tokenizer,  # noqa: E402
+)
 from bam_megatron.data.synthetic import write_synthetic_jsonl  # noqa: E402
 from bench.common import interleaved_medians, report  # noqa: E402
 
@@ -85,9 +87,20 @@ def main() -> None:
         model = args.tokenizer_model
         if model is None:
             start = time.perf_counter()
-            argv = ["--input", corpus, "--json-keys", args.json_key, "--vocab-size", str(args.vocab_size),
-                    "--output-prefix", os.path.join(work, "spm"), "--input-sentence-size", "200000",
-                    "--workers", str(args.workers)]  # fmt: skip
+            argv = [
+                "--input",
+                corpus,
+                "--json-keys",
+                args.json_key,
+                "--vocab-size",
+                str(args.vocab_size),
+                "--output-prefix",
+                os.path.join(work, "spm"),
+                "--input-sentence-size",
+                "200000",
+                "--workers",
+                str(args.workers),
+            ]
             assert train_tokenizer.main(argv) == 0
             train_s = time.perf_counter() - start
             model = os.path.join(work, "spm.model")
@@ -97,9 +110,20 @@ def main() -> None:
         corpus_mb = os.path.getsize(corpus) / 1e6
 
         pp_args = preprocess.build_parser().parse_args(
-            ["--input", corpus, "--json-keys", args.json_key, "--tokenizer-model", model,
-             "--output-prefix", os.path.join(work, "out", "bench"), "--workers", str(args.workers),
-             "--log-interval", str(10**9)]  # fmt: skip
+            [
+                "--input",
+                corpus,
+                "--json-keys",
+                args.json_key,
+                "--tokenizer-model",
+                model,
+                "--output-prefix",
+                os.path.join(work, "out", "bench"),
+                "--workers",
+                str(args.workers),
+                "--log-interval",
+                str(10**9),
+            ]
         )
         counts = {}
 
@@ -115,16 +139,26 @@ def main() -> None:
         tokens = counts["ours"]
         ratio = raw_s / ours_s
         report(
-            {"bench": "preprocess_throughput", "config": vars(args), "device": "cpu", "cpu_count": os.cpu_count(),
-             "corpus_mb": round(corpus_mb, 2), "documents": len(texts), "tokens": tokens,
-             "tokenizer_train_s": round(train_s, 2) if args.tokenizer_model is None else None,
-             "ours_s": round(ours_s, 3), "raw_s": round(raw_s, 3),
-             "ours_tokens_per_s": round(tokens / ours_s), "raw_tokens_per_s": round(tokens / raw_s),
-             "ours_mb_per_s": round(corpus_mb / ours_s, 2), "ratio_ours_over_raw": round(ratio, 3)},
+            {
+                "bench": "preprocess_throughput",
+                "config": vars(args),
+                "device": "cpu",
+                "cpu_count": os.cpu_count(),
+                "corpus_mb": round(corpus_mb, 2),
+                "documents": len(texts),
+                "tokens": tokens,
+                "tokenizer_train_s": round(train_s, 2) if args.tokenizer_model is None else None,
+                "ours_s": round(ours_s, 3),
+                "raw_s": round(raw_s, 3),
+                "ours_tokens_per_s": round(tokens / ours_s),
+                "raw_tokens_per_s": round(tokens / raw_s),
+                "ours_mb_per_s": round(corpus_mb / ours_s, 2),
+                "ratio_ours_over_raw": round(ratio, 3),
+            },
             f"preprocess_throughput: ours {tokens / ours_s:,.0f} tokens/s vs raw SentencePiece "
             f"{tokens / raw_s:,.0f} tokens/s ({args.workers} workers, {corpus_mb:.1f} MB, {tokens:,} tokens): "
             f"ratio {ratio:.2f} (goal >= 0.8)",
-        )  # fmt: skip
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

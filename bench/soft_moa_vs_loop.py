@@ -13,11 +13,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import bam_megatron  # noqa: E402,F401
 import torch  # noqa: E402
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding  # noqa: E402
 from megatron.core.transformer.spec_utils import build_module  # noqa: E402
 
+import bam_megatron  # noqa: E402,F401
 from bam_megatron.model.builder import variant_config  # noqa: E402
 from bam_megatron.model.specs import get_bam_layer_spec  # noqa: E402
 from bench.common import forward_backward, init_single_rank, interleaved_medians, report  # noqa: E402
@@ -34,12 +34,21 @@ def main() -> None:
     args = parser.parse_args()
     init_single_rank()
 
-    sizes = dict(hidden_size=args.hidden, num_attention_heads=args.heads, num_query_groups=args.heads,
-                 num_layers=1, ffn_hidden_size=4 * args.hidden, use_cpu_initialization=True)  # fmt: skip
+    sizes = dict(
+        hidden_size=args.hidden,
+        num_attention_heads=args.heads,
+        num_query_groups=args.heads,
+        num_layers=1,
+        ffn_hidden_size=4 * args.hidden,
+        use_cpu_initialization=True,
+    )
     dense_cfg = variant_config("dense", fuse_tp_reduction=False, **sizes)
     moa_cfg = variant_config("bam", num_experts=args.experts, **sizes)
-    build = lambda cfg: build_module(get_bam_layer_spec(cfg, "local").submodules.self_attention,  # noqa: E731
-                                     config=cfg, layer_number=1)  # fmt: skip
+    build = lambda cfg: build_module(
+        get_bam_layer_spec(cfg, "local").submodules.self_attention,  # noqa: E731
+        config=cfg,
+        layer_number=1,
+    )
     wide = build(moa_cfg)
     experts = [build(dense_cfg) for _ in range(args.experts)]
     router = wide.router
@@ -58,12 +67,18 @@ def main() -> None:
     ours, reference = interleaved_medians(soft_moa, loop, args.rounds)
     ratio = reference / ours
     report(
-        {"bench": "soft_moa_vs_loop", "config": vars(args), "device": "cpu",
-         "wide_ms": round(ours * 1e3, 2), "loop_ms": round(reference * 1e3, 2),
-         "ratio_loop_over_wide": round(ratio, 3), "torch_threads": torch.get_num_threads()},
+        {
+            "bench": "soft_moa_vs_loop",
+            "config": vars(args),
+            "device": "cpu",
+            "wide_ms": round(ours * 1e3, 2),
+            "loop_ms": round(reference * 1e3, 2),
+            "ratio_loop_over_wide": round(ratio, 3),
+            "torch_threads": torch.get_num_threads(),
+        },
         f"soft_moa_vs_loop: one wide attention {ours * 1e3:.1f} ms vs per-expert loop "
         f"{reference * 1e3:.1f} ms (fwd+bwd, N={args.experts}): ratio {ratio:.2f}",
-    )  # fmt: skip
+    )
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import bam_megatron  # noqa: E402,F401
-
 from bam_megatron.testing.distributed import run_distributed  # noqa: E402
 from bench.common import report  # noqa: E402
 
@@ -29,12 +28,30 @@ def measure(settings: dict) -> dict:
 
     def argv(variant: str) -> list[str]:
         return [
-            "--variant", variant, "--mock-data", "--vocab-size", "1024", "--train-iters", "1000",
-            "--num-layers", str(settings["layers"]), "--hidden-size", str(settings["hidden"]),
-            "--num-attention-heads", str(settings["hidden"] // 64), "--ffn-hidden-size", str(4 * settings["hidden"]),
-            "--num-experts", str(settings["experts"]), "--seq-length", str(settings["seq"]),
-            "--micro-batch-size", str(settings["micro_batch"]), "--eval-iters", "0",
-        ]  # fmt: skip
+            "--variant",
+            variant,
+            "--mock-data",
+            "--vocab-size",
+            "1024",
+            "--train-iters",
+            "1000",
+            "--num-layers",
+            str(settings["layers"]),
+            "--hidden-size",
+            str(settings["hidden"]),
+            "--num-attention-heads",
+            str(settings["hidden"] // 64),
+            "--ffn-hidden-size",
+            str(4 * settings["hidden"]),
+            "--num-experts",
+            str(settings["experts"]),
+            "--seq-length",
+            str(settings["seq"]),
+            "--micro-batch-size",
+            str(settings["micro_batch"]),
+            "--eval-iters",
+            "0",
+        ]
 
     dense, bam = Trainer(parse_args(argv("dense"))), Trainer(parse_args(argv("bam")))
     dense_s, bam_s = interleaved_medians(dense._train_step, bam._train_step, settings["rounds"])
@@ -54,13 +71,19 @@ def main() -> None:
     tokens = settings["seq"] * settings["micro_batch"]
     dense_tps, bam_tps = tokens / result["dense_s"], tokens / result["bam_s"]
     report(
-        {"bench": "train_throughput", "config": settings, "device": "cpu (1 rank, 1 thread)",
-         "dense_tokens_per_s": round(dense_tps, 1), "bam_tokens_per_s": round(bam_tps, 1),
-         "ratio_bam_over_dense": round(bam_tps / dense_tps, 3),
-         "dense_params": result["dense_params"], "bam_params": result["bam_params"]},
+        {
+            "bench": "train_throughput",
+            "config": settings,
+            "device": "cpu (1 rank, 1 thread)",
+            "dense_tokens_per_s": round(dense_tps, 1),
+            "bam_tokens_per_s": round(bam_tps, 1),
+            "ratio_bam_over_dense": round(bam_tps / dense_tps, 3),
+            "dense_params": result["dense_params"],
+            "bam_params": result["bam_params"],
+        },
         f"train_throughput: BAM {bam_tps:.0f} tokens/s vs dense {dense_tps:.0f} tokens/s "
         f"(N={settings['experts']}, CPU): ratio {bam_tps / dense_tps:.3f}",
-    )  # fmt: skip
+    )
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import bam_megatron  # noqa: E402,F401
-
 from bam_megatron.testing.distributed import run_distributed  # noqa: E402
 from bench.common import report  # noqa: E402
 
@@ -37,12 +36,12 @@ def make_source(directory: str, flags: list[str], seed: int) -> None:
     """Rank body: a randomly initialised dense checkpoint with pretrain_bam.py's metadata."""
     import torch
 
+    from bam_megatron.data.tokenizer import padded_vocab_size
     from bam_megatron.model.builder import build_model
+    from bam_megatron.platform.distributed import ParallelSizes, initialize
     from bam_megatron.training import checkpointing
     from bam_megatron.training.arguments import parse_args
     from bam_megatron.training.loop import _resolve_architecture, model_config
-    from bam_megatron.data.tokenizer import padded_vocab_size
-    from bam_megatron.platform.distributed import ParallelSizes, initialize
 
     initialize(ParallelSizes(), seed=seed)
     args = parse_args(flags + ["--seed", str(seed)])
@@ -50,10 +49,20 @@ def make_source(directory: str, flags: list[str], seed: int) -> None:
     args.padded_vocab_size = padded_vocab_size(args.vocab_size, args.make_vocab_size_divisible_by, 1)
     args.min_lr = 0.1 * args.lr
     torch.manual_seed(seed)
-    model = build_model(model_config(args), args.padded_vocab_size, args.seq_length,
-                        untie_embeddings=args.untie_embeddings_and_output_weights)  # fmt: skip
-    meta = {"consumed_samples": 0, "skipped_iterations": 0, "nan_iterations": 0, "args": vars(args).copy(),
-            "data_fingerprint": None, "tokenizer_fingerprint": None}  # fmt: skip
+    model = build_model(
+        model_config(args),
+        args.padded_vocab_size,
+        args.seq_length,
+        untie_embeddings=args.untie_embeddings_and_output_weights,
+    )
+    meta = {
+        "consumed_samples": 0,
+        "skipped_iterations": 0,
+        "nan_iterations": 0,
+        "args": vars(args).copy(),
+        "data_fingerprint": None,
+        "tokenizer_fingerprint": None,
+    }
     checkpointing.save_checkpoint(directory, 1, model, None, None, meta)
 
 
@@ -65,9 +74,23 @@ def upcycle_sources(workdir: str, layers: int, settings: argparse.Namespace) -> 
     """Create 4 sources of ``layers`` layers; alternate copies and upcycles; medians and peak RSS."""
     import json
 
-    flags = ["--variant", "dense", "--mock-data", "--train-iters", "1", "--vocab-size", str(settings.vocab),
-             "--num-layers", str(layers), "--hidden-size", str(settings.hidden),
-             "--num-attention-heads", str(settings.hidden // 64), "--ffn-hidden-size", str(4 * settings.hidden)]  # fmt: skip
+    flags = [
+        "--variant",
+        "dense",
+        "--mock-data",
+        "--train-iters",
+        "1",
+        "--vocab-size",
+        str(settings.vocab),
+        "--num-layers",
+        str(layers),
+        "--hidden-size",
+        str(settings.hidden),
+        "--num-attention-heads",
+        str(settings.hidden // 64),
+        "--ffn-hidden-size",
+        str(4 * settings.hidden),
+    ]
     names = ["seed", "code", "law", "math"]
     sources = [os.path.join(workdir, "sources", n) for n in names]
     for i, path in enumerate(sources):
@@ -108,12 +131,17 @@ def upcycle_sources(workdir: str, layers: int, settings: argparse.Namespace) -> 
     gb = source_bytes / 1e9
     copy_s, work_s, wall_s = (statistics.median(x) for x in (copies, works, walls))
     return {
-        "layers": layers, "source_gb_total": round(gb, 3), "one_source_mb": round(size_of(sources[0]) / 1e6, 1),
+        "layers": layers,
+        "source_gb_total": round(gb, 3),
+        "one_source_mb": round(size_of(sources[0]) / 1e6, 1),
         "output_mb": round(size_of(os.path.join(workdir, "bam")) / 1e6, 1),
-        "copy_gb_per_s": round(gb / copy_s, 3), "upcycle_work_gb_per_s": round(gb / work_s, 3),
-        "upcycle_command_gb_per_s": round(gb / wall_s, 3), "ratio_work_over_copy": round(copy_s / work_s, 3),
-        "ratio_command_over_copy": round(copy_s / wall_s, 3), "peak_rss_mb": max(peaks),
-    }  # fmt: skip
+        "copy_gb_per_s": round(gb / copy_s, 3),
+        "upcycle_work_gb_per_s": round(gb / work_s, 3),
+        "upcycle_command_gb_per_s": round(gb / wall_s, 3),
+        "ratio_work_over_copy": round(copy_s / work_s, 3),
+        "ratio_command_over_copy": round(copy_s / wall_s, 3),
+        "peak_rss_mb": max(peaks),
+    }
 
 
 def main() -> None:
@@ -137,7 +165,7 @@ def main() -> None:
         f"({base['ratio_command_over_copy']:.2f} with interpreter start) (goal >= 0.5); peak memory "
         f"{base['peak_rss_mb']:.0f} MB at {base['layers']} layers, {deep['peak_rss_mb']:.0f} MB at {deep['layers']} "
         f"layers (sources {base['one_source_mb']:.0f} -> {deep['one_source_mb']:.0f} MB)",
-    )  # fmt: skip
+    )
 
 
 if __name__ == "__main__":

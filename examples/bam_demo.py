@@ -45,8 +45,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Optional
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOMAINS = ("general", "code", "law", "math")
@@ -80,8 +81,7 @@ class Settings:
     log_lines: int = 5  # iteration lines shown per training run (about)
 
 
-QUICK = dict(seed_iters=30, expert_iters=10, mix_iters=10, warmup_iters=3, eval_iters=1, eval_samples=16,
-             log_lines=2)  # fmt: skip
+QUICK = dict(seed_iters=30, expert_iters=10, mix_iters=10, warmup_iters=3, eval_iters=1, eval_samples=16, log_lines=2)
 
 
 class StageFailed(RuntimeError):
@@ -173,8 +173,11 @@ class TrainingFilter(OutputFilter):
             if "tokens/s" in fields:
                 text += f" | {float(fields['tokens/s']):.0f} tokens/s"
             return text
-        if re.match(r"\s*(validation at|saved checkpoint|loaded|no checkpoint)", line) or \
-                re.search(r" model: [\d,]+ parameters", line) or _ERROR.search(line):  # fmt: skip
+        if (
+            re.match(r"\s*(validation at|saved checkpoint|loaded|no checkpoint)", line)
+            or re.search(r" model: [\d,]+ parameters", line)
+            or _ERROR.search(line)
+        ):
             return line.strip()
         return None
 
@@ -233,8 +236,16 @@ def run_jobs(console: Console, stage: str, jobs: Sequence[Job], parallel: int = 
         with open(job.log, "w") as log:
             log.write("$ " + " ".join(job.argv) + "\n\n")
             log.flush()
-            proc = subprocess.Popen(job.argv, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                    text=True, bufsize=1, start_new_session=True)  # fmt: skip
+            proc = subprocess.Popen(
+                job.argv,
+                cwd=REPO,
+                env=_env(),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                bufsize=1,
+                start_new_session=True,
+            )
             with lock:
                 procs.append(proc)
             for line in proc.stdout:
@@ -254,8 +265,11 @@ def run_jobs(console: Console, stage: str, jobs: Sequence[Job], parallel: int = 
             if not failures:
                 name = f"{stage} ({job.label})" if prefix else stage
                 reason = _diagnosis(why) or tail
-                failures.append(StageFailed(f"stage '{name}' failed (exit code {code}); its log: {job.log}\n    "
-                                            + "\n    ".join(reason)))  # fmt: skip
+                failures.append(
+                    StageFailed(
+                        f"stage '{name}' failed (exit code {code}); its log: {job.log}\n    " + "\n    ".join(reason)
+                    )
+                )
 
     def stop_all() -> None:
         """SIGTERM to every running job's session (torchrun and its ranks), SIGKILL after 30 s."""
@@ -384,8 +398,9 @@ class Pipeline:
             stamp = open(stamp_file).read().strip() if os.path.exists(stamp_file) else ""
             if stamp.split("-")[0] == config and all(os.path.exists(o) for o in unit.outputs):
                 self.stamps[unit.key] = stamp
-                self.console.line(f"skipped {unit.key}: done earlier "
-                                  f"({', '.join(os.path.relpath(o, self.w) for o in unit.outputs)})")  # fmt: skip
+                self.console.line(
+                    f"skipped {unit.key}: done earlier ({', '.join(os.path.relpath(o, self.w) for o in unit.outputs)})"
+                )
                 continue
             _remove(stamp_file)
             for out in unit.outputs:  # stale or partial: start over
@@ -400,7 +415,7 @@ class Pipeline:
         for unit in todo:
             if unit.job is not None:
                 job = unit.job()
-                job.on_success = (lambda unit=unit, then=job.on_success: (then(), self._write_stamp(unit)))
+                job.on_success = lambda unit=unit, then=job.on_success: (then(), self._write_stamp(unit))
                 jobs.append(job)
         if jobs:
             run_jobs(self.console, name, jobs, parallel)
@@ -429,10 +444,22 @@ class Pipeline:
     def schedule(self, iters: int, lr: Optional[float]) -> list[str]:
         s = self.s
         flags = [] if lr is None else ["--lr", repr(lr), "--min-lr", repr(lr / 10)]
-        return flags + ["--train-iters", str(iters), "--lr-warmup-iters", str(min(s.warmup_iters, iters // 2)),
-                        "--lr-decay-style", "cosine", "--log-interval", str(self.every(iters)),
-                        "--eval-interval", str(iters), "--eval-iters", str(s.eval_iters),
-                        "--save-interval", str(iters)]  # fmt: skip
+        return flags + [
+            "--train-iters",
+            str(iters),
+            "--lr-warmup-iters",
+            str(min(s.warmup_iters, iters // 2)),
+            "--lr-decay-style",
+            "cosine",
+            "--log-interval",
+            str(self.every(iters)),
+            "--eval-interval",
+            str(iters),
+            "--eval-iters",
+            str(s.eval_iters),
+            "--save-interval",
+            str(iters),
+        ]
 
     def training(self, key: str, out: str, flags: list[str], iters: int) -> Callable[[], Job]:
         """A pretrain_bam.py run into OUT.tmp, renamed to OUT when it succeeded."""
@@ -447,8 +474,17 @@ class Pipeline:
     # ----- the pipeline
 
     def run(self) -> None:
-        for stage in (self.data, self.tokenizer, self.preprocess, self.seed, self.branch, self.experts,
-                      self.upcycle, self.mixtures, self.evaluate):  # fmt: skip
+        for stage in (
+            self.data,
+            self.tokenizer,
+            self.preprocess,
+            self.seed,
+            self.branch,
+            self.experts,
+            self.upcycle,
+            self.mixtures,
+            self.evaluate,
+        ):
             stage()
 
     def data(self) -> None:
@@ -462,8 +498,11 @@ class Pipeline:
             os.replace(out + ".tmp", out)
 
         params = {"bytes": self.s.domain_bytes, "source": _file_hash("bam_megatron/demo_data.py")}
-        self.stage("data", f"data: four domains of text, about {self.s.domain_bytes // 1000} KB each",
-                   [Unit("data", [out], params, [], work=build)])  # fmt: skip
+        self.stage(
+            "data",
+            f"data: four domains of text, about {self.s.domain_bytes // 1000} KB each",
+            [Unit("data", [out], params, [], work=build)],
+        )
 
     def jsonl(self, domain: str) -> str:
         return self.path("data", "jsonl", f"{domain}.jsonl")
@@ -476,64 +515,144 @@ class Pipeline:
 
         def job() -> Job:
             os.makedirs(out + ".tmp")
-            argv = python("tools/train_tokenizer.py", "--input", *map(self.jsonl, DOMAINS),
-                          "--vocab-size", str(self.s.vocab_size), "--output-prefix", os.path.join(out + ".tmp", "spm"),
-                          "--workers", str(self.nproc))  # fmt: skip
+            argv = python(
+                "tools/train_tokenizer.py",
+                "--input",
+                *map(self.jsonl, DOMAINS),
+                "--vocab-size",
+                str(self.s.vocab_size),
+                "--output-prefix",
+                os.path.join(out + ".tmp", "spm"),
+                "--workers",
+                str(self.nproc),
+            )
             return Job("tokenizer", argv, self.log("tokenizer"), on_success=lambda: os.replace(out + ".tmp", out))
 
-        self.stage("tokenizer", f"tokenizer: SentencePiece BPE, {self.s.vocab_size} pieces, on all four domains",
-                   [Unit("tokenizer", [out], {"vocab": self.s.vocab_size}, ["data"], job=job)])  # fmt: skip
+        self.stage(
+            "tokenizer",
+            f"tokenizer: SentencePiece BPE, {self.s.vocab_size} pieces, on all four domains",
+            [Unit("tokenizer", [out], {"vocab": self.s.vocab_size}, ["data"], job=job)],
+        )
 
     def preprocess(self) -> None:
         out = os.path.dirname(self.prefix("general"))
 
         def work() -> None:
             os.makedirs(out + ".tmp")
-            jobs = [Job(d, python("tools/preprocess_data.py", "--input", self.jsonl(d), "--tokenizer-model", self.spm(),
-                                  "--output-prefix", os.path.join(out + ".tmp", d), "--append-eod", "--workers", "1"),
-                        self.log(f"preprocess-{d}"), PrefixFilter("wrote")) for d in DOMAINS]  # fmt: skip
+            jobs = [
+                Job(
+                    d,
+                    python(
+                        "tools/preprocess_data.py",
+                        "--input",
+                        self.jsonl(d),
+                        "--tokenizer-model",
+                        self.spm(),
+                        "--output-prefix",
+                        os.path.join(out + ".tmp", d),
+                        "--append-eod",
+                        "--workers",
+                        "1",
+                    ),
+                    self.log(f"preprocess-{d}"),
+                    PrefixFilter("wrote"),
+                )
+                for d in DOMAINS
+            ]
             run_jobs(self.console, "preprocess", jobs, parallel=self.nproc)
             os.replace(out + ".tmp", out)
 
-        self.stage("preprocess", "preprocess: JSONL -> megatron-core indexed datasets, one per domain",
-                   [Unit("preprocess", [out], {}, ["tokenizer"], work=work)])  # fmt: skip
+        self.stage(
+            "preprocess",
+            "preprocess: JSONL -> megatron-core indexed datasets, one per domain",
+            [Unit("preprocess", [out], {}, ["tokenizer"], work=work)],
+        )
 
     def common(self) -> list[str]:
         """Architecture, tokenizer, data split and batch: the same for every training run."""
         s = self.s
-        return ["--num-layers", str(s.num_layers), "--hidden-size", str(s.hidden_size),
-                "--ffn-hidden-size", str(s.ffn_hidden_size), "--num-attention-heads", str(s.num_attention_heads),
-                "--num-query-groups", str(s.num_attention_heads), "--seq-length", str(s.seq_length),
-                "--tokenizer-model", self.spm(), "--split", s.split,
-                "--micro-batch-size", str(s.micro_batch_size)]  # fmt: skip
+        return [
+            "--num-layers",
+            str(s.num_layers),
+            "--hidden-size",
+            str(s.hidden_size),
+            "--ffn-hidden-size",
+            str(s.ffn_hidden_size),
+            "--num-attention-heads",
+            str(s.num_attention_heads),
+            "--num-query-groups",
+            str(s.num_attention_heads),
+            "--seq-length",
+            str(s.seq_length),
+            "--tokenizer-model",
+            self.spm(),
+            "--split",
+            s.split,
+            "--micro-batch-size",
+            str(s.micro_batch_size),
+        ]
 
     def seed(self) -> None:
         s, out = self.s, self.path("seed")
         flags = ["--variant", "dense", *self.common(), *self.equal_mixture(), *self.schedule(s.seed_iters, s.seed_lr)]
-        self.stage("seed", f"phase 1: dense seed on an equal mixture of the four domains, {s.seed_iters} iterations",
-                   [Unit("seed", [out], {"flags": self._rel(flags)}, ["preprocess"],
-                         job=self.training("seed", out, flags, s.seed_iters))])  # fmt: skip
+        self.stage(
+            "seed",
+            f"phase 1: dense seed on an equal mixture of the four domains, {s.seed_iters} iterations",
+            [
+                Unit(
+                    "seed",
+                    [out],
+                    {"flags": self._rel(flags)},
+                    ["preprocess"],
+                    job=self.training("seed", out, flags, s.seed_iters),
+                )
+            ],
+        )
 
     def expert_dir(self, expert: str) -> str:
         return self.path("experts", expert)
 
     def branch(self) -> None:
-        argv = python("tools/branch.py", "--seed-checkpoint", self.path("seed"), "--output-dir", self.path("experts"),
-                      "--experts", *EXPERTS, "--domain-data", *[f"{e}={self.prefix(e)}" for e in EXPERTS],
-                      "--general-data", self.prefix("general"))  # fmt: skip
+        argv = python(
+            "tools/branch.py",
+            "--seed-checkpoint",
+            self.path("seed"),
+            "--output-dir",
+            self.path("experts"),
+            "--experts",
+            *EXPERTS,
+            "--domain-data",
+            *[f"{e}={self.prefix(e)}" for e in EXPERTS],
+            "--general-data",
+            self.prefix("general"),
+        )
         outputs = [self.path("experts"), *[os.path.join(self.expert_dir(e), "phase2.args") for e in EXPERTS]]
-        self.stage("branch", f"phase 1: branch the seed into {', '.join(EXPERTS)} experts",
-                   [Unit("branch", outputs, {}, ["seed"], job=lambda: Job("branch", argv, self.log("branch")))])
+        self.stage(
+            "branch",
+            f"phase 1: branch the seed into {', '.join(EXPERTS)} experts",
+            [Unit("branch", outputs, {}, ["seed"], job=lambda: Job("branch", argv, self.log("branch")))],
+        )
 
     def experts(self) -> None:
         units = []
         for e in EXPERTS:  # tools/branch.py's flags (data mixture, LR), then the schedule
             out = os.path.join(self.expert_dir(e), "ckpt")
             flags = [f"@{os.path.join(self.expert_dir(e), 'phase2.args')}", *self.schedule(self.s.expert_iters, None)]
-            units.append(Unit(f"expert-{e}", [out], {"flags": self._rel(flags)}, ["branch"],
-                              job=self.training(e, out, flags, self.s.expert_iters)))  # fmt: skip
-        self.stage("experts", f"phase 2: each expert continues on 90% its domain + 10% general, "
-                   f"{self.s.expert_iters} iterations", units, parallel=self.jobs)  # fmt: skip
+            units.append(
+                Unit(
+                    f"expert-{e}",
+                    [out],
+                    {"flags": self._rel(flags)},
+                    ["branch"],
+                    job=self.training(e, out, flags, self.s.expert_iters),
+                )
+            )
+        self.stage(
+            "experts",
+            f"phase 2: each expert continues on 90% its domain + 10% general, {self.s.expert_iters} iterations",
+            units,
+            parallel=self.jobs,
+        )
 
     def sources(self) -> dict[str, str]:
         """The dense models, in expert order: the seed first."""
@@ -543,41 +662,94 @@ class Pipeline:
         units = []
         for m in MIXTURES:
             out = self.path(f"{m}-init")
-            argv = python("tools/upcycle.py", *[x for n, p in self.sources().items() for x in ("--expert", f"{n}={p}")],
-                          "--method", m, "--save", out)  # fmt: skip
-            units.append(Unit(f"upcycle-{m}", [out], {}, ["seed", *[f"expert-{e}" for e in EXPERTS]],
-                              job=lambda m=m, argv=argv: Job(m, argv, self.log(f"upcycle-{m}"))))  # fmt: skip
-        self.stage("upcycle", "phase 3: upcycle seed + experts into 4-expert BTX and BAM mixtures", units,
-                   parallel=self.nproc)  # fmt: skip
+            argv = python(
+                "tools/upcycle.py",
+                *[x for n, p in self.sources().items() for x in ("--expert", f"{n}={p}")],
+                "--method",
+                m,
+                "--save",
+                out,
+            )
+            units.append(
+                Unit(
+                    f"upcycle-{m}",
+                    [out],
+                    {},
+                    ["seed", *[f"expert-{e}" for e in EXPERTS]],
+                    job=lambda m=m, argv=argv: Job(m, argv, self.log(f"upcycle-{m}")),
+                )
+            )
+        self.stage(
+            "upcycle", "phase 3: upcycle seed + experts into 4-expert BTX and BAM mixtures", units, parallel=self.nproc
+        )
 
     def mixtures(self) -> None:
         s, units = self.s, []
         for m in MIXTURES:
-            flags = ["--variant", m, "--num-experts", str(len(EXPERTS) + 1), *self.common(), *self.equal_mixture(),
-                     *self.schedule(s.mix_iters, s.mix_lr),
-                     "--pretrained-checkpoint", self.path(f"{m}-init")]  # fmt: skip
-            units.append(Unit(m, [self.path(m)], {"flags": self._rel(flags)}, [f"upcycle-{m}"],
-                              job=self.training(m, self.path(m), flags, s.mix_iters)))
-        self.stage("mixtures", "phase 3: train BTX (averaged attention) and BAM (soft MoA) on the equal mixture, "
-                   f"{s.mix_iters} iterations", units, parallel=self.jobs)  # fmt: skip
+            flags = [
+                "--variant",
+                m,
+                "--num-experts",
+                str(len(EXPERTS) + 1),
+                *self.common(),
+                *self.equal_mixture(),
+                *self.schedule(s.mix_iters, s.mix_lr),
+                "--pretrained-checkpoint",
+                self.path(f"{m}-init"),
+            ]
+            units.append(
+                Unit(
+                    m,
+                    [self.path(m)],
+                    {"flags": self._rel(flags)},
+                    [f"upcycle-{m}"],
+                    job=self.training(m, self.path(m), flags, s.mix_iters),
+                )
+            )
+        self.stage(
+            "mixtures",
+            "phase 3: train BTX (averaged attention) and BAM (soft MoA) on the equal mixture, "
+            f"{s.mix_iters} iterations",
+            units,
+            parallel=self.jobs,
+        )
 
     def evaluate(self) -> None:
         out = self.path("eval")
         models = {**self.sources(), **{m: self.path(m) for m in MIXTURES}}
-        args = [*[x for n, p in models.items() for x in ("--model", f"{n}={p}")],
-                "--data-path", *map(self.prefix, DOMAINS), "--split", self.s.split,
-                "--seq-length", str(self.s.seq_length), "--tokenizer-model", self.spm(),
-                "--expert-names", *self.sources(), "--output-dir", out + ".tmp"]  # fmt: skip
+        args = [
+            *[x for n, p in models.items() for x in ("--model", f"{n}={p}")],
+            "--data-path",
+            *map(self.prefix, DOMAINS),
+            "--split",
+            self.s.split,
+            "--seq-length",
+            str(self.s.seq_length),
+            "--tokenizer-model",
+            self.spm(),
+            "--expert-names",
+            *self.sources(),
+            "--output-dir",
+            out + ".tmp",
+        ]
         if self.s.eval_samples:
             args += ["--eval-samples", str(self.s.eval_samples)]
 
         def job() -> Job:
-            return Job("eval", torchrun(self.nproc, "tools/eval.py", *args), self.log("eval"), EvalFilter(),
-                       lambda: os.replace(out + ".tmp", out))  # fmt: skip
+            return Job(
+                "eval",
+                torchrun(self.nproc, "tools/eval.py", *args),
+                self.log("eval"),
+                EvalFilter(),
+                lambda: os.replace(out + ".tmp", out),
+            )
 
         deps = ["seed", *[f"expert-{e}" for e in EXPERTS], *MIXTURES]
-        self.stage("evaluate", "evaluate: per-domain perplexity of all six models, routing of the mixtures",
-                   [Unit("eval", [out], {"args": self._rel(args)}, deps, job=job)])
+        self.stage(
+            "evaluate",
+            "evaluate: per-domain perplexity of all six models, routing of the mixtures",
+            [Unit("eval", [out], {"args": self._rel(args)}, deps, job=job)],
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -601,8 +773,14 @@ def report(workdir: str) -> bool:
     bam, btx = ppl["bam"]["average"], ppl["btx"]["average"]
     print(f"  (and BAM vs BTX on average: {bam:.2f} vs {btx:.2f}: {'BAM' if bam < btx else 'BTX'} is lower)")
     holds = all(ours < seeds for _, ours, seeds in checks)
-    print("\n" + ("As expected: every expert wins its domain, and both mixtures beat the seed." if holds else
-                  "Not every expectation held on this run (small models, few steps; see the table)."))  # fmt: skip
+    print(
+        "\n"
+        + (
+            "As expected: every expert wins its domain, and both mixtures beat the seed."
+            if holds
+            else "Not every expectation held on this run (small models, few steps; see the table)."
+        )
+    )
     figures = sorted(glob.glob(os.path.join(eval_dir, "*.png")))
     print(f"Routing heatmaps: {', '.join(figures) if figures else '(none written)'}")
     print(f"Table: {os.path.join(eval_dir, 'perplexity.md')}   logs: {os.path.join(workdir, 'logs')}")
@@ -619,8 +797,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--fresh", action="store_true", help="delete the work directory first")
     p.add_argument("--quick", action="store_true", help="a few iterations per phase: a smoke test of the pipeline")
     p.add_argument("--nproc", type=int, default=2, help="data-parallel ranks per training run (default: 2)")
-    p.add_argument("--jobs", type=int, default=3,
-                   help="training runs at once in phases 2 and 3 (default: 3; they share the cores)")
+    p.add_argument(
+        "--jobs", type=int, default=3, help="training runs at once in phases 2 and 3 (default: 3; they share the cores)"
+    )
     return p.parse_args(argv)
 
 
@@ -638,8 +817,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"bam_demo: error: another demo is running in {workdir}", file=sys.stderr)
         return 1
     console = Console()
-    print(f"BAM demo{' --quick' if args.quick else ''}: work directory {workdir}; {args.nproc} ranks per training "
-          f"run, up to {args.jobs} runs at once")  # fmt: skip
+    print(
+        f"BAM demo{' --quick' if args.quick else ''}: work directory {workdir}; {args.nproc} ranks per training "
+        f"run, up to {args.jobs} runs at once"
+    )
     print("settings: " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(settings).items()))
     pipeline = Pipeline(workdir, settings, args.nproc, args.jobs, console)
     signal.signal(signal.SIGTERM, _interrupt)  # stop the stage's processes, as Ctrl-C does
@@ -654,8 +835,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 130
     report(workdir)
     total = time.perf_counter() - console.start
-    print("Stage times: " + ", ".join(f"{name} {_fmt(t)}" + (" (skipped)" if skipped else "")
-                                      for name, t, skipped in pipeline.times))  # fmt: skip
+    print(
+        "Stage times: "
+        + ", ".join(f"{name} {_fmt(t)}" + (" (skipped)" if skipped else "") for name, t, skipped in pipeline.times)
+    )
     print(f"Total time: {_fmt(total)}")
     return 0
 

@@ -70,9 +70,12 @@ def main() -> None:
     rank0 = torch.distributed.get_rank() == 0
     if rank0:
         world = torch.distributed.get_world_size()
-        print(f"world size {world} (TP={sizes.tensor}, PP={sizes.pipeline}, "
-              f"DP={parallel_state.get_data_parallel_world_size()}), "
-              f"backend {torch.distributed.get_backend()}, CPU mode {cpu_mode.is_active()}", flush=True)
+        print(
+            f"world size {world} (TP={sizes.tensor}, PP={sizes.pipeline}, "
+            f"DP={parallel_state.get_data_parallel_world_size()}), "
+            f"backend {torch.distributed.get_backend()}, CPU mode {cpu_mode.is_active()}",
+            flush=True,
+        )
 
     config = TransformerConfig(
         num_layers=args.num_layers,
@@ -91,13 +94,10 @@ def main() -> None:
         bias_activation_fusion=False,
     )
     model = build_gpt(config, local_gpt_layer_spec(), args.vocab_size, args.seq_length)
-    ddp = DistributedDataParallel(
-        config, DistributedDataParallelConfig(use_distributed_optimizer=True), model
-    )
+    ddp = DistributedDataParallel(config, DistributedDataParallelConfig(use_distributed_optimizer=True), model)
     config.finalize_model_grads_func = finalize_model_grads
     optimizer = get_megatron_optimizer(
-        OptimizerConfig(optimizer="adam", lr=args.lr, weight_decay=0.1, clip_grad=1.0,
-                        use_distributed_optimizer=True),
+        OptimizerConfig(optimizer="adam", lr=args.lr, weight_decay=0.1, clip_grad=1.0, use_distributed_optimizer=True),
         [ddp],
     )
     successor = torch.randperm(args.vocab_size, generator=torch.Generator().manual_seed(args.seed))
@@ -116,17 +116,27 @@ def main() -> None:
         ddp.zero_grad_buffer()
         batches = [markov_batch(args, successor, data_gen) for _ in range(args.num_micro_batches)]
         losses = forward_backward(
-            forward_step_func=forward_step, data_iterator=iter(batches), model=[ddp],
-            num_microbatches=args.num_micro_batches, seq_length=args.seq_length,
-            micro_batch_size=args.micro_batch_size, forward_only=False,
+            forward_step_func=forward_step,
+            data_iterator=iter(batches),
+            model=[ddp],
+            num_microbatches=args.num_micro_batches,
+            seq_length=args.seq_length,
+            micro_batch_size=args.micro_batch_size,
+            forward_only=False,
         )
         _, grad_norm, _ = optimizer.step()
-        if parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0 \
-                and parallel_state.get_data_parallel_rank() == 0:
+        if (
+            parallel_state.is_pipeline_last_stage()
+            and parallel_state.get_tensor_model_parallel_rank() == 0
+            and parallel_state.get_data_parallel_rank() == 0
+        ):
             loss = torch.stack([d["lm loss"] for d in losses]).mean().item()
             ms = (time.perf_counter() - start) * 1e3
-            print(f" iteration {iteration:4d}/{args.train_iters} | lm loss {loss:.4f} | "
-                  f"grad norm {grad_norm:.3f} | {ms:.1f} ms/iter", flush=True)
+            print(
+                f" iteration {iteration:4d}/{args.train_iters} | lm loss {loss:.4f} | "
+                f"grad norm {grad_norm:.3f} | {ms:.1f} ms/iter",
+                flush=True,
+            )
     distributed.destroy()
 
 

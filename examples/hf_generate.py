@@ -17,7 +17,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -54,10 +55,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, trust_remote_code=True, dtype=torch.float32).eval()
     padding = list(range(sp.get_piece_size(), model.config.vocab_size)) if sp is not None else []
     with torch.no_grad():
-        out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                             do_sample=False, max_new_tokens=args.max_new_tokens,
-                             suppress_tokens=padding or None)  # fmt: skip
-    new = out[0, len(prompt):].tolist()
+        out = model.generate(
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            do_sample=False,
+            max_new_tokens=args.max_new_tokens,
+            suppress_tokens=padding or None,
+        )
+    new = out[0, len(prompt) :].tolist()
     print(f"{type(model).__name__}: {len(new)} new tokens: {new}")
     if sp is not None:
         print(repr(sp.decode(prompt + new)))

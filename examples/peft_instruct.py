@@ -33,8 +33,10 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORDS = ("apple river stone cloud maple tiger violet copper harbor lantern meadow falcon pepper "
-         "silver candle orbit thunder willow marble canyon ember glacier jasmine kettle").split()  # fmt: skip
+WORDS = (
+    "apple river stone cloud maple tiger violet copper harbor lantern meadow falcon pepper "
+    "silver candle orbit thunder willow marble canyon ember glacier jasmine kettle"
+).split()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,8 +146,17 @@ def _architecture_of(base: str) -> list[str]:
 
     saved = read_meta(resolve_checkpoint(base))["args"]
     flags = []
-    for key in ("variant", "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
-                "block_type", "normalization", "rotary_base"):  # fmt: skip
+    for key in (
+        "variant",
+        "num_layers",
+        "hidden_size",
+        "ffn_hidden_size",
+        "num_attention_heads",
+        "num_query_groups",
+        "block_type",
+        "normalization",
+        "rotary_base",
+    ):
         if saved.get(key) is not None:
             flags += [f"--{key.replace('_', '-')}", str(saved[key])]
     if saved["variant"] != "dense":
@@ -157,7 +168,9 @@ def _architecture_of(base: str) -> list[str]:
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default=os.path.join(REPO, "runs", "peft_instruct"))
-    parser.add_argument("--base", default=None, help="seed checkpoint to fine-tune (a --save directory); skips stages 2-3")
+    parser.add_argument(
+        "--base", default=None, help="seed checkpoint to fine-tune (a --save directory); skips stages 2-3"
+    )
     parser.add_argument("--tokenizer-model", default=None, help="the seed's tokenizer (with --base)")
     parser.add_argument("--experts", type=int, default=10, help="adapter experts of MoV and MoLoRA")
     parser.add_argument("--rank", type=int, default=4, help="LoRA rank")
@@ -183,28 +196,97 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     shape = ["--seq-length", "64", "--micro-batch-size", "16"]
     if args.base is None:
-        sizes = ["--variant", "dense", "--num-layers", "4", "--hidden-size", "128", "--num-attention-heads", "4",
-                 "--ffn-hidden-size", "384", *shape]  # fmt: skip
+        sizes = [
+            "--variant",
+            "dense",
+            "--num-layers",
+            "4",
+            "--hidden-size",
+            "128",
+            "--num-attention-heads",
+            "4",
+            "--ffn-hidden-size",
+            "384",
+            *shape,
+        ]
         tokenizer = os.path.join(work, "tok", "spm")
-        _run(["tools/train_tokenizer.py", "--input", data["tokenizer"], "--vocab-size", "400",
-              "--output-prefix", tokenizer], log("tokenizer"), 2)  # fmt: skip
+        _run(
+            [
+                "tools/train_tokenizer.py",
+                "--input",
+                data["tokenizer"],
+                "--vocab-size",
+                "400",
+                "--output-prefix",
+                tokenizer,
+            ],
+            log("tokenizer"),
+            2,
+        )
         tokenizer += ".model"
         prefix = os.path.join(work, "data", "pretrain")
-        _run(["tools/preprocess_data.py", "--input", data["pretrain"], "--tokenizer-model", tokenizer,
-              "--output-prefix", prefix, "--append-eod", "--workers", "1"], log("preprocess"), 2)  # fmt: skip
+        _run(
+            [
+                "tools/preprocess_data.py",
+                "--input",
+                data["pretrain"],
+                "--tokenizer-model",
+                tokenizer,
+                "--output-prefix",
+                prefix,
+                "--append-eod",
+                "--workers",
+                "1",
+            ],
+            log("preprocess"),
+            2,
+        )
         base = os.path.join(work, "seed")
-        seconds = _run(["pretrain_bam.py", *sizes, "--data-path", prefix + "_text_document", "--tokenizer-model",
-                        tokenizer, "--train-iters", str(args.seed_iters), "--lr", "3e-3", "--lr-warmup-iters", "20",
-                        "--eval-iters", "0", "--log-interval", "50", "--save", base], log("seed"), 2)  # fmt: skip
+        seconds = _run(
+            [
+                "pretrain_bam.py",
+                *sizes,
+                "--data-path",
+                prefix + "_text_document",
+                "--tokenizer-model",
+                tokenizer,
+                "--train-iters",
+                str(args.seed_iters),
+                "--lr",
+                "3e-3",
+                "--lr-warmup-iters",
+                "20",
+                "--eval-iters",
+                "0",
+                "--log-interval",
+                "50",
+                "--save",
+                base,
+            ],
+            log("seed"),
+            2,
+        )
         print(f"seed: pre-trained {args.seed_iters} iterations on task-free text ({seconds:.0f} s)", flush=True)
     else:
         base, tokenizer = args.base, args.tokenizer_model
         sizes = [*_architecture_of(base), *shape]
 
     eval_iters = math.ceil(n_valid / 16)
-    common = [*sizes, "--tokenizer-model", tokenizer, "--instruct-data-path", data["train"], "--instruct-valid-path",
-              data["valid"], "--pretrained-checkpoint", base, "--eval-iters", str(eval_iters),
-              "--log-interval", "50"]  # fmt: skip
+    common = [
+        *sizes,
+        "--tokenizer-model",
+        tokenizer,
+        "--instruct-data-path",
+        data["train"],
+        "--instruct-valid-path",
+        data["valid"],
+        "--pretrained-checkpoint",
+        base,
+        "--eval-iters",
+        str(eval_iters),
+        "--log-interval",
+        "50",
+    ]
     e = str(args.experts)
     lora = ["--lora-rank", str(args.rank), "--lora-alpha", str(args.alpha)]
     adapters = ["--lr", str(args.lr_adapters), "--lr-warmup-iters", "10"]
@@ -223,7 +305,11 @@ def main(argv: Optional[list[str]] = None) -> None:
         os.makedirs(os.path.dirname(metrics), exist_ok=True)
         if os.path.exists(metrics):
             os.remove(metrics)
-        iters = ["--train-iters", str(args.iters), "--eval-interval", str(args.iters)] if "--train-iters" not in flags else []
+        iters = (
+            ["--train-iters", str(args.iters), "--eval-interval", str(args.iters)]
+            if "--train-iters" not in flags
+            else []
+        )
         seconds = _run(["pretrain_bam.py", *common, *iters, *flags, "--metrics-file", metrics], log(key), 1)
         loss = _heldout_loss(metrics)
         trainable, total = _trainable(log(key))
@@ -234,8 +320,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     with ThreadPoolExecutor(2) as pool:
         rows = list(pool.map(fine_tune, runs.items()))
 
-    print(f"\nheld-out loss on the response tokens of {n_valid} unseen pairs ({sizes[sizes.index('--variant') + 1]} seed, "
-          f"{args.iters} fine-tuning iterations):\n")  # fmt: skip
+    print(
+        f"\nheld-out loss on the response tokens of {n_valid} unseen pairs "
+        f"({sizes[sizes.index('--variant') + 1]} seed, "
+        f"{args.iters} fine-tuning iterations):\n"
+    )
     print("| method | trainable params | % of model | held-out loss | ppl |")
     print("|---|---:|---:|---:|---:|")
     for name, loss, trainable, total, _ in rows:

@@ -6,7 +6,6 @@
   on machines without a GPU.
 """
 
-import pytest
 import torch
 
 from tests.data_fixtures import text_corpus  # noqa: F401  (session fixture: generated JSONL + tokenizer)

@@ -24,8 +24,20 @@ def seed(tmp_path_factory, corpus):
 
 
 def branch_argv(corpus, seed: str, out: str) -> list[str]:
-    return ["--seed-checkpoint", seed, "--output-dir", out, "--experts", "code", "math",
-            "--domain-data", f"code={corpus['code']}", f"math={corpus['math']}", "--general-data", corpus["law"]]  # fmt: skip
+    return [
+        "--seed-checkpoint",
+        seed,
+        "--output-dir",
+        out,
+        "--experts",
+        "code",
+        "math",
+        "--domain-data",
+        f"code={corpus['code']}",
+        f"math={corpus['math']}",
+        "--general-data",
+        corpus["law"],
+    ]
 
 
 def test_branch_links_the_seed_and_writes_working_phase2_flags(tmp_path, corpus, seed):
@@ -55,8 +67,12 @@ def test_branch_links_the_seed_and_writes_working_phase2_flags(tmp_path, corpus,
 def test_bad_input_writes_nothing(tmp_path, corpus, seed, capsys, case):
     out = tmp_path / "experts"
     argv = branch_argv(corpus, seed, str(out))
-    expected = {"missing-domain": "missing math", "bad-general-data": "dataset file not found",
-                "exists": "already exists", "not-a-checkpoint": "--seed-checkpoint: no checkpoint at"}[case]  # fmt: skip
+    expected = {
+        "missing-domain": "missing math",
+        "bad-general-data": "dataset file not found",
+        "exists": "already exists",
+        "not-a-checkpoint": "--seed-checkpoint: no checkpoint at",
+    }[case]
     if case == "missing-domain":
         argv.remove(f"math={corpus['math']}")
     elif case == "bad-general-data":

@@ -16,15 +16,19 @@ MODELS = ("seed", "code", "law", "math", "btx", "bam")
 
 
 def _run_demo(workdir, timeout):
-    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "examples", "bam_demo.py"), "--quick",
-                             "--workdir", str(workdir)], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(REPO, "examples", "bam_demo.py"), "--quick", "--workdir", str(workdir)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.send_signal(signal.SIGTERM)  # the demo stops its stage's processes
         out, _ = proc.communicate(timeout=60)
-        raise AssertionError(f"the demo took more than {timeout} s:\n{out[-5000:]}")
+        raise AssertionError(f"the demo took more than {timeout} s:\n{out[-5000:]}") from None
     assert proc.returncode == 0, out[-5000:]
     return out
 

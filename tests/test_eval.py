@@ -38,14 +38,16 @@ def checkpoints(tmp_path_factory, corpus):
     """{'seed': dense, 'bam': bam (top-2 FFN), 'other': dense with another tokenizer}: --save dirs."""
     root = tmp_path_factory.mktemp("eval-checkpoints")
     jobs = {}
-    for name, variant, tokenizer, extra in (("seed", "dense", "tokenizer", []),
-                                            ("bam", "bam", "tokenizer", ["--moe-router-topk", "2"]),
-                                            ("other", "dense", "other_tokenizer", [])):  # fmt: skip
+    for name, variant, tokenizer, extra in (
+        ("seed", "dense", "tokenizer", []),
+        ("bam", "bam", "tokenizer", ["--moe-router-topk", "2"]),
+        ("other", "dense", "other_tokenizer", []),
+    ):
         args = base_args(corpus, "--train-iters", "2", "--save", str(root / name), *extra)
         args[args.index("--variant") + 1] = variant
         args[args.index("--tokenizer-model") + 1] = corpus[tokenizer]
         jobs[name] = launch(SCRIPT, args, 1, str(root / f"logs-{name}"))
-    for name, ranks in jobs.items():
+    for ranks in jobs.values():
         assert ranks.wait(240) == [0], ranks.output(0)
     return {name: str(root / name) for name in jobs}
 
@@ -54,9 +56,17 @@ def eval_args(corpus, checkpoints, output_dir, *models: str) -> list[str]:
     models = models or ("seed", "bam")
     return [
         *[f for m in models for f in ("--model", f"{m}={checkpoints[m]}")],
-        "--data-path", *[corpus[d] for d in DOMAINS], "--eval-samples", str(SAMPLES), "--micro-batch-size", "2",
-        "--expert-names", *EXPERTS, "--output-dir", str(output_dir),
-    ]  # fmt: skip
+        "--data-path",
+        *[corpus[d] for d in DOMAINS],
+        "--eval-samples",
+        str(SAMPLES),
+        "--micro-batch-size",
+        "2",
+        "--expert-names",
+        *EXPERTS,
+        "--output-dir",
+        str(output_dir),
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -66,12 +76,21 @@ def evaluated(tmp_path_factory, corpus, checkpoints):
     output_dir = tmp_path_factory.mktemp("eval") / "out"
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     paths = dict(checkpoints, bam=checkpointing.checkpoint_path(checkpoints["bam"], 2))
-    proc = subprocess.run([sys.executable, EVAL, *eval_args(corpus, paths, output_dir)], env=env,
-                          capture_output=True, text=True, timeout=240)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, EVAL, *eval_args(corpus, paths, output_dir)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     read = lambda name: json.loads((output_dir / name).read_text())  # noqa: E731
-    return {"stdout": proc.stdout, "dir": output_dir,
-            "perplexity": read("perplexity.json"), "routing": read("routing.json")}  # fmt: skip
+    return {
+        "stdout": proc.stdout,
+        "dir": output_dir,
+        "perplexity": read("perplexity.json"),
+        "routing": read("routing.json"),
+    }
 
 
 def reference(paths: dict[str, str], prefixes: list[str], samples: int, cache: str) -> dict:
@@ -90,30 +109,45 @@ def reference(paths: dict[str, str], prefixes: list[str], samples: int, cache: s
     first = argparse.Namespace(**checkpointing.read_meta(next(iter(paths.values())))["args"])
     tok = load_tokenizer(first.tokenizer_model)
     # the validation parts exactly as training builds them
-    _, valid = build_datasets(parse_data_path(prefixes), first.split, first.seq_length, first.seed, 1, 1,
-                              TokenIds(tok.eod, tok.pad, tok.vocab_size), cache)  # fmt: skip
+    _, valid = build_datasets(
+        parse_data_path(prefixes),
+        first.split,
+        first.seq_length,
+        first.seed,
+        1,
+        1,
+        TokenIds(tok.eod, tok.pad, tok.vocab_size),
+        cache,
+    )
     batches = {}
     for domain, dataset in valid.items():
         assert len(dataset) >= samples
         items = [dataset[i] for i in range(samples)]
-        batches[domain] = {k: torch.stack([torch.as_tensor(s[k]) for s in items])
-                           for k in ("tokens", "labels", "loss_mask")}  # fmt: skip
+        batches[domain] = {
+            k: torch.stack([torch.as_tensor(s[k]) for s in items]) for k in ("tokens", "labels", "loss_mask")
+        }
     out = {}
     for name, path in paths.items():
         args = argparse.Namespace(**checkpointing.read_meta(path)["args"])
         args.hidden_dropout = args.attention_dropout = 0.0
-        model = build_model(model_config(args), args.padded_vocab_size, args.seq_length,
-                            untie_embeddings=args.untie_embeddings_and_output_weights)  # fmt: skip
+        model = build_model(
+            model_config(args),
+            args.padded_vocab_size,
+            args.seq_length,
+            untie_embeddings=args.untie_embeddings_and_output_weights,
+        )
         checkpointing.load_checkpoint(path, model, load_rng=False)
         model.eval()
         captured = {"attention_gates": {}, "ffn_selection": {}}
         for i, layer in enumerate(model.decoder.layers):
             if hasattr(layer.self_attention, "router"):
                 layer.self_attention.router.register_forward_hook(
-                    lambda m, a, gates, i=i: captured["attention_gates"].__setitem__(i, gates))
+                    lambda m, a, gates, i=i, captured=captured: captured["attention_gates"].__setitem__(i, gates)
+                )
             if hasattr(layer.mlp, "router"):
                 layer.mlp.router.register_forward_hook(
-                    lambda m, a, output, i=i: captured["ffn_selection"].__setitem__(i, output[1]))
+                    lambda m, a, output, i=i, captured=captured: captured["ffn_selection"].__setitem__(i, output[1])
+                )
         out[name] = {"perplexity": {}, "attention_gates": {}, "ffn_selection": {}}
         for domain, batch in batches.items():
             tokens = batch["tokens"]
@@ -169,8 +203,12 @@ def test_perplexity_is_exp_of_mean_token_loss(evaluated, checkpoints, corpus, tm
     routing = evaluated["routing"]["models"]["bam"]
     for kind in ("attention_gates", "ffn_selection"):
         for d in DOMAINS:
-            torch.testing.assert_close(torch.tensor(routing[kind][d], dtype=torch.float64),
-                                       torch.stack(expected["bam"][kind][d]), rtol=1e-6, atol=1e-6)  # fmt: skip
+            torch.testing.assert_close(
+                torch.tensor(routing[kind][d], dtype=torch.float64),
+                torch.stack(expected["bam"][kind][d]),
+                rtol=1e-6,
+                atol=1e-6,
+            )
 
 
 def test_routing_json_and_heatmaps(evaluated):
@@ -204,8 +242,9 @@ def test_tensor_and_sequence_parallel_run_matches_one_rank(evaluated, corpus, ch
     routing = json.loads((output_dir / "routing.json").read_text())["models"]["bam"]
     for kind in ("attention_gates", "ffn_selection"):
         for d in DOMAINS:
-            torch.testing.assert_close(torch.tensor(routing[kind][d]),
-                                       torch.tensor(evaluated["routing"]["models"]["bam"][kind][d]))  # fmt: skip
+            torch.testing.assert_close(
+                torch.tensor(routing[kind][d]), torch.tensor(evaluated["routing"]["models"]["bam"][kind][d])
+            )
 
 
 @pytest.mark.parametrize("case", ["other-tokenizer", "missing-checkpoint", "missing-dataset", "expert-names"])

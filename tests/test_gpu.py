@@ -16,9 +16,9 @@ def test_cpu_mode_is_never_active_on_a_gpu():
 
 
 def _bf16_vs_fp32_loss():
-    from tests.tiny_gpt import SEQ, VOCAB, tiny_config, micro_batches
     from bam_megatron.model.gpt import build_gpt, local_gpt_layer_spec
     from bam_megatron.platform.distributed import initialize
+    from tests.tiny_gpt import SEQ, VOCAB, micro_batches, tiny_config
 
     initialize(ParallelSizes(), seed=1)
     losses = {}

@@ -36,10 +36,30 @@ TOKENS = torch.randint(4, 320, (2, SEQ), generator=torch.Generator().manual_seed
 
 def common(corpus, save: str, *extra: str) -> list[str]:
     return [
-        "--preset", "tiny", "--seq-length", str(SEQ), "--micro-batch-size", "2", "--train-iters", "1",
-        "--lr", "1e-2", "--init-method-std", "0.3", "--eval-iters", "1", "--eval-interval", "1000",
-        "--tokenizer-model", corpus["tokenizer"], "--data-path", corpus["code"], "--save", save, *extra,
-    ]  # fmt: skip
+        "--preset",
+        "tiny",
+        "--seq-length",
+        str(SEQ),
+        "--micro-batch-size",
+        "2",
+        "--train-iters",
+        "1",
+        "--lr",
+        "1e-2",
+        "--init-method-std",
+        "0.3",
+        "--eval-iters",
+        "1",
+        "--eval-interval",
+        "1000",
+        "--tokenizer-model",
+        corpus["tokenizer"],
+        "--data-path",
+        corpus["code"],
+        "--save",
+        save,
+        *extra,
+    ]
 
 
 def _pretrain(argvs: list[list[str]]) -> list[int]:
@@ -53,16 +73,35 @@ def sources(tmp_path_factory, corpus):
     """Checkpoints: a LayerNorm dense model saved at TP=2 + SP; bam, bam-shared-kv, btx, RMSNorm dense at TP=1."""
     root = tmp_path_factory.mktemp("hf_sources")
     made = {name: str(root / name) for name in ("dense", "bam", "bam-shared-kv", "btx", "dense-rms")}
-    dense = common(corpus, made["dense"], "--variant", "dense", "--normalization", "LayerNorm",
-                   "--rotary-base", "20000", "--tensor-model-parallel-size", "2", "--sequence-parallel")  # fmt: skip
+    dense = common(
+        corpus,
+        made["dense"],
+        "--variant",
+        "dense",
+        "--normalization",
+        "LayerNorm",
+        "--rotary-base",
+        "20000",
+        "--tensor-model-parallel-size",
+        "2",
+        "--sequence-parallel",
+    )
     assert run_distributed(_pretrain, 2, args=([dense],)) == [[0], [0]]
     others = [
         common(corpus, made["bam"], "--variant", "bam", "--num-experts", "2", "--moe-router-topk", "2"),
-        common(corpus, made["bam-shared-kv"], "--variant", "bam-shared-kv", "--num-experts", "2",
-               "--attention-router-topk", "1"),
+        common(
+            corpus,
+            made["bam-shared-kv"],
+            "--variant",
+            "bam-shared-kv",
+            "--num-experts",
+            "2",
+            "--attention-router-topk",
+            "1",
+        ),
         common(corpus, made["btx"], "--variant", "btx", "--num-experts", "2"),
         common(corpus, made["dense-rms"], "--variant", "dense"),
-    ]  # fmt: skip
+    ]
     assert run_distributed(_pretrain, 1, args=(others,)) == [[0, 0, 0, 0]]
     return made
 
@@ -95,7 +134,7 @@ def our_greedy(checkpoint: str, prompt: torch.Tensor, steps: int) -> list[int]:
     seq = prompt.clone()
     for _ in range(steps):
         seq = torch.cat([seq, our_logits(checkpoint, seq)[:, -1:].argmax(-1)], dim=1)
-    return seq[0, prompt.shape[1]:].tolist()
+    return seq[0, prompt.shape[1] :].tolist()
 
 
 def relative_error(theirs: torch.Tensor, ours: torch.Tensor) -> float:
@@ -106,8 +145,9 @@ def relative_error(theirs: torch.Tensor, ours: torch.Tensor) -> float:
 def hf_model(directory: str):
     from transformers import AutoModelForCausalLM
 
-    model, info = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True, dtype=torch.float32,
-                                                       output_loading_info=True)  # fmt: skip
+    model, info = AutoModelForCausalLM.from_pretrained(
+        directory, trust_remote_code=True, dtype=torch.float32, output_loading_info=True
+    )
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
     return model.eval()
 
@@ -121,8 +161,11 @@ def _export_and_compare(jobs: list[tuple[str, str, str]]) -> dict:
         model = hf_model(output)
         with torch.no_grad():
             theirs = model(TOKENS).logits
-        results[output] = {"class": type(model).__name__, "text": text,
-                           "error": relative_error(theirs, our_logits(checkpoint, TOKENS))}  # fmt: skip
+        results[output] = {
+            "class": type(model).__name__,
+            "text": text,
+            "error": relative_error(theirs, our_logits(checkpoint, TOKENS)),
+        }
     return results
 
 
@@ -140,9 +183,12 @@ def test_cohere_export_of_a_tp2_checkpoint_matches_transformers(sources, tmp_pat
 
 def _round_trip(dense: str, root: str) -> list[int]:
     a, seed, b, half = (os.path.join(root, n) for n in ("a", "seed", "b", "bf16"))
-    return [convert("export", "--load", dense, "--save", a)[0], convert("import", "--load", a, "--save", seed)[0],
-            convert("export", "--load", seed, "--save", b)[0],
-            convert("export", "--load", seed, "--save", half, "--dtype", "bfloat16")[0]]  # fmt: skip
+    return [
+        convert("export", "--load", dense, "--save", a)[0],
+        convert("import", "--load", a, "--save", seed)[0],
+        convert("export", "--load", seed, "--save", b)[0],
+        convert("export", "--load", seed, "--save", half, "--dtype", "bfloat16")[0],
+    ]
 
 
 def test_export_import_export_is_byte_identical(sources, tmp_path, corpus):
@@ -152,7 +198,10 @@ def test_export_import_export_is_byte_identical(sources, tmp_path, corpus):
     for name in ("model.safetensors", "config.json", "tokenizer.model"):
         with open(tmp_path / "a" / name, "rb") as a, open(tmp_path / "b" / name, "rb") as b:
             assert a.read() == b.read(), name
-    full, half = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "bf16" / "model.safetensors"))
+    full, half = (
+        load_file(str(tmp_path / "a" / "model.safetensors")),
+        load_file(str(tmp_path / "bf16" / "model.safetensors")),
+    )
     assert sorted(full) == sorted(half) and all(torch.equal(full[n].bfloat16(), half[n]) for n in full)
     assert json.load(open(tmp_path / "bf16" / "config.json"))["dtype"] == "bfloat16"
     from bam_megatron.data.tokenizer import load_tokenizer
@@ -169,11 +218,21 @@ def cohere_directory(path: str, tokenizer: str) -> torch.Tensor:
 
     torch.manual_seed(0)
     config = CohereConfig(
-        vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=SEQ, logit_scale=0.0625, tie_word_embeddings=True,
-        rope_parameters={"rope_type": "default", "rope_theta": 20000.0}, initializer_range=0.3,
-        pad_token_id=0, bos_token_id=2, eos_token_id=3,
-    )  # fmt: skip
+        vocab_size=320,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=SEQ,
+        logit_scale=0.0625,
+        tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 20000.0},
+        initializer_range=0.3,
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=3,
+    )
     model = CohereForCausalLM(config).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -198,12 +257,41 @@ def test_transformers_cohere_model_imports_as_a_seed_that_trains_and_branches(tm
 
     src, seed, out = (str(tmp_path / n) for n in ("cohere", "seed", "out"))
     torch.save(cohere_directory(src, corpus["tokenizer"]), os.path.join(src, "logits.pt"))
-    train = ["--variant", "dense", "--normalization", "LayerNorm", "--rotary-base", "20000",
-             "--no-untie-embeddings-and-output-weights", "--num-layers", "2", "--hidden-size", "64",
-             "--ffn-hidden-size", "96", "--num-attention-heads", "4", "--num-query-groups", "2",
-             "--seq-length", str(SEQ), "--micro-batch-size", "2", "--train-iters", "1", "--eval-iters", "1",
-             "--tokenizer-model", corpus["tokenizer"], "--data-path", corpus["code"],
-             "--pretrained-checkpoint", seed, "--save", str(tmp_path / "trained")]  # fmt: skip
+    train = [
+        "--variant",
+        "dense",
+        "--normalization",
+        "LayerNorm",
+        "--rotary-base",
+        "20000",
+        "--no-untie-embeddings-and-output-weights",
+        "--num-layers",
+        "2",
+        "--hidden-size",
+        "64",
+        "--ffn-hidden-size",
+        "96",
+        "--num-attention-heads",
+        "4",
+        "--num-query-groups",
+        "2",
+        "--seq-length",
+        str(SEQ),
+        "--micro-batch-size",
+        "2",
+        "--train-iters",
+        "1",
+        "--eval-iters",
+        "1",
+        "--tokenizer-model",
+        corpus["tokenizer"],
+        "--data-path",
+        corpus["code"],
+        "--pretrained-checkpoint",
+        seed,
+        "--save",
+        str(tmp_path / "trained"),
+    ]
     (result,) = run_distributed(_import_then_train, 1, args=(src, seed, out, train))
     assert result["error"] < RTOL, result
     assert result["export"][0] == 0 and result["train"] == [0], result
@@ -216,10 +304,31 @@ def test_transformers_cohere_model_imports_as_a_seed_that_trains_and_branches(tm
     # tools/branch.py takes the imported seed, with its architecture flags for phase 2
     from bam_megatron.conversion.branch import main as branch
 
-    assert branch(["--seed-checkpoint", seed, "--output-dir", str(tmp_path / "experts"), "--experts", "law",
-                   "--domain-data", f"law={corpus['law']}", "--general-data", corpus["code"]]) == 0  # fmt: skip
+    assert (
+        branch(
+            [
+                "--seed-checkpoint",
+                seed,
+                "--output-dir",
+                str(tmp_path / "experts"),
+                "--experts",
+                "law",
+                "--domain-data",
+                f"law={corpus['law']}",
+                "--general-data",
+                corpus["code"],
+            ]
+        )
+        == 0
+    )
     flags = open(tmp_path / "experts" / "law" / "phase2.args").read().split()
-    for flag in ("--normalization", "LayerNorm", "--rotary-base", "20000.0", "--no-untie-embeddings-and-output-weights"):
+    for flag in (
+        "--normalization",
+        "LayerNorm",
+        "--rotary-base",
+        "20000.0",
+        "--no-untie-embeddings-and-output-weights",
+    ):
         assert flag in flags, flags
 
 
@@ -248,10 +357,13 @@ def _remote_code_checks(jobs: list[tuple[str, str, str]]) -> dict:
             padded = model.generate(batch, attention_mask=mask, do_sample=False, max_new_tokens=4, eos_token_id=None)
             alone = model.generate(short, do_sample=False, max_new_tokens=4, eos_token_id=None)
         results[output].update(
-            cached=cached[0, 5:].tolist(), uncached=uncached[0, 5:].tolist(), ours=our_greedy(checkpoint, prompt, 8),
+            cached=cached[0, 5:].tolist(),
+            uncached=uncached[0, 5:].tolist(),
+            ours=our_greedy(checkpoint, prompt, 8),
             cache_error=relative_error(torch.cat(logits, 1), full),
-            padded=padded[1, 5:].tolist(), alone=alone[0, 3:].tolist(),
-        )  # fmt: skip
+            padded=padded[1, 5:].tolist(),
+            alone=alone[0, 3:].tolist(),
+        )
     return results
 
 
@@ -267,7 +379,9 @@ def test_remote_code_export_of_every_variant_matches_and_generates(sources, tmp_
         assert result["padded"] == result["alone"], (name, result)
         config = json.load(open(os.path.join(out, "config.json")))
         assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_bam.BamForCausalLM"
-        assert os.path.isfile(os.path.join(out, "modeling_bam.py")) and os.path.isfile(os.path.join(out, "tokenizer.model"))
+        assert os.path.isfile(os.path.join(out, "modeling_bam.py")) and os.path.isfile(
+            os.path.join(out, "tokenizer.model")
+        )
     assert "because variant=bam" in results[str(tmp_path / "bam")]["text"]
     assert "because normalization=RMSNorm" in results[str(tmp_path / "dense-rms")]["text"]
     shared = json.load(open(tmp_path / "bam-shared-kv" / "config.json"))
@@ -290,24 +404,31 @@ def test_bad_input_is_refused_in_one_line_without_output(sources, tmp_path, corp
         (("export", "--load", str(tmp_path / "nothing"), "--save", out), "checkpoint not found"),
         (("export", "--load", sources["bam"], "--save", out, "--format", "cohere"), "variant=bam: CohereForCausalLM"),
         (("export", "--load", sources["dense-rms"], "--save", out, "--format", "cohere"), "normalization=RMSNorm"),
-        (("export", "--load", sources["dense"], "--save", out, "--tokenizer-model", corpus["other_tokenizer"]),
-         "is not the tokenizer the checkpoint was trained with"),
+        (
+            ("export", "--load", sources["dense"], "--save", out, "--tokenizer-model", corpus["other_tokenizer"]),
+            "is not the tokenizer the checkpoint was trained with",
+        ),
         (("export", "--load", sources["dense"], "--save", sources["bam"]), "already exists"),
         (("import", "--load", str(tmp_path), "--save", out), "no config.json"),
-    ]  # fmt: skip
+    ]
     src = tmp_path / "cohere"
     cohere_directory(str(src), corpus["tokenizer"])
     config = json.load(open(src / "config.json"))
-    for key, value, message in (("model_type", "llama", "model_type=llama"), ("use_qk_norm", True, "use_qk_norm=True"),
-                                ("rope_parameters", {"rope_type": "yarn", "rope_theta": 1.0}, "rope_type=yarn")):  # fmt: skip
+    for key, value, message in (
+        ("model_type", "llama", "model_type=llama"),
+        ("use_qk_norm", True, "use_qk_norm=True"),
+        ("rope_parameters", {"rope_type": "yarn", "rope_theta": 1.0}, "rope_type=yarn"),
+    ):
         bad = tmp_path / f"bad-{key}"
         shutil.copytree(src, bad)
         json.dump(dict(config, **{key: value}), open(bad / "config.json", "w"))
         cases.append((("import", "--load", str(bad), "--save", out), message))
     tensors = load_file(str(src / "model.safetensors"))
-    for name, change, message in (("missing", "pop", "tensor model.layers.1.mlp.down_proj.weight is missing"),
-                                  ("shape", "shape", "tensor model.layers.1.mlp.down_proj.weight has shape (64, 95)"),
-                                  ("extra", "extra", "tensor model.layers.2.mlp.down_proj.weight is not part")):  # fmt: skip
+    for name, change, message in (
+        ("missing", "pop", "tensor model.layers.1.mlp.down_proj.weight is missing"),
+        ("shape", "shape", "tensor model.layers.1.mlp.down_proj.weight has shape (64, 95)"),
+        ("extra", "extra", "tensor model.layers.2.mlp.down_proj.weight is not part"),
+    ):
         bad = tmp_path / f"bad-{name}"
         shutil.copytree(src, bad)
         changed = dict(tensors)
@@ -341,8 +462,10 @@ def _failing_writes(checkpoint: str, cohere_dir: str, root: str) -> list[str]:
 
     bam_format.copy_model_code, megatron_io.save_weights = broken, save_then_fail
     errors = []
-    for argv in (("export", "--load", checkpoint, "--save", os.path.join(root, "hf"), "--format", "bam"),
-                 ("import", "--load", cohere_dir, "--save", os.path.join(root, "seed"))):  # fmt: skip
+    for argv in (
+        ("export", "--load", checkpoint, "--save", os.path.join(root, "hf"), "--format", "bam"),
+        ("import", "--load", cohere_dir, "--save", os.path.join(root, "seed")),
+    ):
         with pytest.raises(OSError) as error:
             convert(*argv)
         errors.append(str(error.value))

@@ -53,10 +53,15 @@ def test_long_pairs_are_cut_and_prompts_filling_the_window_dropped():
 
 @pytest.mark.parametrize(
     "line, message",
-    [("{not json", "invalid JSON"), ('["a"]', "expected a JSON object"), ('{"prompt": "a"}', "missing key 'response'"),
-     ('{"prompt": "a", "response": 3}', "key 'response' holds int"), ('{"prompt": "a", "response": " "}', "empty 'response'")],
+    [
+        ("{not json", "invalid JSON"),
+        ('["a"]', "expected a JSON object"),
+        ('{"prompt": "a"}', "missing key 'response'"),
+        ('{"prompt": "a", "response": 3}', "key 'response' holds int"),
+        ('{"prompt": "a", "response": " "}', "empty 'response'"),
+    ],
     ids=["json", "object", "missing", "type", "empty"],
-)  # fmt: skip
+)
 def test_a_bad_line_names_file_and_line(tmp_path, line, message):
     path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "response": "b"}, "", line])
     with pytest.raises(DataError, match=f"d.jsonl:3: {message}"):
@@ -96,7 +101,9 @@ def test_sentencepiece_pairs_batch_like_gpt_samples(tmp_path, corpus):
     train_ds, valid_sets, fingerprint, summary = build_instruct_datasets(train, valid, tokenizer, 48, 1, 10)
     assert len(train_ds) == 10 and list(valid_sets) == ["instruct"] and "6 training pairs, 2 validation" in summary
     batch = MicroBatches(train_ds, 4, 0, 1).next_global_batch(1)[0]
-    assert {k: tuple(v.shape) for k, v in batch.items()} == {k: (4, 48) for k in ("tokens", "labels", "loss_mask", "position_ids")}
+    assert {k: tuple(v.shape) for k, v in batch.items()} == {
+        k: (4, 48) for k in ("tokens", "labels", "loss_mask", "position_ids")
+    }
     response = tokenizer.tokenize("theorem lemma proof") + [tokenizer.eod]
     row = batch["labels"][0][batch["loss_mask"][0] > 0].tolist()
     assert row == response

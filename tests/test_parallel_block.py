@@ -76,8 +76,9 @@ def test_fused_block_reduces_once_per_layer():
 def router_losses_after_forward():
     sizes = ParallelSizes()
     initialize(sizes, seed=2)
-    config = variant_config("bam", preset="tiny", use_cpu_initialization=True,
-                            moe_aux_loss_coeff=1e-2, moe_z_loss_coeff=1e-3)  # fmt: skip
+    config = variant_config(
+        "bam", preset="tiny", use_cpu_initialization=True, moe_aux_loss_coeff=1e-2, moe_z_loss_coeff=1e-3
+    )
     model = build_model(config, VOCAB, SEQ)
     tokens, labels = micro_batches(1)[0]
     positions = torch.arange(SEQ).unsqueeze(0).expand_as(tokens)

@@ -16,9 +16,7 @@ MICRO_BATCHES = 4  # several, so the 1F1B pipeline schedule has a steady state
 
 
 def _reference(model: str, overrides: dict) -> dict:
-    (serial,) = run_distributed(
-        gradient_step, 1, args=(ParallelSizes(), model, None, MICRO_BATCHES, None, overrides)
-    )
+    (serial,) = run_distributed(gradient_step, 1, args=(ParallelSizes(), model, None, MICRO_BATCHES, None, overrides))
     return {
         "loss": serial["loss"],
         "weights": assemble([serial["weights"]]),
@@ -41,8 +39,12 @@ def reference():
 
 
 def _layout_id(sizes: ParallelSizes) -> str:
-    parts = [f"tp{sizes.tensor}" if sizes.tensor > 1 else "", f"pp{sizes.pipeline}" if sizes.pipeline > 1 else "",
-             f"ep{sizes.expert}" if sizes.expert > 1 else "", "sp" if sizes.sequence_parallel else ""]
+    parts = [
+        f"tp{sizes.tensor}" if sizes.tensor > 1 else "",
+        f"pp{sizes.pipeline}" if sizes.pipeline > 1 else "",
+        f"ep{sizes.expert}" if sizes.expert > 1 else "",
+        "sp" if sizes.sequence_parallel else "",
+    ]
     return "-".join(p for p in parts if p) or "serial"
 
 
@@ -100,9 +102,7 @@ def _case_id(case) -> str:
 def test_parallel_matches_one_rank(reference, case):
     model, sizes, overrides = case
     ref = reference(model, overrides)
-    results = run_distributed(
-        gradient_step, 2, args=(sizes, model, ref["weights"], MICRO_BATCHES, None, overrides)
-    )
+    results = run_distributed(gradient_step, 2, args=(sizes, model, ref["weights"], MICRO_BATCHES, None, overrides))
     assert_matches_reference(ref, results)
 
 
@@ -114,8 +114,6 @@ def test_parallel_matches_one_rank(reference, case):
 def test_a_wrong_shard_is_detected(reference, model, sizes):
     """Negative control: perturb rank 1's shard of one weight and the comparison must fail."""
     ref = reference(model)
-    results = run_distributed(
-        gradient_step, 2, args=(sizes, model, ref["weights"], MICRO_BATCHES, 1)
-    )
+    results = run_distributed(gradient_step, 2, args=(sizes, model, ref["weights"], MICRO_BATCHES, 1))
     with pytest.raises(AssertionError):
         assert_matches_reference(ref, results)

@@ -61,8 +61,12 @@ def single_rank_checks(checkpoint_dir: str) -> dict:
             apply_peft(model, PeftConfig(method, **SMALL))
             out["identity"][variant, method] = torch.equal(_logits(model, tokens), before)
             out["trainable"][variant, method] = sorted(
-                {n.split(".")[-1] if "router" not in n else "router" for n, p in model.named_parameters() if p.requires_grad}
-            )  # fmt: skip
+                {
+                    n.split(".")[-1] if "router" not in n else "router"
+                    for n, p in model.named_parameters()
+                    if p.requires_grad
+                }
+            )
 
     # the mixture's formula, on the dense model's modules
     model = build_model(bam_config(ParallelSizes(), "dense"), VOCAB, SEQ)
@@ -93,7 +97,9 @@ def single_rank_checks(checkpoint_dir: str) -> dict:
     gates = torch.softmax(x @ ad.router.weight.T, dim=-1)
     k = 1 + torch.einsum("sbe,egd->sbgd", gates, ad.ia3_k)
     v = 1 + torch.einsum("sbe,egd->sbgd", gates, ad.ia3_v)
-    expected = torch.cat([plain[..., :2, :], plain[..., 2:3, :] * k[..., None, :], plain[..., 3:, :] * v[..., None, :]], -2)
+    expected = torch.cat(
+        [plain[..., :2, :], plain[..., 2:3, :] * k[..., None, :], plain[..., 3:, :] * v[..., None, :]], -2
+    )
     out["mov_qkv_formula"] = (attn.linear_qkv(x)[0], expected.view(SEQ, 2, -1))
 
     # adapter-only checkpoint: holds the adapters alone, and restores them exactly into a fresh model
@@ -105,8 +111,9 @@ def single_rank_checks(checkpoint_dir: str) -> dict:
     fresh = build_model(bam_config(ParallelSizes(), "bam"), VOCAB, SEQ)
     apply_peft(fresh, PeftConfig("molora", **SMALL))
     base_before = {n: p.detach().clone() for n, p in fresh.named_parameters() if not is_adapter_name(n)}
-    checkpointing.load_checkpoint(checkpointing.checkpoint_path(checkpoint_dir, 1), peft_checkpoint.adapters_of(fresh),
-                                  load_rng=False)  # fmt: skip
+    checkpointing.load_checkpoint(
+        checkpointing.checkpoint_path(checkpoint_dir, 1), peft_checkpoint.adapters_of(fresh), load_rng=False
+    )
     now = dict(fresh.named_parameters())
     out["restored"] = all(torch.equal(now[n], saved[n]) for n in saved if is_adapter_name(n))
     out["base_untouched"] = all(torch.equal(now[n], p) for n, p in base_before.items())
@@ -157,8 +164,17 @@ def test_adapter_checkpoint_restores_exactly(single_rank, tmp_path_factory):
 # tensor, sequence and expert parallelism against one rank
 
 FULL_RECOMPUTE = {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
-CASES = [(v, m, o) for v, o in (("dense", {}), ("dense", {"fuse_tp_reduction": False}), ("bam", {}), ("btx", {}),
-                                ("bam", FULL_RECOMPUTE)) for m in METHODS]  # fmt: skip
+CASES = [
+    (v, m, o)
+    for v, o in (
+        ("dense", {}),
+        ("dense", {"fuse_tp_reduction": False}),
+        ("bam", {}),
+        ("btx", {}),
+        ("bam", FULL_RECOMPUTE),
+    )
+    for m in METHODS
+]
 # activation recompute of the parallel block's FFN branch (megatron-core's reentrant checkpoint)
 CASES.append(("dense", "molora", {"recompute_granularity": "selective", "recompute_modules": ["mlp"]}))
 
@@ -167,14 +183,13 @@ def peft_gradients(sizes: ParallelSizes, cases: list, full_weights: list | None)
     """Rank body: loss and adapter gradients of one forward/backward per case, with the base
     frozen. Without ``full_weights`` (the one-rank reference) the adapters are randomised first."""
     from megatron.core import parallel_state
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 
     from bam_megatron.model.builder import build_model
     from bam_megatron.platform.distributed import initialize
     from bam_megatron.testing.shards import load_full_weights, local_shards
     from tests.tiny_gpt import SEQ, VOCAB, bam_config, forward_backward
-
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 
     results = []
     for i, (variant, method, overrides) in enumerate(cases):
@@ -191,11 +206,15 @@ def peft_gradients(sizes: ParallelSizes, cases: list, full_weights: list | None)
         loss = forward_backward(ddp, 2)
         with_grad = sorted(n for n, p in model.named_parameters() if getattr(p, "main_grad", None) is not None)
         zero = sorted(n for n, p in adapter_parameters(model).items() if not bool(p.main_grad.abs().sum() > 0))
-        results.append({
-            "loss": loss, "with_grad": with_grad, "zero_grad_adapters": zero,
-            "grads": [s for s in local_shards(model, gradients=True) if is_adapter_name(s[0])],
-            "weights": local_shards(model),
-        })  # fmt: skip
+        results.append(
+            {
+                "loss": loss,
+                "with_grad": with_grad,
+                "zero_grad_adapters": zero,
+                "grads": [s for s in local_shards(model, gradients=True) if is_adapter_name(s[0])],
+                "weights": local_shards(model),
+            }
+        )
         parallel_state.destroy_model_parallel()
     return results
 
@@ -242,17 +261,43 @@ def test_parallel_loss_and_adapter_gradients_match_one_rank(reference, layout):
 
 def _argv(corpus, data, *extra: str) -> list[str]:
     return [
-        "--variant", "bam", "--preset", "tiny", "--num-experts", "2", "--seq-length", "48",
-        "--micro-batch-size", "2", "--tokenizer-model", corpus["tokenizer"], "--lr", "1e-2",
-        "--log-interval", "1", "--eval-iters", "1", "--eval-interval", "1000", *data, *extra,
-    ]  # fmt: skip
+        "--variant",
+        "bam",
+        "--preset",
+        "tiny",
+        "--num-experts",
+        "2",
+        "--seq-length",
+        "48",
+        "--micro-batch-size",
+        "2",
+        "--tokenizer-model",
+        corpus["tokenizer"],
+        "--lr",
+        "1e-2",
+        "--log-interval",
+        "1",
+        "--eval-iters",
+        "1",
+        "--eval-interval",
+        "1000",
+        *data,
+        *extra,
+    ]
 
 
 def _instruct_files(tmp_path) -> list[str]:
-    pairs = [{"prompt": f"court {w} statute", "response": f"theorem {w} proof"} for w in ("ring", "field", "group", "prime")]
+    pairs = [
+        {"prompt": f"court {w} statute", "response": f"theorem {w} proof"} for w in ("ring", "field", "group", "prime")
+    ]
     for name in ("train", "valid"):
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
-    return ["--instruct-data-path", str(tmp_path / "train.jsonl"), "--instruct-valid-path", str(tmp_path / "valid.jsonl")]
+    return [
+        "--instruct-data-path",
+        str(tmp_path / "train.jsonl"),
+        "--instruct-valid-path",
+        str(tmp_path / "valid.jsonl"),
+    ]
 
 
 def train_in_process(argv: list[str]) -> dict:
@@ -271,7 +316,9 @@ def train_in_process(argv: list[str]) -> dict:
 def base_checkpoint(tmp_path_factory, corpus):
     """A tiny BAM model trained for 2 iterations (the base the adapters are trained on)."""
     root = tmp_path_factory.mktemp("base")
-    run_distributed(train_in_process, 1, args=(_argv(corpus, ["--mock-data"], "--train-iters", "2", "--save", str(root / "base")),))
+    run_distributed(
+        train_in_process, 1, args=(_argv(corpus, ["--mock-data"], "--train-iters", "2", "--save", str(root / "base")),)
+    )
     return str(root / "base")
 
 
@@ -281,24 +328,45 @@ def test_pretrain_peft_saves_adapters_and_resumes_exactly(tmp_path, corpus, base
     data = _instruct_files(tmp_path)
     peft = ["--peft", "molora", "--peft-num-experts", "3", "--lora-rank", "2", "--train-iters", "4"]
     straight = tmp_path / "straight.jsonl"
-    (reference,) = run_distributed(train_in_process, 1, args=(_argv(corpus, data, *peft, "--pretrained-checkpoint",
-                                                                     base_checkpoint, "--metrics-file", str(straight)),))  # fmt: skip
+    (reference,) = run_distributed(
+        train_in_process,
+        1,
+        args=(_argv(corpus, data, *peft, "--pretrained-checkpoint", base_checkpoint, "--metrics-file", str(straight)),),
+    )
     assert reference["changed"] == reference["adapters"]  # every adapter tensor trained, nothing else
 
     adapters = tmp_path / "adapters"
-    codes, out = run(tmp_path, "first", _argv(corpus, data, *peft, "--pretrained-checkpoint", base_checkpoint,
-                                              "--save", str(adapters), "--exit-interval", "2"), world=1)  # fmt: skip
+    codes, out = run(
+        tmp_path,
+        "first",
+        _argv(
+            corpus,
+            data,
+            *peft,
+            "--pretrained-checkpoint",
+            base_checkpoint,
+            "--save",
+            str(adapters),
+            "--exit-interval",
+            "2",
+        ),
+        world=1,
+    )
     assert codes == [0], out
     assert f"trainable params: {reference['trainable']:,} (" in out and "% of " in out
     saved = os.path.join(adapters, "iter_0000002")
     keys = [k for k in dist_checkpointing.load_tensors_metadata(saved) if not k.startswith("optimizer")]
     assert keys and all(is_adapter_name(k) for k in keys), keys
-    base_bytes = sum(os.path.getsize(os.path.join(base_checkpoint, "iter_0000002", f))
-                     for f in os.listdir(os.path.join(base_checkpoint, "iter_0000002")))  # fmt: skip
+    base_bytes = sum(
+        os.path.getsize(os.path.join(base_checkpoint, "iter_0000002", f))
+        for f in os.listdir(os.path.join(base_checkpoint, "iter_0000002"))
+    )
     assert sum(os.path.getsize(os.path.join(saved, f)) for f in os.listdir(saved)) < base_bytes / 2
 
     # resume: no --pretrained-checkpoint needed, the adapters name their base (checked by hash)
-    codes, out = run(tmp_path, "resume", _argv(corpus, data, *peft, "--load", str(adapters), "--save", str(adapters)), world=1)
+    codes, out = run(
+        tmp_path, "resume", _argv(corpus, data, *peft, "--load", str(adapters), "--save", str(adapters)), world=1
+    )
     assert codes == [0], out
     assert "loaded the base model from" in out and "resumed adapters from" in out and "at iteration 2" in out
     resumed = losses(str(adapters / "metrics.jsonl"))
@@ -312,9 +380,26 @@ def test_adapters_on_another_base_or_with_other_sizes_are_refused(tmp_path, corp
 
     data = _instruct_files(tmp_path)
     adapters = tmp_path / "adapters"
-    run_distributed(train_in_process, 1, args=(_argv(corpus, data, "--peft", "mov", "--peft-num-experts", "2",
-                                                     "--train-iters", "1", "--pretrained-checkpoint", base_checkpoint,
-                                                     "--save", str(adapters)),))  # fmt: skip
+    run_distributed(
+        train_in_process,
+        1,
+        args=(
+            _argv(
+                corpus,
+                data,
+                "--peft",
+                "mov",
+                "--peft-num-experts",
+                "2",
+                "--train-iters",
+                "1",
+                "--pretrained-checkpoint",
+                base_checkpoint,
+                "--save",
+                str(adapters),
+            ),
+        ),
+    )
     other = tmp_path / "other"
     shutil.copytree(base_checkpoint, other)
     latest = os.path.join(other, "iter_0000002", "metadata.json")
@@ -325,8 +410,9 @@ def test_adapters_on_another_base_or_with_other_sizes_are_refused(tmp_path, corp
     found = peft_checkpoint.find_checkpoints(str(adapters), None)
     assert found.base == os.path.join(base_checkpoint, "iter_0000002")
     with pytest.raises(CheckpointError, match="--peft-num-experts 2, but this run has 4"):
-        peft_checkpoint.check_same_adapters(found.adapters, found.adapters_meta["peft"],
-                                            PeftConfig("mov", num_experts=4).to_dict())  # fmt: skip
+        peft_checkpoint.check_same_adapters(
+            found.adapters, found.adapters_meta["peft"], PeftConfig("mov", num_experts=4).to_dict()
+        )
 
 
 def test_flag_and_model_errors():
@@ -334,8 +420,21 @@ def test_flag_and_model_errors():
     from bam_megatron.training.arguments import parse_args
 
     with pytest.raises(SystemExit):
-        parse_args(["--mock-data", "--vocab-size", "64", "--preset", "tiny", "--train-iters", "1", "--peft", "mov",
-                    "--train-only-parameters", "router"])  # fmt: skip
+        parse_args(
+            [
+                "--mock-data",
+                "--vocab-size",
+                "64",
+                "--preset",
+                "tiny",
+                "--train-iters",
+                "1",
+                "--peft",
+                "mov",
+                "--train-only-parameters",
+                "router",
+            ]
+        )
     with pytest.raises(NotImplementedError, match="cannot adapt layer.fc: Linear is not"):
         describe_linear(torch.nn.Linear(2, 2), "layer.fc")
     with pytest.raises(ValueError, match="--lora-rank must be >= 1"):
@@ -365,20 +464,26 @@ def _refusals() -> dict:
         return "accepted"
 
     errors["plain linear"] = refusal(lambda: describe_linear(torch.nn.Linear(4, 4), "layers.0.custom"))
-    for case, replace in (("grouped experts", ("mlp", "experts", GroupedMLP)),
-                          ("cross attention", (None, "self_attention", CrossAttention))):  # fmt: skip
+    for case, replace in (
+        ("grouped experts", ("mlp", "experts", GroupedMLP)),
+        ("cross attention", (None, "self_attention", CrossAttention)),
+    ):
         model = build_model(bam_config(ParallelSizes(), "bam"), VOCAB, SEQ)
         parent_name, child, cls = replace
         parent = getattr(model.decoder.layers[1], parent_name) if parent_name else model.decoder.layers[1]
         stand_in = cls.__new__(cls)  # an instance of the unsupported class, without its CUDA-only set-up
         torch.nn.Module.__init__(stand_in)
         setattr(parent, child, stand_in)
-        errors[case] = refusal(lambda: apply_peft(model, PeftConfig("molora", **SMALL)))
+        errors[case] = refusal(lambda model=model: apply_peft(model, PeftConfig("molora", **SMALL)))
     return errors
 
 
 def test_modules_peft_cannot_adapt_are_refused_by_name():
     (errors,) = run_distributed(_refusals, 1)
     assert errors["plain linear"].startswith("PEFT cannot adapt layers.0.custom: Linear is not a megatron-core")
-    assert errors["grouped experts"].startswith("PEFT cannot adapt layers.1.mlp.experts: grouped-GEMM experts (GroupedMLP)")
-    assert errors["cross attention"] == "PEFT cannot adapt layers.1.self_attention: CrossAttention is not self-attention"
+    assert errors["grouped experts"].startswith(
+        "PEFT cannot adapt layers.1.mlp.experts: grouped-GEMM experts (GroupedMLP)"
+    )
+    assert (
+        errors["cross attention"] == "PEFT cannot adapt layers.1.self_attention: CrossAttention is not self-attention"
+    )

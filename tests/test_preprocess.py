@@ -7,11 +7,11 @@ import os
 import subprocess
 import sys
 
-import bam_megatron  # noqa: F401  (before megatron: silences its import warnings)
 import numpy
 import pytest
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
+import bam_megatron  # noqa: F401  (before megatron: silences its import warnings)
 from bam_megatron.data import preprocess as preprocess_module
 from bam_megatron.data.preprocess import main
 from bam_megatron.data.tokenizer import load_tokenizer
@@ -22,8 +22,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def run(text_corpus, input_path, prefix, *extra: str) -> int:
     """``main`` on ``input_path`` with the corpus tokenizer."""
-    return main(["--input", str(input_path), "--tokenizer-model", text_corpus.model, "--output-prefix", str(prefix),
-                 "--log-interval", "10", *extra])  # fmt: skip
+    return main(
+        [
+            "--input",
+            str(input_path),
+            "--tokenizer-model",
+            text_corpus.model,
+            "--output-prefix",
+            str(prefix),
+            "--log-interval",
+            "10",
+            *extra,
+        ]
+    )
 
 
 def read_documents(prefix) -> list[list[int]]:
@@ -64,8 +75,11 @@ def test_several_json_keys_make_several_datasets(text_corpus, tmp_path, capsys):
     path = write_jsonl(tmp_path / "multi.jsonl", records)
     assert run(text_corpus, path, tmp_path / "out" / "m", "--json-keys", "text", "title") == 0
     assert files_in(tmp_path / "out") == [
-        "m_text_document.bin", "m_text_document.idx", "m_title_document.bin", "m_title_document.idx"
-    ]  # fmt: skip
+        "m_text_document.bin",
+        "m_text_document.idx",
+        "m_title_document.bin",
+        "m_title_document.idx",
+    ]
     assert read_documents(tmp_path / "out" / "m_text_document") == [tok.tokenize(r["text"]) for r in records]
     assert read_documents(tmp_path / "out" / "m_title_document") == [tok.tokenize(r["title"]) for r in records]
     assert "12 documents" in capsys.readouterr().out
@@ -146,9 +160,14 @@ def test_failed_run_keeps_the_previous_dataset(text_corpus, tmp_path):
 @pytest.mark.parametrize("missing", ["input", "tokenizer"])
 def test_missing_file_is_named(text_corpus, tmp_path, capsys, missing):
     absent = str(tmp_path / f"absent-{missing}")
-    argv = ["--input", absent if missing == "input" else text_corpus.jsonl,
-            "--tokenizer-model", absent if missing == "tokenizer" else text_corpus.model,
-            "--output-prefix", str(tmp_path / "out" / "c")]  # fmt: skip
+    argv = [
+        "--input",
+        absent if missing == "input" else text_corpus.jsonl,
+        "--tokenizer-model",
+        absent if missing == "tokenizer" else text_corpus.model,
+        "--output-prefix",
+        str(tmp_path / "out" / "c"),
+    ]
     assert main(argv) == 1
     what = "input file" if missing == "input" else "tokenizer model"
     assert capsys.readouterr().err.strip() == f"error: {what} not found: {absent}"
@@ -173,9 +192,19 @@ def test_gpt_dataset_reads_the_output(text_corpus, tmp_path):
     tok = load_tokenizer(text_corpus.model)
     assert run(text_corpus, text_corpus.jsonl, tmp_path / "c", "--append-eod") == 0
     dataset = IndexedDataset(str(tmp_path / "c_text_document"))
-    config = GPTDatasetConfig(random_seed=1, sequence_length=64, blend=None, blend_per_split=None, split="1,0,0",
-                              path_to_cache=None, tokenizer=tok, reset_position_ids=False, reset_attention_mask=False,
-                              eod_mask_loss=True, mmap_bin_files=True)  # fmt: skip
+    config = GPTDatasetConfig(
+        random_seed=1,
+        sequence_length=64,
+        blend=None,
+        blend_per_split=None,
+        split="1,0,0",
+        path_to_cache=None,
+        tokenizer=tok,
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=True,
+        mmap_bin_files=True,
+    )
     gpt = GPTDataset(dataset, str(tmp_path / "c_text_document"), numpy.arange(len(dataset)), 20, Split.train, config)
     seen_eod = False
     for i in range(20):
@@ -191,11 +220,25 @@ def test_gpt_dataset_reads_the_output(text_corpus, tmp_path):
 
 def test_cli_subprocess_with_two_workers(text_corpus, tmp_path):
     result = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "tools", "preprocess_data.py"), "--input", text_corpus.jsonl,
-         "--tokenizer-model", text_corpus.model, "--output-prefix", str(tmp_path / "c"), "--append-eod",
-         "--workers", "2", "--log-interval", "1"],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        [
+            sys.executable,
+            os.path.join(ROOT, "tools", "preprocess_data.py"),
+            "--input",
+            text_corpus.jsonl,
+            "--tokenizer-model",
+            text_corpus.model,
+            "--output-prefix",
+            str(tmp_path / "c"),
+            "--append-eod",
+            "--workers",
+            "2",
+            "--log-interval",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     assert "processed" in result.stderr and "docs/s" in result.stderr and "MB/s" in result.stderr
     summary = result.stdout.strip().splitlines()[-1]
@@ -207,6 +250,14 @@ def test_help_lists_the_groups_and_megatron_flags():
     help_text = preprocess_module.build_parser().format_help()
     for heading in ("input:", "tokenizer:", "output:", "runtime:"):
         assert heading in help_text
-    for flag in ("--input", "--json-keys", "--tokenizer-model", "--append-eod", "--output-prefix", "--workers",
-                 "--log-interval", "--skip-invalid-lines"):  # fmt: skip
+    for flag in (
+        "--input",
+        "--json-keys",
+        "--tokenizer-model",
+        "--append-eod",
+        "--output-prefix",
+        "--workers",
+        "--log-interval",
+        "--skip-invalid-lines",
+    ):
         assert flag in help_text

@@ -48,8 +48,10 @@ def _missing_reason() -> str | None:
     """Why the cluster cannot run here, or None."""
     missing = [d for d in DAEMONS if shutil.which(d, path=SBIN_PATH) is None]
     if missing:
-        return (f"Slurm/MUNGE not installed ({', '.join(missing)} missing): "
-                "apt-get install slurmctld slurmd munge (make test runs tools/ci/install_slurm.sh)")  # fmt: skip
+        return (
+            f"Slurm/MUNGE not installed ({', '.join(missing)} missing): "
+            "apt-get install slurmctld slurmd munge (make test runs tools/ci/install_slurm.sh)"
+        )
     if os.geteuid() != 0:
         return "slurmd must run as root to start jobs; run the Slurm tests as root"
     return None
@@ -74,10 +76,19 @@ class LocalSlurm:
         key.chmod(0o400)
         self.socket = munge / "munge.sock"
         subprocess.run(
-            ["munged", f"--key-file={key}", f"--socket={self.socket}", f"--pid-file={munge / 'munged.pid'}",
-             f"--log-file={munge / 'munged.log'}", f"--seed-file={munge / 'munged.seed'}"],
-            env=self.env, check=True, capture_output=True, timeout=30,
-        )  # fmt: skip
+            [
+                "munged",
+                f"--key-file={key}",
+                f"--socket={self.socket}",
+                f"--pid-file={munge / 'munged.pid'}",
+                f"--log-file={munge / 'munged.log'}",
+                f"--seed-file={munge / 'munged.seed'}",
+            ],
+            env=self.env,
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
 
     def _write_conf(self) -> None:
         node = subprocess.run(["slurmd", "-C"], env=self.env, capture_output=True, text=True, check=True).stdout
@@ -123,7 +134,7 @@ MinJobAge=600
 SchedulerParameters=sched_interval=1,bf_interval=1
 NodeName={self.host} NodeAddr=127.0.0.1 CPUs={max(4, int(hardware.get("CPUs", 2)))} RealMemory=1000 State=UNKNOWN
 PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
-""")  # fmt: skip
+""")
         (self.root / "plugstack.conf").write_text("")
 
     def start(self) -> None:
@@ -154,8 +165,9 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
 
     def run(self, argv: list[str], check: bool = True, **kwargs) -> subprocess.CompletedProcess:
         """A Slurm client command against this cluster."""
-        return subprocess.run(argv, env=kwargs.pop("env", self.env), capture_output=True, text=True,
-                              check=check, timeout=60, **kwargs)  # fmt: skip
+        return subprocess.run(
+            argv, env=kwargs.pop("env", self.env), capture_output=True, text=True, check=check, timeout=60, **kwargs
+        )
 
     def sbatch(self, script: str, *flags: str, env: dict[str, str], cwd: Path) -> str:
         """Submit ``examples/slurm/SCRIPT`` from ``cwd`` with BAM_* settings ``env``; the job id."""
@@ -225,11 +237,20 @@ def work(tmp_path_factory):
 def bam_env(corpus, **settings) -> dict[str, str]:
     """BAM_* settings of a tiny run on the test corpus (the interpreter of this test)."""
     env = dict(
-        BAM_PYTHON=sys.executable, BAM_PRESET="tiny", BAM_SEQ_LENGTH="32", BAM_MICRO_BATCH="2",
-        BAM_TOKENIZER=corpus["tokenizer"], BAM_LR="4e-3", BAM_WARMUP="0", BAM_LOG_INTERVAL="1",
-        BAM_SAVE_INTERVAL="1000", BAM_EVAL_ITERS="1", BAM_EVAL_INTERVAL="1000", BAM_EXPERTS="code math",
+        BAM_PYTHON=sys.executable,
+        BAM_PRESET="tiny",
+        BAM_SEQ_LENGTH="32",
+        BAM_MICRO_BATCH="2",
+        BAM_TOKENIZER=corpus["tokenizer"],
+        BAM_LR="4e-3",
+        BAM_WARMUP="0",
+        BAM_LOG_INTERVAL="1",
+        BAM_SAVE_INTERVAL="1000",
+        BAM_EVAL_ITERS="1",
+        BAM_EVAL_INTERVAL="1000",
+        BAM_EXPERTS="code math",
         GLOO_SOCKET_IFNAME="lo",
-    )  # fmt: skip
+    )
     env.update(settings)
     return env
 
@@ -295,7 +316,11 @@ def test_phase1_preempted_saves_requeues_and_resumes(seed, work):
     assert "run 1: 1 node(s) x 2 task(s)" in out and "pretrain_bam.py exited with code 0" in out
     # Per-rank logs of each run.
     first, second = rank_logs(work, "bam-seed", job_id, 0), rank_logs(work, "bam-seed", job_id, 1)
-    assert sorted(p.name for p in first.iterdir()) == sorted(p.name for p in second.iterdir()) == ["rank0.log", "rank1.log"]
+    assert (
+        sorted(p.name for p in first.iterdir())
+        == sorted(p.name for p in second.iterdir())
+        == ["rank0.log", "rank1.log"]
+    )
     assert f"saved checkpoint {work}/runs/seed/iter_{saved:07d}" in read(first / "rank0.log")
     resumed = read(second / "rank0.log")
     assert f"resumed from {work}/runs/seed/iter_{saved:07d} at iteration {saved}" in resumed, resumed
@@ -316,14 +341,26 @@ def experts(slurm, work, corpus, seed):
     (SIGTERM) while it trains: (array job id, its tasks' records, the iteration task 1 saved)."""
     from bam_megatron.conversion.branch import main as branch_main
 
-    argv = ["--seed-checkpoint", str(work / "runs" / "seed"), "--output-dir", str(work / "runs" / "experts"),
-            "--experts", "code", "math", "--domain-data", f"code={corpus['code']}", f"math={corpus['math']}",
-            "--general-data", corpus["law"]]  # fmt: skip
+    argv = [
+        "--seed-checkpoint",
+        str(work / "runs" / "seed"),
+        "--output-dir",
+        str(work / "runs" / "experts"),
+        "--experts",
+        "code",
+        "math",
+        "--domain-data",
+        f"code={corpus['code']}",
+        f"math={corpus['math']}",
+        "--general-data",
+        corpus["law"],
+    ]
     assert branch_main(argv) == 0
     env = bam_env(corpus, BAM_TRAIN_ITERS=str(EXPERT_ITERS))
     # --oversubscribe lifts the script's --exclusive: both tasks share the node.
-    job_id = slurm.sbatch("phase2_experts.sbatch", *CPU_JOB, "--array=0-1", "--ntasks-per-node=1", "--oversubscribe",
-                          env=env, cwd=work)  # fmt: skip
+    job_id = slurm.sbatch(
+        "phase2_experts.sbatch", *CPU_JOB, "--array=0-1", "--ntasks-per-node=1", "--oversubscribe", env=env, cwd=work
+    )
     math_log = rank_logs(work, "bam-experts", f"{job_id}_1", 0) / "rank0.log"
     deadline = time.time() + 300
     while iteration_reached(math_log) < 2:
@@ -376,18 +413,37 @@ def test_phase3_upcycles_then_trains_the_mixture(slurm, work, corpus, experts):
 def test_container_dry_run_and_bad_input(slurm, work, tmp_path, corpus):
     """With BAM_CONTAINER_IMAGE every step goes through pyxis; bad settings fail before any step."""
     image = "nvcr.io#nvidia/pytorch:25.04-py3"
-    env = bam_env(corpus, BAM_MOCK_DATA="1", BAM_DRY_RUN="1", BAM_CONTAINER_IMAGE=image, BAM_TRAIN_ITERS="5",
-                  BAM_RUNS=str(tmp_path / "runs"))  # fmt: skip
-    dry = slurm.sbatch("phase1_seed.sbatch", *CPU_JOB, "--ntasks-per-node=1", f"--output={tmp_path}/%x-%j.out",
-                       env=env, cwd=work)  # fmt: skip
-    bad = slurm.sbatch("phase2_experts.sbatch", *CPU_JOB, "--array=5", "--ntasks-per-node=1",
-                       f"--output={tmp_path}/%x-%A_%a.out", env=bam_env(corpus), cwd=work)  # fmt: skip
+    env = bam_env(
+        corpus,
+        BAM_MOCK_DATA="1",
+        BAM_DRY_RUN="1",
+        BAM_CONTAINER_IMAGE=image,
+        BAM_TRAIN_ITERS="5",
+        BAM_RUNS=str(tmp_path / "runs"),
+    )
+    dry = slurm.sbatch(
+        "phase1_seed.sbatch", *CPU_JOB, "--ntasks-per-node=1", f"--output={tmp_path}/%x-%j.out", env=env, cwd=work
+    )
+    bad = slurm.sbatch(
+        "phase2_experts.sbatch",
+        *CPU_JOB,
+        "--array=5",
+        "--ntasks-per-node=1",
+        f"--output={tmp_path}/%x-%A_%a.out",
+        env=bam_env(corpus),
+        cwd=work,
+    )
     job, failed = slurm.wait(dry), slurm.wait(f"{bad}_5")
     out = read(tmp_path / f"bam-seed-{dry}.out")
     assert job["ExitCode"] == "0:0", out
     step = next(line for line in out.splitlines() if "step (log" in line)
-    for expected in (f"--container-image={image}", f"--container-mounts={work}:{work},{tmp_path}/runs:{tmp_path}/runs",
-                     f"--container-workdir={work}", "/workspace/bam-megatron/pretrain_bam.py", "--mock-data"):  # fmt: skip
+    for expected in (
+        f"--container-image={image}",
+        f"--container-mounts={work}:{work},{tmp_path}/runs:{tmp_path}/runs",
+        f"--container-workdir={work}",
+        "/workspace/bam-megatron/pretrain_bam.py",
+        "--mock-data",
+    ):
         assert expected in step, step
     assert not (tmp_path / "runs" / "seed").exists()  # a dry run trains nothing
     out = read(tmp_path / f"bam-experts-{bad}_5.out")
@@ -408,5 +464,7 @@ def test_image_requirements_keep_the_images_torch(tmp_path):
     constraints.write_text("# the image's builds\nsentencepiece==0.1.99\n-r other.txt\nnot-installed-pkg==1\n")
     keep = ["numpy", *ir.constrained(str(constraints))]
     assert keep == ["numpy", "sentencepiece", "not-installed-pkg"]
-    assert ir.image_requirements(keep) == [r for r in pins if r.split("==")[0] not in ("torch", "numpy", "sentencepiece")]
+    assert ir.image_requirements(keep) == [
+        r for r in pins if r.split("==")[0] not in ("torch", "numpy", "sentencepiece")
+    ]
     assert ir.constrained(str(tmp_path / "missing.txt")) == []

@@ -68,9 +68,7 @@ def soft_moa_against_oracle(kv_mode: str, topk, identical: bool):
     if identical:
         reference = experts[0](x_ref, None, rotary_pos_emb=rope)[0]
     else:
-        reference = sum(
-            gates[..., j : j + 1] * experts[j](x_ref, None, rotary_pos_emb=rope)[0] for j in range(N)
-        )
+        reference = sum(gates[..., j : j + 1] * experts[j](x_ref, None, rotary_pos_emb=rope)[0] for j in range(N))
     (reference * upstream).sum().backward()
 
     diff = lambda a, b: (a - b).abs().max().item()  # noqa: E731

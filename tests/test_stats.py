@@ -74,24 +74,20 @@ def _measure() -> dict:
         tied = variant_config("dense", "tiny", use_cpu_initialization=True)
         real_tied = build_model(tied, tiny.vocab_size, SEQ, untie_embeddings=False, backend="local")
         real_numel["dense-tied"] = sum(p.numel() for p in real_tied.parameters())
-        meta_config = variant_config(
-            "dense", "tiny", use_cpu_initialization=True, perform_initialization=False
-        )
+        meta_config = variant_config("dense", "tiny", use_cpu_initialization=True, perform_initialization=False)
         meta_tied = build_meta_model(meta_config, tiny.vocab_size, SEQ, untie_embeddings=False)
         meta_tied_total = count_parameters(meta_tied, meta_config).total
         for variant, topk in COUNTED:
             torch.manual_seed(0)
-            config = variant_config(
-                variant, "tiny", moe_router_topk=topk, use_cpu_initialization=True
-            )
+            config = variant_config(variant, "tiny", moe_router_topk=topk, use_cpu_initialization=True)
             d_attn = config.num_attention_heads * config.kv_channels  # one expert's query width
             counted[variant, topk] = (
-                _layer_flops(config, tiny.vocab_size), flops_per_token(config, SEQ),
-                config.num_attention_experts, d_attn,
-            )  # fmt: skip
-    return dict(
-        stats=stats, real_numel=real_numel, meta_tied_total=meta_tied_total, counted=counted
-    )
+                _layer_flops(config, tiny.vocab_size),
+                flops_per_token(config, SEQ),
+                config.num_attention_experts,
+                d_attn,
+            )
+    return dict(stats=stats, real_numel=real_numel, meta_tied_total=meta_tied_total, counted=counted)
 
 
 @pytest.fixture(scope="module")
@@ -105,8 +101,12 @@ def _dense_total(preset: str) -> int:
     final norm, and an output layer unless tied."""
     p = PRESETS[preset]
     d, heads, groups, f, vocab = (
-        p.hidden_size, p.num_attention_heads, p.num_query_groups, p.ffn_hidden_size, p.vocab_size
-    )  # fmt: skip
+        p.hidden_size,
+        p.num_attention_heads,
+        p.num_query_groups,
+        p.ffn_hidden_size,
+        p.vocab_size,
+    )
     head_dim = d // heads
     layer = d + (heads + 2 * groups) * head_dim * d + d * heads * head_dim + 2 * f * d + f * d
     return vocab * d + p.num_layers * layer + d + (vocab * d if p.untie_embeddings else 0)
@@ -206,8 +206,11 @@ def test_table_shows_the_numbers(measured):
 def _cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "bam_megatron.stats", *args],
-        capture_output=True, text=True, cwd=ROOT, timeout=timeout,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=timeout,
+    )
 
 
 def test_cli_choices_match_the_builder():
@@ -255,8 +258,11 @@ def test_paper_2b_allocates_no_weights(measured):
     )
     result = subprocess.run(
         [sys.executable, "-c", code, "--preset", "paper-2b", "--variant", "dense", "--json"],
-        capture_output=True, text=True, cwd=ROOT, timeout=60,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     total = json.loads(result.stdout)["total_params"]
     assert total == measured["stats"]["paper-2b", "dense"]["total_params"]

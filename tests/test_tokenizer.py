@@ -99,8 +99,21 @@ def test_training_is_deterministic_and_reads_txt_and_jsonl(tmp_path, text_corpus
     models = []
     for run in ("a", "b"):
         prefix = tmp_path / run / "spm"
-        argv = ["--input", text_corpus.jsonl, str(txt), "--vocab-size", "380", "--output-prefix", str(prefix),
-                "--model-type", "unigram", "--input-sentence-size", "150", "--seed", "3"]  # fmt: skip
+        argv = [
+            "--input",
+            text_corpus.jsonl,
+            str(txt),
+            "--vocab-size",
+            "380",
+            "--output-prefix",
+            str(prefix),
+            "--model-type",
+            "unigram",
+            "--input-sentence-size",
+            "150",
+            "--seed",
+            "3",
+        ]
         assert train_main(argv) == 0
         assert sorted(os.listdir(prefix.parent)) == ["spm.model", "spm.vocab"]  # no temp dir left
         models.append((prefix.parent / "spm.model").read_bytes())
@@ -113,10 +126,20 @@ def test_empty_corpus_fails_without_output(tmp_path):
     write_jsonl(empty, [{"text": ""}, {"text": "   "}])
     prefix = tmp_path / "out" / "spm"
     result = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "tools", "train_tokenizer.py"), "--input", str(empty),
-         "--vocab-size", "300", "--output-prefix", str(prefix)],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        [
+            sys.executable,
+            os.path.join(ROOT, "tools", "train_tokenizer.py"),
+            "--input",
+            str(empty),
+            "--vocab-size",
+            "300",
+            "--output-prefix",
+            str(prefix),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode != 0
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: empty corpus") and str(empty) in last
@@ -137,9 +160,12 @@ def test_failed_training_leaves_previous_model_untouched(tmp_path, text_corpus, 
 
 @pytest.mark.parametrize(
     "line, reason",
-    [('{"text": broken}', "invalid JSON"), ('{"title": "no text key"}', "missing key 'text'"),
-     ('["a list"]', "expected a JSON object")],
-)  # fmt: skip
+    [
+        ('{"text": broken}', "invalid JSON"),
+        ('{"title": "no text key"}', "missing key 'text'"),
+        ('["a list"]', "expected a JSON object"),
+    ],
+)
 def test_invalid_jsonl_line_names_file_and_line(tmp_path, capsys, line, reason):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"text": "fine line"}\n\n' + line + "\n", encoding="utf-8")

@@ -27,11 +27,35 @@ SCRIPT = os.path.join(ROOT, "pretrain_bam.py")
 
 def base_args(corpus, *extra: str) -> list[str]:
     return [
-        "--variant", "bam", "--preset", "tiny", "--seq-length", "32", "--micro-batch-size", "2",
-        "--lr", "3e-3", "--lr-decay-iters", "6", "--eval-iters", "1", "--eval-interval", "1000",
-        "--log-interval", "1", "--tokenizer-model", corpus["tokenizer"],
-        "--data-path", "0.5", corpus["code"], "0.3", corpus["law"], "0.2", corpus["math"], *extra,
-    ]  # fmt: skip
+        "--variant",
+        "bam",
+        "--preset",
+        "tiny",
+        "--seq-length",
+        "32",
+        "--micro-batch-size",
+        "2",
+        "--lr",
+        "3e-3",
+        "--lr-decay-iters",
+        "6",
+        "--eval-iters",
+        "1",
+        "--eval-interval",
+        "1000",
+        "--log-interval",
+        "1",
+        "--tokenizer-model",
+        corpus["tokenizer"],
+        "--data-path",
+        "0.5",
+        corpus["code"],
+        "0.3",
+        corpus["law"],
+        "0.2",
+        corpus["math"],
+        *extra,
+    ]
 
 
 def run(tmp_path, name: str, args: list[str], world: int = 2, env=None, timeout: float = 240):
@@ -51,19 +75,35 @@ def last_record(metrics_file: str) -> dict:
         return [json.loads(line) for line in f if '"train"' in line][-1]
 
 
-TP2_DROPOUT = ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--use-distributed-optimizer",
-               "--hidden-dropout", "0.1", "--attention-dropout", "0.1"]  # fmt: skip
+TP2_DROPOUT = [
+    "--tensor-model-parallel-size",
+    "2",
+    "--sequence-parallel",
+    "--use-distributed-optimizer",
+    "--hidden-dropout",
+    "0.1",
+    "--attention-dropout",
+    "0.1",
+]
 
 
 def test_resume_is_bit_for_bit(tmp_path, corpus):
     straight, halves = tmp_path / "straight", tmp_path / "halves"
-    codes, out = run(tmp_path, "straight", base_args(corpus, "--train-iters", "6", "--save", str(straight), *TP2_DROPOUT))
+    codes, out = run(
+        tmp_path, "straight", base_args(corpus, "--train-iters", "6", "--save", str(straight), *TP2_DROPOUT)
+    )
     assert codes == [0, 0], out
-    codes, out = run(tmp_path, "first", base_args(corpus, "--train-iters", "6", "--exit-interval", "3",
-                                                  "--save", str(halves), *TP2_DROPOUT))  # fmt: skip
+    codes, out = run(
+        tmp_path,
+        "first",
+        base_args(corpus, "--train-iters", "6", "--exit-interval", "3", "--save", str(halves), *TP2_DROPOUT),
+    )
     assert codes == [0, 0], out
-    codes, out = run(tmp_path, "second", base_args(corpus, "--train-iters", "6", "--load", str(halves),
-                                                   "--save", str(halves), *TP2_DROPOUT))  # fmt: skip
+    codes, out = run(
+        tmp_path,
+        "second",
+        base_args(corpus, "--train-iters", "6", "--load", str(halves), "--save", str(halves), *TP2_DROPOUT),
+    )
     assert codes == [0, 0], out
     assert "resumed from" in out and "at iteration 3" in out
     reference = losses(str(straight / "metrics.jsonl"))
@@ -76,8 +116,9 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint(tmp_path, corpus):
     args = base_args(corpus, "--train-iters", "6", "--save", str(ckpt), "--load", str(ckpt))
     codes, out = run(tmp_path, "first", args + ["--exit-interval", "2"])
     assert codes == [0, 0], out
-    ranks = launch(SCRIPT, args + ["--save-interval", "4"], 2, str(tmp_path / "logs-killed"),
-                   env={"BAM_FAULT_SAVE_DELAY_S": "120"})  # fmt: skip
+    ranks = launch(
+        SCRIPT, args + ["--save-interval", "4"], 2, str(tmp_path / "logs-killed"), env={"BAM_FAULT_SAVE_DELAY_S": "120"}
+    )
     in_progress = ckpt / "iter_0000004.tmp"
     deadline = time.monotonic() + 180
     while not (in_progress / "metadata.json").exists():
@@ -97,8 +138,7 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint(tmp_path, corpus):
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
 def test_preemption_signal_saves_and_exits_with_code_3(tmp_path, corpus, signum):
     ckpt = tmp_path / "ckpt"
-    ranks = launch(SCRIPT, base_args(corpus, "--train-iters", "100000", "--save", str(ckpt)), 2,
-                   str(tmp_path / "logs"))  # fmt: skip
+    ranks = launch(SCRIPT, base_args(corpus, "--train-iters", "100000", "--save", str(ckpt)), 2, str(tmp_path / "logs"))
     metrics = ckpt / "metrics.jsonl"
     deadline = time.monotonic() + 180
     while not (metrics.exists() and metrics.read_text().count('"train"') >= 2):
@@ -113,8 +153,12 @@ def test_preemption_signal_saves_and_exits_with_code_3(tmp_path, corpus, signum)
 
 def test_nan_iterations_are_skipped_and_counted(tmp_path, corpus):
     run_dir = tmp_path / "run"
-    codes, out = run(tmp_path, "one-nan", base_args(corpus, "--train-samples", "16", "--save", str(run_dir)),
-                     env={"BAM_FAULT_NAN_ITERATIONS": "2"})  # fmt: skip
+    codes, out = run(
+        tmp_path,
+        "one-nan",
+        base_args(corpus, "--train-samples", "16", "--save", str(run_dir)),
+        env={"BAM_FAULT_NAN_ITERATIONS": "2"},
+    )
     assert codes == [0, 0], out
     assert "iteration 2: NaN/Inf loss or gradient, update skipped" in out
     record = last_record(str(run_dir / "metrics.jsonl"))
@@ -122,16 +166,21 @@ def test_nan_iterations_are_skipped_and_counted(tmp_path, corpus):
 
 
 def test_too_many_nan_iterations_in_a_row_stop_the_run(tmp_path, corpus):
-    codes, out = run(tmp_path, "nans", base_args(corpus, "--train-iters", "8", "--max-skipped-iterations", "3"),
-                     env={"BAM_FAULT_NAN_ITERATIONS": "2,3,4"})  # fmt: skip
+    codes, out = run(
+        tmp_path,
+        "nans",
+        base_args(corpus, "--train-iters", "8", "--max-skipped-iterations", "3"),
+        env={"BAM_FAULT_NAN_ITERATIONS": "2,3,4"},
+    )
     assert codes == [4, 4], out
     assert "stopping: 3 consecutive iterations with NaN/Inf" in out
 
 
 def test_resuming_with_another_mixture_is_refused_unless_overridden(tmp_path, corpus):
     ckpt = tmp_path / "ckpt"
-    codes, out = run(tmp_path, "first", base_args(corpus, "--train-iters", "4", "--exit-interval", "2",
-                                                  "--save", str(ckpt)), world=1)  # fmt: skip
+    codes, out = run(
+        tmp_path, "first", base_args(corpus, "--train-iters", "4", "--exit-interval", "2", "--save", str(ckpt)), world=1
+    )
     assert codes == [0], out
     other = base_args(corpus, "--train-iters", "4", "--load", str(ckpt), "--save", str(ckpt))
     other[other.index("0.5")] = "0.6"  # another weight for the code domain
@@ -156,8 +205,12 @@ def logits_from_checkpoint(path: str, sizes: ParallelSizes):
     args.tensor_model_parallel_size, args.pipeline_model_parallel_size = sizes.tensor, sizes.pipeline
     args.expert_model_parallel_size, args.sequence_parallel = sizes.expert, sizes.sequence_parallel
     args.hidden_dropout = args.attention_dropout = 0.0
-    model = build_model(model_config(args), args.padded_vocab_size, args.seq_length,
-                        untie_embeddings=args.untie_embeddings_and_output_weights)  # fmt: skip
+    model = build_model(
+        model_config(args),
+        args.padded_vocab_size,
+        args.seq_length,
+        untie_embeddings=args.untie_embeddings_and_output_weights,
+    )
     checkpointing.load_checkpoint(path, model, load_rng=False)
     model.eval()
     tokens = torch.arange(2 * args.seq_length).view(2, -1) % 200
@@ -171,9 +224,14 @@ def logits_from_checkpoint(path: str, sizes: ParallelSizes):
 
     model.config.finalize_model_grads_func = None
     out = get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=iter([None]), model=[model], num_microbatches=1,
-        seq_length=args.seq_length, micro_batch_size=2, forward_only=True,
-    )  # fmt: skip
+        forward_step_func=forward_step,
+        data_iterator=iter([None]),
+        model=[model],
+        num_microbatches=1,
+        seq_length=args.seq_length,
+        micro_batch_size=2,
+        forward_only=True,
+    )
     if not parallel_state.is_pipeline_last_stage():
         return None
     return gather_from_tensor_model_parallel_region(out[0]["logits"])
@@ -181,8 +239,11 @@ def logits_from_checkpoint(path: str, sizes: ParallelSizes):
 
 @pytest.mark.parametrize(
     "saved_with",
-    [["--tensor-model-parallel-size", "2", "--sequence-parallel", "--use-distributed-optimizer"],
-     ["--expert-model-parallel-size", "2"], ["--pipeline-model-parallel-size", "2"]],
+    [
+        ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--use-distributed-optimizer"],
+        ["--expert-model-parallel-size", "2"],
+        ["--pipeline-model-parallel-size", "2"],
+    ],
     ids=["tp2", "ep2", "pp2"],
 )
 def test_checkpoint_reshards_to_one_rank(tmp_path, corpus, saved_with):
@@ -201,8 +262,14 @@ def test_checkpoint_reshards_to_one_rank(tmp_path, corpus, saved_with):
     torch.testing.assert_close(one_rank, as_saved, rtol=1e-5, atol=1e-5)
     # and training resumes from it on one rank: with the optimizer state across TP and PP; across
     # EP megatron-core cannot map optimizer state, which is refused clearly, and --finetune loads weights
-    resume = base_args(corpus, "--train-iters", "3", "--load", str(ckpt),
-                       *[f for f in saved_with if f == "--use-distributed-optimizer"])  # fmt: skip
+    resume = base_args(
+        corpus,
+        "--train-iters",
+        "3",
+        "--load",
+        str(ckpt),
+        *[f for f in saved_with if f == "--use-distributed-optimizer"],
+    )
     codes, out = run(tmp_path, "resume", resume, world=1)
     if sizes.expert > 1:
         assert codes == [2] and "reshards across TP, PP and DP but not EP" in out, out
@@ -227,8 +294,15 @@ def train_and_report_changes(argv: list[str]) -> dict:
 
 def test_train_only_routers(tmp_path, corpus):
     tensorboard = tmp_path / "tb"
-    argv = base_args(corpus, "--train-iters", "2", "--train-only-parameters", r"router\.weight",
-                     "--tensorboard-dir", str(tensorboard))  # fmt: skip
+    argv = base_args(
+        corpus,
+        "--train-iters",
+        "2",
+        "--train-only-parameters",
+        r"router\.weight",
+        "--tensorboard-dir",
+        str(tensorboard),
+    )
     (result,) = run_distributed(train_and_report_changes, 1, args=(argv,))
     assert result["changed"], "nothing trained"
     assert all(name.endswith("router.weight") for name in result["changed"]), result["changed"]

@@ -19,8 +19,11 @@ def single_error_line(output: str) -> str:
 
 
 def test_flag_errors_are_reported_before_any_work(tmp_path):
-    result = subprocess.run([sys.executable, SCRIPT, "--variant", "bam", "--preset", "tiny", "--mock-data",
-                             "--vocab-size", "256"], capture_output=True, text=True)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, SCRIPT, "--variant", "bam", "--preset", "tiny", "--mock-data", "--vocab-size", "256"],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 2
     assert "give exactly one of --train-iters and --train-samples" in single_error_line(result.stderr)
 
@@ -28,7 +31,15 @@ def test_flag_errors_are_reported_before_any_work(tmp_path):
 def test_help_lists_the_flag_groups():
     result = subprocess.run([sys.executable, SCRIPT, "--help"], capture_output=True, text=True)
     assert result.returncode == 0
-    for group in ("model:", "parallelism:", "data:", "training:", "optimizer and schedule:", "checkpointing:", "logging:"):
+    for group in (
+        "model:",
+        "parallelism:",
+        "data:",
+        "training:",
+        "optimizer and schedule:",
+        "checkpointing:",
+        "logging:",
+    ):
         assert group in result.stdout
     assert "--tensor-model-parallel-size" in result.stdout and "--data-path" in result.stdout
 
@@ -42,9 +53,16 @@ def _copy_domain(corpus, tmp_path, name: str) -> str:
 
 @pytest.mark.parametrize(
     "case",
-    ["missing-bin", "truncated-bin", "tp-does-not-divide-world", "heads-not-divisible-by-tp",
-     "experts-not-divisible-by-ep", "layers-not-divisible-by-pp", "missing-tokenizer"],
-)  # fmt: skip
+    [
+        "missing-bin",
+        "truncated-bin",
+        "tp-does-not-divide-world",
+        "heads-not-divisible-by-tp",
+        "experts-not-divisible-by-ep",
+        "layers-not-divisible-by-pp",
+        "missing-tokenizer",
+    ],
+)
 def test_bad_input_fails_with_one_line_and_no_output(tmp_path, corpus, case):
     code = _copy_domain(corpus, tmp_path, "code")
     save = tmp_path / "save"
@@ -62,8 +80,16 @@ def test_bad_input_fails_with_one_line_and_no_output(tmp_path, corpus, case):
         args += ["--tensor-model-parallel-size", "2"]
         expected = "world size 1 is not divisible by --tensor-model-parallel-size (2)"
     elif case == "heads-not-divisible-by-tp":
-        args += ["--tensor-model-parallel-size", "2", "--num-attention-heads", "3", "--num-query-groups", "3",
-                 "--num-experts", "1"]  # fmt: skip
+        args += [
+            "--tensor-model-parallel-size",
+            "2",
+            "--num-attention-heads",
+            "3",
+            "--num-query-groups",
+            "3",
+            "--num-experts",
+            "1",
+        ]
         world, expected = 2, "num_attention_heads (3) must be a multiple of tensor_model_parallel_size (2)"
     elif case == "experts-not-divisible-by-ep":
         args += ["--expert-model-parallel-size", "2", "--num-experts", "3"]

@@ -38,7 +38,9 @@ def sources(tmp_path_factory, corpus):
         codes, out = run(root, name, dense_args(corpus, domain, seed, "--save", made[name]), world=1)
         assert codes == [0], out
     made["tp2"] = str(root / "tp2")
-    codes, out = run(root, "tp2", dense_args(corpus, "math", 3, "--save", made["tp2"], "--tensor-model-parallel-size", "2"))
+    codes, out = run(
+        root, "tp2", dense_args(corpus, "math", 3, "--save", made["tp2"], "--tensor-model-parallel-size", "2")
+    )
     assert codes == [0, 0], out
     return made
 
@@ -53,8 +55,12 @@ def weights(path: str) -> dict[str, torch.Tensor]:
     args = argparse.Namespace(**checkpointing.read_meta(path)["args"])
     args.tensor_model_parallel_size = args.pipeline_model_parallel_size = args.expert_model_parallel_size = 1
     args.sequence_parallel = False
-    model = build_model(model_config(args), args.padded_vocab_size, args.seq_length,
-                        untie_embeddings=args.untie_embeddings_and_output_weights)  # fmt: skip
+    model = build_model(
+        model_config(args),
+        args.padded_vocab_size,
+        args.seq_length,
+        untie_embeddings=args.untie_embeddings_and_output_weights,
+    )
     checkpointing.load_checkpoint(path, model, load_rng=False)
     return {name: p.detach().clone() for name, p in model.named_parameters()}
 
@@ -116,8 +122,10 @@ def test_btx_averages_attention_and_sparse_copies_one_source(tmp_path, sources):
     torch.testing.assert_close(btx[qkv], (seed[qkv] + code[qkv]) / 2)
     sparse = load(upcycled(tmp_path, sources, "sparse", "--num-experts", "3", names=("seed",)))
     for e in range(3):
-        assert torch.equal(sparse[f"decoder.layers.1.mlp.experts.local_experts.{e}.linear_fc2.weight"],
-                           seed["decoder.layers.1.mlp.linear_fc2.weight"])  # fmt: skip
+        assert torch.equal(
+            sparse[f"decoder.layers.1.mlp.experts.local_experts.{e}.linear_fc2.weight"],
+            seed["decoder.layers.1.mlp.linear_fc2.weight"],
+        )
     assert torch.equal(sparse[qkv], seed[qkv])
 
 
@@ -137,8 +145,18 @@ def renormalised_logits(path: str, sizes: ParallelSizes):
 
 @pytest.mark.parametrize("method", ["bam", "bam-shared-kv"])
 def test_identical_copies_reproduce_the_dense_model(tmp_path, sources, method):
-    argv = ["--expert", f"a={sources['seed']}", "--expert", f"b={sources['seed']}", "--method", method,
-            "--moe-router-topk", "2", "--save", str(tmp_path / "copies")]  # fmt: skip
+    argv = [
+        "--expert",
+        f"a={sources['seed']}",
+        "--expert",
+        f"b={sources['seed']}",
+        "--method",
+        method,
+        "--moe-router-topk",
+        "2",
+        "--save",
+        str(tmp_path / "copies"),
+    ]
     assert run_distributed(_upcycle_in_rank, 1, args=(argv,)) == [0]
     out = checkpointing.resolve_checkpoint(str(tmp_path / "copies"))
     dense = checkpointing.resolve_checkpoint(sources["seed"])
@@ -148,15 +166,33 @@ def test_identical_copies_reproduce_the_dense_model(tmp_path, sources, method):
 
 
 def test_sources_saved_at_tp2_give_the_same_logits_at_any_target_layout(tmp_path, sources):
-    argv = ["--expert", f"a={sources['tp2']}", "--expert", f"b={sources['seed']}", "--method", "bam",
-            "--save", str(tmp_path / "mixed"), "--target-expert-parallel-size", "2",
-            "--target-tensor-parallel-size", "2"]  # fmt: skip
+    argv = [
+        "--expert",
+        f"a={sources['tp2']}",
+        "--expert",
+        f"b={sources['seed']}",
+        "--method",
+        "bam",
+        "--save",
+        str(tmp_path / "mixed"),
+        "--target-expert-parallel-size",
+        "2",
+        "--target-tensor-parallel-size",
+        "2",
+    ]
     assert run_distributed(_upcycle_in_rank, 1, args=(argv,)) == [0]
     path = checkpointing.resolve_checkpoint(str(tmp_path / "mixed"))
     (one,) = run_distributed(logits_from_checkpoint, 1, args=(path, ParallelSizes()))
-    ep2 = [x for x in run_distributed(logits_from_checkpoint, 2, args=(path, ParallelSizes(expert=2))) if x is not None][0]
-    tp2 = [x for x in run_distributed(logits_from_checkpoint, 2, args=(path, ParallelSizes(tensor=2, sequence_parallel=True)))
-           if x is not None][0]  # fmt: skip
+    ep2 = [
+        x for x in run_distributed(logits_from_checkpoint, 2, args=(path, ParallelSizes(expert=2))) if x is not None
+    ][0]
+    tp2 = [
+        x
+        for x in run_distributed(
+            logits_from_checkpoint, 2, args=(path, ParallelSizes(tensor=2, sequence_parallel=True))
+        )
+        if x is not None
+    ][0]
     torch.testing.assert_close(ep2, one, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(tp2, one, rtol=1e-5, atol=1e-5)
 
@@ -194,13 +230,16 @@ def test_bad_input_is_refused_before_writing(tmp_path, sources, corpus, case, ex
         extra = ["--moe-router-topk", "3"]
     elif case == "architecture":
         wide = str(tmp_path / "wide")
-        codes, log = run(tmp_path, "wide", dense_args(corpus, "code", 4, "--save", wide, "--hidden-size", "128"), world=1)
+        codes, log = run(
+            tmp_path, "wide", dense_args(corpus, "code", 4, "--save", wide, "--hidden-size", "128"), world=1
+        )
         assert codes == [0], log
         experts[3] = f"code={wide}"
     argv = [*experts, "--method", "bam", "--save", str(out), *extra]
     if case == "missing":  # once through the command line
-        result = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "upcycle.py"), *argv],
-                                capture_output=True, text=True)  # fmt: skip
+        result = subprocess.run(
+            [sys.executable, os.path.join(ROOT, "tools", "upcycle.py"), *argv], capture_output=True, text=True
+        )
         code, stderr = result.returncode, result.stderr
     else:
         ((code, stderr),) = run_distributed(_upcycle_capturing_stderr, 1, args=(argv,))

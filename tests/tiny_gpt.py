@@ -106,8 +106,14 @@ def bam_config(sizes: ParallelSizes, variant: str, dropout: float = 0.0, **overr
     )
 
 
-def build(sizes: ParallelSizes, model: str, full_weights=None, use_distributed_optimizer=False,
-          dropout=0.0, overrides: dict | None = None):
+def build(
+    sizes: ParallelSizes,
+    model: str,
+    full_weights=None,
+    use_distributed_optimizer=False,
+    dropout=0.0,
+    overrides: dict | None = None,
+):
     """Initialise parallel state and return (config, DDP-wrapped model) for this rank."""
     initialize(sizes, seed=1234)
     if model in VARIANTS:
@@ -121,9 +127,7 @@ def build(sizes: ParallelSizes, model: str, full_weights=None, use_distributed_o
         load_full_weights(model, full_weights)
     ddp = DistributedDataParallel(
         config,
-        DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, use_distributed_optimizer=use_distributed_optimizer
-        ),
+        DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=use_distributed_optimizer),
         model,
     )
     config.finalize_model_grads_func = finalize_model_grads
@@ -150,8 +154,14 @@ def forward_backward(ddp, num_microbatches: int, seed: int = 7) -> float | None:
     return loss.item() / parallel_state.get_data_parallel_world_size()
 
 
-def gradient_step(sizes: ParallelSizes, model: str, full_weights, num_microbatches: int,
-                  corrupt_rank: int | None = None, overrides: dict | None = None) -> dict[str, Any]:
+def gradient_step(
+    sizes: ParallelSizes,
+    model: str,
+    full_weights,
+    num_microbatches: int,
+    corrupt_rank: int | None = None,
+    overrides: dict | None = None,
+) -> dict[str, Any]:
     """Rank body: loss, gradient shards and weight shards after one forward/backward.
 
     ``corrupt_rank`` perturbs that rank's shard of the first QKV weight: the negative control
@@ -170,8 +180,9 @@ def gradient_step(sizes: ParallelSizes, model: str, full_weights, num_microbatch
     }
 
 
-def adam_steps(sizes: ParallelSizes, model: str, full_weights, steps: int, num_microbatches: int,
-               use_distributed_optimizer: bool) -> dict[str, Any]:
+def adam_steps(
+    sizes: ParallelSizes, model: str, full_weights, steps: int, num_microbatches: int, use_distributed_optimizer: bool
+) -> dict[str, Any]:
     """Rank body: ``steps`` AdamW updates with megatron-core's DDP and (distributed) optimizer."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 

@@ -30,9 +30,18 @@ def train_tokenizer(directory: str, seed: int = 0, vocab_size: int = 320) -> str
             f.write("\n".join(_documents(words, 100, seed * 10 + i)) + "\n")
     prefix = os.path.join(directory, f"tok{seed}")
     spm.SentencePieceTrainer.train(
-        input=corpus, model_prefix=prefix, vocab_size=vocab_size, model_type="bpe", pad_id=0,
-        unk_id=1, bos_id=2, eos_id=3, byte_fallback=True, minloglevel=2, seed_sentencepiece_size=1000,
-    )  # fmt: skip
+        input=corpus,
+        model_prefix=prefix,
+        vocab_size=vocab_size,
+        model_type="bpe",
+        pad_id=0,
+        unk_id=1,
+        bos_id=2,
+        eos_id=3,
+        byte_fallback=True,
+        minloglevel=2,
+        seed_sentencepiece_size=1000,
+    )
     return prefix + ".model"
 
 

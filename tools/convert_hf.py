@@ -1,4 +1,4 @@
-"""Hugging Face interop: export checkpoints for transformers, import Cohere models as seeds (see bam_megatron.conversion.hf)."""
+"""Hugging Face interop: export checkpoints for transformers, import models as seeds (bam_megatron.conversion.hf)."""
 
 import sys
 

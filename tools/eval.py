@@ -1,7 +1,7 @@
 """Per-domain perplexity table and MoE routing heatmaps (same as the ``bam-eval`` command); see ``--help``.
 
-    python tools/eval.py --model seed=ckpt/seed --model bam=ckpt/bam --data-path data/code_text_document ...
-    torchrun --nproc-per-node 2 tools/eval.py ... --tensor-model-parallel-size 2
+python tools/eval.py --model seed=ckpt/seed --model bam=ckpt/bam --data-path data/code_text_document ...
+torchrun --nproc-per-node 2 tools/eval.py ... --tensor-model-parallel-size 2
 """
 
 import os

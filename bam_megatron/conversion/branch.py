@@ -25,14 +25,29 @@ import json
 import os
 import shutil
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 from bam_megatron.training import checkpointing
 
 # Seed flags that phase 2 must not inherit: they name the seed's own run, data or length.
-NOT_INHERITED = {"data_path", "load", "save", "pretrained_checkpoint", "finetune", "train_iters",
-                 "train_samples", "lr", "min_lr", "tensorboard_dir", "metrics_file", "padded_vocab_size",
-                 "exit_interval", "global_batch_size", "num_experts"}  # fmt: skip
+NOT_INHERITED = {
+    "data_path",
+    "load",
+    "save",
+    "pretrained_checkpoint",
+    "finetune",
+    "train_iters",
+    "train_samples",
+    "lr",
+    "min_lr",
+    "tensorboard_dir",
+    "metrics_file",
+    "padded_vocab_size",
+    "exit_interval",
+    "global_batch_size",
+    "num_experts",
+}
 
 
 class BranchError(ValueError):
@@ -41,13 +56,19 @@ class BranchError(ValueError):
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Flags of tools/branch.py."""
-    p = argparse.ArgumentParser(prog="branch.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog="branch.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--seed-checkpoint", required=True, help="the seed: a --save directory or an iter_* directory")
     p.add_argument("--output-dir", required=True)
     p.add_argument("--experts", nargs="+", required=True, metavar="NAME")
-    p.add_argument("--domain-data", nargs="+", required=True, metavar="NAME=PREFIX",
-                   help="each expert's domain corpus (indexed-dataset prefix)")
+    p.add_argument(
+        "--domain-data",
+        nargs="+",
+        required=True,
+        metavar="NAME=PREFIX",
+        help="each expert's domain corpus (indexed-dataset prefix)",
+    )
     p.add_argument("--general-data", required=True, metavar="PREFIX", help="general data mixed into every domain")
     p.add_argument("--general-fraction", type=float, default=0.1, help="share of general data in phase 2")
     p.add_argument("--lr-scale", type=float, default=0.5, help="phase-2 peak LR = the seed's x this")
@@ -88,9 +109,23 @@ def phase2_flags(seed_args: dict, name: str, domain: str, general: str, args, ou
         else:
             flags += [flag, str(value)]
     lr = seed_args["lr"] * args.lr_scale
-    flags += ["--data-path", str(1 - args.general_fraction), domain, str(args.general_fraction), general,
-              "--lr", repr(lr), "--min-lr", repr(0.1 * lr), "--pretrained-checkpoint", init,
-              "--load", os.path.join(out, "ckpt"), "--save", os.path.join(out, "ckpt")]  # fmt: skip
+    flags += [
+        "--data-path",
+        str(1 - args.general_fraction),
+        domain,
+        str(args.general_fraction),
+        general,
+        "--lr",
+        repr(lr),
+        "--min-lr",
+        repr(0.1 * lr),
+        "--pretrained-checkpoint",
+        init,
+        "--load",
+        os.path.join(out, "ckpt"),
+        "--save",
+        os.path.join(out, "ckpt"),
+    ]
     return flags
 
 
@@ -111,7 +146,9 @@ def branch(args: argparse.Namespace) -> list[str]:
     domains = dict(spec.split("=", 1) for spec in args.domain_data if "=" in spec)
     missing = [n for n in args.experts if n not in domains]
     if missing or len(domains) != len(args.domain_data):
-        raise BranchError(f"--domain-data: expected NAME=PREFIX for every expert, missing {', '.join(missing) or 'NAME='}")
+        raise BranchError(
+            f"--domain-data: expected NAME=PREFIX for every expert, missing {', '.join(missing) or 'NAME='}"
+        )
     if len(set(args.experts)) != len(args.experts):
         raise BranchError("--experts names must be unique")
     try:
@@ -138,10 +175,14 @@ def branch(args: argparse.Namespace) -> list[str]:
             flags = phase2_flags(meta["args"], name, domains[name], args.general_data, args, out, init)
             with open(os.path.join(tmp, "phase2.args"), "w") as f:
                 f.write("\n".join(flags) + "\n")
-            lineage = {"expert": name, "seed": {"path": os.path.abspath(seed), "iteration": meta["iteration"],
-                                                "hash": seed_hash},
-                       "domain_data": domains[name], "general_data": args.general_data,
-                       "general_fraction": args.general_fraction, "lr_scale": args.lr_scale}  # fmt: skip
+            lineage = {
+                "expert": name,
+                "seed": {"path": os.path.abspath(seed), "iteration": meta["iteration"], "hash": seed_hash},
+                "domain_data": domains[name],
+                "general_data": args.general_data,
+                "general_fraction": args.general_fraction,
+                "lr_scale": args.lr_scale,
+            }
             with open(os.path.join(tmp, "lineage.json"), "w") as f:
                 json.dump(lineage, f, indent=2)
             os.makedirs(args.output_dir, exist_ok=True)

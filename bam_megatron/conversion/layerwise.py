@@ -19,9 +19,10 @@ from __future__ import annotations
 import contextlib
 import io
 import warnings
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Iterator, Union
+from typing import Union
 
 import torch
 from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace, nested_values
@@ -152,8 +153,7 @@ def read_unit(model, unit: Unit, checkpoint_dir: str) -> dict[str, torch.Tensor]
             shape = (1,) * value.prepend_axis_num + tuple(value.local_shape)
             chunks.chunks[tuple(value.global_offset)] = value.data.view(shape)
         # no_dist: each process reads what it asks for (no collectives; safe on a helper thread)
-        dcp_load(requests, storage_reader=FileSystemReader(checkpoint_dir), planner=_PartialLoadPlanner(),
-                 no_dist=True)  # fmt: skip
+        dcp_load(requests, storage_reader=FileSystemReader(checkpoint_dir), planner=_PartialLoadPlanner(), no_dist=True)
         dict_list_map_inplace(lambda sharded: sharded.data, wanted)
         apply_factory_merges(wanted, factories)
         return {name: wanted[name].detach() for name in params}
@@ -264,8 +264,9 @@ class StreamingSaveStrategy(SaveShardedStrategy):
         writer = FileSystemWriter(str(checkpoint_dir), single_file_per_rank=True, thread_count=1)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bam-fill")
         try:
-            dcp_save(mcore_to_pyt_state_dict(state, False), storage_writer=writer,
-                     planner=_StreamingPlanner(self._produce))  # fmt: skip
+            dcp_save(
+                mcore_to_pyt_state_dict(state, False), storage_writer=writer, planner=_StreamingPlanner(self._produce)
+            )
         finally:
             self._pool.shutdown(wait=True, cancel_futures=True)
             for pending in [self._current] + ([self._next] if self._next is not None else []):

@@ -31,17 +31,28 @@ import shutil
 import sys
 import time
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 
 METHODS = ("bam", "bam-shared-kv", "btx", "sparse")
 # Source flags that must agree: they define the dense architecture every source shares.
 # (The padded vocabulary may differ: it depends on the TP size a source was trained with.)
-ARCHITECTURE = ("variant", "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
-                "num_query_groups", "block_type", "untie_embeddings_and_output_weights", "seq_length",
-                "normalization", "rotary_base")  # fmt: skip
+ARCHITECTURE = (
+    "variant",
+    "num_layers",
+    "hidden_size",
+    "ffn_hidden_size",
+    "num_attention_heads",
+    "num_query_groups",
+    "block_type",
+    "untie_embeddings_and_output_weights",
+    "seq_length",
+    "normalization",
+    "rotary_base",
+)
 
 
 class UpcycleError(ValueError):
@@ -59,11 +70,17 @@ class Source:
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Flags of bam-upcycle."""
-    p = argparse.ArgumentParser(prog="bam-upcycle", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("--expert", action="append", required=True, metavar="NAME=DIR",
-                   help="a dense source checkpoint (a --save directory or an iter_* directory); "
-                   "repeat, in expert order (the seed first by convention)")
+    p = argparse.ArgumentParser(
+        prog="bam-upcycle", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--expert",
+        action="append",
+        required=True,
+        metavar="NAME=DIR",
+        help="a dense source checkpoint (a --save directory or an iter_* directory); "
+        "repeat, in expert order (the seed first by convention)",
+    )
     p.add_argument("--method", choices=METHODS, required=True)
     p.add_argument("--save", required=True, help="output directory (must not exist)")
     p.add_argument("--num-experts", type=int, default=None, help="sparse upcycling: number of FFN experts")
@@ -129,12 +146,20 @@ def validate(sources: Sequence[Source], args: argparse.Namespace) -> int:
     if not 1 <= args.moe_router_topk <= experts:
         raise UpcycleError(f"--moe-router-topk {args.moe_router_topk} must be in [1, {experts}]")
     if experts % args.target_expert_parallel_size:
-        raise UpcycleError(f"{experts} experts are not divisible by --target-expert-parallel-size {args.target_expert_parallel_size}")
+        raise UpcycleError(
+            f"{experts} experts are not divisible by --target-expert-parallel-size {args.target_expert_parallel_size}"
+        )
     heads = a["num_attention_heads"] * (experts if args.method in ("bam", "bam-shared-kv") else 1)
     if heads % args.target_tensor_parallel_size:
-        raise UpcycleError(f"{heads} attention heads are not divisible by --target-tensor-parallel-size {args.target_tensor_parallel_size}")
+        raise UpcycleError(
+            f"{heads} attention heads are not divisible by "
+            f"--target-tensor-parallel-size {args.target_tensor_parallel_size}"
+        )
     if a["num_layers"] % args.target_pipeline_parallel_size:
-        raise UpcycleError(f"{a['num_layers']} layers are not divisible by --target-pipeline-parallel-size {args.target_pipeline_parallel_size}")
+        raise UpcycleError(
+            f"{a['num_layers']} layers are not divisible by "
+            f"--target-pipeline-parallel-size {args.target_pipeline_parallel_size}"
+        )
     return experts
 
 
@@ -147,8 +172,12 @@ def _meta_model(args: argparse.Namespace):
     config = model_config(args)
     config.perform_initialization = False  # every weight is written by the upcycler
     config.use_cpu_initialization = True  # let the meta device context decide where tensors live
-    build = lambda: build_model(config, args.padded_vocab_size, args.seq_length,  # noqa: E731
-                                untie_embeddings=args.untie_embeddings_and_output_weights)  # fmt: skip
+    build = lambda: build_model(
+        config,
+        args.padded_vocab_size,
+        args.seq_length,  # noqa: E731
+        untie_embeddings=args.untie_embeddings_and_output_weights,
+    )
     return meta_model(build), config
 
 
@@ -160,11 +189,14 @@ def target_args(sources: Sequence[Source], args: argparse.Namespace, experts: in
     largest = max(s.meta["args"]["padded_vocab_size"] for s in sources)
     out["padded_vocab_size"] = -(-largest // multiple) * multiple
     out.update(
-        variant={"sparse": "btx"}.get(args.method, args.method), num_experts=experts,
-        moe_router_topk=args.moe_router_topk, tensor_model_parallel_size=args.target_tensor_parallel_size,
+        variant={"sparse": "btx"}.get(args.method, args.method),
+        num_experts=experts,
+        moe_router_topk=args.moe_router_topk,
+        tensor_model_parallel_size=args.target_tensor_parallel_size,
         pipeline_model_parallel_size=args.target_pipeline_parallel_size,
-        expert_model_parallel_size=args.target_expert_parallel_size, use_distributed_optimizer=False,
-    )  # fmt: skip
+        expert_model_parallel_size=args.target_expert_parallel_size,
+        use_distributed_optimizer=False,
+    )
     return out
 
 
@@ -240,8 +272,9 @@ class _Mixer:
         shared = None
         if self.args.method == "bam-shared-kv" and self.args.shared_kv_init != "average":
             chosen = [s.name for s in self.sources].index(self.args.shared_kv_init)
-            _, k, v = split_qkv(attention["linear_qkv"][chosen], self.config.num_attention_heads,
-                                self.config.num_query_groups)  # fmt: skip
+            _, k, v = split_qkv(
+                attention["linear_qkv"][chosen], self.config.num_attention_heads, self.config.num_query_groups
+            )
             shared = (k, v)
         qkv, proj = soft_moa_attention_weights(attention["linear_qkv"], attention["linear_proj"], self.config, shared)
         prefix = f"decoder.layers.{layer}.self_attention"
@@ -276,18 +309,32 @@ def upcycle(args: argparse.Namespace) -> dict:
     strategy = StreamingSaveStrategy(target, _Mixer(args, sources, experts, config))
 
     manifest = {
-        "method": args.method, "experts": experts, "router_init_seed": args.seed,
-        "router_init_std": args.router_init_std, "moe_router_topk": args.moe_router_topk,
+        "method": args.method,
+        "experts": experts,
+        "router_init_seed": args.seed,
+        "router_init_std": args.router_init_std,
+        "moe_router_topk": args.moe_router_topk,
         "shared_kv_init": args.shared_kv_init if args.method == "bam-shared-kv" else None,
-        "sources": [{"name": s.name, "path": os.path.abspath(s.path), "iteration": s.meta["iteration"],
-                     "hash": checkpointing.checkpoint_hash(s.path)} for s in sources],
+        "sources": [
+            {
+                "name": s.name,
+                "path": os.path.abspath(s.path),
+                "iteration": s.meta["iteration"],
+                "hash": checkpointing.checkpoint_hash(s.path),
+            }
+            for s in sources
+        ],
         "expert_names": [s.name for s in sources] if args.method != "sparse" else [sources[0].name] * experts,
-    }  # fmt: skip
+    }
     meta = {
-        "consumed_samples": 0, "skipped_iterations": 0, "nan_iterations": 0, "args": out_args,
-        "data_fingerprint": None, "tokenizer_fingerprint": sources[0].meta.get("tokenizer_fingerprint"),
+        "consumed_samples": 0,
+        "skipped_iterations": 0,
+        "nan_iterations": 0,
+        "args": out_args,
+        "data_fingerprint": None,
+        "tokenizer_fingerprint": sources[0].meta.get("tokenizer_fingerprint"),
         "upcycled": manifest,
-    }  # fmt: skip
+    }
     tmp = args.save.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -313,7 +360,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except UpcycleError as error:
         print(f"bam-upcycle: error: {error}", file=sys.stderr, flush=True)
         return 2
-    print(f"wrote {args.save}: {args.method} with {manifest['experts']} experts from "
-          f"{', '.join(s['name'] for s in manifest['sources'])} in {manifest['seconds']} s, "
-          f"peak memory {manifest['peak_rss_mb']} MB", flush=True)  # fmt: skip
+    print(
+        f"wrote {args.save}: {args.method} with {manifest['experts']} experts from "
+        f"{', '.join(s['name'] for s in manifest['sources'])} in {manifest['seconds']} s, "
+        f"peak memory {manifest['peak_rss_mb']} MB",
+        flush=True,
+    )
     return 0

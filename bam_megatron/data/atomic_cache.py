@@ -12,7 +12,8 @@ import contextlib
 import os
 import tempfile
 import types
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy
 from megatron.core.datasets import gpt_dataset

@@ -8,11 +8,12 @@ per domain, so each domain's perplexity is reported separately (as in the BAM pa
 from __future__ import annotations
 
 import hashlib
-import math
 import json
+import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 from megatron.core.datasets.blended_dataset import BlendedDataset
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
@@ -38,7 +39,9 @@ def parse_data_path(data_path: Sequence[str]) -> list[Domain]:
     try:
         prefixes, weights = get_blend_from_list(list(data_path))
     except (AssertionError, ValueError):
-        raise DataError(f"--data-path: expected PREFIX... or W1 PREFIX1 W2 PREFIX2 ..., got {' '.join(data_path)}") from None
+        raise DataError(
+            f"--data-path: expected PREFIX... or W1 PREFIX1 W2 PREFIX2 ..., got {' '.join(data_path)}"
+        ) from None
     weights = weights or [1.0] * len(prefixes)
     names = [domain_name(prefix) for prefix in prefixes]
     if len(set(names)) != len(names):
@@ -146,7 +149,10 @@ def build_datasets(
     valid_samples = math.ceil(valid_samples_per_domain * total / min(d.weight for d in domains)) + len(domains)
     with atomic_index_caches():
         train, valid, _ = BlendedMegatronDatasetBuilder(
-            GPTDataset, [train_samples, valid_samples, 0], lambda: True, config  # every rank reads the files
+            GPTDataset,
+            [train_samples, valid_samples, 0],
+            lambda: True,
+            config,  # every rank reads the files
         ).build()
     if train is None or valid is None:
         raise DataError(f"--split {split} leaves no training or no validation data")
@@ -154,8 +160,9 @@ def build_datasets(
     return train, {d.name: part for d, part in zip(domains, parts)}
 
 
-def validation_sets(domains: Sequence[Domain], split: str, seq_length: int, seed: int, tokens: Any,
-                    cache: Optional[str]) -> dict[str, GPTDataset]:  # fmt: skip
+def validation_sets(
+    domains: Sequence[Domain], split: str, seq_length: int, seed: int, tokens: Any, cache: Optional[str]
+) -> dict[str, GPTDataset]:
     """{domain name: one epoch of its validation split}; every rank builds (reads) them."""
     datasets = {}
     for domain in domains:
@@ -165,8 +172,9 @@ def validation_sets(domains: Sequence[Domain], split: str, seq_length: int, seed
         with atomic_index_caches():
             _, valid, _ = BlendedMegatronDatasetBuilder(GPTDataset, [None, None, None], lambda: True, config).build()
         if valid is None or len(valid) == 0:
-            raise DataError(f"domain {domain.name}: --split {split} leaves no validation samples of "
-                            f"--seq-length {seq_length}")  # fmt: skip
+            raise DataError(
+                f"domain {domain.name}: --split {split} leaves no validation samples of --seq-length {seq_length}"
+            )
         datasets[domain.name] = valid
     return datasets
 

@@ -13,7 +13,6 @@ import numpy
 from bam_megatron.data.jsonl import InvalidLine, is_blank, parse_line
 from bam_megatron.data.tokenizer import SentencePieceTokenizer
 
-
 # (number of the first line, the lines as read): the unit of work sent to a worker.
 Chunk = tuple[int, list[bytes]]
 

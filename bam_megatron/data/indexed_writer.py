@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy
 from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder, get_bin_path, get_idx_path
@@ -74,4 +74,3 @@ def publish(writers: Sequence[AtomicDatasetWriter]) -> None:
         os.replace(writer.idx_tmp, get_idx_path(writer.prefix))
     for directory in {os.path.dirname(os.path.abspath(w.prefix)) for w in writers}:
         fsync_path(directory)
-

@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import numpy
 
@@ -93,8 +94,9 @@ def encode_pairs(pairs: Sequence[tuple[str, str]], tokenizer: Any, seq_length: i
         labels.append(row[1:])
         masks.append(mask)
     if not tokens:
-        raise DataError(f"every prompt is at least --seq-length {seq_length} tokens long: "
-                        "no response token to train on")  # fmt: skip
+        raise DataError(
+            f"every prompt is at least --seq-length {seq_length} tokens long: no response token to train on"
+        )
     return Encoded(numpy.stack(tokens), numpy.stack(labels), numpy.stack(masks), truncated, dropped)
 
 
@@ -127,8 +129,12 @@ class InstructDataset:
     def __getitem__(self, index: int) -> dict[str, numpy.ndarray]:
         i = self._pair(int(index) % self.num_samples)
         e = self.encoded
-        return {"tokens": e.tokens[i], "labels": e.labels[i], "loss_mask": e.loss_mask[i],
-                "position_ids": self._positions}  # fmt: skip
+        return {
+            "tokens": e.tokens[i],
+            "labels": e.labels[i],
+            "loss_mask": e.loss_mask[i],
+            "position_ids": self._positions,
+        }
 
 
 def fingerprint(paths: Sequence[Optional[str]], keys: Sequence[str], seq_length: int, seed: int) -> str:
@@ -141,9 +147,16 @@ def fingerprint(paths: Sequence[Optional[str]], keys: Sequence[str], seq_length:
     return h.hexdigest()[:16]
 
 
-def build_instruct_datasets(train_path: str, valid_path: Optional[str], tokenizer: Any, seq_length: int,
-                            seed: int, train_samples: int, prompt_key: str = PROMPT_KEY,
-                            response_key: str = RESPONSE_KEY):  # fmt: skip
+def build_instruct_datasets(
+    train_path: str,
+    valid_path: Optional[str],
+    tokenizer: Any,
+    seq_length: int,
+    seed: int,
+    train_samples: int,
+    prompt_key: str = PROMPT_KEY,
+    response_key: str = RESPONSE_KEY,
+):
     """(train dataset of ``train_samples`` shuffled samples, {'instruct': validation} or {},
     fingerprint, one-line summary)."""
     if tokenizer is None:

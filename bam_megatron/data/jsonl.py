@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import BinaryIO, Iterator, Sequence
+from typing import BinaryIO
 
 from bam_megatron.data.errors import DataError
 from bam_megatron.data.files import require_file

@@ -18,8 +18,9 @@ import multiprocessing
 import os
 import sys
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterable, Iterator, TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from bam_megatron.data.encoder import Chunk, ChunkEncoder, ChunkResult, EncodeSettings, encode_in_worker, init_worker
 from bam_megatron.data.errors import DataError
@@ -46,23 +47,40 @@ def build_parser() -> argparse.ArgumentParser:
     )
     group = parser.add_argument_group("input")
     group.add_argument("--input", required=True, help="JSONL file, one JSON object per line ('-': stdin)")
-    group.add_argument("--json-keys", nargs="+", default=["text"], metavar="KEY",
-                       help="keys holding the text; one dataset per key (default: text)")  # fmt: skip
-    group.add_argument("--skip-invalid-lines", action="store_true",
-                       help="skip (and count) lines that are not valid JSON objects with every key as a string, "
-                            "instead of stopping with an error")  # fmt: skip
+    group.add_argument(
+        "--json-keys",
+        nargs="+",
+        default=["text"],
+        metavar="KEY",
+        help="keys holding the text; one dataset per key (default: text)",
+    )
+    group.add_argument(
+        "--skip-invalid-lines",
+        action="store_true",
+        help="skip (and count) lines that are not valid JSON objects with every key as a string, "
+        "instead of stopping with an error",
+    )
     group = parser.add_argument_group("tokenizer")
     group.add_argument("--tokenizer-model", required=True, help="SentencePiece .model file")
-    group.add_argument("--tokenizer-type", default="SentencePieceTokenizer", choices=["SentencePieceTokenizer"],
-                       help="accepted for Megatron-LM compatibility; SentencePiece is the only type")  # fmt: skip
+    group.add_argument(
+        "--tokenizer-type",
+        default="SentencePieceTokenizer",
+        choices=["SentencePieceTokenizer"],
+        help="accepted for Megatron-LM compatibility; SentencePiece is the only type",
+    )
     group.add_argument("--append-eod", action="store_true", help="append the tokenizer's eod id after each document")
     group = parser.add_argument_group("output")
-    group.add_argument("--output-prefix", required=True,
-                       help="path prefix; writes PREFIX_KEY_document.bin/.idx per key")  # fmt: skip
+    group.add_argument(
+        "--output-prefix", required=True, help="path prefix; writes PREFIX_KEY_document.bin/.idx per key"
+    )
     group = parser.add_argument_group("runtime")
     group.add_argument("--workers", type=int, default=1, help="tokenizer processes (default: 1)")
-    group.add_argument("--log-interval", type=int, default=1000,
-                       help="print progress to stderr about every this many documents (default: 1000)")  # fmt: skip
+    group.add_argument(
+        "--log-interval",
+        type=int,
+        default=1000,
+        help="print progress to stderr about every this many documents (default: 1000)",
+    )
     return parser
 
 
@@ -98,14 +116,18 @@ class PreprocessStats:
     def rates(self, seconds: float) -> str:
         """``docs/s, tokens/s, MB/s`` over ``seconds`` (MB = 10^6 bytes of input)."""
         seconds = max(seconds, 1e-9)
-        return (f"{self.documents / seconds:,.0f} docs/s, {self.total_tokens / seconds:,.0f} tokens/s, "
-                f"{self.bytes / 1e6 / seconds:.2f} MB/s")  # fmt: skip
+        return (
+            f"{self.documents / seconds:,.0f} docs/s, {self.total_tokens / seconds:,.0f} tokens/s, "
+            f"{self.bytes / 1e6 / seconds:.2f} MB/s"
+        )
 
     def summary(self) -> str:
         """The final one-line summary."""
-        return (f"done: {self.documents} documents, {self.total_tokens} tokens, skipped {sum(self.empty)} empty "
-                f"documents + {self.invalid} invalid lines + {self.blank_lines} blank lines, "
-                f"{self.seconds:.2f} s ({self.rates(self.seconds)})")  # fmt: skip
+        return (
+            f"done: {self.documents} documents, {self.total_tokens} tokens, skipped {sum(self.empty)} empty "
+            f"documents + {self.invalid} invalid lines + {self.blank_lines} blank lines, "
+            f"{self.seconds:.2f} s ({self.rates(self.seconds)})"
+        )
 
 
 def preprocess(args: argparse.Namespace, log: TextIO | None = None) -> PreprocessStats:
@@ -127,9 +149,12 @@ def preprocess(args: argparse.Namespace, log: TextIO | None = None) -> Preproces
     dtype = token_dtype(tokenizer.vocab_size)
     settings = EncodeSettings(tokenizer.path, keys, args.append_eod, dtype.name)
     stats = PreprocessStats(keys=keys, prefixes=[dataset_prefix(args.output_prefix, k) for k in keys])
-    print(f"preprocessing {name} -> {', '.join(stats.prefixes)} ({dtype.name} tokens); tokenizer "
-          f"{tokenizer.path} (vocab {tokenizer.vocab_size}, sha256 {tokenizer.fingerprint[:12]}), "
-          f"{args.workers} worker(s)", file=log)  # fmt: skip
+    print(
+        f"preprocessing {name} -> {', '.join(stats.prefixes)} ({dtype.name} tokens); tokenizer "
+        f"{tokenizer.path} (vocab {tokenizer.vocab_size}, sha256 {tokenizer.fingerprint[:12]}), "
+        f"{args.workers} worker(s)",
+        file=log,
+    )
     start = time.perf_counter()
     writers: list[AtomicDatasetWriter] = []
     published = False
@@ -191,8 +216,14 @@ def _encoded(chunks: Iterable[Chunk], settings: EncodeSettings, workers: int) ->
         yield pool.imap(encode_in_worker, chunks)
 
 
-def _consume(result: ChunkResult, writers: list[AtomicDatasetWriter], stats: PreprocessStats,
-             skip_invalid: bool, name: str, log: TextIO) -> None:  # fmt: skip
+def _consume(
+    result: ChunkResult,
+    writers: list[AtomicDatasetWriter],
+    stats: PreprocessStats,
+    skip_invalid: bool,
+    name: str,
+    log: TextIO,
+) -> None:
     """Write one chunk's documents and count what it skipped; an invalid line raises unless skipping."""
     if result.invalid and not skip_invalid:
         number, reason = result.invalid[0]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import json
 import random
-from typing import Iterator
+from collections.abc import Iterator
 
 _WORDS = """the of and to in a is that for it as was with be by on not he this are or his from at which
 but have an they you were her she there all one their would we him been has when who will more no if out
@@ -65,8 +65,9 @@ def _sentence(rng: random.Random) -> str:
 
 def synthetic_document(rng: random.Random, max_paragraphs: int = 3) -> str:
     """One document: 1..max_paragraphs paragraphs of 1-6 sentences, separated by blank lines."""
-    paragraphs = [" ".join(_sentence(rng) for _ in range(rng.randint(1, 6)))
-                  for _ in range(rng.randint(1, max_paragraphs))]  # fmt: skip
+    paragraphs = [
+        " ".join(_sentence(rng) for _ in range(rng.randint(1, 6))) for _ in range(rng.randint(1, max_paragraphs))
+    ]
     return "\n\n".join(paragraphs)
 
 

@@ -97,15 +97,19 @@ def load_tokenizer(path: str | os.PathLike) -> SentencePieceTokenizer:
     return SentencePieceTokenizer(path)
 
 
-def padded_vocab_size(vocab_size: int, make_vocab_size_divisible_by: int = 128,
-                      tensor_model_parallel_size: int = 1) -> int:  # fmt: skip
+def padded_vocab_size(
+    vocab_size: int, make_vocab_size_divisible_by: int = 128, tensor_model_parallel_size: int = 1
+) -> int:
     """Megatron's embedding size: ``vocab_size`` rounded up to a multiple of divisible_by × TP.
 
     The padding makes the embedding split evenly over tensor-parallel ranks and keeps GEMM shapes
     friendly; the extra rows are never produced by the tokenizer.
     """
-    for name, value in (("vocab_size", vocab_size), ("make_vocab_size_divisible_by", make_vocab_size_divisible_by),
-                        ("tensor_model_parallel_size", tensor_model_parallel_size)):  # fmt: skip
+    for name, value in (
+        ("vocab_size", vocab_size),
+        ("make_vocab_size_divisible_by", make_vocab_size_divisible_by),
+        ("tensor_model_parallel_size", tensor_model_parallel_size),
+    ):
         if int(value) != value or value < 1:
             raise DataError(f"{name} must be a positive integer, got {value!r}")
     multiple = make_vocab_size_divisible_by * tensor_model_parallel_size

@@ -25,7 +25,8 @@ import shutil
 import sys
 import tempfile
 import time
-from typing import Iterator, Sequence, TextIO
+from collections.abc import Iterator, Sequence
+from typing import TextIO
 
 import sentencepiece
 
@@ -45,27 +46,55 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     group = parser.add_argument_group("input")
-    group.add_argument("--input", nargs="+", required=True, metavar="PATH",
-                       help="text (.txt, one sentence per line) and/or JSONL (.jsonl/.json/.ndjson) files")  # fmt: skip
-    group.add_argument("--json-keys", nargs="+", default=["text"], metavar="KEY",
-                       help="keys holding the text in JSONL inputs (default: text)")  # fmt: skip
-    group.add_argument("--input-sentence-size", type=int, default=0, metavar="N",
-                       help="train on a random sample of N > 100 sentences (default: 0, all of them)")  # fmt: skip
+    group.add_argument(
+        "--input",
+        nargs="+",
+        required=True,
+        metavar="PATH",
+        help="text (.txt, one sentence per line) and/or JSONL (.jsonl/.json/.ndjson) files",
+    )
+    group.add_argument(
+        "--json-keys",
+        nargs="+",
+        default=["text"],
+        metavar="KEY",
+        help="keys holding the text in JSONL inputs (default: text)",
+    )
+    group.add_argument(
+        "--input-sentence-size",
+        type=int,
+        default=0,
+        metavar="N",
+        help="train on a random sample of N > 100 sentences (default: 0, all of them)",
+    )
     group = parser.add_argument_group("tokenizer")
-    group.add_argument("--vocab-size", type=int, required=True,
-                       help="number of pieces, special and byte pieces included")  # fmt: skip
+    group.add_argument(
+        "--vocab-size", type=int, required=True, help="number of pieces, special and byte pieces included"
+    )
     group.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe", help="(default: bpe)")
-    group.add_argument("--character-coverage", type=float, default=0.9995,
-                       help="share of characters given pieces, the rest as bytes (default: 0.9995)")  # fmt: skip
-    group.add_argument("--normalization-rule-name", default="identity", choices=["identity", "nfkc", "nmt_nfkc"],
-                       help="SentencePiece normalisation (default: identity: exact round trips)")  # fmt: skip
+    group.add_argument(
+        "--character-coverage",
+        type=float,
+        default=0.9995,
+        help="share of characters given pieces, the rest as bytes (default: 0.9995)",
+    )
+    group.add_argument(
+        "--normalization-rule-name",
+        default="identity",
+        choices=["identity", "nfkc", "nmt_nfkc"],
+        help="SentencePiece normalisation (default: identity: exact round trips)",
+    )
     group = parser.add_argument_group("output")
     group.add_argument("--output-prefix", required=True, help="writes PREFIX.model and PREFIX.vocab")
     group = parser.add_argument_group("runtime")
     group.add_argument("--seed", type=int, default=1234, help="seed of SentencePiece's sampling (default: 1234)")
     group.add_argument("--workers", type=int, default=1, help="SentencePiece trainer threads (default: 1)")
-    group.add_argument("--log-interval", type=int, default=100_000,
-                       help="print progress every this many sentences read (default: 100000)")  # fmt: skip
+    group.add_argument(
+        "--log-interval",
+        type=int,
+        default=100_000,
+        help="print progress every this many sentences read (default: 100000)",
+    )
     return parser
 
 
@@ -93,8 +122,11 @@ class SentenceReader:
                     if self.sentences % self.log_interval == 0:
                         print(f"read {self.sentences} sentences ({self._elapsed():.1f} s)", file=self.log)
                     yield sentence
-            print(f"read {self.sentences} sentences ({self.bytes / 1e6:.1f} M characters) from "
-                  f"{len(self.paths)} file(s) in {self._elapsed():.1f} s", file=self.log)  # fmt: skip
+            print(
+                f"read {self.sentences} sentences ({self.bytes / 1e6:.1f} M characters) from "
+                f"{len(self.paths)} file(s) in {self._elapsed():.1f} s",
+                file=self.log,
+            )
         except GeneratorExit:
             raise
         except BaseException as error:
@@ -124,8 +156,11 @@ def train(args: argparse.Namespace, log: TextIO | None = None) -> str:
     log = log or sys.stderr  # looked up per call: tests and callers may swap sys.stderr
     for path in args.input:
         require_file(path, "input file")
-    for flag, value, low in (("--vocab-size", args.vocab_size, len(SPECIAL_IDS) + 1), ("--workers", args.workers, 1),
-                             ("--log-interval", args.log_interval, 1)):  # fmt: skip
+    for flag, value, low in (
+        ("--vocab-size", args.vocab_size, len(SPECIAL_IDS) + 1),
+        ("--workers", args.workers, 1),
+        ("--log-interval", args.log_interval, 1),
+    ):
         if value < low:
             raise DataError(f"{flag} must be at least {low}, got {value}")
     if 0 < args.input_sentence_size <= 100 or args.input_sentence_size < 0:  # SentencePiece's own limit
@@ -176,16 +211,21 @@ def _train_sentencepiece(args: argparse.Namespace, sentences: Iterator[str], rea
             input_sentence_size=args.input_sentence_size,
             shuffle_input_sentence=True,
             num_threads=args.workers,
-            pad_id=SPECIAL_IDS["pad"], unk_id=SPECIAL_IDS["unk"],
-            bos_id=SPECIAL_IDS["bos"], eos_id=SPECIAL_IDS["eos"],
-            pad_piece="<pad>", unk_piece="<unk>", bos_piece="<s>", eos_piece="</s>",
+            pad_id=SPECIAL_IDS["pad"],
+            unk_id=SPECIAL_IDS["unk"],
+            bos_id=SPECIAL_IDS["bos"],
+            eos_id=SPECIAL_IDS["eos"],
+            pad_piece="<pad>",
+            unk_piece="<unk>",
+            bos_piece="<s>",
+            eos_piece="</s>",
             byte_fallback=True,
             normalization_rule_name=args.normalization_rule_name,
             remove_extra_whitespaces=False,
             allow_whitespace_only_pieces=True,
             split_digits=True,
             minloglevel=1,  # SentencePiece's per-step INFO log is thousands of lines; warnings still show
-        )  # fmt: skip
+        )
     except RuntimeError as error:
         if reader.error is not None:  # raised by our reader, wrapped by SentencePiece
             raise reader.error from None

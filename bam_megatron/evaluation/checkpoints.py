@@ -6,8 +6,9 @@ from __future__ import annotations
 import argparse
 import os
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -86,11 +87,15 @@ def check_same_tokenizer(models: Sequence[EvalModel]) -> str:
     for model in models:
         saved = model.meta.get("tokenizer_fingerprint")
         if saved is None:
-            raise CheckpointError(f"model {model.name} ({model.path}) was trained without a tokenizer (--mock-data); "
-                                  "it cannot be evaluated on tokenized datasets")  # fmt: skip
+            raise CheckpointError(
+                f"model {model.name} ({model.path}) was trained without a tokenizer (--mock-data); "
+                "it cannot be evaluated on tokenized datasets"
+            )
         if saved != reference.meta["tokenizer_fingerprint"]:
-            raise CheckpointError(f"model {model.name} ({model.path}) was trained with another tokenizer than "
-                                  f"model {reference.name}; all models must share one tokenizer")  # fmt: skip
+            raise CheckpointError(
+                f"model {model.name} ({model.path}) was trained with another tokenizer than "
+                f"model {reference.name}; all models must share one tokenizer"
+            )
     return reference.meta["tokenizer_fingerprint"]
 
 
@@ -110,16 +115,25 @@ def load_model(model: EvalModel, sizes: ParallelSizes, seq_length: int) -> torch
     args.recompute_granularity = args.recompute_method = args.recompute_num_layers = None
     args.bf16 = False
     if model.is_moe and args.num_experts % sizes.expert:
-        raise CheckpointError(f"model {model.name} has {args.num_experts} experts, which "
-                              f"--expert-model-parallel-size {sizes.expert} does not divide")  # fmt: skip
+        raise CheckpointError(
+            f"model {model.name} has {args.num_experts} experts, which "
+            f"--expert-model-parallel-size {sizes.expert} does not divide"
+        )
     if args.padded_vocab_size % sizes.tensor:
-        raise CheckpointError(f"model {model.name}'s vocabulary ({args.padded_vocab_size} rows) does not split "
-                              f"over --tensor-model-parallel-size {sizes.tensor}")  # fmt: skip
-    built = build_model(model_config(args), args.padded_vocab_size, seq_length,
-                        untie_embeddings=args.untie_embeddings_and_output_weights)  # fmt: skip
+        raise CheckpointError(
+            f"model {model.name}'s vocabulary ({args.padded_vocab_size} rows) does not split "
+            f"over --tensor-model-parallel-size {sizes.tensor}"
+        )
+    built = build_model(
+        model_config(args),
+        args.padded_vocab_size,
+        seq_length,
+        untie_embeddings=args.untie_embeddings_and_output_weights,
+    )
     with warnings.catch_warnings():  # torch's notes on megatron-core's checkpoint internals, not the user's
-        warnings.filterwarnings("ignore", message=r"(`load_state_dict` is deprecated|Please use DTensor)",
-                                category=FutureWarning)  # fmt: skip
+        warnings.filterwarnings(
+            "ignore", message=r"(`load_state_dict` is deprecated|Please use DTensor)", category=FutureWarning
+        )
         checkpointing.load_checkpoint(model.path, built, load_rng=False)
     built.config.finalize_model_grads_func = None  # forward only
     return built.eval()

@@ -17,8 +17,9 @@ import gc
 import os
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -26,8 +27,8 @@ import torch.distributed as dist
 from bam_megatron.data.datasets import Domain, TokenIds, parse_data_path
 from bam_megatron.data.tokenizer import load_tokenizer
 from bam_megatron.evaluation import report
-from bam_megatron.platform.atomic import write_atomically
 from bam_megatron.evaluation.checkpoints import EvalModel, check_same_tokenizer, find_models, parse_model_flag
+from bam_megatron.platform.atomic import write_atomically
 from bam_megatron.training.checkpointing import CheckpointError
 
 PROG = "bam-eval"
@@ -36,20 +37,37 @@ PROG = "bam-eval"
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description="Per-domain perplexity table and MoE routing analysis.")
     g = p.add_argument_group("models")
-    g.add_argument("--model", action="append", required=True, type=parse_model_flag, metavar="NAME=CHECKPOINT",
-                   help="a --save directory (latest iteration) or an iter_* directory; repeat for each row")
-    g.add_argument("--expert-names", nargs="+", default=None, metavar="NAME",
-                   help="names of the experts in routing reports (default: expert0 .. expertN-1)")
+    g.add_argument(
+        "--model",
+        action="append",
+        required=True,
+        type=parse_model_flag,
+        metavar="NAME=CHECKPOINT",
+        help="a --save directory (latest iteration) or an iter_* directory; repeat for each row",
+    )
+    g.add_argument(
+        "--expert-names",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="names of the experts in routing reports (default: expert0 .. expertN-1)",
+    )
     g = p.add_argument_group("data (defaults: the first model's training flags)")
-    g.add_argument("--data-path", nargs="+", required=True, metavar="PREFIX",
-                   help="Megatron syntax ([W1] PREFIX1 [W2] PREFIX2 ...); a domain is named after its file")
+    g.add_argument(
+        "--data-path",
+        nargs="+",
+        required=True,
+        metavar="PREFIX",
+        help="Megatron syntax ([W1] PREFIX1 [W2] PREFIX2 ...); a domain is named after its file",
+    )
     g.add_argument("--split", default=None, help="train,valid,test proportions; the valid part is evaluated")
     g.add_argument("--seq-length", type=int, default=None)
     g.add_argument("--seed", type=int, default=None, help="the dataset shuffling seed")
     g.add_argument("--tokenizer-model", default=None, help="SentencePiece model the models were trained with")
     g.add_argument("--data-cache-path", default=None, help="dataset index caches (default: next to the data)")
-    g.add_argument("--eval-samples", type=int, default=None,
-                   help="samples per domain (default: the whole validation split)")
+    g.add_argument(
+        "--eval-samples", type=int, default=None, help="samples per domain (default: the whole validation split)"
+    )
     g.add_argument("--micro-batch-size", type=int, default=None)
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
@@ -92,17 +110,22 @@ def prepare(args: argparse.Namespace) -> Plan:
     if args.expert_names is not None:
         for model in moe:
             if len(args.expert_names) != model.num_experts:
-                raise ValueError(f"--expert-names gives {len(args.expert_names)} names, but model {model.name} "
-                                 f"has {model.num_experts} experts")  # fmt: skip
+                raise ValueError(
+                    f"--expert-names gives {len(args.expert_names)} names, but model {model.name} "
+                    f"has {model.num_experts} experts"
+                )
     if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
         raise ValueError(f"--output-dir {args.output_dir} is a file")
     return Plan(
-        models=models, domains=parse_data_path(args.data_path),
+        models=models,
+        domains=parse_data_path(args.data_path),
         tokens=TokenIds(tokenizer.eod, tokenizer.pad, tokenizer.vocab_size),
-        split=args.split or first["split"], seq_length=args.seq_length or first["seq_length"],
+        split=args.split or first["split"],
+        seq_length=args.seq_length or first["seq_length"],
         seed=first["seed"] if args.seed is None else args.seed,
-        micro_batch_size=args.micro_batch_size or first["micro_batch_size"], expert_names=args.expert_names,
-    )  # fmt: skip
+        micro_batch_size=args.micro_batch_size or first["micro_batch_size"],
+        expert_names=args.expert_names,
+    )
 
 
 def _start_distributed(args: argparse.Namespace, seed: int):
@@ -110,8 +133,12 @@ def _start_distributed(args: argparse.Namespace, seed: int):
     then megatron-core."""
     from bam_megatron.platform.distributed import ParallelSizes, initialize
 
-    sizes = ParallelSizes(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
-                          args.expert_model_parallel_size, args.sequence_parallel)  # fmt: skip
+    sizes = ParallelSizes(
+        args.tensor_model_parallel_size,
+        args.pipeline_model_parallel_size,
+        args.expert_model_parallel_size,
+        args.sequence_parallel,
+    )
     try:
         initialize(sizes, seed=seed)
     except RuntimeError as error:  # megatron-core's own checks of the parallel sizes
@@ -129,8 +156,8 @@ def evaluate(plan: Plan, args: argparse.Namespace, sizes) -> dict[str, Any]:
     from megatron.core import parallel_state
     from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
 
-    from bam_megatron.evaluation.checkpoints import load_model
     from bam_megatron.data.datasets import validation_sets
+    from bam_megatron.evaluation.checkpoints import load_model
     from bam_megatron.evaluation.data import eval_batches
     from bam_megatron.evaluation.perplexity import token_losses
     from bam_megatron.evaluation.routing import RoutingCollector
@@ -142,8 +169,10 @@ def evaluate(plan: Plan, args: argparse.Namespace, sizes) -> dict[str, Any]:
     for name, dataset in datasets.items():
         counts[name] = min(args.eval_samples or len(dataset), len(dataset))
         if args.eval_samples and args.eval_samples > len(dataset):
-            _say(f"domain {name}: its validation split has {len(dataset)} samples of {plan.seq_length} tokens; "
-                 "evaluating all of them")  # fmt: skip
+            _say(
+                f"domain {name}: its validation split has {len(dataset)} samples of {plan.seq_length} tokens; "
+                "evaluating all of them"
+            )
     dp_rank, dp = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
     mbs = plan.micro_batch_size
     batches = {name: eval_batches(ds, counts[name], mbs, dp_rank, dp, device) for name, ds in datasets.items()}
@@ -156,23 +185,29 @@ def evaluate(plan: Plan, args: argparse.Namespace, sizes) -> dict[str, Any]:
         collector = None
         if model.is_moe:
             collector = RoutingCollector(net, model.args["num_layers"], model.num_experts, device)
-            routing[model.name] = {"variant": model.variant, "num_layers": model.args["num_layers"],
-                                   "moe_router_topk": model.args["moe_router_topk"]}  # fmt: skip
+            routing[model.name] = {
+                "variant": model.variant,
+                "num_layers": model.args["num_layers"],
+                "moe_router_topk": model.args["moe_router_topk"],
+            }
         losses[model.name] = {}
         for name in datasets:
             start = time.perf_counter()
             if collector is not None:
                 collector.reset()
-            loss = token_losses(net, batches[name], plan.seq_length, mbs,
-                                collector.set_batch if collector is not None else None)  # fmt: skip
+            loss = token_losses(
+                net, batches[name], plan.seq_length, mbs, collector.set_batch if collector is not None else None
+            )
             seconds = time.perf_counter() - start
             losses[model.name][name] = loss
             if collector is not None:
                 for kind, per_layer in collector.result().items():
                     routing[model.name].setdefault(kind, {})[name] = per_layer
-            _say(f"{model.name} | {name}: {counts[name]} samples, {loss.tokens} tokens, "
-                 f"{counts[name] / seconds:.1f} samples/s | "
-                 f"loss {loss.mean_loss:.4f} ppl {loss.perplexity:.2f}")  # fmt: skip
+            _say(
+                f"{model.name} | {name}: {counts[name]} samples, {loss.tokens} tokens, "
+                f"{counts[name] / seconds:.1f} samples/s | "
+                f"loss {loss.mean_loss:.4f} ppl {loss.perplexity:.2f}"
+            )
         if collector is not None:
             collector.remove()
         del net, collector
@@ -193,19 +228,31 @@ def render(plan: Plan, args: argparse.Namespace, results: dict[str, Any]) -> dic
     first = losses[plan.models[0].name]
     table = report.perplexity_table(domains, perplexities)
     files = {
-        "perplexity.md": (f"# Perplexity per domain\n\nexp(mean token loss) on each domain's validation split "
-                          f"(--split {plan.split}, --seq-length {plan.seq_length}, --seed {plan.seed}); "
-                          "average: unweighted mean over domains.\n\n" + table).encode(),  # fmt: skip
-        "perplexity.json": report.json_text({
-            "domains": domains, "split": plan.split, "seq_length": plan.seq_length, "seed": plan.seed,
-            "samples": results["counts"], "tokens": {d: first[d].tokens for d in domains},
-            "models": {
-                m.name: {"checkpoint": m.path, "iteration": m.meta["iteration"], "variant": m.variant,
-                         "perplexity": perplexities[m.name],
-                         "loss": {d: losses[m.name][d].mean_loss for d in domains}}
-                for m in plan.models
-            },
-        }).encode(),  # fmt: skip
+        "perplexity.md": (
+            f"# Perplexity per domain\n\nexp(mean token loss) on each domain's validation split "
+            f"(--split {plan.split}, --seq-length {plan.seq_length}, --seed {plan.seed}); "
+            "average: unweighted mean over domains.\n\n" + table
+        ).encode(),
+        "perplexity.json": report.json_text(
+            {
+                "domains": domains,
+                "split": plan.split,
+                "seq_length": plan.seq_length,
+                "seed": plan.seed,
+                "samples": results["counts"],
+                "tokens": {d: first[d].tokens for d in domains},
+                "models": {
+                    m.name: {
+                        "checkpoint": m.path,
+                        "iteration": m.meta["iteration"],
+                        "variant": m.variant,
+                        "perplexity": perplexities[m.name],
+                        "loss": {d: losses[m.name][d].mean_loss for d in domains},
+                    }
+                    for m in plan.models
+                },
+            }
+        ).encode(),
     }
     if routing:
         summary = {"domains": domains, "models": {}}

@@ -17,8 +17,9 @@ import torch
 BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
 
 
-def eval_batches(dataset: Any, num_samples: int, micro_batch_size: int, dp_rank: int, dp_size: int,
-                 device: torch.device) -> list[dict[str, torch.Tensor]]:  # fmt: skip
+def eval_batches(
+    dataset: Any, num_samples: int, micro_batch_size: int, dp_rank: int, dp_size: int, device: torch.device
+) -> list[dict[str, torch.Tensor]]:
     """This data-parallel rank's micro-batches over samples ``[0, num_samples)``.
 
     Micro-batch ``m`` holds samples ``m·B·D + r·B + i`` (B micro-batch size, D data-parallel size,

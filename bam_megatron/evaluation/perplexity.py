@@ -9,8 +9,9 @@ token-weighted mean over exactly the samples asked for, whatever the parallel la
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -35,9 +36,13 @@ class DomainLoss:
         return math.exp(self.mean_loss)
 
 
-def token_losses(model: torch.nn.Module, batches: Sequence[dict[str, torch.Tensor]], seq_length: int,
-                 micro_batch_size: int,
-                 before_forward: Optional[Callable[[dict], None]] = None) -> DomainLoss:  # fmt: skip
+def token_losses(
+    model: torch.nn.Module,
+    batches: Sequence[dict[str, torch.Tensor]],
+    seq_length: int,
+    micro_batch_size: int,
+    before_forward: Optional[Callable[[dict], None]] = None,
+) -> DomainLoss:
     """Run ``batches`` (this rank's micro-batches) forward; every rank calls it and gets the totals.
 
     ``before_forward(batch)`` is called on every stage just before the model sees the micro-batch
@@ -59,10 +64,14 @@ def token_losses(model: torch.nn.Module, batches: Sequence[dict[str, torch.Tenso
 
     with torch.no_grad():
         outputs = get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iter(batches), model=[model],
-            num_microbatches=len(batches), seq_length=seq_length, micro_batch_size=micro_batch_size,
+            forward_step_func=forward_step,
+            data_iterator=iter(batches),
+            model=[model],
+            num_microbatches=len(batches),
+            seq_length=seq_length,
+            micro_batch_size=micro_batch_size,
             forward_only=True,
-        )  # fmt: skip
+        )
     device = batches[0]["tokens"].device
     totals = torch.zeros(2, dtype=torch.float64, device=device)
     # Every tensor-parallel rank holds the same full per-token losses: count them once.

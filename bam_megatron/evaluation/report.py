@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import io
 import json
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 KIND_TITLES = {
     "attention_gates": "attention:\nmean gate",
@@ -30,7 +31,6 @@ def perplexity_table(domains: Sequence[str], perplexities: Mapping[str, Mapping[
     return "\n".join(lines) + "\n"
 
 
-
 def json_text(data: Any) -> str:
     return json.dumps(data, indent=2) + "\n"
 
@@ -41,8 +41,9 @@ def figure_name(model: str) -> str:
     return f"routing_{safe}.png"
 
 
-def routing_heatmap_png(model: str, routing: Mapping[str, Any], domains: Sequence[str],
-                        expert_names: Sequence[str]) -> bytes:  # fmt: skip
+def routing_heatmap_png(
+    model: str, routing: Mapping[str, Any], domains: Sequence[str], expert_names: Sequence[str]
+) -> bytes:
     """PNG of one model's routing: a row of panels per kind (attention gates, FFN selection), a
     panel per domain; in each panel rows are layers (plus their mean), columns experts, cells
     annotated. Reading down a column shows where that expert's share of a domain's tokens lies.
@@ -68,8 +69,15 @@ def routing_heatmap_png(model: str, routing: Mapping[str, Any], domains: Sequenc
             image = ax.imshow(matrix, cmap="Blues", vmin=0.0, vmax=1.0, aspect="auto")
             for i, row in enumerate(matrix):
                 for j, value in enumerate(row):
-                    ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=8,
-                            color="white" if value > 0.55 else "black")  # fmt: skip
+                    ax.text(
+                        j,
+                        i,
+                        f"{value:.2f}",
+                        ha="center",
+                        va="center",
+                        fontsize=8,
+                        color="white" if value > 0.55 else "black",
+                    )
             ax.axhline(layers - 0.5, color="black", linewidth=1.0)  # separates the mean row
             ax.set_xticks(range(experts), expert_names, rotation=30 if max(map(len, expert_names)) > 6 else 0)
             ax.set_yticks(range(len(rows)), rows if c == 0 else [""] * len(rows))

@@ -85,10 +85,12 @@ def variant_config(
             raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
         p = PRESETS[preset]
         fields.update(
-            hidden_size=p.hidden_size, num_layers=p.num_layers,
-            num_attention_heads=p.num_attention_heads, num_query_groups=p.num_query_groups,
+            hidden_size=p.hidden_size,
+            num_layers=p.num_layers,
+            num_attention_heads=p.num_attention_heads,
+            num_query_groups=p.num_query_groups,
             ffn_hidden_size=p.ffn_hidden_size,
-        )  # fmt: skip
+        )
     if variant != "dense":
         fields.update(_MOE, num_moe_experts=num_experts, moe_router_topk=moe_router_topk)
     if variant in ("bam", "bam-shared-kv"):
@@ -114,5 +116,12 @@ def build_model(
     post_process: Optional[bool] = None,
 ) -> GPTModel:
     """A GPTModel (RoPE) holding this rank's pipeline stage of the model ``config`` describes."""
-    return gpt_model(config, get_bam_block_spec(config, backend), vocab_size, max_sequence_length,
-                     untie_embeddings, pre_process, post_process)  # fmt: skip
+    return gpt_model(
+        config,
+        get_bam_block_spec(config, backend),
+        vocab_size,
+        max_sequence_length,
+        untie_embeddings,
+        pre_process,
+        post_process,
+    )

@@ -21,9 +21,7 @@ from bam_megatron.model.norm import TorchNorm
 def local_gpt_layer_spec(num_experts: Optional[int] = None) -> ModuleSpec:
     """megatron-core's own local GPT layer, with norms that accept sequence parallelism."""
     spec = get_gpt_layer_local_spec(num_experts=num_experts)
-    spec.submodules = dataclasses.replace(
-        spec.submodules, input_layernorm=TorchNorm, pre_mlp_layernorm=TorchNorm
-    )
+    spec.submodules = dataclasses.replace(spec.submodules, input_layernorm=TorchNorm, pre_mlp_layernorm=TorchNorm)
     return spec
 
 

@@ -13,7 +13,8 @@ def moe_aux_losses(reduce_across_ranks: bool = True) -> dict[str, list[float]]:
     """Load-balancing and z-loss of every layer, accumulated since the last call, then reset.
 
     megatron-core's routers record each loss per layer, before its coefficient is applied,
-    while training (a balanced Switch loss is about 1). With ``reduce_across_ranks`` the values are first summed over pipeline stages and
+    while training (a balanced Switch loss is about 1). With ``reduce_across_ranks`` the values are
+    first summed over pipeline stages and
     averaged over data-parallel ranks (a collective: call it on every rank).
     """
     tracker = get_moe_layer_wise_logging_tracker()

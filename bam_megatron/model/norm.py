@@ -29,9 +29,7 @@ class TorchNorm:
             raise ValueError("layernorm_zero_centered_gamma needs Transformer Engine or apex norms")
         kinds = {"LayerNorm": torch.nn.LayerNorm, "RMSNorm": torch.nn.RMSNorm}
         if config.normalization not in kinds:
-            raise ValueError(
-                f"normalization={config.normalization!r}: TorchNorm supports {sorted(kinds)}"
-            )
+            raise ValueError(f"normalization={config.normalization!r}: TorchNorm supports {sorted(kinds)}")
         # LayerNorm without bias (as Cohere's): the two norms then have the same parameters.
         extra = {"bias": False} if config.normalization == "LayerNorm" else {}
         norm = kinds[config.normalization](hidden_size, eps=eps, **extra)

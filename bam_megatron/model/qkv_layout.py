@@ -7,7 +7,8 @@ splits it by groups. The output projection's input columns follow the query head
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import torch
 
@@ -44,7 +45,9 @@ def soft_moa_attention_weights(
     """
     n, heads, groups = config.num_attention_experts, config.num_attention_heads, config.num_query_groups
     if len(expert_qkv) != n or len(expert_proj) != n:
-        raise ValueError(f"expected {n} attention experts, got {len(expert_qkv)} QKV and {len(expert_proj)} projections")
+        raise ValueError(
+            f"expected {n} attention experts, got {len(expert_qkv)} QKV and {len(expert_proj)} projections"
+        )
     qs, ks, vs = zip(*(split_qkv(w, heads, groups) for w in expert_qkv))
     sources = wide_head_sources(config)
     q = torch.stack(qs)[sources[:, 0], sources[:, 1]]  # [N·H, d, in] in wide head order

@@ -64,9 +64,15 @@ class SDPAttention(MegatronModule):
 
         def attend(dropout_p: float) -> torch.Tensor:
             return F.scaled_dot_product_attention(
-                q, k, v, attn_mask=allowed, dropout_p=dropout_p, is_causal=causal,
-                scale=self.scale, enable_gqa=k.shape[1] != q.shape[1],
-            )  # fmt: skip
+                q,
+                k,
+                v,
+                attn_mask=allowed,
+                dropout_p=dropout_p,
+                is_causal=causal,
+                scale=self.scale,
+                enable_gqa=k.shape[1] != q.shape[1],
+            )
 
         if self.training and self.dropout_p > 0:
             # Attention dropout differs per TP rank (each holds other heads), as in megatron-core.

@@ -90,9 +90,7 @@ class SoftMoASelfAttention(SelfAttention):
         self.router = build_module(submodules.router, config=config)
         heads_here = self.num_attention_heads_per_partition
         first = parallel_state.get_tensor_model_parallel_rank() * heads_here
-        self.register_buffer(
-            "head_expert", head_to_expert(config)[first : first + heads_here], persistent=False
-        )
+        self.register_buffer("head_expert", head_to_expert(config)[first : first + heads_here], persistent=False)
 
     def forward(
         self,
@@ -117,15 +115,24 @@ class SoftMoASelfAttention(SelfAttention):
 
         if self.checkpoint_core_attention and self.training:
             heads = self._checkpointed_attention_forward(
-                query, key, value, attention_mask,
-                attn_mask_type=self.attn_mask_type, attention_bias=attention_bias,
-            )  # fmt: skip
+                query,
+                key,
+                value,
+                attention_mask,
+                attn_mask_type=self.attn_mask_type,
+                attention_bias=attention_bias,
+            )
         else:
+            # MHA_j(x̂) for every head of every expert: [s, b, heads·d]
             heads = self.core_attention(
-                query, key, value, attention_mask,
-                attn_mask_type=self.attn_mask_type, attention_bias=attention_bias,
+                query,
+                key,
+                value,
+                attention_mask,
+                attn_mask_type=self.attn_mask_type,
+                attention_bias=attention_bias,
                 packed_seq_params=None,
-            )  # fmt: skip  # MHA_j(x̂) for every head of every expert: [s, b, heads·d]
+            )
 
         # g_j(x̂) · MHA_j(x̂): each head scaled by its expert's gate
         s, b, _ = heads.shape

@@ -61,10 +61,20 @@ def _modules(backend: str) -> dict:
         )
         from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
 
-        return dict(norm=TENorm, column=TEColumnParallelLinear, row=TERowParallelLinear,
-                    core_attention=TEDotProductAttention, provider=TESpecProvider())  # fmt: skip
-    return dict(norm=TorchNorm, column=ColumnParallelLinear, row=RowParallelLinear,
-                core_attention=SDPAttention, provider=LocalSpecProvider())  # fmt: skip
+        return dict(
+            norm=TENorm,
+            column=TEColumnParallelLinear,
+            row=TERowParallelLinear,
+            core_attention=TEDotProductAttention,
+            provider=TESpecProvider(),
+        )
+    return dict(
+        norm=TorchNorm,
+        column=ColumnParallelLinear,
+        row=RowParallelLinear,
+        core_attention=SDPAttention,
+        provider=LocalSpecProvider(),
+    )
 
 
 def _norm(config: BAMConfig, backend: str) -> type:
@@ -101,10 +111,13 @@ def get_bam_layer_spec(config: BAMConfig, backend: str = "auto") -> ModuleSpec:
             module=SelfAttention,
             params={"attn_mask_type": AttnMaskType.causal},
             submodules=SelfAttentionSubmodules(
-                linear_qkv=m["column"], core_attention=m["core_attention"], linear_proj=output_linear,
-                q_layernorm=IdentityOp, k_layernorm=IdentityOp,
+                linear_qkv=m["column"],
+                core_attention=m["core_attention"],
+                linear_proj=output_linear,
+                q_layernorm=IdentityOp,
+                k_layernorm=IdentityOp,
             ),
-        )  # fmt: skip
+        )
 
     if dense_ffn:
         ffn = ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=m["column"], linear_fc2=output_linear))

@@ -10,7 +10,8 @@ exactly as they were.
 from __future__ import annotations
 
 import zlib
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 import torch
 from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, make_sharded_tensors_for_checkpoint
@@ -58,8 +59,15 @@ class Adapter(torch.nn.Module):
             full = full.chunk(self.info.tp_size, dim=tp_axis)[self.info.tp_rank]
         return full.contiguous().to(device=self._device, dtype=self._dtype)
 
-    def _param(self, name: str, global_shape: tuple[int, ...], tp_axis: Optional[int], fill: str,
-               std: float = 0.0, sequence_parallel: bool = False) -> torch.nn.Parameter:  # fmt: skip
+    def _param(
+        self,
+        name: str,
+        global_shape: tuple[int, ...],
+        tp_axis: Optional[int],
+        fill: str,
+        std: float = 0.0,
+        sequence_parallel: bool = False,
+    ) -> torch.nn.Parameter:
         """Register an adapter parameter with megatron-core's attributes.
 
         ``sequence_parallel``: the parameter is replicated over TP but each rank computes its
@@ -106,9 +114,13 @@ class Adapter(torch.nn.Module):
         offsets (``sharded_offsets``) come from megatron-core's SequentialMLP, as for the base."""
         metadata = ensure_metadata_has_dp_cp_group(metadata)
         return make_sharded_tensors_for_checkpoint(
-            self.state_dict(prefix="", keep_vars=True), prefix, self.tp_axes, sharded_offsets,
-            tp_group=self.info.tp_group, dp_cp_group=metadata["dp_cp_group"],
-        )  # fmt: skip
+            self.state_dict(prefix="", keep_vars=True),
+            prefix,
+            self.tp_axes,
+            sharded_offsets,
+            tp_group=self.info.tp_group,
+            dp_cp_group=metadata["dp_cp_group"],
+        )
 
     def extra_repr(self) -> str:
         return f"{self.info.kind}-parallel, experts={self.num_experts}, key={self.key}"

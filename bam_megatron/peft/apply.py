@@ -56,9 +56,12 @@ def _adapt_attention(attn: SelfAttention, key: str, config: PeftConfig) -> None:
         info = describe_linear(linear, f"{key}.{name}")
         args = (info, config, f"{key}.{name}", linear.weight.device, linear.weight.dtype)
         if config.method == "mov":
-            adapter = MoVQKV(*args, groups=attn.num_query_groups_per_partition,
-                             heads=attn.num_attention_heads_per_partition,
-                             head_dim=attn.hidden_size_per_attention_head)  # fmt: skip
+            adapter = MoVQKV(
+                *args,
+                groups=attn.num_query_groups_per_partition,
+                heads=attn.num_attention_heads_per_partition,
+                head_dim=attn.hidden_size_per_attention_head,
+            )
         else:
             adapter = MoLoRA(*args)
         _attach(attn, name, adapter)

@@ -15,8 +15,9 @@ shows dist_checkpointing only one part of the model.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 
@@ -45,8 +46,9 @@ class ModelView:
         result = self.model.load_state_dict(state_dict, strict=False)
         missing = [k for k in result.missing_keys if self.select(k) and not k.endswith("_extra_state")]
         if result.unexpected_keys or missing:
-            raise CheckpointError(f"checkpoint does not match the model: missing {missing[:5]}, "
-                                  f"unexpected {result.unexpected_keys[:5]}")  # fmt: skip
+            raise CheckpointError(
+                f"checkpoint does not match the model: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}"
+            )
         return result
 
 
@@ -84,8 +86,10 @@ def find_checkpoints(load: Optional[str], pretrained: Optional[str]) -> Checkpoi
         meta = checkpointing.read_meta(path)
         if "peft" not in meta:
             if pretrained:
-                raise CheckpointError(f"--load {load} holds a full model checkpoint, not adapters; pass the base "
-                                      "either as --load or as --pretrained-checkpoint, not both")  # fmt: skip
+                raise CheckpointError(
+                    f"--load {load} holds a full model checkpoint, not adapters; pass the base "
+                    "either as --load or as --pretrained-checkpoint, not both"
+                )
             found.base, found.base_meta = path, meta
             return found
         found.adapters, found.adapters_meta = path, meta
@@ -93,12 +97,16 @@ def find_checkpoints(load: Optional[str], pretrained: Optional[str]) -> Checkpoi
         base = checkpointing.resolve_checkpoint(pretrained) if pretrained else recorded["base_checkpoint"]
         if base is not None:
             if not os.path.isdir(base):
-                raise CheckpointError(f"the adapters in {path} were trained on base checkpoint {base}, which is gone; "
-                                      "pass its new location with --pretrained-checkpoint")  # fmt: skip
+                raise CheckpointError(
+                    f"the adapters in {path} were trained on base checkpoint {base}, which is gone; "
+                    "pass its new location with --pretrained-checkpoint"
+                )
             if checkpointing.checkpoint_hash(base) != recorded["base_hash"]:
-                raise CheckpointError(f"the adapters in {path} were trained on base {recorded['base_checkpoint']} "
-                                      f"(hash {recorded['base_hash']}), but {base} has hash "
-                                      f"{checkpointing.checkpoint_hash(base)}")  # fmt: skip
+                raise CheckpointError(
+                    f"the adapters in {path} were trained on base {recorded['base_checkpoint']} "
+                    f"(hash {recorded['base_hash']}), but {base} has hash "
+                    f"{checkpointing.checkpoint_hash(base)}"
+                )
             found.base, found.base_meta = base, checkpointing.read_meta(base)
         return found
     if pretrained:
@@ -111,15 +119,23 @@ def find_checkpoints(load: Optional[str], pretrained: Optional[str]) -> Checkpoi
 
 def peft_meta(config_dict: dict, base: Optional[str]) -> dict:
     """The ``peft`` entry of an adapter checkpoint's meta."""
-    return {**config_dict, "base_checkpoint": os.path.abspath(base) if base else None,
-            "base_hash": checkpointing.checkpoint_hash(base) if base else None}  # fmt: skip
+    return {
+        **config_dict,
+        "base_checkpoint": os.path.abspath(base) if base else None,
+        "base_hash": checkpointing.checkpoint_hash(base) if base else None,
+    }
 
 
 def check_same_adapters(path: str, recorded: dict, config_dict: dict) -> None:
     """Refuse to resume adapters saved with another method or other sizes."""
     for key, value in config_dict.items():
         if recorded.get(key) != value:
-            flag = {"method": "--peft", "num_experts": "--peft-num-experts", "rank": "--lora-rank",
-                    "alpha": "--lora-alpha"}[key]  # fmt: skip
-            raise CheckpointError(f"adapter checkpoint {path} was saved with {flag} {recorded.get(key)}, "
-                                  f"but this run has {value}")  # fmt: skip
+            flag = {
+                "method": "--peft",
+                "num_experts": "--peft-num-experts",
+                "rank": "--lora-rank",
+                "alpha": "--lora-alpha",
+            }[key]
+            raise CheckpointError(
+                f"adapter checkpoint {path} was saved with {flag} {recorded.get(key)}, but this run has {value}"
+            )

@@ -65,7 +65,12 @@ class PeftConfig:
         return {"method": self.method, "num_experts": self.num_experts, "rank": self.rank, "alpha": self.alpha}
 
     @classmethod
-    def from_args(cls, args: Any) -> "PeftConfig":
+    def from_args(cls, args: Any) -> PeftConfig:
         """From pretrain_bam.py's flags (--peft, --peft-num-experts, --lora-rank, --lora-alpha, --seed)."""
-        return cls(method=args.peft, num_experts=args.peft_num_experts, rank=args.lora_rank,
-                   alpha=args.lora_alpha, seed=args.seed)  # fmt: skip
+        return cls(
+            method=args.peft,
+            num_experts=args.peft_num_experts,
+            rank=args.lora_rank,
+            alpha=args.lora_alpha,
+            seed=args.seed,
+        )

@@ -19,8 +19,9 @@ the linear it adapts:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -108,8 +109,16 @@ def describe_linear(linear: torch.nn.Module, name: str) -> LinearInfo:
     if not isinstance(weight, torch.nn.Parameter) or weight.dim() != 2:
         raise NotImplementedError(f"PEFT cannot adapt {name}: it has no single 2-D weight")
     out_features, in_features = weight.shape
-    return LinearInfo(kind, in_features, out_features, tp_group, partial, sequence_parallel, is_expert,
-                      allreduce=getattr(weight, "allreduce", True))  # fmt: skip
+    return LinearInfo(
+        kind,
+        in_features,
+        out_features,
+        tp_group,
+        partial,
+        sequence_parallel,
+        is_expert,
+        allreduce=getattr(weight, "allreduce", True),
+    )
 
 
 # ---------------------------------------------------------------------------------------------

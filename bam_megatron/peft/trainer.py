@@ -38,8 +38,10 @@ class PeftTrainer(Trainer):
         """The base checkpoint (weights only) drives the architecture checks and vocab padding."""
         self.found = peft_checkpoint.find_checkpoints(self.args.load, self.args.pretrained_checkpoint)
         if self.found.base is None and self.found.adapters is None:
-            _say(f"--peft {self.peft.method}: no base checkpoint (--pretrained-checkpoint): adapting a randomly "
-                 "initialised model")  # fmt: skip
+            _say(
+                f"--peft {self.peft.method}: no base checkpoint (--pretrained-checkpoint): adapting a randomly "
+                "initialised model"
+            )
         self.weights_only = True
         meta = self.found.base_meta if self.found.base is not None else self.found.adapters_meta
         return self.found.base or self.found.adapters, meta
@@ -61,11 +63,13 @@ class PeftTrainer(Trainer):
             checkpointing.load_checkpoint(found.adapters, adapters, load_rng=False)
             _say(f"loaded adapters from {found.adapters} (optimizer, schedule and iteration start afresh)")
             return
-        meta = checkpointing.load_checkpoint(found.adapters, adapters, self.optimizer, self.scheduler,
-                                             load_rng=not args.no_load_rng)  # fmt: skip
+        meta = checkpointing.load_checkpoint(
+            found.adapters, adapters, self.optimizer, self.scheduler, load_rng=not args.no_load_rng
+        )
         p = self._restore_progress(meta)
-        _say(f"resumed adapters from {found.adapters} at iteration {p.iteration} "
-             f"({p.consumed_samples} samples consumed)")  # fmt: skip
+        _say(
+            f"resumed adapters from {found.adapters} at iteration {p.iteration} ({p.consumed_samples} samples consumed)"
+        )
 
     def _meta(self) -> dict[str, Any]:
         meta = super()._meta()
@@ -75,14 +79,21 @@ class PeftTrainer(Trainer):
     def save(self) -> None:
         """Save the adapters (and their optimizer state) under --save."""
         if self.args.save:
-            path = checkpointing.save_checkpoint(self.args.save, self.progress.iteration,
-                                                 peft_checkpoint.adapters_of(self.model), self.optimizer,
-                                                 self.scheduler, self._meta())  # fmt: skip
+            path = checkpointing.save_checkpoint(
+                self.args.save,
+                self.progress.iteration,
+                peft_checkpoint.adapters_of(self.model),
+                self.optimizer,
+                self.scheduler,
+                self._meta(),
+            )
             _say(f"saved adapters {path}")
 
     def run(self) -> int:
         """Report the trainable parameters, then train."""
-        _say(f"--peft {self.peft.method} ({self.peft.num_experts} experts"
-             f"{f', rank {self.peft.rank}, alpha {self.peft.alpha:g}' if self.peft.method == 'molora' else ''}): "
-             f"{trainable_summary(self.trainable, self.total)}")  # fmt: skip
+        _say(
+            f"--peft {self.peft.method} ({self.peft.num_experts} experts"
+            f"{f', rank {self.peft.rank}, alpha {self.peft.alpha:g}' if self.peft.method == 'molora' else ''}): "
+            f"{trainable_summary(self.trainable, self.total)}"
+        )
         return super().run()

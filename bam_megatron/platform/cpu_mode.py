@@ -52,7 +52,8 @@ import importlib
 import logging
 import types
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch._dynamo
@@ -79,11 +80,26 @@ _MODULES_WITH_CUDA_LITERALS = (
 )
 
 _TENSOR_FACTORIES = (
-    "empty", "zeros", "ones", "full", "tensor", "as_tensor", "arange", "eye", "linspace",
-    "rand", "randn", "randint", "randperm", "empty_like", "zeros_like", "ones_like", "full_like",
-)  # fmt: skip
+    "empty",
+    "zeros",
+    "ones",
+    "full",
+    "tensor",
+    "as_tensor",
+    "arange",
+    "eye",
+    "linspace",
+    "rand",
+    "randn",
+    "randint",
+    "randperm",
+    "empty_like",
+    "zeros_like",
+    "ones_like",
+    "full_like",
+)
 
-_active: "_CpuMode | None" = None
+_active: _CpuMode | None = None
 
 
 def is_active() -> bool:
@@ -170,7 +186,7 @@ class _NullStream:
     def query(self) -> bool:
         return True
 
-    def __enter__(self) -> "_NullStream":
+    def __enter__(self) -> _NullStream:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -273,8 +289,9 @@ def _zero_adam_state(inner: torch.optim.Optimizer) -> None:
         for param in group["params"]:
             state = inner.state[param]
             if "step" not in state:
-                state.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(param),
-                             exp_avg_sq=torch.zeros_like(param))  # fmt: skip
+                state.update(
+                    step=torch.tensor(0.0), exp_avg=torch.zeros_like(param), exp_avg_sq=torch.zeros_like(param)
+                )
 
 
 def _state_dict_of_fresh_optimizer(state_dict: Callable[..., Any]) -> Callable[..., Any]:
@@ -378,8 +395,11 @@ class _CpuMode:
         dist_opt = distrib.DistributedOptimizer
         self._patch(dist_opt, "state_dict", _state_dict_of_fresh_optimizer(dist_opt.state_dict))
         self._patch(dist_opt, "load_state_dict", _load_state_dict_untying_steps(dist_opt.load_state_dict))
-        self._patch(dist_opt, "_set_main_param_and_optimizer_states",
-                    _set_states_keeping_step(dist_opt._set_main_param_and_optimizer_states))  # fmt: skip
+        self._patch(
+            dist_opt,
+            "_set_main_param_and_optimizer_states",
+            _set_states_keeping_step(dist_opt._set_main_param_and_optimizer_states),
+        )
         fp16 = optimizer.Float16OptimizerWithFloat16Params
         self._patch(fp16, "__init__", _with_cuda_type_names(fp16.__init__))
 
@@ -404,9 +424,7 @@ class _CpuMode:
         with contextlib.suppress(ValueError):
             warnings.filters.remove(self._warning_filter)
         torch._dynamo.config.disable = self._dynamo_was_disabled
-        logging.getLogger("megatron.core.tensor_parallel.random").removeFilter(
-            self._fork_warning_filter
-        )
+        logging.getLogger("megatron.core.tensor_parallel.random").removeFilter(self._fork_warning_filter)
         for owner, name, original in reversed(self._saved):
             if original is _MISSING:
                 delattr(owner, name)

@@ -80,14 +80,16 @@ def initialize(
     if not dist.is_initialized():
         if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
             # Started as a plain `python` process, not by torchrun / srun: a world of one.
-            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
-                              MASTER_ADDR=os.environ.get("MASTER_ADDR", "127.0.0.1"),
-                              MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))  # fmt: skip
+            os.environ.update(
+                RANK="0",
+                LOCAL_RANK="0",
+                WORLD_SIZE="1",
+                MASTER_ADDR=os.environ.get("MASTER_ADDR", "127.0.0.1"),
+                MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())),
+            )
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(
-            backend=default_backend(), timeout=datetime.timedelta(minutes=timeout_minutes)
-        )
+        dist.init_process_group(backend=default_backend(), timeout=datetime.timedelta(minutes=timeout_minutes))
     sizes.validate(dist.get_world_size())
 
     from megatron.core import parallel_state

@@ -18,7 +18,8 @@ import queue
 import tempfile
 import time
 import traceback
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 _PRELOAD = [
     "bam_megatron",  # first: its warning filters apply to megatron-core's imports
@@ -48,7 +49,7 @@ def _rank_main(
     world_size: int,
     store_path: str,
     args: Sequence[Any],
-    results: "mp.Queue[tuple[int, bool, Any]]",
+    results: mp.Queue[tuple[int, bool, Any]],
 ) -> None:
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size)
@@ -62,9 +63,7 @@ def _rank_main(
 
         torch.set_num_threads(1)  # N ranks share the machine's cores
         cpu_mode.enable()
-        dist.init_process_group(
-            "gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size
-        )
+        dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size)
         try:
             value = fn(*args)
         finally:
@@ -142,15 +141,12 @@ def _raise_if_stuck(fn, procs, outcome, deadline: float, timeout: float, results
     if time.monotonic() > deadline:
         missing = sorted(set(range(len(procs))) - set(outcome))
         raise DistributedTestError(
-            f"{fn.__name__}: ranks {missing} did not finish within {timeout:.0f} s"
-            + _failures(outcome)
+            f"{fn.__name__}: ranks {missing} did not finish within {timeout:.0f} s" + _failures(outcome)
         )
 
 
 def _failures(outcome: dict[int, tuple[bool, Any]]) -> str:
     """Every failed rank's traceback (a rank's error often makes its peers' collectives fail)."""
     return "".join(
-        f"\n--- rank {rank} traceback ---\n{value}"
-        for rank, (ok, value) in sorted(outcome.items())
-        if not ok
+        f"\n--- rank {rank} traceback ---\n{value}" for rank, (ok, value) in sorted(outcome.items()) if not ok
     )

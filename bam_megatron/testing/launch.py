@@ -10,8 +10,9 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional
 
 from bam_megatron.platform.distributed import free_port
 
@@ -43,20 +44,33 @@ class Ranks:
             return f.read()
 
 
-def launch(script: str, args: Sequence[str], world_size: int, log_dir: str,
-           env: Optional[dict[str, str]] = None) -> Ranks:  # fmt: skip
+def launch(
+    script: str, args: Sequence[str], world_size: int, log_dir: str, env: Optional[dict[str, str]] = None
+) -> Ranks:
     """Run ``python script args`` on ``world_size`` ranks; rank r's output goes to log_dir/rank{r}.log."""
     os.makedirs(log_dir, exist_ok=True)
-    base = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
-                WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size),
-                OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", PYTHONUNBUFFERED="1", **(env or {}))  # fmt: skip
+    base = dict(
+        os.environ,
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(free_port()),
+        WORLD_SIZE=str(world_size),
+        LOCAL_WORLD_SIZE=str(world_size),
+        OMP_NUM_THREADS="1",
+        GLOO_SOCKET_IFNAME="lo",
+        PYTHONUNBUFFERED="1",
+        **(env or {}),
+    )
     procs, logs = [], []
     for rank in range(world_size):
         path = os.path.join(log_dir, f"rank{rank}.log")
         with open(path, "w") as log:
-            procs.append(subprocess.Popen(
-                [sys.executable, script, *args], env=dict(base, RANK=str(rank), LOCAL_RANK=str(rank)),
-                stdout=log, stderr=subprocess.STDOUT,
-            ))  # fmt: skip
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, script, *args],
+                    env=dict(base, RANK=str(rank), LOCAL_RANK=str(rank)),
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+            )
         logs.append(path)
     return Ranks(procs, logs)

@@ -9,11 +9,11 @@ the same weights as a one-rank model and to reassemble its gradients for compari
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
-from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 from megatron.core.dist_checkpointing.dict_utils import nested_values
+from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
 Shard = tuple[str, tuple[int, ...], tuple[slice, ...], torch.Tensor]
 
@@ -21,8 +21,7 @@ Shard = tuple[str, tuple[int, ...], tuple[slice, ...], torch.Tensor]
 def _sharded_tensors(model: torch.nn.Module) -> Iterator[ShardedTensor]:
     for item in nested_values(model.sharded_state_dict()):
         if isinstance(item, ShardedTensorFactory):
-            for built in nested_values(item.build()):
-                yield built
+            yield from nested_values(item.build())
         elif isinstance(item, ShardedTensor):
             yield item
 

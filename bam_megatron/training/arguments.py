@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 from bam_megatron.model.builder import PRESETS, VARIANTS
 
@@ -31,13 +32,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--moe-z-loss-coeff", type=float, default=1e-3, help="router z-loss")
     g.add_argument("--attention-router-topk", type=int, default=None, help="top-k MoA ablation (default: soft)")
     g.add_argument("--block-type", choices=("parallel", "sequential"), default="parallel")
-    g.add_argument("--normalization", choices=("RMSNorm", "LayerNorm"), default="RMSNorm",
-                   help="the block's pre-norm and the final norm; LayerNorm has no bias (Cohere's: "
-                   "what bam-convert-hf exports to and imports from CohereForCausalLM)")
+    g.add_argument(
+        "--normalization",
+        choices=("RMSNorm", "LayerNorm"),
+        default="RMSNorm",
+        help="the block's pre-norm and the final norm; LayerNorm has no bias (Cohere's: "
+        "what bam-convert-hf exports to and imports from CohereForCausalLM)",
+    )
     g.add_argument("--rotary-base", type=float, default=10000.0, help="RoPE base (Hugging Face: rope_theta)")
     g.add_argument("--seq-length", type=int, default=256)
-    g.add_argument("--untie-embeddings-and-output-weights", action=argparse.BooleanOptionalAction, default=None,
-                   help="default: as the preset says (untied if no preset); --no-... ties them")
+    g.add_argument(
+        "--untie-embeddings-and-output-weights",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="default: as the preset says (untied if no preset); --no-... ties them",
+    )
     g.add_argument("--hidden-dropout", type=float, default=0.0)
     g.add_argument("--attention-dropout", type=float, default=0.0)
     g.add_argument("--init-method-std", type=float, default=0.02)
@@ -55,15 +64,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--recompute-num-layers", type=int, default=None)
 
     g = p.add_argument_group("data")
-    g.add_argument("--data-path", nargs="+", default=None,
-                   help="PREFIX... or W1 PREFIX1 W2 PREFIX2 ...: weighted domain mixture (Megatron syntax)")
+    g.add_argument(
+        "--data-path",
+        nargs="+",
+        default=None,
+        help="PREFIX... or W1 PREFIX1 W2 PREFIX2 ...: weighted domain mixture (Megatron syntax)",
+    )
     g.add_argument("--split", default="969,30,1", help="train,valid,test proportions of each corpus")
     g.add_argument("--tokenizer-model", default=None, help="SentencePiece model (tools/train_tokenizer.py)")
     g.add_argument("--mock-data", action="store_true", help="random tokens, no files (smoke tests)")
     g.add_argument("--data-cache-path", default=None, help="where dataset index caches go (default: next to the data)")
-    g.add_argument("--instruct-data-path", default=None,
-                   help="instruction tuning instead of --data-path: JSONL of prompt/response pairs, loss on the "
-                   "response tokens only, padded to --seq-length (docs/peft.md)")
+    g.add_argument(
+        "--instruct-data-path",
+        default=None,
+        help="instruction tuning instead of --data-path: JSONL of prompt/response pairs, loss on the "
+        "response tokens only, padded to --seq-length (docs/peft.md)",
+    )
     g.add_argument("--instruct-valid-path", default=None, help="held-out JSONL pairs for the validation loss")
     g.add_argument("--instruct-prompt-key", default="prompt", help="JSON key of the prompt")
     g.add_argument("--instruct-response-key", default="response", help="JSON key of the response")
@@ -77,21 +93,48 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-iters", type=int, default=10)
     g.add_argument("--log-interval", type=int, default=10)
     g.add_argument("--seed", type=int, default=1234)
-    g.add_argument("--exit-interval", type=int, default=None,
-                   help="stop (after saving, with --save) once the iteration is a multiple of this")
-    g.add_argument("--max-skipped-iterations", type=int, default=10,
-                   help="stop after this many consecutive iterations with a NaN/Inf loss or grad norm")
-    g.add_argument("--freeze-parameters", nargs="+", default=[], metavar="REGEX",
-                   help="freeze parameters whose name matches any REGEX")
-    g.add_argument("--train-only-parameters", nargs="+", default=[], metavar="REGEX",
-                   help="freeze everything except parameters matching a REGEX (e.g. 'router')")
+    g.add_argument(
+        "--exit-interval",
+        type=int,
+        default=None,
+        help="stop (after saving, with --save) once the iteration is a multiple of this",
+    )
+    g.add_argument(
+        "--max-skipped-iterations",
+        type=int,
+        default=10,
+        help="stop after this many consecutive iterations with a NaN/Inf loss or grad norm",
+    )
+    g.add_argument(
+        "--freeze-parameters",
+        nargs="+",
+        default=[],
+        metavar="REGEX",
+        help="freeze parameters whose name matches any REGEX",
+    )
+    g.add_argument(
+        "--train-only-parameters",
+        nargs="+",
+        default=[],
+        metavar="REGEX",
+        help="freeze everything except parameters matching a REGEX (e.g. 'router')",
+    )
 
-    g = p.add_argument_group("PEFT", "parameter-efficient MoE fine-tuning (docs/peft.md): freeze the base model, "
-                             "train adapters and their routers only, save adapter-only checkpoints")
-    g.add_argument("--peft", choices=("mov", "molora"), default=None,
-                   help="mov: mixture of (IA)3 vectors on K, V and the FFN activation; molora: mixture of LoRA "
-                   "adapters on Q/K/V, O and both FFN projections")
-    g.add_argument("--peft-num-experts", type=int, default=10, help="adapter experts per adapted module (1: plain (IA)3 / LoRA)")
+    g = p.add_argument_group(
+        "PEFT",
+        "parameter-efficient MoE fine-tuning (docs/peft.md): freeze the base model, "
+        "train adapters and their routers only, save adapter-only checkpoints",
+    )
+    g.add_argument(
+        "--peft",
+        choices=("mov", "molora"),
+        default=None,
+        help="mov: mixture of (IA)3 vectors on K, V and the FFN activation; molora: mixture of LoRA "
+        "adapters on Q/K/V, O and both FFN projections",
+    )
+    g.add_argument(
+        "--peft-num-experts", type=int, default=10, help="adapter experts per adapted module (1: plain (IA)3 / LoRA)"
+    )
     g.add_argument("--lora-rank", type=int, default=4, help="MoLoRA rank r")
     g.add_argument("--lora-alpha", type=float, default=16.0, help="MoLoRA scaling: updates are scaled by alpha / r")
 
@@ -113,20 +156,33 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save", default=None, help="checkpoint directory")
     g.add_argument("--load", default=None, help="resume from the latest checkpoint here")
     g.add_argument("--save-interval", type=int, default=None)
-    g.add_argument("--finetune", action="store_true",
-                   help="load model weights only: new optimizer, scheduler, iteration 0")
-    g.add_argument("--pretrained-checkpoint", default=None,
-                   help="when --load holds no checkpoint yet, start from these weights (a --save directory "
-                   "or an iter_* directory): the seed for phase 2, the upcycled model for phase 3")
+    g.add_argument(
+        "--finetune", action="store_true", help="load model weights only: new optimizer, scheduler, iteration 0"
+    )
+    g.add_argument(
+        "--pretrained-checkpoint",
+        default=None,
+        help="when --load holds no checkpoint yet, start from these weights (a --save directory "
+        "or an iter_* directory): the seed for phase 2, the upcycled model for phase 3",
+    )
     g.add_argument("--no-load-rng", action="store_true")
-    g.add_argument("--override-data-fingerprint", action="store_true",
-                   help="resume even though the data configuration differs from the checkpoint's")
+    g.add_argument(
+        "--override-data-fingerprint",
+        action="store_true",
+        help="resume even though the data configuration differs from the checkpoint's",
+    )
 
     g = p.add_argument_group("logging")
     g.add_argument("--tensorboard-dir", default=None)
-    g.add_argument("--metrics-file", default=None, help="JSONL, one record per log interval (default: SAVE/metrics.jsonl)")
-    g.add_argument("--exit-signal-handler", action=argparse.BooleanOptionalAction, default=True,
-                   help="on SIGTERM/SIGUSR1 finish the step, save and exit with code 3")
+    g.add_argument(
+        "--metrics-file", default=None, help="JSONL, one record per log interval (default: SAVE/metrics.jsonl)"
+    )
+    g.add_argument(
+        "--exit-signal-handler",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="on SIGTERM/SIGUSR1 finish the step, save and exit with code 3",
+    )
     return p
 
 
@@ -156,8 +212,11 @@ def validate(args: argparse.Namespace) -> None:
     if args.mock_data and args.tokenizer_model is None and args.vocab_size is None:
         raise ValueError("--mock-data needs --vocab-size or --tokenizer-model")
     if args.preset is None:
-        missing = [f for f in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size")
-                   if getattr(args, f) is None]  # fmt: skip
+        missing = [
+            f
+            for f in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size")
+            if getattr(args, f) is None
+        ]
         if missing:
             raise ValueError("without --preset, give " + ", ".join("--" + m.replace("_", "-") for m in missing))
     if args.finetune and args.load is None:

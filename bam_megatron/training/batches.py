@@ -17,8 +17,9 @@ import torch
 class MicroBatches:
     """This data-parallel rank's micro-batches of a map-style GPTDataset."""
 
-    def __init__(self, dataset: Any, micro_batch_size: int, dp_rank: int, dp_size: int,
-                 consumed_samples: int = 0) -> None:  # fmt: skip
+    def __init__(
+        self, dataset: Any, micro_batch_size: int, dp_rank: int, dp_size: int, consumed_samples: int = 0
+    ) -> None:
         self.dataset = dataset
         self.micro_batch_size = micro_batch_size
         self.dp_rank, self.dp_size = dp_rank, dp_size
@@ -40,7 +41,8 @@ class MicroBatches:
         return batches
 
 
-def fixed_batches(dataset: Any, micro_batch_size: int, dp_rank: int, dp_size: int,
-                  count: int) -> list[dict[str, torch.Tensor]]:  # fmt: skip
+def fixed_batches(
+    dataset: Any, micro_batch_size: int, dp_rank: int, dp_size: int, count: int
+) -> list[dict[str, torch.Tensor]]:
     """The first ``count`` micro-batches of a dataset (validation: the same samples every time)."""
     return MicroBatches(dataset, micro_batch_size, dp_rank, dp_size).next_global_batch(count)

@@ -122,7 +122,8 @@ def _state(model, optimizer, with_rng: bool, is_loading: bool) -> dict[str, Any]
         # 'fully_reshardable': the distributed optimizer's state in canonical per-parameter form,
         # loadable under another TP/PP/EP/DP layout or without the distributed optimizer.
         state["optimizer"] = optimizer.sharded_state_dict(
-            state["model"], is_loading=is_loading,
+            state["model"],
+            is_loading=is_loading,
             metadata={"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True},
         )
     if with_rng:
@@ -145,8 +146,9 @@ def _collect_write_results_in_process() -> None:
         filesystem_async._results_queue = queue.Queue()
 
 
-def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, meta: dict[str, Any],
-                    sharded_strategy=None) -> str:  # fmt: skip
+def save_checkpoint(
+    root: str, iteration: int, model, optimizer, scheduler, meta: dict[str, Any], sharded_strategy=None
+) -> str:
     """Save and publish ``root/iter_N``; every rank calls it. ``meta`` is plain Python data.
 
     ``sharded_strategy``: a dist_checkpointing save strategy other than the default (the
@@ -162,8 +164,9 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, meta
     dist.barrier()
     state = _state(model, optimizer, with_rng=True, is_loading=False)
     _collect_write_results_in_process()
-    state["meta"] = dict(meta, iteration=iteration, layout=_layout(),
-                         scheduler=scheduler.state_dict() if scheduler is not None else None)  # fmt: skip
+    state["meta"] = dict(
+        meta, iteration=iteration, layout=_layout(), scheduler=scheduler.state_dict() if scheduler is not None else None
+    )
     dist_checkpointing.save(state, tmp, sharded_strategy=sharded_strategy)
     dist.barrier()
     faults.pause_before_publishing_checkpoint()

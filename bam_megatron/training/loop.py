@@ -41,9 +41,20 @@ EXIT_PREEMPTED = 3
 EXIT_TOO_MANY_NAN = 4
 
 # Flags that define the architecture: a checkpoint must agree with the current flags on these.
-ARCHITECTURE = ("variant", "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
-                "num_query_groups", "num_experts", "block_type", "padded_vocab_size",
-                "untie_embeddings_and_output_weights", "normalization", "rotary_base")  # fmt: skip
+ARCHITECTURE = (
+    "variant",
+    "num_layers",
+    "hidden_size",
+    "ffn_hidden_size",
+    "num_attention_heads",
+    "num_query_groups",
+    "num_experts",
+    "block_type",
+    "padded_vocab_size",
+    "untie_embeddings_and_output_weights",
+    "normalization",
+    "rotary_base",
+)
 # What a checkpoint saved before a flag existed was built with.
 ARCHITECTURE_DEFAULTS = {"normalization": "RMSNorm", "rotary_base": 10000.0}
 
@@ -95,9 +106,14 @@ def _resolve_architecture(args) -> None:
 def model_config(args):
     """The BAMConfig for the flags (megatron-core validates the rest in __post_init__)."""
     overrides = dict(
-        num_layers=args.num_layers, hidden_size=args.hidden_size, ffn_hidden_size=args.ffn_hidden_size,
-        num_attention_heads=args.num_attention_heads, num_query_groups=args.num_query_groups,
-        block_type=args.block_type, hidden_dropout=args.hidden_dropout, attention_dropout=args.attention_dropout,
+        num_layers=args.num_layers,
+        hidden_size=args.hidden_size,
+        ffn_hidden_size=args.ffn_hidden_size,
+        num_attention_heads=args.num_attention_heads,
+        num_query_groups=args.num_query_groups,
+        block_type=args.block_type,
+        hidden_dropout=args.hidden_dropout,
+        attention_dropout=args.attention_dropout,
         normalization=getattr(args, "normalization", ARCHITECTURE_DEFAULTS["normalization"]),
         rotary_base=getattr(args, "rotary_base", ARCHITECTURE_DEFAULTS["rotary_base"]),
         init_method_std=args.init_method_std,
@@ -105,18 +121,20 @@ def model_config(args):
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         expert_model_parallel_size=args.expert_model_parallel_size,
         sequence_parallel=args.sequence_parallel,
-        recompute_granularity=args.recompute_granularity, recompute_method=args.recompute_method,
+        recompute_granularity=args.recompute_granularity,
+        recompute_method=args.recompute_method,
         recompute_num_layers=args.recompute_num_layers,
         use_cpu_initialization=not torch.cuda.is_available(),
-    )  # fmt: skip
+    )
     if args.bf16:
         overrides.update(bf16=True, params_dtype=torch.bfloat16, pipeline_dtype=torch.bfloat16)
     if args.variant != "dense":
         overrides.update(moe_aux_loss_coeff=args.moe_aux_loss_coeff, moe_z_loss_coeff=args.moe_z_loss_coeff)
         if args.variant in ("bam", "bam-shared-kv"):
             overrides["attention_router_topk"] = args.attention_router_topk
-    return variant_config(args.variant, num_experts=args.num_experts or 4,
-                          moe_router_topk=args.moe_router_topk, **overrides)  # fmt: skip
+    return variant_config(
+        args.variant, num_experts=args.num_experts or 4, moe_router_topk=args.moe_router_topk, **overrides
+    )
 
 
 def freeze(model: torch.nn.Module, args) -> tuple[int, int]:
@@ -152,8 +170,11 @@ def _forward_step(data_iterator, model):
 
 
 def _is_logging_rank() -> bool:
-    return (parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
-            and parallel_state.get_data_parallel_rank() == 0)  # fmt: skip
+    return (
+        parallel_state.is_pipeline_last_stage()
+        and parallel_state.get_tensor_model_parallel_rank() == 0
+        and parallel_state.get_data_parallel_rank() == 0
+    )
 
 
 def _say(message: str) -> None:
@@ -187,15 +208,21 @@ class Trainer:
 
     def __init__(self, args) -> None:
         self.args = args
-        sizes = ParallelSizes(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
-                              args.expert_model_parallel_size, args.sequence_parallel)  # fmt: skip
+        sizes = ParallelSizes(
+            args.tensor_model_parallel_size,
+            args.pipeline_model_parallel_size,
+            args.expert_model_parallel_size,
+            args.sequence_parallel,
+        )
         initialize(sizes, seed=args.seed)
         _resolve_architecture(args)
         dp = parallel_state.get_data_parallel_world_size()
         args.global_batch_size = args.global_batch_size or args.micro_batch_size * dp
         if args.global_batch_size % (args.micro_batch_size * dp):
-            raise ValueError(f"--global-batch-size {args.global_batch_size} is not a multiple of "
-                             f"--micro-batch-size x data-parallel size ({args.micro_batch_size} x {dp})")  # fmt: skip
+            raise ValueError(
+                f"--global-batch-size {args.global_batch_size} is not a multiple of "
+                f"--micro-batch-size x data-parallel size ({args.micro_batch_size} x {dp})"
+            )
         self.num_microbatches = args.global_batch_size // (args.micro_batch_size * dp)
         if args.train_iters is None:
             args.train_iters = math.ceil(args.train_samples / args.global_batch_size)
@@ -204,8 +231,9 @@ class Trainer:
 
         self.tokenizer = load_tokenizer(args.tokenizer_model) if args.tokenizer_model else None
         raw_vocab = self.tokenizer.vocab_size if self.tokenizer else args.vocab_size
-        args.padded_vocab_size = padded_vocab_size(raw_vocab, args.make_vocab_size_divisible_by,
-                                                   args.tensor_model_parallel_size)  # fmt: skip
+        args.padded_vocab_size = padded_vocab_size(
+            raw_vocab, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size
+        )
         self.checkpoint, self.checkpoint_meta = self._find_checkpoint()
         if self.checkpoint_meta is not None:
             # Vocabulary padding depends on TP; a checkpoint from another TP keeps its padding
@@ -225,28 +253,49 @@ class Trainer:
         self.model = model
         self.ddp = DistributedDataParallel(
             self.config,
-            DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=args.use_distributed_optimizer),
+            DistributedDataParallelConfig(
+                grad_reduce_in_fp32=True, use_distributed_optimizer=args.use_distributed_optimizer
+            ),
             model,
         )
         self.config.finalize_model_grads_func = finalize_model_grads
         self.optimizer = get_megatron_optimizer(
             OptimizerConfig(
-                optimizer=args.optimizer, lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
-                adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
-                clip_grad=args.clip_grad, bf16=args.bf16, use_distributed_optimizer=args.use_distributed_optimizer,
+                optimizer=args.optimizer,
+                lr=args.lr,
+                min_lr=args.min_lr,
+                weight_decay=args.weight_decay,
+                adam_beta1=args.adam_beta1,
+                adam_beta2=args.adam_beta2,
+                adam_eps=args.adam_eps,
+                clip_grad=args.clip_grad,
+                bf16=args.bf16,
+                use_distributed_optimizer=args.use_distributed_optimizer,
             ),
             [self.ddp],
-        )  # fmt: skip
+        )
         self.scheduler = OptimizerParamScheduler(
-            self.optimizer, init_lr=0.0, max_lr=args.lr, min_lr=args.min_lr,
-            lr_warmup_steps=args.lr_warmup_iters, lr_decay_steps=args.lr_decay_iters or args.train_iters,
-            lr_decay_style=args.lr_decay_style, start_wd=args.weight_decay, end_wd=args.weight_decay,
-            wd_incr_steps=args.train_iters, wd_incr_style="constant",
-        )  # fmt: skip
+            self.optimizer,
+            init_lr=0.0,
+            max_lr=args.lr,
+            min_lr=args.min_lr,
+            lr_warmup_steps=args.lr_warmup_iters,
+            lr_decay_steps=args.lr_decay_iters or args.train_iters,
+            lr_decay_style=args.lr_decay_style,
+            start_wd=args.weight_decay,
+            end_wd=args.weight_decay,
+            wd_incr_steps=args.train_iters,
+            wd_incr_style="constant",
+        )
         self.progress = Progress()
         self._resume()
-        self.batches = MicroBatches(self.train_ds, args.micro_batch_size, parallel_state.get_data_parallel_rank(),
-                                    dp, self.progress.consumed_samples)  # fmt: skip
+        self.batches = MicroBatches(
+            self.train_ds,
+            args.micro_batch_size,
+            parallel_state.get_data_parallel_rank(),
+            dp,
+            self.progress.consumed_samples,
+        )
         metrics_file = args.metrics_file or (os.path.join(args.save, "metrics.jsonl") if args.save else None)
         self.writer = MetricsWriter(args.tensorboard_dir, metrics_file) if _is_logging_rank() else None
         self.flops_per_token = training_flops_per_token(self.config, args.seq_length)
@@ -254,8 +303,12 @@ class Trainer:
     # ---------------------------------------------------------------------------------------
     def _build_model(self) -> torch.nn.Module:
         """This rank's model, before bf16 wrapping and freezing (PeftTrainer adds adapters here)."""
-        return build_model(self.config, self.args.padded_vocab_size, self.args.seq_length,
-                           untie_embeddings=self.args.untie_embeddings_and_output_weights)  # fmt: skip
+        return build_model(
+            self.config,
+            self.args.padded_vocab_size,
+            self.args.seq_length,
+            untie_embeddings=self.args.untie_embeddings_and_output_weights,
+        )
 
     def _build_data(self, dp: int) -> None:
         args = self.args
@@ -265,34 +318,49 @@ class Trainer:
         tokens = TokenIds(tok.eod, tok.pad, tok.vocab_size) if tok else TokenIds(0, 1, args.vocab_size)
         if args.mock_data:
             self.domains = []
-            self.train_ds, self.valid_ds = build_mock_datasets(args.seq_length, args.seed, train_samples,
-                                                               valid_samples, tokens)  # fmt: skip
+            self.train_ds, self.valid_ds = build_mock_datasets(
+                args.seq_length, args.seed, train_samples, valid_samples, tokens
+            )
             self.data_fingerprint = f"mock:{args.seq_length}:{args.seed}"
         elif args.instruct_data_path:  # prompt/response pairs, loss on the response (docs/peft.md)
             from bam_megatron.data.instruct import build_instruct_datasets
 
             self.domains = []
             self.train_ds, self.valid_ds, self.data_fingerprint, summary = build_instruct_datasets(
-                args.instruct_data_path, args.instruct_valid_path, tok, args.seq_length, args.seed, train_samples,
-                args.instruct_prompt_key, args.instruct_response_key,
-            )  # fmt: skip
+                args.instruct_data_path,
+                args.instruct_valid_path,
+                tok,
+                args.seq_length,
+                args.seed,
+                train_samples,
+                args.instruct_prompt_key,
+                args.instruct_response_key,
+            )
             _say(summary)
         else:
             self.domains = parse_data_path(args.data_path)
             self.train_ds, self.valid_ds = build_datasets(
-                self.domains, args.split, args.seq_length, args.seed, train_samples, valid_samples,
-                tokens, args.data_cache_path or os.path.join(os.path.dirname(self.domains[0].prefix), "cache"),
-            )  # fmt: skip
+                self.domains,
+                args.split,
+                args.seq_length,
+                args.seed,
+                train_samples,
+                valid_samples,
+                tokens,
+                args.data_cache_path or os.path.join(os.path.dirname(self.domains[0].prefix), "cache"),
+            )
             self.data_fingerprint = data_fingerprint(self.domains, args.split, args.seq_length, args.seed)
 
     def _meta(self) -> dict[str, Any]:
         p = self.progress
         return {
-            "consumed_samples": p.consumed_samples, "skipped_iterations": p.skipped_iterations,
-            "nan_iterations": p.nan_iterations, "args": vars(self.args).copy(),
+            "consumed_samples": p.consumed_samples,
+            "skipped_iterations": p.skipped_iterations,
+            "nan_iterations": p.nan_iterations,
+            "args": vars(self.args).copy(),
             "data_fingerprint": self.data_fingerprint,
             "tokenizer_fingerprint": self.tokenizer.fingerprint if self.tokenizer else None,
-        }  # fmt: skip
+        }
 
     def _find_checkpoint(self) -> tuple[Optional[str], Optional[dict[str, Any]]]:
         """The checkpoint to start from and its meta, or (None, None); sets ``self.weights_only``.
@@ -327,11 +395,14 @@ class Trainer:
             checkpointing.load_checkpoint(path, self.model, load_rng=False)
             _say(f"loaded weights from {path} (optimizer, schedule and iteration start afresh)")
             return
-        meta = checkpointing.load_checkpoint(path, self.model, self.optimizer, self.scheduler,
-                                             load_rng=not args.no_load_rng)  # fmt: skip
+        meta = checkpointing.load_checkpoint(
+            path, self.model, self.optimizer, self.scheduler, load_rng=not args.no_load_rng
+        )
         p = self._restore_progress(meta)
-        _say(f"resumed from {path} at iteration {p.iteration} ({p.consumed_samples} samples consumed"
-             f"{'' if meta['rng_restored'] else '; RNG states not restored: different parallel layout'})")  # fmt: skip
+        _say(
+            f"resumed from {path} at iteration {p.iteration} ({p.consumed_samples} samples consumed"
+            f"{'' if meta['rng_restored'] else '; RNG states not restored: different parallel layout'})"
+        )
 
     def _restore_progress(self, meta: dict[str, Any]) -> Progress:
         """Iteration, samples consumed and skip counts of a resumed checkpoint."""
@@ -367,8 +438,11 @@ class Trainer:
             raise checkpointing.CheckpointError(
                 f"checkpoint {path} was trained with another tokenizer than {self.args.tokenizer_model}"
             )
-        if (not self.weights_only and not self.args.override_data_fingerprint
-                and meta["data_fingerprint"] != self.data_fingerprint):  # fmt: skip
+        if (
+            not self.weights_only
+            and not self.args.override_data_fingerprint
+            and meta["data_fingerprint"] != self.data_fingerprint
+        ):
             raise checkpointing.CheckpointError(
                 f"checkpoint {path} was trained on another data configuration (--data-path, --split, "
                 "--seq-length or --seed differ, or the files changed); pass --override-data-fingerprint "
@@ -379,8 +453,9 @@ class Trainer:
     def save(self) -> None:
         """Checkpoint the current iteration under --save."""
         if self.args.save:
-            path = checkpointing.save_checkpoint(self.args.save, self.progress.iteration, self.model,
-                                                 self.optimizer, self.scheduler, self._meta())  # fmt: skip
+            path = checkpointing.save_checkpoint(
+                self.args.save, self.progress.iteration, self.model, self.optimizer, self.scheduler, self._meta()
+            )
             _say(f"saved checkpoint {path}")
 
     def _train_step(self) -> tuple[Optional[float], Optional[float], bool]:
@@ -388,10 +463,14 @@ class Trainer:
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
         losses = get_forward_backward_func()(
-            forward_step_func=_forward_step, data_iterator=iter(batches), model=[self.ddp],
-            num_microbatches=self.num_microbatches, seq_length=self.args.seq_length,
-            micro_batch_size=self.args.micro_batch_size, forward_only=False,
-        )  # fmt: skip
+            forward_step_func=_forward_step,
+            data_iterator=iter(batches),
+            model=[self.ddp],
+            num_microbatches=self.num_microbatches,
+            seq_length=self.args.seq_length,
+            micro_batch_size=self.args.micro_batch_size,
+            forward_only=False,
+        )
         loss = _mean_loss(losses)
         if loss is not None and faults.nan_loss_injected(self.progress.iteration + 1):
             loss = loss * float("nan")
@@ -409,10 +488,14 @@ class Trainer:
         for name, dataset in self.valid_ds.items():
             batches = fixed_batches(dataset, self.args.micro_batch_size, dp_rank, dp, self.args.eval_iters)
             out = get_forward_backward_func()(
-                forward_step_func=_forward_step, data_iterator=iter(batches), model=[self.ddp],
-                num_microbatches=len(batches), seq_length=self.args.seq_length,
-                micro_batch_size=self.args.micro_batch_size, forward_only=True,
-            )  # fmt: skip
+                forward_step_func=_forward_step,
+                data_iterator=iter(batches),
+                model=[self.ddp],
+                num_microbatches=len(batches),
+                seq_length=self.args.seq_length,
+                micro_batch_size=self.args.micro_batch_size,
+                forward_only=True,
+            )
             loss = _mean_loss(out)
             if loss is not None:
                 losses[name] = loss.item()
@@ -423,8 +506,10 @@ class Trainer:
         """Train to --train-iters; return the process exit code."""
         args, p = self.args, self.progress
         pct = 100.0 * self.trainable / self.total
-        _say(f"{args.variant} model: {self.total:,} parameters on rank 0, {self.trainable:,} trainable ({pct:.1f}%); "
-             f"{self.num_microbatches} micro-batches x {args.micro_batch_size} per data-parallel rank")  # fmt: skip
+        _say(
+            f"{args.variant} model: {self.total:,} parameters on rank 0, {self.trainable:,} trainable ({pct:.1f}%); "
+            f"{self.num_microbatches} micro-batches x {args.micro_batch_size} per data-parallel rank"
+        )
         preemption = _Preemption() if args.exit_signal_handler else None
         interval_start, interval_iters = time.perf_counter(), 0
         while p.iteration < args.train_iters:
@@ -436,11 +521,15 @@ class Trainer:
                 p.skipped_iterations += 1
                 p.nan_iterations += 1
                 p.consecutive_skips += 1
-                _say(f" iteration {p.iteration}: NaN/Inf loss or gradient, update skipped "
-                     f"({p.consecutive_skips} in a row)")  # fmt: skip
+                _say(
+                    f" iteration {p.iteration}: NaN/Inf loss or gradient, update skipped "
+                    f"({p.consecutive_skips} in a row)"
+                )
                 if p.consecutive_skips >= args.max_skipped_iterations:
-                    _say(f"stopping: {p.consecutive_skips} consecutive iterations with NaN/Inf "
-                         f"(--max-skipped-iterations {args.max_skipped_iterations})")  # fmt: skip
+                    _say(
+                        f"stopping: {p.consecutive_skips} consecutive iterations with NaN/Inf "
+                        f"(--max-skipped-iterations {args.max_skipped_iterations})"
+                    )
                     return EXIT_TOO_MANY_NAN
             else:
                 p.consecutive_skips = 0
@@ -481,16 +570,24 @@ class Trainer:
             p.router_loss_sums = {}
             return
         tokens = args.global_batch_size * args.seq_length
-        self.writer.training({
-            "iteration": p.iteration, "train_iters": args.train_iters, "consumed_samples": p.consumed_samples,
-            "ms_per_iteration": seconds_per_iter * 1e3, "tokens_per_second": tokens / seconds_per_iter,
-            "tflops_per_device": self.flops_per_token * tokens / seconds_per_iter / dist.get_world_size() / 1e12,
-            "learning_rate": self.optimizer.param_groups[0]["lr"], "global_batch_size": args.global_batch_size,
-            "lm_loss": loss, "grad_norm": grad_norm,
-            "router_losses": {k: v / iters for k, v in p.router_loss_sums.items()},
-            "router_losses_per_layer": router_last,
-            "skipped_iterations": p.skipped_iterations, "nan_iterations": p.nan_iterations,
-        })  # fmt: skip
+        self.writer.training(
+            {
+                "iteration": p.iteration,
+                "train_iters": args.train_iters,
+                "consumed_samples": p.consumed_samples,
+                "ms_per_iteration": seconds_per_iter * 1e3,
+                "tokens_per_second": tokens / seconds_per_iter,
+                "tflops_per_device": self.flops_per_token * tokens / seconds_per_iter / dist.get_world_size() / 1e12,
+                "learning_rate": self.optimizer.param_groups[0]["lr"],
+                "global_batch_size": args.global_batch_size,
+                "lm_loss": loss,
+                "grad_norm": grad_norm,
+                "router_losses": {k: v / iters for k, v in p.router_loss_sums.items()},
+                "router_losses_per_layer": router_last,
+                "skipped_iterations": p.skipped_iterations,
+                "nan_iterations": p.nan_iterations,
+            }
+        )
         p.router_loss_sums = {}
 
 

@@ -71,8 +71,11 @@ class MetricsWriter:
     def validation(self, iteration: int, losses: dict[str, float]) -> None:
         """Report per-domain validation losses."""
         print(format_validation(iteration, losses), flush=True)
-        record = {"iteration": iteration, "loss": losses,
-                  "perplexity": {k: math.exp(min(v, 50)) for k, v in losses.items()}}  # fmt: skip
+        record = {
+            "iteration": iteration,
+            "loss": losses,
+            "perplexity": {k: math.exp(min(v, 50)) for k, v in losses.items()},
+        }
         self._emit("valid", record)
         if self._tb is not None:
             for name, loss in losses.items():

@@ -18,9 +18,10 @@ import argparse
 import ast
 import re
 import sys
+from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 SETUP = Path(__file__).resolve().parents[2] / "setup.py"
 
@@ -68,8 +69,13 @@ def image_requirements(keep: Sequence[str] = (), setup_py: Path = SETUP) -> list
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Print one requirement per line."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--keep", nargs="*", default=[], metavar="NAME",
-                   help="packages whose installed version (the image's) stays; torch always does")  # fmt: skip
+    p.add_argument(
+        "--keep",
+        nargs="*",
+        default=[],
+        metavar="NAME",
+        help="packages whose installed version (the image's) stays; torch always does",
+    )
     p.add_argument("--constraints", metavar="FILE", help="also keep what this pip constraints file pins")
     args = p.parse_args(argv)
     print("\n".join(image_requirements([*args.keep, *constrained(args.constraints)])))

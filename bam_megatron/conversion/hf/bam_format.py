@@ -66,47 +66,72 @@ def to_bam(
     wide_heads, kv_heads = n * config.num_attention_heads, config.attention_kv_groups
     tied = not args["untie_embeddings_and_output_weights"]
     experts = config.num_moe_experts or 0
-    out = {"model.embed_tokens.weight": weights["embedding.word_embeddings.weight"],
-           "model.norm.weight": weights["decoder.final_layernorm.weight"]}  # fmt: skip
+    out = {
+        "model.embed_tokens.weight": weights["embedding.word_embeddings.weight"],
+        "model.norm.weight": weights["decoder.final_layernorm.weight"],
+    }
     if not tied:
         out["lm_head.weight"] = weights["output_layer.weight"]
     for i in range(config.num_layers):
         ours, theirs = f"decoder.layers.{i}.", f"model.layers.{i}."
         q, k, v = split_qkv(weights[ours + "self_attention.linear_qkv.weight"], wide_heads, kv_heads)
-        out.update({
-            theirs + "input_layernorm.weight": weights[ours + "input_layernorm.weight"],
-            theirs + "self_attn.q_proj.weight": q.reshape(-1, q.shape[-1]),
-            theirs + "self_attn.k_proj.weight": k.reshape(-1, k.shape[-1]),
-            theirs + "self_attn.v_proj.weight": v.reshape(-1, v.shape[-1]),
-            theirs + "self_attn.o_proj.weight": weights[ours + "self_attention.linear_proj.weight"],
-        })  # fmt: skip
+        out.update(
+            {
+                theirs + "input_layernorm.weight": weights[ours + "input_layernorm.weight"],
+                theirs + "self_attn.q_proj.weight": q.reshape(-1, q.shape[-1]),
+                theirs + "self_attn.k_proj.weight": k.reshape(-1, k.shape[-1]),
+                theirs + "self_attn.v_proj.weight": v.reshape(-1, v.shape[-1]),
+                theirs + "self_attn.o_proj.weight": weights[ours + "self_attention.linear_proj.weight"],
+            }
+        )
         if n > 1:
             out[theirs + "self_attn.router.weight"] = weights[ours + "self_attention.router.weight"]
         if experts:
             out[theirs + "mlp.router.weight"] = weights[ours + "mlp.router.weight"]
             for e in range(experts):
                 src = f"{ours}mlp.experts.local_experts.{e}."
-                out.update(_swiglu(weights[src + "linear_fc1.weight"], weights[src + "linear_fc2.weight"],
-                                   f"{theirs}mlp.experts.{e}."))  # fmt: skip
+                out.update(
+                    _swiglu(
+                        weights[src + "linear_fc1.weight"],
+                        weights[src + "linear_fc2.weight"],
+                        f"{theirs}mlp.experts.{e}.",
+                    )
+                )
         else:
-            out.update(_swiglu(weights[ours + "mlp.linear_fc1.weight"], weights[ours + "mlp.linear_fc2.weight"],
-                               theirs + "mlp."))  # fmt: skip
+            out.update(
+                _swiglu(
+                    weights[ours + "mlp.linear_fc1.weight"], weights[ours + "mlp.linear_fc2.weight"], theirs + "mlp."
+                )
+            )
     hf_config = {
-        "architectures": ["BamForCausalLM"], "model_type": "bam_megatron", "auto_map": AUTO_MAP,
-        "variant": args["variant"], "vocab_size": out["model.embed_tokens.weight"].shape[0],
-        "hidden_size": config.hidden_size, "intermediate_size": config.ffn_hidden_size,
+        "architectures": ["BamForCausalLM"],
+        "model_type": "bam_megatron",
+        "auto_map": AUTO_MAP,
+        "variant": args["variant"],
+        "vocab_size": out["model.embed_tokens.weight"].shape[0],
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.ffn_hidden_size,
         "moe_intermediate_size": config.moe_ffn_hidden_size if experts else None,
-        "num_hidden_layers": config.num_layers, "num_attention_heads": config.num_attention_heads,
-        "num_key_value_heads": config.num_query_groups, "num_attention_experts": n,
-        "attention_kv_mode": config.attention_kv_mode, "attention_router_topk": config.attention_router_topk,
-        "num_experts": experts, "num_experts_per_tok": config.moe_router_topk if experts else 1,
+        "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_attention_heads,
+        "num_key_value_heads": config.num_query_groups,
+        "num_attention_experts": n,
+        "attention_kv_mode": config.attention_kv_mode,
+        "attention_router_topk": config.attention_router_topk,
+        "num_experts": experts,
+        "num_experts_per_tok": config.moe_router_topk if experts else 1,
         "moe_router_pre_softmax": bool(config.moe_router_pre_softmax),
-        "normalization": config.normalization, "norm_eps": config.layernorm_epsilon,
-        "rope_theta": float(config.rotary_base), "max_position_embeddings": args["seq_length"],
-        "tie_word_embeddings": tied, "initializer_range": config.init_method_std, "use_cache": True,
-        "bos_token_id": token_ids.get("bos_token_id"), "eos_token_id": token_ids.get("eos_token_id"),
+        "normalization": config.normalization,
+        "norm_eps": config.layernorm_epsilon,
+        "rope_theta": float(config.rotary_base),
+        "max_position_embeddings": args["seq_length"],
+        "tie_word_embeddings": tied,
+        "initializer_range": config.init_method_std,
+        "use_cache": True,
+        "bos_token_id": token_ids.get("bos_token_id"),
+        "eos_token_id": token_ids.get("eos_token_id"),
         "pad_token_id": token_ids.get("pad_token_id"),
-    }  # fmt: skip
+    }
     return out, hf_config
 
 

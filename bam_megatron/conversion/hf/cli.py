@@ -25,29 +25,39 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Flags of bam-convert-hf."""
     from bam_megatron.conversion.hf.convert import DTYPES, FORMATS
 
-    p = argparse.ArgumentParser(prog="bam-convert-hf", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog="bam-convert-hf", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="command", required=True)
     e = sub.add_parser("export", help="bam-megatron checkpoint -> Hugging Face directory")
     e.add_argument("--load", required=True, help="checkpoint: a --save directory (its latest) or an iter_* directory")
     e.add_argument("--save", required=True, help="output Hugging Face directory (must not exist)")
     e.add_argument("--format", choices=FORMATS, default="auto", help="see above (default: auto)")
     e.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weights' dtype in model.safetensors")
-    e.add_argument("--tokenizer-model", default=None,
-                   help="SentencePiece model to ship (default: the one the checkpoint records, if unchanged)")
+    e.add_argument(
+        "--tokenizer-model",
+        default=None,
+        help="SentencePiece model to ship (default: the one the checkpoint records, if unchanged)",
+    )
     i = sub.add_parser("import", help="Hugging Face Cohere directory -> dense seed checkpoint")
     i.add_argument("--load", required=True, help="directory with config.json (model_type cohere) and safetensors")
     i.add_argument("--save", required=True, help="output checkpoint directory (must not exist)")
-    i.add_argument("--seq-length", type=int, default=None, help="recorded --seq-length (default: max_position_embeddings)")
-    i.add_argument("--tokenizer-model", default=None,
-                   help="SentencePiece model to record (default: the directory's tokenizer.model, if any)")
+    i.add_argument(
+        "--seq-length", type=int, default=None, help="recorded --seq-length (default: max_position_embeddings)"
+    )
+    i.add_argument(
+        "--tokenizer-model",
+        default=None,
+        help="SentencePiece model to record (default: the directory's tokenizer.model, if any)",
+    )
     return p.parse_args(argv)
 
 

@@ -40,25 +40,37 @@ def _permute_heads(weight: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
 def check_exportable(config, variant: str) -> None:
     """Refuse, naming the setting, anything CohereForCausalLM cannot compute exactly."""
     if variant != "dense":
-        raise ConversionError(f"variant={variant}: CohereForCausalLM has no experts; export with --format bam "
-                              "(self-contained remote code)")  # fmt: skip
+        raise ConversionError(
+            f"variant={variant}: CohereForCausalLM has no experts; export with --format bam "
+            "(self-contained remote code)"
+        )
     checks = [
-        ("normalization", config.normalization, "LayerNorm",
-         "Cohere's norm is a bias-free LayerNorm: train with --normalization LayerNorm, or export with --format bam"),
+        (
+            "normalization",
+            config.normalization,
+            "LayerNorm",
+            "Cohere's norm is a bias-free LayerNorm: train with --normalization LayerNorm, or export with --format bam",
+        ),
         ("block_type", config.block_type, "parallel", "Cohere's block is the parallel one"),
         ("add_bias_linear", config.add_bias_linear, False, "Cohere's MLP has no biases"),
         ("gated_linear_unit", config.gated_linear_unit, True, "Cohere's MLP is SwiGLU"),
         ("activation_func", config.activation_func, F.silu, "Cohere's MLP is SwiGLU"),
         ("qk_layernorm", config.qk_layernorm, False, "export with --format bam"),
         ("rotary_interleaved", config.rotary_interleaved, False, "not supported"),
-        ("kv_channels", config.kv_channels, config.hidden_size // config.num_attention_heads,
-         "Cohere's head size is hidden_size / num_attention_heads"),
+        (
+            "kv_channels",
+            config.kv_channels,
+            config.hidden_size // config.num_attention_heads,
+            "Cohere's head size is hidden_size / num_attention_heads",
+        ),
         ("layernorm_epsilon", config.layernorm_epsilon, LAYERNORM_EPS, "not supported"),
-    ]  # fmt: skip
+    ]
     for name, value, wanted, hint in checks:
         if value != wanted:
             shown = getattr(value, "__name__", value)
-            raise ConversionError(f"{name}={shown}: CohereForCausalLM needs {getattr(wanted, '__name__', wanted)} ({hint})")
+            raise ConversionError(
+                f"{name}={shown}: CohereForCausalLM needs {getattr(wanted, '__name__', wanted)} ({hint})"
+            )
 
 
 def to_cohere(
@@ -68,37 +80,53 @@ def to_cohere(
     heads, groups, d = config.num_attention_heads, config.num_query_groups, config.kv_channels
     perm = rope_permutation(d)
     tied = not args["untie_embeddings_and_output_weights"]
-    out = {"model.embed_tokens.weight": weights["embedding.word_embeddings.weight"],
-           "model.norm.weight": weights["decoder.final_layernorm.weight"]}  # fmt: skip
+    out = {
+        "model.embed_tokens.weight": weights["embedding.word_embeddings.weight"],
+        "model.norm.weight": weights["decoder.final_layernorm.weight"],
+    }
     if not tied:
         out["lm_head.weight"] = weights["output_layer.weight"]
     for i in range(config.num_layers):
         ours, theirs = f"decoder.layers.{i}.", f"model.layers.{i}."
         q, k, v = split_qkv(weights[ours + "self_attention.linear_qkv.weight"], heads, groups)
         gate, up = weights[ours + "mlp.linear_fc1.weight"].chunk(2, dim=0)
-        out.update({
-            theirs + "input_layernorm.weight": weights[ours + "input_layernorm.weight"],
-            theirs + "self_attn.q_proj.weight": _permute_heads(q, perm),
-            theirs + "self_attn.k_proj.weight": _permute_heads(k, perm),
-            theirs + "self_attn.v_proj.weight": v.reshape(-1, v.shape[-1]),
-            theirs + "self_attn.o_proj.weight": weights[ours + "self_attention.linear_proj.weight"],
-            theirs + "mlp.gate_proj.weight": gate,
-            theirs + "mlp.up_proj.weight": up,
-            theirs + "mlp.down_proj.weight": weights[ours + "mlp.linear_fc2.weight"],
-        })  # fmt: skip
+        out.update(
+            {
+                theirs + "input_layernorm.weight": weights[ours + "input_layernorm.weight"],
+                theirs + "self_attn.q_proj.weight": _permute_heads(q, perm),
+                theirs + "self_attn.k_proj.weight": _permute_heads(k, perm),
+                theirs + "self_attn.v_proj.weight": v.reshape(-1, v.shape[-1]),
+                theirs + "self_attn.o_proj.weight": weights[ours + "self_attention.linear_proj.weight"],
+                theirs + "mlp.gate_proj.weight": gate,
+                theirs + "mlp.up_proj.weight": up,
+                theirs + "mlp.down_proj.weight": weights[ours + "mlp.linear_fc2.weight"],
+            }
+        )
     hf_config = {
-        "architectures": ["CohereForCausalLM"], "model_type": "cohere",
-        "vocab_size": out["model.embed_tokens.weight"].shape[0], "hidden_size": config.hidden_size,
-        "intermediate_size": config.ffn_hidden_size, "num_hidden_layers": config.num_layers,
-        "num_attention_heads": heads, "num_key_value_heads": groups, "hidden_act": "silu",
-        "max_position_embeddings": args["seq_length"], "layer_norm_eps": config.layernorm_epsilon,
-        "logit_scale": 1.0, "tie_word_embeddings": tied, "use_qk_norm": False, "attention_bias": False,
-        "attention_dropout": 0.0, "initializer_range": config.init_method_std, "use_cache": True,
+        "architectures": ["CohereForCausalLM"],
+        "model_type": "cohere",
+        "vocab_size": out["model.embed_tokens.weight"].shape[0],
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.ffn_hidden_size,
+        "num_hidden_layers": config.num_layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": groups,
+        "hidden_act": "silu",
+        "max_position_embeddings": args["seq_length"],
+        "layer_norm_eps": config.layernorm_epsilon,
+        "logit_scale": 1.0,
+        "tie_word_embeddings": tied,
+        "use_qk_norm": False,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "initializer_range": config.init_method_std,
+        "use_cache": True,
         "rope_parameters": {"rope_type": "default", "rope_theta": float(config.rotary_base)},
         "rope_theta": float(config.rotary_base),  # transformers 4.x's key (5.x reads rope_parameters)
-        "bos_token_id": token_ids.get("bos_token_id"), "eos_token_id": token_ids.get("eos_token_id"),
+        "bos_token_id": token_ids.get("bos_token_id"),
+        "eos_token_id": token_ids.get("eos_token_id"),
         "pad_token_id": token_ids.get("pad_token_id"),
-    }  # fmt: skip
+    }
     return out, hf_config
 
 
@@ -119,14 +147,17 @@ def _rope_theta(cfg: dict[str, Any]) -> float:
 def check_importable(cfg: dict[str, Any]) -> None:
     """Refuse, naming the field, a config.json that is not a Cohere model bam-megatron can hold."""
     if cfg.get("model_type") != "cohere":
-        raise ConversionError(f"model_type={cfg.get('model_type')}: only Cohere (CohereForCausalLM) "
-                              "checkpoints can be imported")  # fmt: skip
+        raise ConversionError(
+            f"model_type={cfg.get('model_type')}: only Cohere (CohereForCausalLM) checkpoints can be imported"
+        )
     for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
         if not isinstance(cfg.get(key), int) or cfg[key] < 1:
             raise ConversionError(f"config.json: {key} must be a positive integer, got {cfg.get(key)!r}")
-    wrong = [(key, cfg.get(key), wanted) for key, wanted in
-             (("use_qk_norm", False), ("attention_bias", False), ("hidden_act", "silu"))
-             if cfg.get(key, wanted) != wanted]  # fmt: skip
+    wrong = [
+        (key, cfg.get(key), wanted)
+        for key, wanted in (("use_qk_norm", False), ("attention_bias", False), ("hidden_act", "silu"))
+        if cfg.get(key, wanted) != wanted
+    ]
     if wrong:
         key, value, wanted = wrong[0]
         raise ConversionError(f"{key}={value}: bam-megatron's dense model needs {key}={wanted}")
@@ -135,10 +166,14 @@ def check_importable(cfg: dict[str, Any]) -> None:
     heads, hidden = cfg["num_attention_heads"], cfg["hidden_size"]
     groups = cfg.get("num_key_value_heads") or heads
     if hidden % heads or heads % groups:
-        raise ConversionError(f"num_attention_heads={heads}, num_key_value_heads={groups}, hidden_size={hidden}: "
-                              "heads must divide hidden_size and KV heads must divide heads")  # fmt: skip
+        raise ConversionError(
+            f"num_attention_heads={heads}, num_key_value_heads={groups}, hidden_size={hidden}: "
+            "heads must divide hidden_size and KV heads must divide heads"
+        )
     if cfg.get("head_dim") not in (None, hidden // heads):
-        raise ConversionError(f"head_dim={cfg['head_dim']}: bam-megatron's head size is hidden_size / num_attention_heads")
+        raise ConversionError(
+            f"head_dim={cfg['head_dim']}: bam-megatron's head size is hidden_size / num_attention_heads"
+        )
     _rope_theta(cfg)
 
 
@@ -151,7 +186,9 @@ def _take(tensors: dict[str, torch.Tensor], name: str, shape: tuple[int, ...]) -
     return tensor.float()
 
 
-def from_cohere(tensors: dict[str, torch.Tensor], cfg: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def from_cohere(
+    tensors: dict[str, torch.Tensor], cfg: dict[str, Any]
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(Cohere tensors, config.json) -> (our parameters, our architecture flags). Call check_importable first."""
     vocab, hidden, ffn = cfg["vocab_size"], cfg["hidden_size"], cfg["intermediate_size"]
     layers, heads = cfg["num_hidden_layers"], cfg["num_attention_heads"]
@@ -173,28 +210,49 @@ def from_cohere(tensors: dict[str, torch.Tensor], cfg: dict[str, Any]) -> tuple[
         out["output_layer.weight"] = take("lm_head.weight", (vocab, hidden))
     elif "lm_head.weight" in tensors:  # some checkpoints store the tied copy too
         if not torch.equal(take("lm_head.weight", (vocab, hidden)), embedding):
-            raise ConversionError("tie_word_embeddings is true but lm_head.weight differs from model.embed_tokens.weight")
+            raise ConversionError(
+                "tie_word_embeddings is true but lm_head.weight differs from model.embed_tokens.weight"
+            )
     for i in range(layers):
         theirs, ours = f"model.layers.{i}.", f"decoder.layers.{i}."
         q = take(theirs + "self_attn.q_proj.weight", (heads * d, hidden)).view(heads, d, hidden)[:, inverse]
         k = take(theirs + "self_attn.k_proj.weight", (groups * d, hidden)).view(groups, d, hidden)[:, inverse]
         v = take(theirs + "self_attn.v_proj.weight", (groups * d, hidden)).view(groups, d, hidden)
-        out.update({
-            ours + "input_layernorm.weight": take(theirs + "input_layernorm.weight", (hidden,)),
-            ours + "self_attention.linear_qkv.weight": merge_qkv(q, k, v),
-            ours + "self_attention.linear_proj.weight": take(theirs + "self_attn.o_proj.weight", (hidden, heads * d)),
-            ours + "mlp.linear_fc1.weight": torch.cat([take(theirs + "mlp.gate_proj.weight", (ffn, hidden)),
-                                                       take(theirs + "mlp.up_proj.weight", (ffn, hidden))]),
-            ours + "mlp.linear_fc2.weight": take(theirs + "mlp.down_proj.weight", (hidden, ffn)),
-        })  # fmt: skip
+        out.update(
+            {
+                ours + "input_layernorm.weight": take(theirs + "input_layernorm.weight", (hidden,)),
+                ours + "self_attention.linear_qkv.weight": merge_qkv(q, k, v),
+                ours + "self_attention.linear_proj.weight": take(
+                    theirs + "self_attn.o_proj.weight", (hidden, heads * d)
+                ),
+                ours + "mlp.linear_fc1.weight": torch.cat(
+                    [
+                        take(theirs + "mlp.gate_proj.weight", (ffn, hidden)),
+                        take(theirs + "mlp.up_proj.weight", (ffn, hidden)),
+                    ]
+                ),
+                ours + "mlp.linear_fc2.weight": take(theirs + "mlp.down_proj.weight", (hidden, ffn)),
+            }
+        )
     extra = sorted(name for name in tensors if name not in seen and not name.endswith("rotary_emb.inv_freq"))
     if extra:
-        raise ConversionError(f"tensor {extra[0]} is not part of a {layers}-layer Cohere model"
-                              + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))  # fmt: skip
+        raise ConversionError(
+            f"tensor {extra[0]} is not part of a {layers}-layer Cohere model"
+            + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
+        )
     fields = dict(
-        variant="dense", num_layers=layers, hidden_size=hidden, ffn_hidden_size=ffn, num_attention_heads=heads,
-        num_query_groups=groups, untie_embeddings_and_output_weights=not tied, normalization="LayerNorm",
-        rotary_base=_rope_theta(cfg), vocab_size=vocab, padded_vocab_size=vocab,
-        init_method_std=float(cfg.get("initializer_range", 0.02)), num_experts=None,
-    )  # fmt: skip
+        variant="dense",
+        num_layers=layers,
+        hidden_size=hidden,
+        ffn_hidden_size=ffn,
+        num_attention_heads=heads,
+        num_query_groups=groups,
+        untie_embeddings_and_output_weights=not tied,
+        normalization="LayerNorm",
+        rotary_base=_rope_theta(cfg),
+        vocab_size=vocab,
+        padded_vocab_size=vocab,
+        init_method_std=float(cfg.get("initializer_range", 0.02)),
+        num_experts=None,
+    )
     return out, fields

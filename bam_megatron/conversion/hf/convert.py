@@ -53,14 +53,18 @@ def _export_tokenizer(meta: dict[str, Any], override: Optional[str], notes: list
             raise ConversionError(f"--tokenizer-model {override} is not the tokenizer the checkpoint was trained with")
         return override
     if fingerprint is None:
-        notes.append("the checkpoint records no tokenizer (trained on mock data, or imported without one): "
-                     "no tokenizer.model written")
+        notes.append(
+            "the checkpoint records no tokenizer (trained on mock data, or imported without one): "
+            "no tokenizer.model written"
+        )
         return None
     recorded = meta["args"].get("tokenizer_model")
     if recorded and os.path.isfile(recorded) and hf_files.sha256_file(recorded) == fingerprint:
         return recorded
-    notes.append(f"the checkpoint's tokenizer ({recorded}) is missing or has changed: no tokenizer.model written "
-                 "(pass --tokenizer-model)")  # fmt: skip
+    notes.append(
+        f"the checkpoint's tokenizer ({recorded}) is missing or has changed: no tokenizer.model written "
+        "(pass --tokenizer-model)"
+    )
     return None
 
 
@@ -69,12 +73,15 @@ def _check_all_converted(weights: dict[str, torch.Tensor], tensors: dict[str, to
     exported = sum(t.numel() for t in tensors.values())
     ours = sum(t.numel() for t in weights.values())
     if exported != ours:
-        raise ConversionError(f"the export holds {exported:,} weights but the model has {ours:,}: "
-                              "parameters without a Hugging Face counterpart")  # fmt: skip
+        raise ConversionError(
+            f"the export holds {exported:,} weights but the model has {ours:,}: "
+            "parameters without a Hugging Face counterpart"
+        )
 
 
-def export_checkpoint(load: str, save: str, fmt: str = "auto", dtype: str = "float32",
-                      tokenizer_model: Optional[str] = None) -> Report:  # fmt: skip
+def export_checkpoint(
+    load: str, save: str, fmt: str = "auto", dtype: str = "float32", tokenizer_model: Optional[str] = None
+) -> Report:
     """Write the checkpoint ``load`` (any TP/PP/EP) as a Hugging Face model directory ``save``."""
     from bam_megatron.training import checkpointing
 
@@ -87,8 +94,10 @@ def export_checkpoint(load: str, save: str, fmt: str = "auto", dtype: str = "flo
     path, meta = megatron_io.read_checkpoint(load)
     args, notes = meta["args"], []
     if args.get("peft"):
-        raise ConversionError(f"peft={args['peft']}: {path} holds adapters on a base model, which the exported "
-                              "formats cannot express; export the base checkpoint")  # fmt: skip
+        raise ConversionError(
+            f"peft={args['peft']}: {path} holds adapters on a base model, which the exported "
+            "formats cannot express; export the base checkpoint"
+        )
     config = megatron_io.model_config_for(args)
     fmt, reason = choose_format(fmt, config, args["variant"])
     if reason:
@@ -112,11 +121,19 @@ def export_checkpoint(load: str, save: str, fmt: str = "auto", dtype: str = "flo
             bam_format.copy_model_code(tmp)
         if tokenizer:
             shutil.copyfile(tokenizer, os.path.join(tmp, hf_files.TOKENIZER))
-        hf_files.write_json(os.path.join(tmp, EXPORT_MANIFEST), {
-            "source": os.path.abspath(path), "iteration": meta.get("iteration"),
-            "checkpoint_hash": checkpointing.checkpoint_hash(path), "variant": args["variant"], "format": fmt,
-            "dtype": dtype, "tokenizer": os.path.abspath(tokenizer) if tokenizer else None, "notes": notes,
-        })  # fmt: skip
+        hf_files.write_json(
+            os.path.join(tmp, EXPORT_MANIFEST),
+            {
+                "source": os.path.abspath(path),
+                "iteration": meta.get("iteration"),
+                "checkpoint_hash": checkpointing.checkpoint_hash(path),
+                "variant": args["variant"],
+                "format": fmt,
+                "dtype": dtype,
+                "tokenizer": os.path.abspath(tokenizer) if tokenizer else None,
+                "notes": notes,
+            },
+        )
     return Report(os.path.abspath(save), fmt, notes)
 
 
@@ -127,8 +144,10 @@ def _import_tokenizer(hf_dir: str, override: Optional[str], vocab_size: int, not
     found = os.path.join(hf_dir, hf_files.TOKENIZER)
     path = override or (found if os.path.isfile(found) else None)
     if path is None:
-        notes.append(f"no SentencePiece tokenizer.model in {hf_dir}: the seed records no tokenizer (pretrain_bam.py "
-                     "then accepts it only without --tokenizer-model; pass --tokenizer-model to record one)")  # fmt: skip
+        notes.append(
+            f"no SentencePiece tokenizer.model in {hf_dir}: the seed records no tokenizer (pretrain_bam.py "
+            "then accepts it only without --tokenizer-model; pass --tokenizer-model to record one)"
+        )
         return None
     hf_files.sentencepiece_ids(path)  # a readable SentencePiece model
     import sentencepiece
@@ -139,8 +158,9 @@ def _import_tokenizer(hf_dir: str, override: Optional[str], vocab_size: int, not
     return path
 
 
-def import_cohere(load: str, save: str, seq_length: Optional[int] = None,
-                  tokenizer_model: Optional[str] = None) -> Report:  # fmt: skip
+def import_cohere(
+    load: str, save: str, seq_length: Optional[int] = None, tokenizer_model: Optional[str] = None
+) -> Report:
     """Write the Cohere directory ``load`` as a dense seed checkpoint ``save`` (a --save directory)."""
     cfg = hf_files.read_config(load)
     cohere.check_importable(cfg)
@@ -152,14 +172,21 @@ def import_cohere(load: str, save: str, seq_length: Optional[int] = None,
     tokenizer = _import_tokenizer(load, tokenizer_model, cfg["vocab_size"], notes)
     weights, fields = cohere.from_cohere(hf_files.read_weights(load), cfg)
     final = os.path.abspath(save)
-    fields.update(seq_length=seq_length or int(cfg.get("max_position_embeddings") or 4096), save=final,
-                  tokenizer_model=os.path.join(final, hf_files.TOKENIZER) if tokenizer else None)  # fmt: skip
+    fields.update(
+        seq_length=seq_length or int(cfg.get("max_position_embeddings") or 4096),
+        save=final,
+        tokenizer_model=os.path.join(final, hf_files.TOKENIZER) if tokenizer else None,
+    )
     args = megatron_io.seed_args(**fields)
     scale = cfg.get("logit_scale")
     if scale not in (None, 1, 1.0):
         notes.append(f"logit_scale={scale} folded into the final norm's weight")
-    imported = {"path": os.path.abspath(load), "model_type": "cohere", "logit_scale": scale,
-                "tokenizer": os.path.abspath(tokenizer) if tokenizer else None}  # fmt: skip
+    imported = {
+        "path": os.path.abspath(load),
+        "model_type": "cohere",
+        "logit_scale": scale,
+        "tokenizer": os.path.abspath(tokenizer) if tokenizer else None,
+    }
     with hf_files.atomic_directory(save) as tmp:
         if tokenizer:
             shutil.copyfile(tokenizer, os.path.join(tmp, hf_files.TOKENIZER))

@@ -7,7 +7,8 @@ import hashlib
 import json
 import os
 import shutil
-from typing import Any, Iterator, Optional
+from collections.abc import Iterator
+from typing import Any, Optional
 
 import torch
 

@@ -48,8 +48,13 @@ def build_one_rank_model(args: dict[str, Any]):
     initialize(ParallelSizes())
     config = model_config_for(args)
     # The local (PyTorch) spec on any machine: its parameter names are the ones the converter maps.
-    model = build_model(config, args["padded_vocab_size"], args["seq_length"], backend="local",
-                        untie_embeddings=args["untie_embeddings_and_output_weights"])  # fmt: skip
+    model = build_model(
+        config,
+        args["padded_vocab_size"],
+        args["seq_length"],
+        backend="local",
+        untie_embeddings=args["untie_embeddings_and_output_weights"],
+    )
     return model, config
 
 
@@ -59,8 +64,9 @@ def load_weights(path: str, meta: dict[str, Any]):
 
     model, config = build_one_rank_model(meta["args"])
     with warnings.catch_warnings():  # torch's notes on megatron-core's checkpoint internals, not the user's
-        warnings.filterwarnings("ignore", message=r"(`load_state_dict` is deprecated|Please use DTensor)",
-                                category=FutureWarning)  # fmt: skip
+        warnings.filterwarnings(
+            "ignore", message=r"(`load_state_dict` is deprecated|Please use DTensor)", category=FutureWarning
+        )
         checkpointing.load_checkpoint(path, model, load_rng=False)
     return {name: p.detach().float().clone() for name, p in model.named_parameters()}, config
 
@@ -85,12 +91,22 @@ def save_weights(root: str, weights: dict[str, torch.Tensor], args: dict[str, An
     params = dict(model.named_parameters())
     missing, unexpected = sorted(set(params) - set(weights)), sorted(set(weights) - set(params))
     if missing or unexpected:  # a mapping bug, not bad input
-        raise RuntimeError(f"converted weights do not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise RuntimeError(
+            f"converted weights do not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
     with torch.no_grad():
         for name, param in params.items():
             if tuple(weights[name].shape) != tuple(param.shape):
-                raise RuntimeError(f"{name}: converted shape {tuple(weights[name].shape)}, model has {tuple(param.shape)}")
+                raise RuntimeError(
+                    f"{name}: converted shape {tuple(weights[name].shape)}, model has {tuple(param.shape)}"
+                )
             param.copy_(weights[name])
-    full_meta = {"consumed_samples": 0, "skipped_iterations": 0, "nan_iterations": 0, "args": args,
-                 "data_fingerprint": None, **meta}  # fmt: skip
+    full_meta = {
+        "consumed_samples": 0,
+        "skipped_iterations": 0,
+        "nan_iterations": 0,
+        "args": args,
+        "data_fingerprint": None,
+        **meta,
+    }
     return checkpointing.save_checkpoint(root, 0, model, None, None, full_meta)

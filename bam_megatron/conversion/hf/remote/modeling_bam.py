@@ -162,7 +162,12 @@ class BamAttention(nn.Module):
             k, v = past_key_values.update(k, v, self.layer_idx)
         causal = mask is None and t > 1  # no cache, no padding: the plain causal kernel, as in training
         heads = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal, scale=self.head_dim**-0.5,
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=causal,
+            scale=self.head_dim**-0.5,
             enable_gqa=self.num_kv_heads != self.num_heads,
         )  # [b, N·H, t, d]; query head i uses K/V head i // (N·H / kv heads), megatron-core's grouping
         heads = heads.transpose(1, 2)  # [b, t, N·H, d]
@@ -204,7 +209,10 @@ class BamPreTrainedModel(PreTrainedModel):
 
 
 def _attention_mask(
-    attention_mask: Optional[torch.Tensor], query_length: int, past_length: int, dtype: torch.dtype,
+    attention_mask: Optional[torch.Tensor],
+    query_length: int,
+    past_length: int,
+    dtype: torch.dtype,
     device: torch.device,
 ) -> Optional[torch.Tensor]:
     """Additive mask [b, 1, t, past + t]: causal, with padded keys (attention_mask == 0) masked.
