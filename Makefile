@@ -17,7 +17,7 @@ $(STAMP): setup.py
 	touch $@
 
 demo: $(STAMP)
-	$(PY) examples/bam_demo.py
+	$(PY) examples/bam_demo/run.py
 
 test: $(STAMP) lint
 	@bash tools/ci/install_slurm.sh  # Slurm + MUNGE for tests/test_slurm.py, where it can

@@ -1,4 +1,4 @@
-"""The CPU demo end to end: `python examples/bam_demo.py --quick` (every stage, the real tools).
+"""The CPU demo end to end: `python examples/bam_demo/run.py --quick` (every stage, the real tools).
 
 About two minutes on 2 cores: data, tokenizer, preprocessing, a dense seed, branching, three
 dense experts, BAM and BTX upcycling and training, evaluation with routing heatmaps. Then a
@@ -17,7 +17,7 @@ MODELS = ("seed", "code", "law", "math", "btx", "bam")
 
 def _run_demo(workdir, timeout):
     proc = subprocess.Popen(
-        [sys.executable, os.path.join(REPO, "examples", "bam_demo.py"), "--quick", "--workdir", str(workdir)],
+        [sys.executable, os.path.join(REPO, "examples", "bam_demo", "run.py"), "--quick", "--workdir", str(workdir)],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

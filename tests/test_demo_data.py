@@ -1,17 +1,21 @@
-"""The demo's corpora (bam_megatron.demo_data): four domains from files on the machine, deterministic."""
+"""The demo's corpora (examples/bam_demo/corpora.py): four domains from files on the machine, deterministic."""
 
 import json
+import os
 import re
+import sys
 
 import pytest
 
-from bam_megatron import demo_data
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
+
+from bam_demo import corpora as demo_corpora
 
 
 @pytest.fixture(scope="module")
 def corpora(tmp_path_factory):
     out = tmp_path_factory.mktemp("corpora")
-    return demo_data.build_corpora(str(out))
+    return demo_corpora.build_corpora(str(out))
 
 
 def _docs(path):
@@ -20,7 +24,7 @@ def _docs(path):
 
 
 def test_four_nonempty_domains_of_valid_jsonl(corpora):
-    assert sorted(corpora) == sorted(demo_data.DOMAINS)
+    assert sorted(corpora) == sorted(demo_corpora.DOMAINS)
     for name, path in corpora.items():
         records = _docs(path)
         assert len(records) > 100, name
@@ -34,14 +38,16 @@ def test_domain_and_document_sizes_within_bounds(corpora):
         texts = [r["text"] for r in _docs(path)]
         sizes = [len(t.encode("utf-8")) for t in texts]
         total = sum(sizes)
-        assert demo_data.MIN_DOMAIN_BYTES <= total <= demo_data.DEFAULT_DOMAIN_BYTES + demo_data.DOC_MAX_BYTES, name
-        assert max(sizes) <= demo_data.DOC_MAX_BYTES, name
-        assert sorted(sizes)[len(sizes) // 2] >= demo_data.DOC_MIN_BYTES, name  # most documents are 1-2 KB
+        assert (
+            demo_corpora.MIN_DOMAIN_BYTES <= total <= demo_corpora.DEFAULT_DOMAIN_BYTES + demo_corpora.DOC_MAX_BYTES
+        ), name
+        assert max(sizes) <= demo_corpora.DOC_MAX_BYTES, name
+        assert sorted(sizes)[len(sizes) // 2] >= demo_corpora.DOC_MIN_BYTES, name  # most documents are 1-2 KB
 
 
 def test_deterministic_across_calls(corpora, tmp_path):
-    again = demo_data.build_corpora(str(tmp_path))
-    for name in demo_data.DOMAINS:
+    again = demo_corpora.build_corpora(str(tmp_path))
+    for name in demo_corpora.DOMAINS:
         with open(corpora[name], "rb") as a, open(again[name], "rb") as b:
             assert a.read() == b.read(), name
 
@@ -56,7 +62,7 @@ def test_domains_differ_in_content(corpora):
 
 
 def test_synthetic_math_is_correct():
-    docs = demo_data.math_documents(20_000)
+    docs = demo_corpora.math_documents(20_000)
     text = "\n".join(docs)
     sums = re.findall(r"Therefore (\d+) \+ (\d+) = (\d+)\.", text)
     products = re.findall(r"Check: (\d+) / (\d+) = (\d+), so the product is (\d+)\.", text)
@@ -65,12 +71,12 @@ def test_synthetic_math_is_correct():
         assert int(a) + int(b) == int(c)
     for p, b, a, p2 in products:
         assert int(a) * int(b) == int(p) == int(p2)
-    assert demo_data.math_documents(20_000) == docs
+    assert demo_corpora.math_documents(20_000) == docs
 
 
 def test_split_documents_bounds():
     text = "\n\n".join(f"paragraph {i} " + "word " * (i * 37 % 300) for i in range(200))
     text += "\n\n" + "x" * 5000  # one line longer than a document
-    docs = demo_data.split_documents(text)
-    assert all(len(d.encode()) <= demo_data.DOC_MAX_BYTES for d in docs)
+    docs = demo_corpora.split_documents(text)
+    assert all(len(d.encode()) <= demo_corpora.DOC_MAX_BYTES for d in docs)
     assert "".join(docs).replace("\n", "").count("x") == 5000

@@ -1,6 +1,6 @@
-"""Corpora for the CPU demo (``examples/bam_demo.py``): four domains of text, nothing downloaded.
+"""Corpora for the CPU demo (``examples/bam_demo/``): four domains of text, nothing downloaded.
 
-    python -m bam_megatron.demo_data --output-dir runs/demo/data    # general/code/law/math.jsonl
+    python examples/bam_demo/corpora.py --output-dir runs/demo/data    # general/code/law/math.jsonl
 
 Every domain is written as JSONL, one ``{"text": ...}`` document of about 1-2 KB per line, about
 ``--domain-bytes`` (default 400 KB) of text per domain, in an order fixed by the sources and a fixed
@@ -669,6 +669,7 @@ def build_corpora(
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The command line: write the corpora to --output-dir; 2 when a domain's sources are missing."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output-dir", required=True)
     p.add_argument("--domain-bytes", type=int, default=DEFAULT_DOMAIN_BYTES, help="text per domain")
@@ -676,7 +677,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         build_corpora(args.output_dir, args.domain_bytes, log=print)
     except CorpusError as error:
-        print(f"demo_data: error: {error}", file=sys.stderr)
+        print(f"corpora: error: {error}", file=sys.stderr)
         return 2
     return 0
 

@@ -1,0 +1,446 @@
+"""The demo's stages and the flags each passes to the project's tools (see run.py for the overview).
+
+``Settings`` holds the sizes and schedules (``QUICK``: --quick); ``Pipeline`` runs the nine stages
+in order (data, tokenizer, preprocess, seed, branch, experts, upcycle, mixtures, evaluate), each
+through ``runner.Stages.stage`` so finished ones are skipped; ``report`` prints the result.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Optional
+
+from . import corpora
+from .runner import (
+    Console,
+    EvalFilter,
+    Job,
+    PrefixFilter,
+    Stages,
+    TrainingFilter,
+    Unit,
+    file_hash,
+    python,
+    run_jobs,
+    torchrun,
+)
+
+DOMAINS = ("general", "code", "law", "math")
+EXPERTS = ("code", "law", "math")  # the seed is the fourth expert (the generalist)
+MIXTURES = ("btx", "bam")
+STAGES = 9
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Sizes and schedules. The full demo took 9-11 minutes on 2 CPU cores shared with other jobs
+    (--quick: about 2 minutes); every run gave the same table (training is deterministic)."""
+
+    domain_bytes: int = 400_000  # of text per domain
+    vocab_size: int = 1536
+    num_layers: int = 2
+    hidden_size: int = 128
+    ffn_hidden_size: int = 384
+    num_attention_heads: int = 4
+    seq_length: int = 128
+    micro_batch_size: int = 8  # x 2 data-parallel ranks
+    split: str = "94,5,1"  # train, valid (evaluated), test (held out) documents of every domain
+    seed_iters: int = 1200
+    seed_lr: float = 3e-3
+    warmup_iters: int = 50
+    expert_iters: int = 500  # LR: tools/branch.py's, half the seed's
+    mix_iters: int = 500
+    mix_lr: float = 1e-3
+    eval_iters: int = 4  # validation batches per domain at the end of each training run
+    eval_samples: Optional[int] = None  # final evaluation, per domain: None = the whole valid split
+    log_lines: int = 5  # iteration lines shown per training run (about)
+
+
+QUICK = dict(seed_iters=30, expert_iters=10, mix_iters=10, warmup_iters=3, eval_iters=1, eval_samples=16, log_lines=2)
+
+
+class Pipeline(Stages):
+    """The demo's stages under ``workdir``: ``nproc`` ranks per training run, up to ``jobs`` runs at once."""
+
+    def __init__(self, workdir: str, settings: Settings, nproc: int, jobs: int, console: Console) -> None:
+        super().__init__(workdir, console)
+        self.s, self.nproc, self.jobs = settings, nproc, jobs
+
+    # ----- flags shared by the training runs
+
+    def prefix(self, domain: str) -> str:
+        """The indexed dataset of ``domain`` (preprocess's output prefix)."""
+        return self.path("data", "bin", f"{domain}_text_document")
+
+    def equal_mixture(self) -> list[str]:
+        """--data-path flags: the four domains, equal weights."""
+        flags = ["--data-path"]
+        for d in DOMAINS:
+            flags += [str(1 / len(DOMAINS)), self.prefix(d)]
+        return flags
+
+    def every(self, iters: int) -> int:
+        """Log interval: a round number giving about ``log_lines`` lines."""
+        step = max(1, iters // self.s.log_lines)
+        scale = 10 ** (len(str(step)) - 1)
+        return max(m * scale for m in (1, 2, 5) if m * scale <= step)
+
+    def schedule(self, iters: int, lr: Optional[float]) -> list[str]:
+        """Iterations, LR (None: the one in the run's own flags), warmup, logging, evaluation and saving."""
+        s = self.s
+        flags = [] if lr is None else ["--lr", repr(lr), "--min-lr", repr(lr / 10)]
+        return flags + [
+            "--train-iters",
+            str(iters),
+            "--lr-warmup-iters",
+            str(min(s.warmup_iters, iters // 2)),
+            "--lr-decay-style",
+            "cosine",
+            "--log-interval",
+            str(self.every(iters)),
+            "--eval-interval",
+            str(iters),
+            "--eval-iters",
+            str(s.eval_iters),
+            "--save-interval",
+            str(iters),
+        ]
+
+    def training(self, key: str, out: str, flags: list[str], iters: int) -> Callable[[], Job]:
+        """A pretrain_bam.py run into OUT.tmp, renamed to OUT when it succeeded."""
+        tmp = out + ".tmp"
+        argv = torchrun(self.nproc, "pretrain_bam.py", *flags, "--load", tmp, "--save", tmp)
+        return lambda: Job(key, argv, self.log(key), TrainingFilter(self.every(iters)), lambda: os.replace(tmp, out))
+
+    def _rel(self, flags: Sequence[str]) -> list[str]:
+        """Flags without the work directory (stamps survive moving it)."""
+        return [f.replace(self.w, "W") for f in flags]
+
+    # ----- the pipeline
+
+    def run(self) -> None:
+        """Every stage in order; a finished one is skipped."""
+        for stage in (
+            self.data,
+            self.tokenizer,
+            self.preprocess,
+            self.seed,
+            self.branch,
+            self.experts,
+            self.upcycle,
+            self.mixtures,
+            self.evaluate,
+        ):
+            stage()
+
+    def data(self) -> None:
+        """Stage 1: the four domains of text as JSONL (corpora.py)."""
+        out = self.path("data", "jsonl")
+
+        def build() -> None:
+            corpora.build_corpora(out + ".tmp", self.s.domain_bytes, DOMAINS, log=self.console.line)
+            os.replace(out + ".tmp", out)
+
+        params = {"bytes": self.s.domain_bytes, "source": file_hash("examples/bam_demo/corpora.py")}
+        self.stage(
+            "data",
+            f"data: four domains of text, about {self.s.domain_bytes // 1000} KB each",
+            [Unit("data", [out], params, [], work=build)],
+        )
+
+    def jsonl(self, domain: str) -> str:
+        """The JSONL file of ``domain``."""
+        return self.path("data", "jsonl", f"{domain}.jsonl")
+
+    def spm(self) -> str:
+        """The SentencePiece model."""
+        return self.path("data", "tokenizer", "spm.model")
+
+    def tokenizer(self) -> None:
+        """Stage 2: one SentencePiece model for all domains (tools/train_tokenizer.py)."""
+        out = os.path.dirname(self.spm())
+
+        def job() -> Job:
+            os.makedirs(out + ".tmp")
+            argv = python(
+                "tools/train_tokenizer.py",
+                "--input",
+                *map(self.jsonl, DOMAINS),
+                "--vocab-size",
+                str(self.s.vocab_size),
+                "--output-prefix",
+                os.path.join(out + ".tmp", "spm"),
+                "--workers",
+                str(self.nproc),
+            )
+            return Job("tokenizer", argv, self.log("tokenizer"), on_success=lambda: os.replace(out + ".tmp", out))
+
+        self.stage(
+            "tokenizer",
+            f"tokenizer: SentencePiece BPE, {self.s.vocab_size} pieces, on all four domains",
+            [Unit("tokenizer", [out], {"vocab": self.s.vocab_size}, ["data"], job=job)],
+        )
+
+    def preprocess(self) -> None:
+        """Stage 3: JSONL -> indexed datasets, one per domain (tools/preprocess_data.py)."""
+        out = os.path.dirname(self.prefix("general"))
+
+        def work() -> None:
+            os.makedirs(out + ".tmp")
+            jobs = [
+                Job(
+                    d,
+                    python(
+                        "tools/preprocess_data.py",
+                        "--input",
+                        self.jsonl(d),
+                        "--tokenizer-model",
+                        self.spm(),
+                        "--output-prefix",
+                        os.path.join(out + ".tmp", d),
+                        "--append-eod",
+                        "--workers",
+                        "1",
+                    ),
+                    self.log(f"preprocess-{d}"),
+                    PrefixFilter("wrote"),
+                )
+                for d in DOMAINS
+            ]
+            run_jobs(self.console, "preprocess", jobs, parallel=self.nproc)
+            os.replace(out + ".tmp", out)
+
+        self.stage(
+            "preprocess",
+            "preprocess: JSONL -> megatron-core indexed datasets, one per domain",
+            [Unit("preprocess", [out], {}, ["tokenizer"], work=work)],
+        )
+
+    def common(self) -> list[str]:
+        """Architecture, tokenizer, data split and batch: the same for every training run."""
+        s = self.s
+        return [
+            "--num-layers",
+            str(s.num_layers),
+            "--hidden-size",
+            str(s.hidden_size),
+            "--ffn-hidden-size",
+            str(s.ffn_hidden_size),
+            "--num-attention-heads",
+            str(s.num_attention_heads),
+            "--num-query-groups",
+            str(s.num_attention_heads),
+            "--seq-length",
+            str(s.seq_length),
+            "--tokenizer-model",
+            self.spm(),
+            "--split",
+            s.split,
+            "--micro-batch-size",
+            str(s.micro_batch_size),
+        ]
+
+    def seed(self) -> None:
+        """Stage 4: the dense seed on the equal mixture (pretrain_bam.py --variant dense)."""
+        s, out = self.s, self.path("seed")
+        flags = ["--variant", "dense", *self.common(), *self.equal_mixture(), *self.schedule(s.seed_iters, s.seed_lr)]
+        self.stage(
+            "seed",
+            f"phase 1: dense seed on an equal mixture of the four domains, {s.seed_iters} iterations",
+            [
+                Unit(
+                    "seed",
+                    [out],
+                    {"flags": self._rel(flags)},
+                    ["preprocess"],
+                    job=self.training("seed", out, flags, s.seed_iters),
+                )
+            ],
+        )
+
+    def expert_dir(self, expert: str) -> str:
+        """The branch of ``expert``: tools/branch.py's copy of the seed and its phase2.args."""
+        return self.path("experts", expert)
+
+    def branch(self) -> None:
+        """Stage 5: three copies of the seed with their phase-2 flags (tools/branch.py)."""
+        argv = python(
+            "tools/branch.py",
+            "--seed-checkpoint",
+            self.path("seed"),
+            "--output-dir",
+            self.path("experts"),
+            "--experts",
+            *EXPERTS,
+            "--domain-data",
+            *[f"{e}={self.prefix(e)}" for e in EXPERTS],
+            "--general-data",
+            self.prefix("general"),
+        )
+        outputs = [self.path("experts"), *[os.path.join(self.expert_dir(e), "phase2.args") for e in EXPERTS]]
+        self.stage(
+            "branch",
+            f"phase 1: branch the seed into {', '.join(EXPERTS)} experts",
+            [Unit("branch", outputs, {}, ["seed"], job=lambda: Job("branch", argv, self.log("branch")))],
+        )
+
+    def experts(self) -> None:
+        """Stage 6: each expert continues on its domain (pretrain_bam.py @phase2.args)."""
+        units = []
+        for e in EXPERTS:  # tools/branch.py's flags (data mixture, LR), then the schedule
+            out = os.path.join(self.expert_dir(e), "ckpt")
+            flags = [f"@{os.path.join(self.expert_dir(e), 'phase2.args')}", *self.schedule(self.s.expert_iters, None)]
+            units.append(
+                Unit(
+                    f"expert-{e}",
+                    [out],
+                    {"flags": self._rel(flags)},
+                    ["branch"],
+                    job=self.training(e, out, flags, self.s.expert_iters),
+                )
+            )
+        self.stage(
+            "experts",
+            f"phase 2: each expert continues on 90% its domain + 10% general, {self.s.expert_iters} iterations",
+            units,
+            parallel=self.jobs,
+        )
+
+    def sources(self) -> dict[str, str]:
+        """The dense models, in expert order: the seed first."""
+        return {"seed": self.path("seed"), **{e: os.path.join(self.expert_dir(e), "ckpt") for e in EXPERTS}}
+
+    def upcycle(self) -> None:
+        """Stage 7: seed + experts -> 4-expert BAM and BTX checkpoints (tools/upcycle.py)."""
+        units = []
+        for m in MIXTURES:
+            out = self.path(f"{m}-init")
+            argv = python(
+                "tools/upcycle.py",
+                *[x for n, p in self.sources().items() for x in ("--expert", f"{n}={p}")],
+                "--method",
+                m,
+                "--save",
+                out,
+            )
+            units.append(
+                Unit(
+                    f"upcycle-{m}",
+                    [out],
+                    {},
+                    ["seed", *[f"expert-{e}" for e in EXPERTS]],
+                    job=lambda m=m, argv=argv: Job(m, argv, self.log(f"upcycle-{m}")),
+                )
+            )
+        self.stage(
+            "upcycle", "phase 3: upcycle seed + experts into 4-expert BTX and BAM mixtures", units, parallel=self.nproc
+        )
+
+    def mixtures(self) -> None:
+        """Stage 8: BTX and BAM trained on the equal mixture (pretrain_bam.py --variant btx / bam)."""
+        s, units = self.s, []
+        for m in MIXTURES:
+            flags = [
+                "--variant",
+                m,
+                "--num-experts",
+                str(len(EXPERTS) + 1),
+                *self.common(),
+                *self.equal_mixture(),
+                *self.schedule(s.mix_iters, s.mix_lr),
+                "--pretrained-checkpoint",
+                self.path(f"{m}-init"),
+            ]
+            units.append(
+                Unit(
+                    m,
+                    [self.path(m)],
+                    {"flags": self._rel(flags)},
+                    [f"upcycle-{m}"],
+                    job=self.training(m, self.path(m), flags, s.mix_iters),
+                )
+            )
+        self.stage(
+            "mixtures",
+            "phase 3: train BTX (averaged attention) and BAM (soft MoA) on the equal mixture, "
+            f"{s.mix_iters} iterations",
+            units,
+            parallel=self.jobs,
+        )
+
+    def evaluate(self) -> None:
+        """Stage 9: per-domain perplexity of all six models, routing heatmaps (tools/eval.py)."""
+        out = self.path("eval")
+        models = {**self.sources(), **{m: self.path(m) for m in MIXTURES}}
+        args = [
+            *[x for n, p in models.items() for x in ("--model", f"{n}={p}")],
+            "--data-path",
+            *map(self.prefix, DOMAINS),
+            "--split",
+            self.s.split,
+            "--seq-length",
+            str(self.s.seq_length),
+            "--tokenizer-model",
+            self.spm(),
+            "--expert-names",
+            *self.sources(),
+            "--output-dir",
+            out + ".tmp",
+        ]
+        if self.s.eval_samples:
+            args += ["--eval-samples", str(self.s.eval_samples)]
+
+        def job() -> Job:
+            return Job(
+                "eval",
+                torchrun(self.nproc, "tools/eval.py", *args),
+                self.log("eval"),
+                EvalFilter(),
+                lambda: os.replace(out + ".tmp", out),
+            )
+
+        deps = ["seed", *[f"expert-{e}" for e in EXPERTS], *MIXTURES]
+        self.stage(
+            "evaluate",
+            "evaluate: per-domain perplexity of all six models, routing of the mixtures",
+            [Unit("eval", [out], {"args": self._rel(args)}, deps, job=job)],
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# the result
+
+
+def report(workdir: str) -> bool:
+    """Print the perplexity table and the checks; return whether every expectation holds."""
+    eval_dir = os.path.join(workdir, "eval")
+    with open(os.path.join(eval_dir, "perplexity.json")) as f:
+        result = json.load(f)
+    with open(os.path.join(eval_dir, "perplexity.md")) as f:
+        table = f.read()
+    ppl = {name: m["perplexity"] for name, m in result["models"].items()}
+    print("\n" + "=" * 100)
+    print(table.rstrip() + "\n")
+    checks = [(f"the {e} expert beats the seed on {e}", ppl[e][e], ppl["seed"][e]) for e in EXPERTS]
+    checks += [(f"{m.upper()} beats the seed on average", ppl[m]["average"], ppl["seed"]["average"]) for m in MIXTURES]
+    for text, ours, seeds in checks:
+        print(f"  [{'yes' if ours < seeds else 'NO '}] {text} (perplexity {ours:.2f} vs {seeds:.2f})")
+    bam, btx = ppl["bam"]["average"], ppl["btx"]["average"]
+    print(f"  (and BAM vs BTX on average: {bam:.2f} vs {btx:.2f}: {'BAM' if bam < btx else 'BTX'} is lower)")
+    holds = all(ours < seeds for _, ours, seeds in checks)
+    print(
+        "\n"
+        + (
+            "As expected: every expert wins its domain, and both mixtures beat the seed."
+            if holds
+            else "Not every expectation held on this run (small models, few steps; see the table)."
+        )
+    )
+    figures = sorted(glob.glob(os.path.join(eval_dir, "*.png")))
+    print(f"Routing heatmaps: {', '.join(figures) if figures else '(none written)'}")
+    print(f"Table: {os.path.join(eval_dir, 'perplexity.md')}   logs: {os.path.join(workdir, 'logs')}")
+    return holds
