@@ -10,7 +10,7 @@ Exit codes: 0 done, 2 bad input, 3 preempted (checkpoint saved), 4 too many NaN/
 
 import sys
 
-from bam_megatron.training.loop import main
+from bam_megatron.cli.pretrain import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -48,10 +48,10 @@ setup(
     extras_require=EXTRAS_REQUIRE,
     entry_points={
         "console_scripts": [
-            "bam-pretrain=bam_megatron.training.loop:main",
+            "bam-pretrain=bam_megatron.cli.pretrain:main",
             "bam-stats=bam_megatron.stats:main",
             "bam-upcycle=bam_megatron.conversion.upcycle:main",
-            "bam-branch=bam_megatron.conversion.branch:main",
+            "bam-branch=bam_megatron.cli.branch:main",
             "bam-train-tokenizer=bam_megatron.data.train_tokenizer:main",
             "bam-preprocess-data=bam_megatron.data.preprocess:main",
             "bam-eval=bam_megatron.evaluation.cli:main",

@@ -16,127 +16,25 @@ import json
 import sys
 import tempfile
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
 if TYPE_CHECKING:
-    import torch
     from megatron.core.models.gpt import GPTModel
 
     from bam_megatron.model.config import BAMConfig
 
+from bam_megatron.errors import ConfigError, run_tool
+from bam_megatron.model.statistics import (
+    FLOPS_CONVENTION,
+    count_parameters,
+    flops_per_token,
+    training_flops_per_token,
+)
+from bam_megatron.model.variants import PRESETS, VARIANTS
+
 # torch and megatron-core are imported where needed, so that --help and input errors answer at once.
-PRESET_NAMES = ("paper-590m", "paper-2b", "tiny")
-VARIANT_NAMES = ("dense", "bam", "bam-shared-kv", "btx")
 DEFAULT_SEQ_LENGTH = 2048
 """Context length n_ctx of the attention term when --seq-length is not given (every preset)."""
-PARTS = ("embedding", "attention", "ffn", "routers", "norms", "output_layer", "other")
-"""The parts `count_parameters` splits a model into, in report order."""
-
-FLOPS_CONVENTION = (
-    "DESIGN.md section 6: forward FLOPs per token per transformer layer = 2 per weight of every "
-    "weight matrix the token passes through (QKV and output projection of every attention "
-    "expert, the FFN weights of its top-k experts, both routers) + 2*n_ctx*d_attn per attention "
-    "expert (d_attn = heads x head dim of one expert); norms, biases, embeddings and the output "
-    "layer excluded. Training FLOPs per token = 3 x forward x num_layers."
-)
-
-
-@dataclass(frozen=True)
-class ParameterCounts:
-    """Parameters of a built model: total, active per token, and the total split by part."""
-
-    total: int
-    active: int
-    by_part: dict[str, int]
-
-
-def flops_per_token(config: BAMConfig, seq_length: int) -> dict[str, int]:
-    """Forward FLOPs per token of one transformer layer in the DESIGN.md §6 convention.
-
-    Kaplan et al. (2020) style, so that dense, BAM and BTX models compare on one scale:
-
-    - ``attention``: 2 x the Q, K, V and output projection weights of every attention expert
-      (soft MoA: a token visits all N; shared KV: one K and V for all), plus 2*n_ctx*d_attn per
-      expert for attending over the context, d_attn = heads x head dim of one expert. That term
-      is the causal half of QK^T and AV (the average token sees n_ctx/2 keys:
-      2 products x (n_ctx/2)*d_attn multiply-adds x 2 FLOPs); a kernel that computes the full
-      masked square does twice that.
-    - ``ffn``: 2 x the weights of the token's top-k FFN experts (the dense MLP for ``dense``).
-    - ``router``: 2 x the attention router (N x d, only when N > 1) and the FFN router (E x d).
-
-    The top-k attention ablation (``attention_router_topk``) is counted as soft MoA: the model
-    still computes every expert's heads.
-    """
-    if seq_length < 1:
-        raise ValueError(f"--seq-length must be >= 1, got {seq_length}")
-    d = config.hidden_size
-    n_attention = config.num_attention_experts
-    d_attn = config.num_attention_heads * config.kv_channels  # one expert's Q (and O) width
-    d_kv = (config.num_query_groups or config.num_attention_heads) * config.kv_channels
-    kv_sets = n_attention if config.attention_kv_mode == "expert" else 1
-    projections = n_attention * 2 * d * d_attn + kv_sets * 2 * d * d_kv  # Q and O; K and V
-    attention = 2 * projections + n_attention * 2 * seq_length * d_attn
-
-    if config.num_moe_experts:
-        ffn_size, topk = config.moe_ffn_hidden_size, config.moe_router_topk
-    else:
-        ffn_size, topk = config.ffn_hidden_size, 1
-    fc1_rows = 2 * ffn_size if config.gated_linear_unit else ffn_size
-    ffn = 2 * topk * (fc1_rows * d + ffn_size * d)
-
-    router_rows = (n_attention if n_attention > 1 else 0) + (config.num_moe_experts or 0)
-    router = 2 * router_rows * d
-    return {"attention": attention, "ffn": ffn, "router": router, "total": attention + ffn + router}
-
-
-def training_flops_per_token(config: BAMConfig, seq_length: int) -> int:
-    """Training FLOPs per token of the whole model: 3 x forward x num_layers (DESIGN.md §6).
-
-    Embeddings and the output layer are excluded, like everything outside the transformer layers.
-    """
-    return 3 * config.num_layers * flops_per_token(config, seq_length)["total"]
-
-
-def _part(name: str) -> str:
-    """Which part of the model a parameter (by its GPTModel name) belongs to."""
-    if name.startswith("embedding."):
-        return "embedding"
-    if name.startswith("output_layer."):
-        return "output_layer"
-    if ".router." in name:
-        return "routers"
-    if ".self_attention." in name:
-        return "attention"
-    if ".mlp." in name:
-        return "ffn"
-    if "layernorm" in name:
-        return "norms"
-    return "other"
-
-
-def count_parameters(model: torch.nn.Module, config: BAMConfig) -> ParameterCounts:
-    """Count the parameters of a built model (meta or real), each shared tensor once.
-
-    Active parameters per token: everything except the FFN experts a token does not visit, i.e.
-    (E - k) / E of the expert parameters of every layer (all attention experts count: soft MoA
-    sends every token to every one).
-    """
-    by_part: dict[str, int] = {}
-    expert_params = 0
-    for name, param in model.named_parameters():  # named_parameters() skips tied duplicates
-        part = _part(name)
-        by_part[part] = by_part.get(part, 0) + param.numel()
-        if ".mlp.experts." in name:
-            expert_params += param.numel()
-    by_part = {part: by_part[part] for part in PARTS if part in by_part}
-    total = sum(by_part.values())
-    experts, topk = config.num_moe_experts, config.moe_router_topk
-    if not experts:
-        return ParameterCounts(total=total, active=total, by_part=by_part)
-    if expert_params % experts:
-        raise ValueError(f"{expert_params} expert parameters are not {experts} equal experts")
-    return ParameterCounts(total=total, active=total - expert_params // experts * (experts - topk), by_part=by_part)
 
 
 @contextlib.contextmanager
@@ -161,7 +59,7 @@ def one_rank_parallel_state() -> Iterator[None]:
             parallel_state.get_expert_model_parallel_world_size(),
         )
         if sizes != (1, 1, 1):
-            raise ValueError(f"counting parameters needs TP = PP = EP = 1, got {sizes}")
+            raise RuntimeError(f"counting parameters needs TP = PP = EP = 1, got {sizes}")
         yield
         return
     cpu_mode_was_active = cpu_mode.is_active()
@@ -191,7 +89,7 @@ def build_meta_model(config: BAMConfig, vocab_size: int, seq_length: int, untie_
     from bam_megatron.model.builder import build_model
 
     if config.perform_initialization or not config.use_cpu_initialization:
-        raise ValueError("a meta model needs use_cpu_initialization=True and perform_initialization=False")
+        raise RuntimeError("a meta model needs use_cpu_initialization=True and perform_initialization=False")
     with torch.device("meta"):
         return build_model(config, vocab_size, seq_length, untie_embeddings, backend="local")
 
@@ -206,15 +104,15 @@ def model_stats(
     """Everything `bam-stats` reports, as one JSON-ready dict (counts on a meta model, FLOPs by
     formula). ``num_experts`` / ``moe_router_topk`` are reported as null for ``dense``."""
     if num_experts < 1:
-        raise ValueError(f"--num-experts must be >= 1, got {num_experts}")
+        raise ConfigError(f"--num-experts must be >= 1, got {num_experts}")
     if not 1 <= moe_router_topk <= num_experts:
-        raise ValueError(f"--moe-router-topk must be in [1, --num-experts {num_experts}], got {moe_router_topk}")
+        raise ConfigError(f"--moe-router-topk must be in [1, --num-experts {num_experts}], got {moe_router_topk}")
     if seq_length < 1:
-        raise ValueError(f"--seq-length must be >= 1, got {seq_length}")
-    from bam_megatron.model.builder import PRESETS, variant_config  # megatron: after the checks
+        raise ConfigError(f"--seq-length must be >= 1, got {seq_length}")
+    from bam_megatron.model.builder import variant_config  # megatron: after the checks
 
     if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+        raise ConfigError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     config = variant_config(
         variant,
         preset,
@@ -310,11 +208,11 @@ def _parser() -> argparse.ArgumentParser:
         ),
         epilog="FLOPs convention: " + FLOPS_CONVENTION,
     )
-    parser.add_argument("--preset", required=True, choices=PRESET_NAMES, help="model sizes (DESIGN.md section 5)")
+    parser.add_argument("--preset", required=True, choices=tuple(PRESETS), help="model sizes (DESIGN.md section 5)")
     parser.add_argument(
         "--variant",
         required=True,
-        choices=VARIANT_NAMES,
+        choices=VARIANTS,
         help="dense: one attention, dense FFN; bam: N attention experts (expert KV) + N FFN "
         "experts; bam-shared-kv: as bam, one K/V shared by the attention experts; btx: one "
         "attention + N FFN experts",
@@ -341,16 +239,16 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
-    """Command-line entry point (`bam-stats`, `python -m bam_megatron.stats`)."""
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Command-line entry point (`bam-stats`, `python -m bam_megatron.stats`); exit code 2 for bad input."""
     args = _parser().parse_args(argv)
-    try:
+
+    def body() -> None:
         stats = model_stats(args.preset, args.variant, args.num_experts, args.moe_router_topk, args.seq_length)
-    except ValueError as error:
-        print(f"bam-stats: error: {' '.join(str(error).split())}", file=sys.stderr)
-        sys.exit(2)
-    print(json.dumps(stats, indent=2) if args.json else format_table(stats))
+        print(json.dumps(stats, indent=2) if args.json else format_table(stats))
+
+    return run_tool("bam-stats", body)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

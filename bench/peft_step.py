@@ -68,8 +68,8 @@ def _argv(settings: dict, config: str) -> list[str]:
 
 
 def _trainer(settings: dict, config: str):
+    from bam_megatron.cli.pretrain import make_trainer
     from bam_megatron.training.arguments import parse_args
-    from bam_megatron.training.loop import make_trainer
 
     return make_trainer(parse_args(_argv(settings, config)))
 

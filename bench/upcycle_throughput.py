@@ -36,34 +36,22 @@ def make_source(directory: str, flags: list[str], seed: int) -> None:
     """Rank body: a randomly initialised dense checkpoint with pretrain_bam.py's metadata."""
     import torch
 
-    from bam_megatron.data.tokenizer import padded_vocab_size
-    from bam_megatron.model.builder import build_model
+    from bam_megatron.checkpoint import CheckpointMeta, store
+    from bam_megatron.model.architecture import padded_vocab_size, resolve_architecture
+    from bam_megatron.model.builder import build_from_architecture
     from bam_megatron.platform.distributed import ParallelSizes, initialize
-    from bam_megatron.training import checkpointing
-    from bam_megatron.training.arguments import parse_args
-    from bam_megatron.training.loop import _resolve_architecture, model_config
+    from bam_megatron.training.arguments import DEFAULT_SEQ_LENGTH, given_architecture, parse_args
 
     initialize(ParallelSizes(), seed=seed)
     args = parse_args(flags + ["--seed", str(seed)])
-    _resolve_architecture(args)
-    args.padded_vocab_size = padded_vocab_size(args.vocab_size, args.make_vocab_size_divisible_by, 1)
-    args.min_lr = 0.1 * args.lr
+    padded = padded_vocab_size(args.vocab_size, args.make_vocab_size_divisible_by, 1)
+    architecture = resolve_architecture(given_architecture(args), args.preset, padded_vocab=padded)
+    seq_length = args.seq_length or DEFAULT_SEQ_LENGTH
     torch.manual_seed(seed)
-    model = build_model(
-        model_config(args),
-        args.padded_vocab_size,
-        args.seq_length,
-        untie_embeddings=args.untie_embeddings_and_output_weights,
-    )
-    meta = {
-        "consumed_samples": 0,
-        "skipped_iterations": 0,
-        "nan_iterations": 0,
-        "args": vars(args).copy(),
-        "data_fingerprint": None,
-        "tokenizer_fingerprint": None,
-    }
-    checkpointing.save_checkpoint(directory, 1, model, None, None, meta)
+    config = architecture.model_config(use_cpu_initialization=True)
+    model = build_from_architecture(architecture, config, seq_length)
+    meta = CheckpointMeta(architecture, seq_length=seq_length, training={"seed": seed})
+    store.save_checkpoint(directory, 1, model, None, None, meta)
 
 
 def size_of(path: str) -> int:

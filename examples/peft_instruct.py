@@ -142,7 +142,7 @@ def _trainable(log: str) -> tuple[int, int]:
 def _architecture_of(base: str) -> list[str]:
     """pretrain_bam.py's architecture flags of a checkpoint (a run must repeat them to load it)."""
     sys.path.insert(0, REPO)
-    from bam_megatron.training.checkpointing import read_meta, resolve_checkpoint
+    from bam_megatron.checkpoint import read_meta, resolve_checkpoint
 
     saved = read_meta(resolve_checkpoint(base))["args"]
     flags = []

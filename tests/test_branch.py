@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from bam_megatron.conversion.branch import main as branch_main
-from bam_megatron.training import checkpointing
+from bam_megatron.checkpoint import store
+from bam_megatron.cli.branch import main as branch_main
 from bam_megatron.training.arguments import parse_args
 from tests.test_training import base_args, run
 
@@ -43,14 +43,14 @@ def branch_argv(corpus, seed: str, out: str) -> list[str]:
 def test_branch_links_the_seed_and_writes_working_phase2_flags(tmp_path, corpus, seed):
     out = tmp_path / "experts"
     assert branch_main(branch_argv(corpus, seed, str(out))) == 0
-    seed_dir = checkpointing.resolve_checkpoint(seed)
+    seed_dir = store.resolve_checkpoint(seed)
     for name, domain in (("code", "code"), ("math", "math")):
         run_dir = out / name
-        init = checkpointing.resolve_checkpoint(str(run_dir / "init"))
+        init = store.resolve_checkpoint(str(run_dir / "init"))
         for file in os.listdir(seed_dir):  # the same bytes on disk: hard links, nothing copied
             assert os.path.samefile(os.path.join(seed_dir, file), os.path.join(init, file))
         lineage = json.loads((run_dir / "lineage.json").read_text())
-        assert lineage["seed"]["iteration"] == 2 and lineage["seed"]["hash"] == checkpointing.checkpoint_hash(seed_dir)
+        assert lineage["seed"]["iteration"] == 2 and lineage["seed"]["hash"] == store.checkpoint_hash(seed_dir)
         flags = parse_args([f"@{run_dir / 'phase2.args'}", "--train-iters", "3"])
         assert flags.data_path == ["0.9", corpus[domain], "0.1", corpus["law"]]
         assert flags.lr == pytest.approx(2e-3) and flags.min_lr == pytest.approx(2e-4)
@@ -59,8 +59,8 @@ def test_branch_links_the_seed_and_writes_working_phase2_flags(tmp_path, corpus,
         assert (flags.variant, flags.hidden_size, flags.seq_length) == ("dense", 64, 32)
     codes, log = run(tmp_path, "phase2", [f"@{out / 'code' / 'phase2.args'}", "--train-iters", "1"], world=1)
     assert codes == [0], log
-    assert f"loaded weights from {checkpointing.resolve_checkpoint(str(out / 'code' / 'init'))}" in log
-    assert checkpointing.latest_iteration(str(out / "code" / "ckpt")) == 1
+    assert f"loaded weights from {store.resolve_checkpoint(str(out / 'code' / 'init'))}" in log
+    assert store.latest_iteration(str(out / "code" / "ckpt")) == 1
 
 
 @pytest.mark.parametrize("case", ["missing-domain", "bad-general-data", "exists", "not-a-checkpoint"])

@@ -9,7 +9,6 @@ against the routers' outputs captured here; a 2-rank run (TP=2 + sequence parall
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -19,10 +18,10 @@ import sys
 import pytest
 import torch
 
+from bam_megatron.checkpoint import store
 from bam_megatron.evaluation.cli import main
 from bam_megatron.testing.distributed import run_distributed
 from bam_megatron.testing.launch import launch
-from bam_megatron.training import checkpointing
 from tests.test_training import SCRIPT, base_args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -75,7 +74,7 @@ def evaluated(tmp_path_factory, corpus, checkpoints):
     by its --save directory, bam by its iter_* directory."""
     output_dir = tmp_path_factory.mktemp("eval") / "out"
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    paths = dict(checkpoints, bam=checkpointing.checkpoint_path(checkpoints["bam"], 2))
+    paths = dict(checkpoints, bam=store.checkpoint_path(checkpoints["bam"], 2))
     proc = subprocess.run(
         [sys.executable, EVAL, *eval_args(corpus, paths, output_dir)],
         env=env,
@@ -99,21 +98,20 @@ def reference(paths: dict[str, str], prefixes: list[str], samples: int, cache: s
     outputs captured by hooks."""
     import torch.nn.functional as F
 
+    from bam_megatron.checkpoint.models import load_model
     from bam_megatron.data.datasets import TokenIds, build_datasets, parse_data_path
     from bam_megatron.data.tokenizer import load_tokenizer
-    from bam_megatron.model.builder import build_model
     from bam_megatron.platform.distributed import ParallelSizes, initialize
-    from bam_megatron.training.loop import model_config
 
     initialize(ParallelSizes())
-    first = argparse.Namespace(**checkpointing.read_meta(next(iter(paths.values())))["args"])
+    first = store.read_meta(next(iter(paths.values())))
     tok = load_tokenizer(first.tokenizer_model)
     # the validation parts exactly as training builds them
     _, valid = build_datasets(
         parse_data_path(prefixes),
-        first.split,
+        first.training["split"],
         first.seq_length,
-        first.seed,
+        first.training["seed"],
         1,
         1,
         TokenIds(tok.eod, tok.pad, tok.vocab_size),
@@ -128,16 +126,7 @@ def reference(paths: dict[str, str], prefixes: list[str], samples: int, cache: s
         }
     out = {}
     for name, path in paths.items():
-        args = argparse.Namespace(**checkpointing.read_meta(path)["args"])
-        args.hidden_dropout = args.attention_dropout = 0.0
-        model = build_model(
-            model_config(args),
-            args.padded_vocab_size,
-            args.seq_length,
-            untie_embeddings=args.untie_embeddings_and_output_weights,
-        )
-        checkpointing.load_checkpoint(path, model, load_rng=False)
-        model.eval()
+        model = load_model(path)
         captured = {"attention_gates": {}, "ffn_selection": {}}
         for i, layer in enumerate(model.decoder.layers):
             if hasattr(layer.self_attention, "router"):
@@ -192,7 +181,7 @@ def test_perplexity_table_rows_columns_and_average(evaluated):
 
 
 def test_perplexity_is_exp_of_mean_token_loss(evaluated, checkpoints, corpus, tmp_path):
-    paths = {m: checkpointing.checkpoint_path(checkpoints[m], 2) for m in ("seed", "bam")}
+    paths = {m: store.checkpoint_path(checkpoints[m], 2) for m in ("seed", "bam")}
     (expected,) = run_distributed(reference, 1, args=(paths, [corpus[d] for d in DOMAINS], SAMPLES, str(tmp_path)))
     for model in paths:
         got = evaluated["perplexity"]["models"][model]["perplexity"]

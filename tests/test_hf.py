@@ -63,7 +63,7 @@ def common(corpus, save: str, *extra: str) -> list[str]:
 
 
 def _pretrain(argvs: list[list[str]]) -> list[int]:
-    from bam_megatron.training.loop import main
+    from bam_megatron.cli.pretrain import main
 
     return [main(argv) for argv in argvs]
 
@@ -118,12 +118,12 @@ def convert(*argv: str) -> tuple[int, str]:
 
 def our_logits(checkpoint: str, tokens: torch.Tensor) -> torch.Tensor:
     """Rank body: logits [b, s, vocab] of our model (megatron-core, one rank) from ``checkpoint``."""
+    from bam_megatron.checkpoint import store
     from bam_megatron.conversion.hf import megatron_io
-    from bam_megatron.training import checkpointing
 
     path, meta = megatron_io.read_checkpoint(checkpoint)
-    model, _ = megatron_io.build_one_rank_model(meta["args"])
-    checkpointing.load_checkpoint(path, model, load_rng=False)
+    model, _ = megatron_io.build_one_rank_model(meta.architecture, meta.seq_length)
+    store.load_checkpoint(path, model, load_rng=False)
     model.eval()
     with torch.no_grad():
         return model(tokens, torch.arange(tokens.shape[1]).expand_as(tokens), None)
@@ -204,12 +204,12 @@ def test_export_import_export_is_byte_identical(sources, tmp_path, corpus):
     )
     assert sorted(full) == sorted(half) and all(torch.equal(full[n].bfloat16(), half[n]) for n in full)
     assert json.load(open(tmp_path / "bf16" / "config.json"))["dtype"] == "bfloat16"
+    from bam_megatron.checkpoint import store
     from bam_megatron.data.tokenizer import load_tokenizer
-    from bam_megatron.training import checkpointing
 
-    meta = checkpointing.read_meta(checkpointing.resolve_checkpoint(str(tmp_path / "seed")))
-    assert meta["tokenizer_fingerprint"] == load_tokenizer(corpus["tokenizer"]).fingerprint
-    assert meta["args"]["normalization"] == "LayerNorm" and meta["args"]["padded_vocab_size"] == 512
+    meta = store.read_meta(store.resolve_checkpoint(str(tmp_path / "seed")))
+    assert meta.tokenizer_fingerprint == load_tokenizer(corpus["tokenizer"]).fingerprint
+    assert meta.architecture.normalization == "LayerNorm" and meta.architecture.padded_vocab_size == 512
 
 
 def cohere_directory(path: str, tokenizer: str) -> torch.Tensor:

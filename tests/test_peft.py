@@ -45,11 +45,12 @@ def single_rank_checks(checkpoint_dir: str) -> dict:
     """Rank body (one rank): every check that needs a built model but no parallelism."""
     from megatron.core.transformer.mlp import MLP
 
+    from bam_megatron.checkpoint import CheckpointMeta, store
+    from bam_megatron.model.architecture import Architecture
     from bam_megatron.model.builder import build_model
     from bam_megatron.peft import checkpoint as peft_checkpoint
     from bam_megatron.platform.distributed import initialize
-    from bam_megatron.training import checkpointing
-    from tests.tiny_gpt import SEQ, VOCAB, bam_config
+    from tests.tiny_gpt import NUM_EXPERTS, SEQ, VOCAB, bam_config
 
     initialize(ParallelSizes(), seed=1234)
     tokens = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(0))
@@ -107,13 +108,12 @@ def single_rank_checks(checkpoint_dir: str) -> dict:
     apply_peft(model, PeftConfig("molora", **SMALL))
     _randomize_adapters(model)
     saved = {n: p.detach().clone() for n, p in model.named_parameters()}
-    checkpointing.save_checkpoint(checkpoint_dir, 1, peft_checkpoint.adapters_of(model), None, None, {"args": {}})
+    meta = CheckpointMeta(Architecture("bam", 2, 64, 128, 4, 2, VOCAB, num_experts=NUM_EXPERTS), seq_length=SEQ)
+    store.save_checkpoint(checkpoint_dir, 1, peft_checkpoint.adapters_of(model), None, None, meta)
     fresh = build_model(bam_config(ParallelSizes(), "bam"), VOCAB, SEQ)
     apply_peft(fresh, PeftConfig("molora", **SMALL))
     base_before = {n: p.detach().clone() for n, p in fresh.named_parameters() if not is_adapter_name(n)}
-    checkpointing.load_checkpoint(
-        checkpointing.checkpoint_path(checkpoint_dir, 1), peft_checkpoint.adapters_of(fresh), load_rng=False
-    )
+    store.load_checkpoint(store.checkpoint_path(checkpoint_dir, 1), peft_checkpoint.adapters_of(fresh), load_rng=False)
     now = dict(fresh.named_parameters())
     out["restored"] = all(torch.equal(now[n], saved[n]) for n in saved if is_adapter_name(n))
     out["base_untouched"] = all(torch.equal(now[n], p) for n, p in base_before.items())
@@ -302,8 +302,8 @@ def _instruct_files(tmp_path) -> list[str]:
 
 def train_in_process(argv: list[str]) -> dict:
     """Rank body: one pretrain_bam.py run in this process; which parameters changed."""
+    from bam_megatron.cli.pretrain import make_trainer
     from bam_megatron.training.arguments import parse_args
-    from bam_megatron.training.loop import make_trainer
 
     trainer = make_trainer(parse_args(argv))
     before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
@@ -375,8 +375,8 @@ def test_pretrain_peft_saves_adapters_and_resumes_exactly(tmp_path, corpus, base
 
 
 def test_adapters_on_another_base_or_with_other_sizes_are_refused(tmp_path, corpus, base_checkpoint):
+    from bam_megatron.checkpoint import CheckpointError
     from bam_megatron.peft import checkpoint as peft_checkpoint
-    from bam_megatron.training.checkpointing import CheckpointError
 
     data = _instruct_files(tmp_path)
     adapters = tmp_path / "adapters"
@@ -411,7 +411,7 @@ def test_adapters_on_another_base_or_with_other_sizes_are_refused(tmp_path, corp
     assert found.base == os.path.join(base_checkpoint, "iter_0000002")
     with pytest.raises(CheckpointError, match="--peft-num-experts 2, but this run has 4"):
         peft_checkpoint.check_same_adapters(
-            found.adapters, found.adapters_meta["peft"], PeftConfig("mov", num_experts=4).to_dict()
+            found.adapters, found.adapters_meta.peft, PeftConfig("mov", num_experts=4).to_dict()
         )
 
 

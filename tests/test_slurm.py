@@ -32,8 +32,8 @@ from pathlib import Path
 
 import pytest
 
+from bam_megatron.checkpoint import store
 from bam_megatron.platform.distributed import free_port
-from bam_megatron.training import checkpointing
 
 REPO = Path(__file__).resolve().parent.parent
 SLURM_DIR = REPO / "examples" / "slurm"
@@ -326,7 +326,7 @@ def test_phase1_preempted_saves_requeues_and_resumes(seed, work):
     assert f"resumed from {work}/runs/seed/iter_{saved:07d} at iteration {saved}" in resumed, resumed
     # Checkpoints: the preemption's and the last; every iteration trained exactly once.
     seed_dir = work / "runs" / "seed"
-    assert checkpointing.latest_iteration(str(seed_dir)) == SEED_ITERS
+    assert store.latest_iteration(str(seed_dir)) == SEED_ITERS
     assert (seed_dir / f"iter_{saved:07d}").is_dir()
     records = [json.loads(line) for line in open(seed_dir / "metrics.jsonl")]
     assert [r["iteration"] for r in records if r["kind"] == "train"] == list(range(1, SEED_ITERS + 1))
@@ -379,14 +379,14 @@ def test_phase2_array_trains_one_expert_per_task(experts, work):
     for index, name in enumerate(("code", "math")):
         assert f"expert {name}: {work}/runs/experts/{name} (latest checkpoint: none)" in outs[index]
         log = read(rank_logs(work, "bam-experts", f"{job_id}_{index}", 0) / "rank0.log")
-        init = checkpointing.resolve_checkpoint(str(work / "runs" / "experts" / name / "init"))
+        init = store.resolve_checkpoint(str(work / "runs" / "experts" / name / "init"))
         assert f"loaded weights from {init}" in log, log
     assert (jobs[0]["JobState"], jobs[0]["ExitCode"]) == ("COMPLETED", "0:0"), outs[0]
-    assert checkpointing.latest_iteration(str(work / "runs" / "experts" / "code" / "ckpt")) == EXPERT_ITERS
+    assert store.latest_iteration(str(work / "runs" / "experts" / "code" / "ckpt")) == EXPERT_ITERS
     # scancel: the ranks save and stop; the job is not requeued (a cancelled job stays cancelled).
     assert (jobs[1]["JobState"], jobs[1]["Restarts"]) == ("CANCELLED", "0"), outs[1]
     assert 2 <= math_saved < EXPERT_ITERS
-    assert checkpointing.latest_iteration(str(work / "runs" / "experts" / "math" / "ckpt")) == math_saved
+    assert store.latest_iteration(str(work / "runs" / "experts" / "math" / "ckpt")) == math_saved
     assert "SIGTERM: the job is cancelled or out of time" in outs[1] and "not requeued" in outs[1], outs[1]
     assert "requeued job" not in outs[1]
 
@@ -405,9 +405,9 @@ def test_phase3_upcycles_then_trains_the_mixture(slurm, work, corpus, experts):
     assert sorted(p.name for p in logs.iterdir()) == ["rank0.log", "rank1.log", "upcycle.log"]
     log = read(logs / "rank0.log")
     assert f"loaded weights from {work}/runs/bam-init/iter_0000000" in log, log
-    assert checkpointing.latest_iteration(str(work / "runs" / "bam")) == 2
-    meta = checkpointing.read_meta(str(work / "runs" / "bam" / "iter_0000002"))
-    assert (meta["args"]["variant"], meta["args"]["num_experts"]) == ("bam", 3)
+    assert store.latest_iteration(str(work / "runs" / "bam")) == 2
+    meta = store.read_meta(str(work / "runs" / "bam" / "iter_0000002"))
+    assert (meta.architecture.variant, meta.architecture.num_experts) == ("bam", 3)
 
 
 def test_container_dry_run_and_bad_input(slurm, work, tmp_path, corpus):

@@ -10,8 +10,10 @@ import sys
 import pytest
 
 from bam_megatron.data.errors import DataError
-from bam_megatron.data.tokenizer import SPECIAL_IDS, load_tokenizer, padded_vocab_size
+from bam_megatron.data.tokenizer import SPECIAL_IDS, load_tokenizer
 from bam_megatron.data.train_tokenizer import main as train_main
+from bam_megatron.errors import ConfigError
+from bam_megatron.model.architecture import padded_vocab_size
 from tests.data_fixtures import TRICKY_TEXTS, VOCAB_SIZE, write_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -73,7 +75,7 @@ def test_padded_vocab_size_matches_megatron(vocab, divisible_by, tp, expected):
 
 @pytest.mark.parametrize("bad", [(0, 128, 1), (50257, 0, 1), (50257, 128, 0), (1.5, 128, 1)])
 def test_padded_vocab_size_rejects_non_positive(bad):
-    with pytest.raises(DataError):
+    with pytest.raises(ConfigError):
         padded_vocab_size(*bad)
 
 

@@ -7,7 +7,6 @@ exit codes and PIDs are visible to the test.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal
@@ -16,10 +15,10 @@ import time
 import pytest
 import torch
 
+from bam_megatron.checkpoint import store
 from bam_megatron.platform.distributed import ParallelSizes
 from bam_megatron.testing.distributed import run_distributed
 from bam_megatron.testing.launch import launch
-from bam_megatron.training import checkpointing
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "pretrain_bam.py")
@@ -127,12 +126,12 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint(tmp_path, corpus):
         time.sleep(0.2)
     ranks.signal(signal.SIGKILL)
     ranks.wait(30)
-    assert checkpointing.latest_iteration(str(ckpt)) == 2
+    assert store.latest_iteration(str(ckpt)) == 2
     assert not (ckpt / "iter_0000004").exists()
     codes, out = run(tmp_path, "resumed", args)
     assert codes == [0, 0], out
     assert "at iteration 2" in out
-    assert checkpointing.latest_iteration(str(ckpt)) == 6 and not in_progress.exists()
+    assert store.latest_iteration(str(ckpt)) == 6 and not in_progress.exists()
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
@@ -146,7 +145,7 @@ def test_preemption_signal_saves_and_exits_with_code_3(tmp_path, corpus, signum)
         time.sleep(0.2)
     ranks.signal(signum)
     assert ranks.wait(120) == [3, 3], ranks.output(0)
-    saved = checkpointing.latest_iteration(str(ckpt))
+    saved = store.latest_iteration(str(ckpt))
     assert saved is not None and saved >= 2
     assert "preemption signal received" in ranks.output(0)
 
@@ -196,25 +195,14 @@ def logits_from_checkpoint(path: str, sizes: ParallelSizes):
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
-    from bam_megatron.model.builder import build_model
+    from bam_megatron.checkpoint.models import load_model
     from bam_megatron.platform.distributed import initialize
-    from bam_megatron.training.loop import model_config
 
     initialize(sizes)
-    args = argparse.Namespace(**checkpointing.read_meta(path)["args"])
-    args.tensor_model_parallel_size, args.pipeline_model_parallel_size = sizes.tensor, sizes.pipeline
-    args.expert_model_parallel_size, args.sequence_parallel = sizes.expert, sizes.sequence_parallel
-    args.hidden_dropout = args.attention_dropout = 0.0
-    model = build_model(
-        model_config(args),
-        args.padded_vocab_size,
-        args.seq_length,
-        untie_embeddings=args.untie_embeddings_and_output_weights,
-    )
-    checkpointing.load_checkpoint(path, model, load_rng=False)
-    model.eval()
-    tokens = torch.arange(2 * args.seq_length).view(2, -1) % 200
-    positions = torch.arange(args.seq_length).unsqueeze(0).expand_as(tokens)
+    model = load_model(path, None, sizes.tensor, sizes.pipeline, sizes.expert, sizes.sequence_parallel)
+    seq_length = store.read_meta(path).seq_length
+    tokens = torch.arange(2 * seq_length).view(2, -1) % 200
+    positions = torch.arange(seq_length).unsqueeze(0).expand_as(tokens)
 
     def forward_step(data_iterator, model):  # the pipeline schedule runs every stage
         output = model(tokens, positions, None)
@@ -228,7 +216,7 @@ def logits_from_checkpoint(path: str, sizes: ParallelSizes):
         data_iterator=iter([None]),
         model=[model],
         num_microbatches=1,
-        seq_length=args.seq_length,
+        seq_length=seq_length,
         micro_batch_size=2,
         forward_only=True,
     )
@@ -250,7 +238,7 @@ def test_checkpoint_reshards_to_one_rank(tmp_path, corpus, saved_with):
     ckpt = tmp_path / "ckpt"
     codes, out = run(tmp_path, "save", base_args(corpus, "--train-iters", "2", "--save", str(ckpt), *saved_with))
     assert codes == [0, 0], out
-    path = checkpointing.checkpoint_path(str(ckpt), 2)
+    path = store.checkpoint_path(str(ckpt), 2)
     sizes = ParallelSizes(
         tensor=2 if "--tensor-model-parallel-size" in saved_with else 1,
         pipeline=2 if "--pipeline-model-parallel-size" in saved_with else 1,

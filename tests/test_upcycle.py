@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -11,10 +10,10 @@ import sys
 import pytest
 import torch
 
+from bam_megatron.checkpoint import store
 from bam_megatron.conversion.upcycle import main as upcycle_main
 from bam_megatron.platform.distributed import ParallelSizes
 from bam_megatron.testing.distributed import run_distributed
-from bam_megatron.training import checkpointing
 from tests.test_training import base_args, logits_from_checkpoint, run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,26 +46,16 @@ def sources(tmp_path_factory, corpus):
 
 def weights(path: str) -> dict[str, torch.Tensor]:
     """Rank body: the checkpoint's parameters as full tensors (one rank)."""
-    from bam_megatron.model.builder import build_model
+    from bam_megatron.checkpoint.models import load_model
     from bam_megatron.platform.distributed import initialize
-    from bam_megatron.training.loop import model_config
 
     initialize(ParallelSizes())
-    args = argparse.Namespace(**checkpointing.read_meta(path)["args"])
-    args.tensor_model_parallel_size = args.pipeline_model_parallel_size = args.expert_model_parallel_size = 1
-    args.sequence_parallel = False
-    model = build_model(
-        model_config(args),
-        args.padded_vocab_size,
-        args.seq_length,
-        untie_embeddings=args.untie_embeddings_and_output_weights,
-    )
-    checkpointing.load_checkpoint(path, model, load_rng=False)
+    model = load_model(path)
     return {name: p.detach().clone() for name, p in model.named_parameters()}
 
 
 def load(path: str) -> dict[str, torch.Tensor]:
-    (w,) = run_distributed(weights, 1, args=(checkpointing.resolve_checkpoint(path),))
+    (w,) = run_distributed(weights, 1, args=(store.resolve_checkpoint(path),))
     return w
 
 
@@ -158,8 +147,8 @@ def test_identical_copies_reproduce_the_dense_model(tmp_path, sources, method):
         str(tmp_path / "copies"),
     ]
     assert run_distributed(_upcycle_in_rank, 1, args=(argv,)) == [0]
-    out = checkpointing.resolve_checkpoint(str(tmp_path / "copies"))
-    dense = checkpointing.resolve_checkpoint(sources["seed"])
+    out = store.resolve_checkpoint(str(tmp_path / "copies"))
+    dense = store.resolve_checkpoint(sources["seed"])
     (moe_logits,) = run_distributed(renormalised_logits, 1, args=(out, ParallelSizes()))
     (dense_logits,) = run_distributed(logits_from_checkpoint, 1, args=(dense, ParallelSizes()))
     torch.testing.assert_close(moe_logits, dense_logits, rtol=1e-5, atol=1e-5)
@@ -181,7 +170,7 @@ def test_sources_saved_at_tp2_give_the_same_logits_at_any_target_layout(tmp_path
         "2",
     ]
     assert run_distributed(_upcycle_in_rank, 1, args=(argv,)) == [0]
-    path = checkpointing.resolve_checkpoint(str(tmp_path / "mixed"))
+    path = store.resolve_checkpoint(str(tmp_path / "mixed"))
     (one,) = run_distributed(logits_from_checkpoint, 1, args=(path, ParallelSizes()))
     ep2 = [
         x for x in run_distributed(logits_from_checkpoint, 2, args=(path, ParallelSizes(expert=2))) if x is not None
@@ -251,7 +240,8 @@ def test_bad_input_is_refused_before_writing(tmp_path, sources, corpus, case, ex
 
 def _upcycle_watching_memory(argv, fail_at_layer):
     """Rank body: upcycle while recording which units of the MoE hold real storage at each fill."""
-    from bam_megatron.conversion import layerwise, upcycle
+    from bam_megatron.checkpoint import layerwise
+    from bam_megatron.conversion import upcycle
 
     seen, models, fill = [], [], upcycle._Mixer.__call__
 

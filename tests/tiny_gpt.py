@@ -17,8 +17,9 @@ from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from bam_megatron.model.builder import VARIANTS, build_model, variant_config
+from bam_megatron.model.builder import build_model, variant_config
 from bam_megatron.model.gpt import build_gpt, local_gpt_layer_spec
+from bam_megatron.model.variants import VARIANTS
 from bam_megatron.platform.distributed import ParallelSizes, initialize
 from bam_megatron.testing.shards import load_full_weights, local_shards
 

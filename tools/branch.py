@@ -2,7 +2,7 @@
 
 import sys
 
-from bam_megatron.conversion.branch import main
+from bam_megatron.cli.branch import main
 
 if __name__ == "__main__":
     sys.exit(main())

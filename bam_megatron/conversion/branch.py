@@ -9,8 +9,9 @@ For each expert NAME it writes, atomically (a temp directory renamed when comple
     OUT/NAME/init/          the seed checkpoint, hard-linked (no bytes copied where the
                             filesystem allows it; copied otherwise)
     OUT/NAME/lineage.json   seed path, iteration and hash; the phase-2 settings
-    OUT/NAME/phase2.args    pretrain_bam.py flags (argparse @file): the seed's architecture and
-                            training flags, the domain mixture (1 - f of the domain, f general),
+    OUT/NAME/phase2.args    pretrain_bam.py flags (argparse @file): the seed's training flags
+                            (not its architecture, which pretrain_bam.py reads from the seed
+                            checkpoint), the domain mixture (1 - f of the domain, f general),
                             the seed's peak LR x --lr-scale, --pretrained-checkpoint OUT/NAME/init,
                             --load/--save OUT/NAME/ckpt
 
@@ -24,13 +25,15 @@ import argparse
 import json
 import os
 import shutil
-import sys
-from collections.abc import Sequence
-from typing import Optional
+from collections.abc import Callable, Mapping
+from typing import Any
 
-from bam_megatron.training import checkpointing
+from bam_megatron import checkpoint
+from bam_megatron.checkpoint import CheckpointError, CheckpointMeta
+from bam_megatron.errors import UserError
 
-# Seed flags that phase 2 must not inherit: they name the seed's own run, data or length.
+# Seed settings that phase 2 must not inherit: they name the seed's own run, data or length, or
+# derive the architecture (which comes from the seed checkpoint itself).
 NOT_INHERITED = {
     "data_path",
     "load",
@@ -43,36 +46,20 @@ NOT_INHERITED = {
     "min_lr",
     "tensorboard_dir",
     "metrics_file",
-    "padded_vocab_size",
     "exit_interval",
     "global_batch_size",
-    "num_experts",
+    "preset",
+    "vocab_size",
+    "make_vocab_size_divisible_by",
+    "seq_length",
 }
 
+FlagWriter = Callable[[Mapping[str, Any]], list[str]]
+"""Renders settings (flag dest -> value) as pretrain_bam.py flags (`bam_megatron.training.arguments.as_flags`)."""
 
-class BranchError(ValueError):
+
+class BranchError(UserError):
     """Bad input to branch.py; one line naming it."""
-
-
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    """Flags of tools/branch.py."""
-    p = argparse.ArgumentParser(
-        prog="branch.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--seed-checkpoint", required=True, help="the seed: a --save directory or an iter_* directory")
-    p.add_argument("--output-dir", required=True)
-    p.add_argument("--experts", nargs="+", required=True, metavar="NAME")
-    p.add_argument(
-        "--domain-data",
-        nargs="+",
-        required=True,
-        metavar="NAME=PREFIX",
-        help="each expert's domain corpus (indexed-dataset prefix)",
-    )
-    p.add_argument("--general-data", required=True, metavar="PREFIX", help="general data mixed into every domain")
-    p.add_argument("--general-fraction", type=float, default=0.1, help="share of general data in phase 2")
-    p.add_argument("--lr-scale", type=float, default=0.5, help="phase-2 peak LR = the seed's x this")
-    return p.parse_args(argv)
 
 
 def _link_tree(src: str, dst: str) -> None:
@@ -89,58 +76,35 @@ def _link_tree(src: str, dst: str) -> None:
             shutil.copy2(s, d)
 
 
-def phase2_flags(seed_args: dict, name: str, domain: str, general: str, args, out: str, init: str) -> list[str]:
-    """pretrain_bam.py flags for expert ``name``: inherited from the seed, then phase-2 settings."""
-    from bam_megatron.training.arguments import build_parser
-
-    flags: list[str] = []
-    for action in build_parser()._actions:  # the seed's values, in pretrain_bam.py's own flag names
-        key = action.dest
-        if key in NOT_INHERITED or key == "help" or key not in seed_args or not action.option_strings:
-            continue
-        value, default = seed_args[key], action.default
-        if value is None or value == default or value == []:
-            continue
-        flag = action.option_strings[0]
-        if action.nargs == 0:  # store_true / BooleanOptionalAction
-            flags.append(flag if value else f"--no-{flag[2:]}")
-        elif isinstance(value, list):
-            flags += [flag, *map(str, value)]
-        else:
-            flags += [flag, str(value)]
-    lr = seed_args["lr"] * args.lr_scale
-    flags += [
-        "--data-path",
-        str(1 - args.general_fraction),
-        domain,
-        str(args.general_fraction),
-        general,
-        "--lr",
-        repr(lr),
-        "--min-lr",
-        repr(0.1 * lr),
-        "--pretrained-checkpoint",
-        init,
-        "--load",
-        os.path.join(out, "ckpt"),
-        "--save",
-        os.path.join(out, "ckpt"),
-    ]
-    return flags
+def phase2_flags(
+    seed: CheckpointMeta, domain: str, general: str, args, out: str, init: str, as_flags: FlagWriter
+) -> list[str]:
+    """pretrain_bam.py flags for one expert: the seed's training settings, then phase-2 settings."""
+    inherited = {k: v for k, v in seed.training.items() if k not in NOT_INHERITED}
+    lr = seed.training.get("lr", 3e-4) * args.lr_scale
+    phase2 = {
+        "data_path": [str(1 - args.general_fraction), domain, str(args.general_fraction), general],
+        "lr": repr(lr),
+        "min_lr": repr(0.1 * lr),
+        "pretrained_checkpoint": init,
+        "load": os.path.join(out, "ckpt"),
+        "save": os.path.join(out, "ckpt"),
+    }
+    return as_flags(inherited) + as_flags(phase2)
 
 
-def branch(args: argparse.Namespace) -> list[str]:
-    """Create the expert runs; return their directories."""
+def branch(args: argparse.Namespace, as_flags: FlagWriter) -> list[str]:
+    """Create the expert runs; return their directories. ``as_flags`` writes pretrain_bam.py flags."""
     from bam_megatron.data.datasets import check_indexed_dataset
     from bam_megatron.data.errors import DataError
 
     try:
-        seed = checkpointing.resolve_checkpoint(args.seed_checkpoint)
-        meta = checkpointing.read_meta(seed)
-    except checkpointing.CheckpointError as error:
+        seed = checkpoint.resolve_checkpoint(args.seed_checkpoint)
+        meta = checkpoint.read_meta(seed)
+    except CheckpointError as error:
         raise BranchError(f"--seed-checkpoint: {error}") from None
-    if meta["args"]["variant"] != "dense":
-        raise BranchError(f"--seed-checkpoint {seed} is a {meta['args']['variant']} model; the seed must be dense")
+    if meta.architecture.variant != "dense":
+        raise BranchError(f"--seed-checkpoint {seed} is a {meta.architecture.variant} model; the seed must be dense")
     if not 0 < args.general_fraction < 1:
         raise BranchError(f"--general-fraction must be in (0, 1), got {args.general_fraction}")
     domains = dict(spec.split("=", 1) for spec in args.domain_data if "=" in spec)
@@ -160,7 +124,7 @@ def branch(args: argparse.Namespace) -> list[str]:
     if existing:
         raise BranchError(f"{os.path.join(args.output_dir, existing[0])} already exists")
 
-    seed_hash = checkpointing.checkpoint_hash(seed)
+    seed_hash = checkpoint.checkpoint_hash(seed)
     made = []
     for name in args.experts:
         out = os.path.join(args.output_dir, name)
@@ -170,14 +134,14 @@ def branch(args: argparse.Namespace) -> list[str]:
             init = os.path.join(out, "init")
             iteration_dir = os.path.basename(seed)
             _link_tree(seed, os.path.join(tmp, "init", iteration_dir))
-            with open(os.path.join(tmp, "init", checkpointing.LATEST), "w") as f:
-                f.write(str(meta["iteration"]))
-            flags = phase2_flags(meta["args"], name, domains[name], args.general_data, args, out, init)
+            with open(os.path.join(tmp, "init", checkpoint.LATEST), "w") as f:
+                f.write(str(meta.iteration))
+            flags = phase2_flags(meta, domains[name], args.general_data, args, out, init, as_flags)
             with open(os.path.join(tmp, "phase2.args"), "w") as f:
                 f.write("\n".join(flags) + "\n")
             lineage = {
                 "expert": name,
-                "seed": {"path": os.path.abspath(seed), "iteration": meta["iteration"], "hash": seed_hash},
+                "seed": {"path": os.path.abspath(seed), "iteration": meta.iteration, "hash": seed_hash},
                 "domain_data": domains[name],
                 "general_data": args.general_data,
                 "general_fraction": args.general_fraction,
@@ -193,13 +157,3 @@ def branch(args: argparse.Namespace) -> list[str]:
         made.append(out)
         print(f"branched {name}: {out} (phase 2: pretrain_bam.py @{os.path.join(out, 'phase2.args')} --train-iters N)")
     return made
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of tools/branch.py; exit code 2 for bad input."""
-    try:
-        branch(parse_args(argv))
-    except BranchError as error:
-        print(f"branch.py: error: {error}", file=sys.stderr, flush=True)
-        return 2
-    return 0

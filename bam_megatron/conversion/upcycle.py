@@ -28,7 +28,6 @@ import json
 import os
 import resource
 import shutil
-import sys
 import time
 import zlib
 from collections.abc import Sequence
@@ -37,25 +36,28 @@ from typing import Optional
 
 import torch
 
+from bam_megatron import checkpoint
+from bam_megatron.checkpoint import CheckpointError, CheckpointMeta, check_same_architecture
+from bam_megatron.errors import ConfigError, UserError, run_tool
+from bam_megatron.model.architecture import Architecture, padded_vocab_size
+from bam_megatron.model.variants import DEFAULT_NUM_EXPERTS
+
 METHODS = ("bam", "bam-shared-kv", "btx", "sparse")
-# Source flags that must agree: they define the dense architecture every source shares.
-# (The padded vocabulary may differ: it depends on the TP size a source was trained with.)
-ARCHITECTURE = (
-    "variant",
-    "num_layers",
-    "hidden_size",
-    "ffn_hidden_size",
-    "num_attention_heads",
-    "num_query_groups",
-    "block_type",
-    "untie_embeddings_and_output_weights",
-    "seq_length",
-    "normalization",
-    "rotary_base",
-)
+"""What bam-upcycle builds; each is a model variant except ``sparse``, which builds a ``btx`` model."""
+# The target-layout flags of bam-upcycle, in the words of the model checks (which name pretrain_bam.py's).
+TARGET_FLAGS = {
+    "--tensor-model-parallel-size": "--target-tensor-parallel-size",
+    "--pipeline-model-parallel-size": "--target-pipeline-parallel-size",
+    "--expert-model-parallel-size": "--target-expert-parallel-size",
+}
 
 
-class UpcycleError(ValueError):
+def variant_of(method: str) -> str:
+    """The model variant a method builds (sparse upcycling builds the BTX architecture)."""
+    return "btx" if method == "sparse" else method
+
+
+class UpcycleError(UserError):
     """A source or a target setting that makes upcycling impossible; one line naming it."""
 
 
@@ -65,7 +67,12 @@ class Source:
 
     name: str
     path: str  # the iter_* directory
-    meta: dict
+    meta: CheckpointMeta
+
+    @property
+    def label(self) -> str:
+        """'source NAME (PATH)', for messages."""
+        return f"source {self.name} ({self.path})"
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -97,17 +104,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def read_sources(specs: Sequence[str]) -> list[Source]:
     """NAME=DIR flags -> sources with their checkpoint meta; names must be unique."""
-    from bam_megatron.training import checkpointing
-
     sources = []
     for spec in specs:
         name, sep, path = spec.partition("=")
         if not sep or not name or not path:
             raise UpcycleError(f"--expert {spec!r}: expected NAME=DIR")
         try:
-            resolved = checkpointing.resolve_checkpoint(path)
-            meta = checkpointing.read_meta(resolved)
-        except checkpointing.CheckpointError as error:
+            resolved = checkpoint.resolve_checkpoint(path)
+            meta = checkpoint.read_meta(resolved)
+        except CheckpointError as error:
             raise UpcycleError(f"source {name}: {error}") from None
         sources.append(Source(name, resolved, meta))
     names = [s.name for s in sources]
@@ -116,24 +121,25 @@ def read_sources(specs: Sequence[str]) -> list[Source]:
     return sources
 
 
-def validate(sources: Sequence[Source], args: argparse.Namespace) -> int:
-    """Check the sources agree and the target layout fits; return the number of experts."""
+def validate(sources: Sequence[Source], args: argparse.Namespace) -> Architecture:
+    """Check the sources agree and the target layout fits; return the MoE's architecture."""
     first = sources[0]
     for s in sources:
-        if s.meta["args"]["variant"] != "dense":
-            raise UpcycleError(f"source {s.name} is a {s.meta['args']['variant']} model; sources must be dense")
-        for key in ARCHITECTURE:
-            if s.meta["args"].get(key) != first.meta["args"].get(key):
-                raise UpcycleError(
-                    f"source {s.name} has {key}={s.meta['args'].get(key)}, but {first.name} has "
-                    f"{first.meta['args'].get(key)}: sources must share one architecture"
-                )
-        if s.meta.get("tokenizer_fingerprint") != first.meta.get("tokenizer_fingerprint"):
+        if s.meta.architecture.variant != "dense":
+            raise UpcycleError(f"source {s.name} is a {s.meta.architecture.variant} model; sources must be dense")
+        # The padded vocabulary may differ: it depends on the TP size a source was trained with.
+        try:
+            check_same_architecture(
+                s.meta.architecture, s.label, first.meta.architecture, first.label, ignore=("padded_vocab_size",)
+            )
+        except CheckpointError as error:
+            raise UpcycleError(f"{error}: sources must share one architecture") from None
+        if s.meta.tokenizer_fingerprint != first.meta.tokenizer_fingerprint:
             raise UpcycleError(f"source {s.name} was trained with another tokenizer than {first.name}")
     if args.method == "sparse":
         if len(sources) != 1:
             raise UpcycleError("--method sparse copies one source: give exactly one --expert")
-        experts = args.num_experts or 4
+        experts = args.num_experts or DEFAULT_NUM_EXPERTS
     else:
         if args.num_experts is not None and args.num_experts != len(sources):
             raise UpcycleError(f"--num-experts {args.num_experts} differs from the {len(sources)} sources")
@@ -142,62 +148,42 @@ def validate(sources: Sequence[Source], args: argparse.Namespace) -> int:
             raise UpcycleError(f"--method {args.method} needs at least 2 sources")
     if args.method == "bam-shared-kv" and args.shared_kv_init not in ["average", *(s.name for s in sources)]:
         raise UpcycleError(f"--shared-kv-init {args.shared_kv_init!r}: 'average' or one of the source names")
-    a = first.meta["args"]
     if not 1 <= args.moe_router_topk <= experts:
         raise UpcycleError(f"--moe-router-topk {args.moe_router_topk} must be in [1, {experts}]")
-    if experts % args.target_expert_parallel_size:
-        raise UpcycleError(
-            f"{experts} experts are not divisible by --target-expert-parallel-size {args.target_expert_parallel_size}"
+    target = target_architecture(sources, args, experts)
+    try:
+        target.check_layout(
+            args.target_tensor_parallel_size, args.target_pipeline_parallel_size, args.target_expert_parallel_size
         )
-    heads = a["num_attention_heads"] * (experts if args.method in ("bam", "bam-shared-kv") else 1)
-    if heads % args.target_tensor_parallel_size:
-        raise UpcycleError(
-            f"{heads} attention heads are not divisible by "
-            f"--target-tensor-parallel-size {args.target_tensor_parallel_size}"
-        )
-    if a["num_layers"] % args.target_pipeline_parallel_size:
-        raise UpcycleError(
-            f"{a['num_layers']} layers are not divisible by "
-            f"--target-pipeline-parallel-size {args.target_pipeline_parallel_size}"
-        )
-    return experts
+    except ConfigError as error:
+        message = str(error)
+        for flag, ours in TARGET_FLAGS.items():
+            message = message.replace(flag, ours)
+        raise UpcycleError(message) from None
+    return target
 
 
-def _meta_model(args: argparse.Namespace):
-    """The one-rank model ``args`` describe, on the meta device: shapes only, no memory."""
-    from bam_megatron.conversion.layerwise import meta_model
-    from bam_megatron.model.builder import build_model
-    from bam_megatron.training.loop import model_config
+def _meta_model(architecture: Architecture, seq_length: int):
+    """The one-rank model of ``architecture``, on the meta device: shapes only, no memory."""
+    from bam_megatron.checkpoint.layerwise import meta_model
+    from bam_megatron.model.builder import build_from_architecture
 
-    config = model_config(args)
-    config.perform_initialization = False  # every weight is written by the upcycler
-    config.use_cpu_initialization = True  # let the meta device context decide where tensors live
-    build = lambda: build_model(
-        config,
-        args.padded_vocab_size,
-        args.seq_length,  # noqa: E731
-        untie_embeddings=args.untie_embeddings_and_output_weights,
-    )
-    return meta_model(build), config
+    config = architecture.one_rank_config()  # every weight is written by the upcycler
+    return meta_model(lambda: build_from_architecture(architecture, config, seq_length)), config
 
 
-def target_args(sources: Sequence[Source], args: argparse.Namespace, experts: int) -> dict:
-    """The training flags recorded in the output checkpoint (what pretrain_bam.py checks)."""
-    out = dict(sources[0].meta["args"])
+def target_architecture(sources: Sequence[Source], args: argparse.Namespace, experts: int) -> Architecture:
+    """The MoE's architecture: the sources' with the method's variant, experts and routing."""
+    first = sources[0].meta
     # The largest padding among the sources, rounded up so the target TP size divides it.
-    multiple = out["make_vocab_size_divisible_by"] * args.target_tensor_parallel_size
-    largest = max(s.meta["args"]["padded_vocab_size"] for s in sources)
-    out["padded_vocab_size"] = -(-largest // multiple) * multiple
-    out.update(
-        variant={"sparse": "btx"}.get(args.method, args.method),
+    divisible_by = first.training.get("make_vocab_size_divisible_by", 128)
+    largest = max(s.meta.architecture.padded_vocab_size for s in sources)
+    return first.architecture.replace(
+        variant=variant_of(args.method),
         num_experts=experts,
         moe_router_topk=args.moe_router_topk,
-        tensor_model_parallel_size=args.target_tensor_parallel_size,
-        pipeline_model_parallel_size=args.target_pipeline_parallel_size,
-        expert_model_parallel_size=args.target_expert_parallel_size,
-        use_distributed_optimizer=False,
+        padded_vocab_size=padded_vocab_size(largest, divisible_by, args.target_tensor_parallel_size),
     )
-    return out
 
 
 def _router_init(name: str, shape: torch.Size, seed: int, std: float) -> torch.Tensor:
@@ -227,13 +213,11 @@ class _Mixer:
 
     def __init__(self, args: argparse.Namespace, sources: Sequence[Source], experts: int, config):
         self.args, self.sources, self.experts, self.config = args, sources, experts, config
-        from bam_megatron.training.checkpointing import one_rank_args
-
-        self.source_models = [_meta_model(one_rank_args(s.meta["args"]))[0] for s in sources]
+        self.source_models = [_meta_model(s.meta.architecture, s.meta.seq_length)[0] for s in sources]
         self.moa = args.method in ("bam", "bam-shared-kv")
 
     def __call__(self, unit: int, params: dict) -> None:
-        from bam_megatron.conversion.layerwise import TOP, read_unit
+        from bam_megatron.checkpoint.layerwise import TOP, read_unit
 
         label = "embeddings and output layer" if unit == TOP else f"layer {unit + 1}/{self.config.num_layers}"
         print(f"upcycling {label}", flush=True)
@@ -291,21 +275,21 @@ def upcycle(args: argparse.Namespace) -> dict:
     checkpoint writer streams it to disk. Memory: one unit of the MoE plus one unit of a source
     (all sources' attention of one layer for soft MoA), whatever the depth.
     """
-    from bam_megatron.conversion.layerwise import StreamingSaveStrategy
+    from bam_megatron.checkpoint.layerwise import StreamingSaveStrategy
     from bam_megatron.platform.distributed import ParallelSizes, initialize
     from bam_megatron.platform.memory import return_freed_tensors_to_os
-    from bam_megatron.training import checkpointing
 
     start = time.time()
     return_freed_tensors_to_os()
     sources = read_sources(args.expert)
-    experts = validate(sources, args)
+    architecture = validate(sources, args)
+    experts = architecture.num_experts
     if os.path.exists(args.save):
         raise UpcycleError(f"--save {args.save} already exists")
     initialize(ParallelSizes(), seed=args.seed)
 
-    out_args = target_args(sources, args, experts)
-    target, config = _meta_model(checkpointing.one_rank_args(out_args))
+    first = sources[0].meta
+    target, config = _meta_model(architecture, first.seq_length)
     strategy = StreamingSaveStrategy(target, _Mixer(args, sources, experts, config))
 
     manifest = {
@@ -319,26 +303,25 @@ def upcycle(args: argparse.Namespace) -> dict:
             {
                 "name": s.name,
                 "path": os.path.abspath(s.path),
-                "iteration": s.meta["iteration"],
-                "hash": checkpointing.checkpoint_hash(s.path),
+                "iteration": s.meta.iteration,
+                "hash": checkpoint.checkpoint_hash(s.path),
             }
             for s in sources
         ],
         "expert_names": [s.name for s in sources] if args.method != "sparse" else [sources[0].name] * experts,
     }
-    meta = {
-        "consumed_samples": 0,
-        "skipped_iterations": 0,
-        "nan_iterations": 0,
-        "args": out_args,
-        "data_fingerprint": None,
-        "tokenizer_fingerprint": sources[0].meta.get("tokenizer_fingerprint"),
-        "upcycled": manifest,
-    }
+    meta = CheckpointMeta(
+        architecture=architecture,
+        seq_length=first.seq_length,
+        tokenizer_fingerprint=first.tokenizer_fingerprint,
+        tokenizer_model=first.tokenizer_model,
+        lineage={"upcycled": manifest},
+        training=dict(first.training),  # the first source's settings: defaults for tools that evaluate it
+    )
     tmp = args.save.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        checkpointing.save_checkpoint(tmp, 0, target, None, None, meta, sharded_strategy=strategy)
+        checkpoint.save_checkpoint(tmp, 0, target, None, None, meta, sharded_strategy=strategy)
         manifest["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
         manifest["seconds"] = round(time.time() - start, 2)
         with open(os.path.join(tmp, "upcycle_manifest.json"), "w") as f:
@@ -355,15 +338,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import bam_megatron  # noqa: F401
 
     args = parse_args(argv)
-    try:
+
+    def body() -> None:
         manifest = upcycle(args)
-    except UpcycleError as error:
-        print(f"bam-upcycle: error: {error}", file=sys.stderr, flush=True)
-        return 2
-    print(
-        f"wrote {args.save}: {args.method} with {manifest['experts']} experts from "
-        f"{', '.join(s['name'] for s in manifest['sources'])} in {manifest['seconds']} s, "
-        f"peak memory {manifest['peak_rss_mb']} MB",
-        flush=True,
-    )
-    return 0
+        print(
+            f"wrote {args.save}: {args.method} with {manifest['experts']} experts from "
+            f"{', '.join(s['name'] for s in manifest['sources'])} in {manifest['seconds']} s, "
+            f"peak memory {manifest['peak_rss_mb']} MB",
+            flush=True,
+        )
+
+    return run_tool("bam-upcycle", body)

@@ -97,25 +97,6 @@ def load_tokenizer(path: str | os.PathLike) -> SentencePieceTokenizer:
     return SentencePieceTokenizer(path)
 
 
-def padded_vocab_size(
-    vocab_size: int, make_vocab_size_divisible_by: int = 128, tensor_model_parallel_size: int = 1
-) -> int:
-    """Megatron's embedding size: ``vocab_size`` rounded up to a multiple of divisible_by × TP.
-
-    The padding makes the embedding split evenly over tensor-parallel ranks and keeps GEMM shapes
-    friendly; the extra rows are never produced by the tokenizer.
-    """
-    for name, value in (
-        ("vocab_size", vocab_size),
-        ("make_vocab_size_divisible_by", make_vocab_size_divisible_by),
-        ("tensor_model_parallel_size", tensor_model_parallel_size),
-    ):
-        if int(value) != value or value < 1:
-            raise DataError(f"{name} must be a positive integer, got {value!r}")
-    multiple = make_vocab_size_divisible_by * tensor_model_parallel_size
-    return -(-vocab_size // multiple) * multiple
-
-
 def _first_line(error: BaseException) -> str:
     """The first line of an exception's message (SentencePiece's errors carry a C++ source location)."""
     text = str(error).strip().splitlines()

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,12 +23,13 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from bam_megatron.checkpoint import CheckpointError
 from bam_megatron.data.datasets import Domain, TokenIds, parse_data_path
 from bam_megatron.data.tokenizer import load_tokenizer
+from bam_megatron.errors import ConfigError, run_tool
 from bam_megatron.evaluation import report
 from bam_megatron.evaluation.checkpoints import EvalModel, check_same_tokenizer, find_models, parse_model_flag
 from bam_megatron.platform.atomic import write_atomically
-from bam_megatron.training.checkpointing import CheckpointError
 
 PROG = "bam-eval"
 
@@ -93,37 +93,48 @@ class Plan:
     expert_names: Optional[list[str]]
 
 
+def _recorded(model: EvalModel, setting: str) -> Any:
+    """A setting of the run that trained ``model`` (the evaluation's default), or an error naming the flag."""
+    value = model.training.get(setting)
+    if value is None:
+        flag = "--" + setting.replace("_", "-")
+        raise ConfigError(
+            f"model {model.name} ({model.path}) records no {setting} (it was not trained here): give {flag}"
+        )
+    return value
+
+
 def prepare(args: argparse.Namespace) -> Plan:
     """Resolve checkpoints and datasets and check that they fit together (no process group needed)."""
     models = find_models(args.model)
     fingerprint = check_same_tokenizer(models)
-    first = models[0].args
-    tokenizer_path = args.tokenizer_model or first.get("tokenizer_model")
+    first = models[0]
+    tokenizer_path = args.tokenizer_model or first.meta.tokenizer_model
     tokenizer = load_tokenizer(tokenizer_path)
     if tokenizer.fingerprint != fingerprint:
         raise CheckpointError(f"tokenizer {tokenizer_path} is not the one model {models[0].name} was trained with")
     for flag in ("eval_samples", "micro_batch_size", "seq_length"):
         value = getattr(args, flag)
         if value is not None and value < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+            raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
     moe = [m for m in models if m.is_moe]
     if args.expert_names is not None:
         for model in moe:
             if len(args.expert_names) != model.num_experts:
-                raise ValueError(
+                raise ConfigError(
                     f"--expert-names gives {len(args.expert_names)} names, but model {model.name} "
                     f"has {model.num_experts} experts"
                 )
     if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
-        raise ValueError(f"--output-dir {args.output_dir} is a file")
+        raise ConfigError(f"--output-dir {args.output_dir} is a file")
     return Plan(
         models=models,
         domains=parse_data_path(args.data_path),
         tokens=TokenIds(tokenizer.eod, tokenizer.pad, tokenizer.vocab_size),
-        split=args.split or first["split"],
-        seq_length=args.seq_length or first["seq_length"],
-        seed=first["seed"] if args.seed is None else args.seed,
-        micro_batch_size=args.micro_batch_size or first["micro_batch_size"],
+        split=args.split or _recorded(first, "split"),
+        seq_length=args.seq_length or first.meta.seq_length,
+        seed=_recorded(first, "seed") if args.seed is None else args.seed,
+        micro_batch_size=args.micro_batch_size or _recorded(first, "micro_batch_size"),
         expert_names=args.expert_names,
     )
 
@@ -142,7 +153,7 @@ def _start_distributed(args: argparse.Namespace, seed: int):
     try:
         initialize(sizes, seed=seed)
     except RuntimeError as error:  # megatron-core's own checks of the parallel sizes
-        raise ValueError(f"parallel sizes do not fit world size {dist.get_world_size()}: {error}") from None
+        raise ConfigError(f"parallel sizes do not fit world size {dist.get_world_size()}: {error}") from None
     return sizes
 
 
@@ -180,15 +191,15 @@ def evaluate(plan: Plan, args: argparse.Namespace, sizes) -> dict[str, Any]:
     losses: dict[str, dict[str, Any]] = {}
     routing: dict[str, dict[str, Any]] = {}
     for model in plan.models:
-        _say(f"{model.name}: loading {model.path} ({model.variant}, iteration {model.meta['iteration']})")
+        _say(f"{model.name}: loading {model.path} ({model.variant}, iteration {model.meta.iteration})")
         net = load_model(model, sizes, plan.seq_length)
         collector = None
         if model.is_moe:
-            collector = RoutingCollector(net, model.args["num_layers"], model.num_experts, device)
+            collector = RoutingCollector(net, model.meta.architecture.num_layers, model.num_experts, device)
             routing[model.name] = {
                 "variant": model.variant,
-                "num_layers": model.args["num_layers"],
-                "moe_router_topk": model.args["moe_router_topk"],
+                "num_layers": model.meta.architecture.num_layers,
+                "moe_router_topk": model.meta.architecture.moe_router_topk,
             }
         losses[model.name] = {}
         for name in datasets:
@@ -244,7 +255,7 @@ def render(plan: Plan, args: argparse.Namespace, results: dict[str, Any]) -> dic
                 "models": {
                     m.name: {
                         "checkpoint": m.path,
-                        "iteration": m.meta["iteration"],
+                        "iteration": m.meta.iteration,
                         "variant": m.variant,
                         "perplexity": perplexities[m.name],
                         "loss": {d: losses[m.name][d].mean_loss for d in domains},
@@ -292,11 +303,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     started_here = not dist.is_initialized()
     try:
-        return _run(args)
-    except ValueError as error:  # DataError and CheckpointError included
-        if not dist.is_initialized() or dist.get_rank() == 0:
-            print(f"{PROG}: error: {' '.join(str(error).split())}", file=sys.stderr, flush=True)
-        return 2
+        return run_tool(
+            PROG, lambda: _run(args), print_errors=lambda: not dist.is_initialized() or dist.get_rank() == 0
+        )
     finally:
         if started_here and dist.is_initialized():
             from bam_megatron.platform.distributed import destroy

@@ -12,38 +12,20 @@ Variants (DESIGN.md §1):
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 import torch.nn.functional as F
 from megatron.core.models.gpt import GPTModel
 
+from bam_megatron.errors import ConfigError
+from bam_megatron.model.variants import PRESETS, VARIANTS
+
+if TYPE_CHECKING:
+    from bam_megatron.model.architecture import Architecture
 from bam_megatron.model.config import BAMConfig
 from bam_megatron.model.gpt import gpt_model
 from bam_megatron.model.specs import get_bam_block_spec
-
-VARIANTS = ("dense", "bam", "bam-shared-kv", "btx")
-
-
-@dataclass(frozen=True)
-class Preset:
-    """Architecture sizes (DESIGN.md §5)."""
-
-    hidden_size: int
-    num_layers: int
-    num_attention_heads: int
-    num_query_groups: int
-    ffn_hidden_size: int
-    vocab_size: int
-    untie_embeddings: bool
-
-
-PRESETS = {
-    "paper-590m": Preset(1024, 6, 8, 8, 2048, 256_000, untie_embeddings=True),
-    "paper-2b": Preset(2304, 18, 18, 6, 9216, 256_000, untie_embeddings=False),
-    "tiny": Preset(64, 2, 4, 2, 128, 512, untie_embeddings=True),
-}
 
 # Defaults shared by every variant: SwiGLU, RMSNorm, no biases, fp32 softmax routers.
 _COMMON = dict(
@@ -78,11 +60,11 @@ def variant_config(
     """A BAMConfig for ``variant``; sizes from ``preset`` (if given), then any TransformerConfig
     or BAMConfig field in ``overrides`` (Megatron names: ``num_layers``, ``hidden_size``, …)."""
     if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
+        raise ConfigError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
     fields: dict[str, Any] = dict(_COMMON)
     if preset is not None:
         if preset not in PRESETS:
-            raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+            raise ConfigError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
         p = PRESETS[preset]
         fields.update(
             hidden_size=p.hidden_size,
@@ -102,7 +84,7 @@ def variant_config(
     known = {f.name for f in dataclasses.fields(BAMConfig)}
     unknown = sorted(set(fields) - known)
     if unknown:
-        raise ValueError(f"unknown model settings: {', '.join(unknown)}")
+        raise ConfigError(f"unknown model settings: {', '.join(unknown)}")
     return BAMConfig(**fields)
 
 
@@ -124,4 +106,25 @@ def build_model(
         untie_embeddings,
         pre_process,
         post_process,
+    )
+
+
+def build_from_architecture(
+    architecture: Architecture,
+    config: BAMConfig,
+    max_sequence_length: int,
+    backend: str = "auto",
+    pre_process: Optional[bool] = None,
+    post_process: Optional[bool] = None,
+) -> GPTModel:
+    """`build_model` for ``architecture`` (its vocabulary and embedding tying) with ``config``,
+    which `Architecture.model_config` made with the builder's parallel layout and settings."""
+    return build_model(
+        config,
+        architecture.padded_vocab_size,
+        max_sequence_length,
+        untie_embeddings=architecture.untie_embeddings_and_output_weights,
+        backend=backend,
+        pre_process=pre_process,
+        post_process=post_process,
     )

@@ -7,8 +7,10 @@ from typing import Optional
 
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from bam_megatron.errors import ConfigError
+from bam_megatron.model.variants import BLOCK_TYPES
+
 KV_MODES = ("expert", "shared")
-BLOCK_TYPES = ("parallel", "sequential")
 
 
 @dataclass
@@ -41,36 +43,41 @@ class BAMConfig(TransformerConfig):
     tensor-parallel reduction (one all-reduce or reduce-scatter per layer instead of two)."""
 
     def __post_init__(self) -> None:
+        # Our checks first, with the flag names; megatron-core's own (which only see one expert's
+        # heads) after them.
         pp = self.pipeline_model_parallel_size
         if self.num_layers % pp:  # megatron-core would only assert
-            raise ValueError(f"--num-layers {self.num_layers} is not divisible by --pipeline-model-parallel-size {pp}")
-        super().__post_init__()
+            raise ConfigError(f"--num-layers {self.num_layers} is not divisible by --pipeline-model-parallel-size {pp}")
         n = self.num_attention_experts
         if n < 1:
-            raise ValueError(f"num_attention_experts must be >= 1, got {n}")
+            raise ConfigError(f"num_attention_experts must be >= 1, got {n}")
         if self.attention_kv_mode not in KV_MODES:
-            raise ValueError(f"attention_kv_mode must be one of {KV_MODES}, got {self.attention_kv_mode!r}")
+            raise ConfigError(f"attention_kv_mode must be one of {KV_MODES}, got {self.attention_kv_mode!r}")
         if self.block_type not in BLOCK_TYPES:
-            raise ValueError(f"block_type must be one of {BLOCK_TYPES}, got {self.block_type!r}")
+            raise ConfigError(f"block_type must be one of {BLOCK_TYPES}, got {self.block_type!r}")
         k = self.attention_router_topk
         if k is not None and not 1 <= k <= n:
-            raise ValueError(f"attention_router_topk must be in [1, num_attention_experts={n}], got {k}")
+            raise ConfigError(f"attention_router_topk must be in [1, num_attention_experts={n}], got {k}")
         tp = self.tensor_model_parallel_size
         if (n * self.num_attention_heads) % tp:
-            raise ValueError(
+            raise ConfigError(
                 f"{n} attention experts x {self.num_attention_heads} heads are not divisible by "
                 f"--tensor-model-parallel-size {tp}"
             )
         if self.attention_kv_groups % tp:
-            raise ValueError(
+            raise ConfigError(
                 f"{self.attention_kv_groups} KV groups ({self.attention_kv_mode} KV) are not "
                 f"divisible by --tensor-model-parallel-size {tp}"
             )
         if self.num_moe_experts is not None and self.num_moe_experts % self.expert_model_parallel_size:
-            raise ValueError(
+            raise ConfigError(
                 f"--num-experts {self.num_moe_experts} is not divisible by "
                 f"--expert-model-parallel-size {self.expert_model_parallel_size}"
             )
+        try:
+            super().__post_init__()
+        except ValueError as error:  # megatron-core's checks of the settings we pass on
+            raise ConfigError(f"megatron-core refuses these model settings: {error}") from None
 
     @property
     def uses_soft_moa(self) -> bool:

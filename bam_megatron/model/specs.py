@@ -19,6 +19,7 @@ from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
+from bam_megatron.errors import ConfigError
 from bam_megatron.model.config import BAMConfig
 from bam_megatron.model.gpt import block_spec
 from bam_megatron.model.norm import TorchNorm
@@ -47,7 +48,7 @@ def resolve_backend(backend: str = "auto") -> str:
     if backend == "auto":
         return "te" if transformer_engine_usable() else "local"
     if backend == "te" and not transformer_engine_usable():
-        raise ValueError("backend 'te' needs Transformer Engine and a CUDA GPU")
+        raise ConfigError("backend 'te' needs Transformer Engine and a CUDA GPU")
     return backend
 
 

@@ -1,7 +1,7 @@
 """Adapter-only checkpoints, loadable on top of the base checkpoint they were trained from.
 
 An adapter checkpoint is an ordinary bam-megatron checkpoint directory (``SAVE/iter_N``, written
-by `bam_megatron.training.checkpointing` through dist_checkpointing, published atomically) whose
+by `bam_megatron.checkpoint` through dist_checkpointing, published atomically) whose
 model part holds only the adapter and router tensors, with their tensor-parallel sharding
 declared, so it reshards across TP/PP/EP like any checkpoint. It also holds the optimizer state of
 those tensors, the scheduler, RNG states and the meta, whose ``peft`` entry records the method and
@@ -21,9 +21,8 @@ from typing import Any, Optional
 
 import torch
 
+from bam_megatron.checkpoint import CheckpointError, CheckpointMeta, store
 from bam_megatron.peft.apply import is_adapter_name
-from bam_megatron.training import checkpointing
-from bam_megatron.training.checkpointing import CheckpointError
 
 
 class ModelView:
@@ -67,9 +66,9 @@ class Checkpoints:
     """Where a PEFT run's weights come from: the base (weights only) and the adapters (or None)."""
 
     base: Optional[str] = None
-    base_meta: Optional[dict] = None
+    base_meta: Optional[CheckpointMeta] = None
     adapters: Optional[str] = None
-    adapters_meta: Optional[dict] = None
+    adapters_meta: Optional[CheckpointMeta] = None
 
 
 def find_checkpoints(load: Optional[str], pretrained: Optional[str]) -> Checkpoints:
@@ -81,10 +80,10 @@ def find_checkpoints(load: Optional[str], pretrained: Optional[str]) -> Checkpoi
     - otherwise ``--pretrained-checkpoint`` is the base, and the adapters start fresh.
     """
     found = Checkpoints()
-    if load and os.path.isdir(load) and checkpointing.latest_iteration(load) is not None:
-        path = checkpointing.checkpoint_path(load, checkpointing.latest_iteration(load))
-        meta = checkpointing.read_meta(path)
-        if "peft" not in meta:
+    if load and os.path.isdir(load) and store.latest_iteration(load) is not None:
+        path = store.checkpoint_path(load, store.latest_iteration(load))
+        meta = store.read_meta(path)
+        if meta.peft is None:
             if pretrained:
                 raise CheckpointError(
                     f"--load {load} holds a full model checkpoint, not adapters; pass the base "
@@ -93,26 +92,26 @@ def find_checkpoints(load: Optional[str], pretrained: Optional[str]) -> Checkpoi
             found.base, found.base_meta = path, meta
             return found
         found.adapters, found.adapters_meta = path, meta
-        recorded = meta["peft"]
-        base = checkpointing.resolve_checkpoint(pretrained) if pretrained else recorded["base_checkpoint"]
+        recorded = meta.peft
+        base = store.resolve_checkpoint(pretrained) if pretrained else recorded["base_checkpoint"]
         if base is not None:
             if not os.path.isdir(base):
                 raise CheckpointError(
                     f"the adapters in {path} were trained on base checkpoint {base}, which is gone; "
                     "pass its new location with --pretrained-checkpoint"
                 )
-            if checkpointing.checkpoint_hash(base) != recorded["base_hash"]:
+            if store.checkpoint_hash(base) != recorded["base_hash"]:
                 raise CheckpointError(
                     f"the adapters in {path} were trained on base {recorded['base_checkpoint']} "
                     f"(hash {recorded['base_hash']}), but {base} has hash "
-                    f"{checkpointing.checkpoint_hash(base)}"
+                    f"{store.checkpoint_hash(base)}"
                 )
-            found.base, found.base_meta = base, checkpointing.read_meta(base)
+            found.base, found.base_meta = base, store.read_meta(base)
         return found
     if pretrained:
-        found.base = checkpointing.resolve_checkpoint(pretrained)
-        found.base_meta = checkpointing.read_meta(found.base)
-        if "peft" in found.base_meta:
+        found.base = store.resolve_checkpoint(pretrained)
+        found.base_meta = store.read_meta(found.base)
+        if found.base_meta.peft is not None:
             raise CheckpointError(f"--pretrained-checkpoint {pretrained} holds adapters, not a base model")
     return found
 
@@ -122,7 +121,7 @@ def peft_meta(config_dict: dict, base: Optional[str]) -> dict:
     return {
         **config_dict,
         "base_checkpoint": os.path.abspath(base) if base else None,
-        "base_hash": checkpointing.checkpoint_hash(base) if base else None,
+        "base_hash": store.checkpoint_hash(base) if base else None,
     }
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from bam_megatron.errors import ConfigError
+
 METHODS = ("mov", "molora")
 
 # Which linear layers each method adapts (megatron-core's names). MoV scales K and V (outputs of
@@ -42,13 +44,13 @@ class PeftConfig:
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
-            raise ValueError(f"--peft must be one of {', '.join(METHODS)}, got {self.method!r}")
+            raise ConfigError(f"--peft must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.num_experts < 1:
-            raise ValueError(f"--peft-num-experts must be >= 1, got {self.num_experts}")
+            raise ConfigError(f"--peft-num-experts must be >= 1, got {self.num_experts}")
         if self.method == "molora" and self.rank < 1:
-            raise ValueError(f"--lora-rank must be >= 1, got {self.rank}")
+            raise ConfigError(f"--lora-rank must be >= 1, got {self.rank}")
         if self.router_std < 0 or self.lora_a_std < 0:
-            raise ValueError("initialisation std must be >= 0")
+            raise ConfigError("initialisation std must be >= 0")
 
     @property
     def targets(self) -> tuple[str, ...]:

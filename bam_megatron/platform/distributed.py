@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from bam_megatron.errors import ConfigError
 from bam_megatron.platform import cpu_mode
 
 
@@ -35,22 +36,22 @@ class ParallelSizes:
             ("--expert-model-parallel-size", self.expert),
         ):
             if value < 1:
-                raise ValueError(f"{flag} must be >= 1, got {value}")
+                raise ConfigError(f"{flag} must be >= 1, got {value}")
         model_parallel = self.tensor * self.pipeline
         if world_size % model_parallel:
-            raise ValueError(
+            raise ConfigError(
                 f"world size {world_size} is not divisible by --tensor-model-parallel-size "
                 f"({self.tensor}) x --pipeline-model-parallel-size ({self.pipeline})"
             )
         # megatron-core's experts are also split over TP (expert tensor parallel size = TP), so
         # each pipeline stage's ranks must hold whole EP x TP groups.
         if (world_size // self.pipeline) % (self.expert * self.tensor):
-            raise ValueError(
+            raise ConfigError(
                 f"--expert-model-parallel-size {self.expert} x --tensor-model-parallel-size {self.tensor} "
                 f"must divide the {world_size // self.pipeline} ranks of a pipeline stage"
             )
         if self.sequence_parallel and self.tensor == 1:
-            raise ValueError("--sequence-parallel needs --tensor-model-parallel-size > 1")
+            raise ConfigError("--sequence-parallel needs --tensor-model-parallel-size > 1")
 
 
 def free_port() -> int:

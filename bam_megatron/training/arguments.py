@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
-from typing import Optional
+from collections.abc import Mapping, Sequence
+from typing import Any, Optional
 
-from bam_megatron.model.builder import PRESETS, VARIANTS
+from bam_megatron.errors import ConfigError
+from bam_megatron.model.architecture import ARCHITECTURE_FIELDS
+from bam_megatron.model.variants import BLOCK_TYPES, DEFAULT_NUM_EXPERTS, NORMALIZATIONS, PRESETS, VARIANTS
+
+DEFAULT_SEQ_LENGTH = 256
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,40 +22,57 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         fromfile_prefix_chars="@",  # pretrain_bam.py @phase2.args: flags one per line (tools/branch.py)
     )
-    g = p.add_argument_group("model")
-    g.add_argument("--variant", choices=VARIANTS, default="dense", help="model family (docs/model.md)")
+    g = p.add_argument_group(
+        "model architecture",
+        "With a checkpoint to start from (--load, --pretrained-checkpoint) the architecture is the "
+        "checkpoint's: these flags may be left out, and one that contradicts it is an error. "
+        "Without one, the flags, then --preset, then the defaults named below decide.",
+    )
+    g.add_argument("--variant", choices=VARIANTS, default=None, help="model family (docs/model.md); default: dense")
     g.add_argument("--preset", choices=sorted(PRESETS), default=None, help="architecture sizes; flags below override")
     g.add_argument("--num-layers", type=int)
     g.add_argument("--hidden-size", type=int)
     g.add_argument("--ffn-hidden-size", type=int)
     g.add_argument("--num-attention-heads", type=int, help="per attention expert")
-    g.add_argument("--num-query-groups", type=int, help="KV heads per attention expert (GQA)")
-    g.add_argument("--num-experts", type=int, default=4, help="FFN experts and, for bam, attention experts")
-    g.add_argument("--moe-router-topk", type=int, default=1)
-    g.add_argument("--moe-aux-loss-coeff", type=float, default=1e-2, help="Switch load-balancing loss")
-    g.add_argument("--moe-z-loss-coeff", type=float, default=1e-3, help="router z-loss")
-    g.add_argument("--attention-router-topk", type=int, default=None, help="top-k MoA ablation (default: soft)")
-    g.add_argument("--block-type", choices=("parallel", "sequential"), default="parallel")
+    g.add_argument("--num-query-groups", type=int, help="KV heads per attention expert (GQA); default: the heads")
+    g.add_argument(
+        "--num-experts",
+        type=int,
+        default=None,
+        help=f"FFN experts and, for bam, attention experts; default: {DEFAULT_NUM_EXPERTS}",
+    )
+    g.add_argument("--moe-router-topk", type=int, default=None, help="FFN experts per token; default: 1")
+    g.add_argument("--attention-router-topk", type=int, default=None, help="top-k MoA ablation; default: soft MoA")
+    g.add_argument("--block-type", choices=BLOCK_TYPES, default=None, help="default: parallel")
     g.add_argument(
         "--normalization",
-        choices=("RMSNorm", "LayerNorm"),
-        default="RMSNorm",
+        choices=NORMALIZATIONS,
+        default=None,
         help="the block's pre-norm and the final norm; LayerNorm has no bias (Cohere's: "
-        "what bam-convert-hf exports to and imports from CohereForCausalLM)",
+        "what bam-convert-hf exports to and imports from CohereForCausalLM); default: RMSNorm",
     )
-    g.add_argument("--rotary-base", type=float, default=10000.0, help="RoPE base (Hugging Face: rope_theta)")
-    g.add_argument("--seq-length", type=int, default=256)
+    g.add_argument("--rotary-base", type=float, default=None, help="RoPE base (Hugging Face: rope_theta); default: 1e4")
     g.add_argument(
         "--untie-embeddings-and-output-weights",
         action=argparse.BooleanOptionalAction,
         default=None,
         help="default: as the preset says (untied if no preset); --no-... ties them",
     )
+    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    g.add_argument("--vocab-size", type=int, default=None, help="only without --tokenizer-model (mock data)")
+
+    g = p.add_argument_group("model training settings")
+    g.add_argument(
+        "--seq-length",
+        type=int,
+        default=None,
+        help=f"default: the checkpoint's, else {DEFAULT_SEQ_LENGTH}",
+    )
+    g.add_argument("--moe-aux-loss-coeff", type=float, default=1e-2, help="Switch load-balancing loss")
+    g.add_argument("--moe-z-loss-coeff", type=float, default=1e-3, help="router z-loss")
     g.add_argument("--hidden-dropout", type=float, default=0.0)
     g.add_argument("--attention-dropout", type=float, default=0.0)
     g.add_argument("--init-method-std", type=float, default=0.02)
-    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
-    g.add_argument("--vocab-size", type=int, default=None, help="only without --tokenizer-model (mock data)")
 
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
@@ -192,7 +213,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     try:
         validate(args)
-    except ValueError as error:
+    except ConfigError as error:
         parser.error(str(error))
     return args
 
@@ -200,31 +221,57 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def validate(args: argparse.Namespace) -> None:
     """Checks that need no process group (the rest happen once the world size is known)."""
     if (args.train_iters is None) == (args.train_samples is None):
-        raise ValueError("give exactly one of --train-iters and --train-samples")
+        raise ConfigError("give exactly one of --train-iters and --train-samples")
     if args.data_path is None and not args.mock_data and args.instruct_data_path is None:
-        raise ValueError("--data-path is required (or --mock-data, or --instruct-data-path)")
+        raise ConfigError("--data-path is required (or --mock-data, or --instruct-data-path)")
     if args.data_path is not None and args.tokenizer_model is None:
-        raise ValueError("--data-path needs --tokenizer-model")
+        raise ConfigError("--data-path needs --tokenizer-model")
     if args.instruct_data_path is not None and (args.tokenizer_model is None or args.data_path or args.mock_data):
-        raise ValueError("--instruct-data-path needs --tokenizer-model and replaces --data-path / --mock-data")
+        raise ConfigError("--instruct-data-path needs --tokenizer-model and replaces --data-path / --mock-data")
     if args.peft and (args.freeze_parameters or args.train_only_parameters):
-        raise ValueError("--peft freezes the base model itself: drop --freeze-parameters/--train-only-parameters")
+        raise ConfigError("--peft freezes the base model itself: drop --freeze-parameters/--train-only-parameters")
     if args.mock_data and args.tokenizer_model is None and args.vocab_size is None:
-        raise ValueError("--mock-data needs --vocab-size or --tokenizer-model")
-    if args.preset is None:
-        missing = [
-            f
-            for f in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size")
-            if getattr(args, f) is None
-        ]
-        if missing:
-            raise ValueError("without --preset, give " + ", ".join("--" + m.replace("_", "-") for m in missing))
+        raise ConfigError("--mock-data needs --vocab-size or --tokenizer-model")
+    for flag in ("num_experts", "moe_router_topk", "attention_router_topk", "seq_length"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
     if args.finetune and args.load is None:
-        raise ValueError("--finetune needs --load")
+        raise ConfigError("--finetune needs --load")
     if args.save_interval is not None and args.save is None:
-        raise ValueError("--save-interval needs --save")
-    for flag in ("micro_batch_size", "seq_length", "log_interval", "eval_interval"):
+        raise ConfigError("--save-interval needs --save")
+    for flag in ("micro_batch_size", "log_interval", "eval_interval"):
         if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1")
+            raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1")
     if args.freeze_parameters and args.train_only_parameters:
-        raise ValueError("use either --freeze-parameters or --train-only-parameters, not both")
+        raise ConfigError("use either --freeze-parameters or --train-only-parameters, not both")
+
+
+def given_architecture(args: argparse.Namespace) -> dict:
+    """The architecture fields set on the command line (None where a flag was not given)."""
+    return {name: getattr(args, name, None) for name in ARCHITECTURE_FIELDS if name != "padded_vocab_size"}
+
+
+def as_flags(values: Mapping[str, Any]) -> list[str]:
+    """The pretrain_bam.py flags that set ``values`` (flag dest -> value), defaults left out.
+
+    What tools write into argparse @files (bam-branch's phase2.args). Keys that are not flags of
+    this parser (settings a checkpoint of an older version recorded) are left out.
+    """
+    # argparse has no public listing of a parser's flags; this module owns the parser it reads.
+    actions = {action.dest: action for action in build_parser()._actions if action.option_strings}
+    flags: list[str] = []
+    for key, action in actions.items():  # in the parser's order
+        if key not in values:
+            continue
+        value = values[key]
+        if value is None or value == action.default or value == []:
+            continue
+        flag = action.option_strings[0]
+        if action.nargs == 0:  # store_true / BooleanOptionalAction
+            flags.append(flag if value else f"--no-{flag[2:]}")
+        elif isinstance(value, list):
+            flags += [flag, *map(str, value)]
+        else:
+            flags += [flag, str(value)]
+    return flags

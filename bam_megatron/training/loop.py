@@ -13,7 +13,6 @@ import math
 import os
 import re
 import signal
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -27,36 +26,24 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from bam_megatron import checkpoint
+from bam_megatron.checkpoint import CheckpointError, CheckpointMeta, SavedLayout, check_same_architecture
 from bam_megatron.data.datasets import TokenIds, build_datasets, build_mock_datasets, data_fingerprint, parse_data_path
-from bam_megatron.data.tokenizer import load_tokenizer, padded_vocab_size
-from bam_megatron.model.builder import PRESETS, build_model, variant_config
+from bam_megatron.data.tokenizer import load_tokenizer
+from bam_megatron.errors import ConfigError
+from bam_megatron.model.architecture import ARCHITECTURE_FIELDS, Architecture, padded_vocab_size, resolve_architecture
+from bam_megatron.model.builder import build_from_architecture
 from bam_megatron.model.moe_metrics import moe_aux_losses
+from bam_megatron.model.statistics import training_flops_per_token
+from bam_megatron.platform import faults
 from bam_megatron.platform.distributed import ParallelSizes, initialize
-from bam_megatron.stats import training_flops_per_token
-from bam_megatron.training import checkpointing, faults
+from bam_megatron.training.arguments import DEFAULT_SEQ_LENGTH, given_architecture
 from bam_megatron.training.batches import MicroBatches, fixed_batches
+from bam_megatron.training.checkpointer import Checkpointer
 from bam_megatron.training.metrics import MetricsWriter
 
 EXIT_PREEMPTED = 3
 EXIT_TOO_MANY_NAN = 4
-
-# Flags that define the architecture: a checkpoint must agree with the current flags on these.
-ARCHITECTURE = (
-    "variant",
-    "num_layers",
-    "hidden_size",
-    "ffn_hidden_size",
-    "num_attention_heads",
-    "num_query_groups",
-    "num_experts",
-    "block_type",
-    "padded_vocab_size",
-    "untie_embeddings_and_output_weights",
-    "normalization",
-    "rotary_base",
-)
-# What a checkpoint saved before a flag existed was built with.
-ARCHITECTURE_DEFAULTS = {"normalization": "RMSNorm", "rotary_base": 10000.0}
 
 
 @dataclass
@@ -89,33 +76,12 @@ class _Preemption:
         return bool(flag.item())
 
 
-def _resolve_architecture(args) -> None:
-    """Fill architecture flags from the preset, so checkpoints record concrete values."""
-    preset = PRESETS.get(args.preset) if args.preset else None
-    for flag in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups"):
-        if getattr(args, flag) is None and preset is not None:
-            setattr(args, flag, getattr(preset, flag))
-    if args.num_query_groups is None:
-        args.num_query_groups = args.num_attention_heads
-    if args.untie_embeddings_and_output_weights is None:
-        args.untie_embeddings_and_output_weights = preset.untie_embeddings if preset else True
-    if args.variant == "dense":
-        args.num_experts = None
-
-
-def model_config(args):
-    """The BAMConfig for the flags (megatron-core validates the rest in __post_init__)."""
-    overrides = dict(
-        num_layers=args.num_layers,
-        hidden_size=args.hidden_size,
-        ffn_hidden_size=args.ffn_hidden_size,
-        num_attention_heads=args.num_attention_heads,
-        num_query_groups=args.num_query_groups,
-        block_type=args.block_type,
+def model_settings(args) -> dict[str, Any]:
+    """The TransformerConfig fields a training run sets besides the architecture: its parallel
+    layout, regularisation, recompute, dtype and router loss coefficients."""
+    settings: dict[str, Any] = dict(
         hidden_dropout=args.hidden_dropout,
         attention_dropout=args.attention_dropout,
-        normalization=getattr(args, "normalization", ARCHITECTURE_DEFAULTS["normalization"]),
-        rotary_base=getattr(args, "rotary_base", ARCHITECTURE_DEFAULTS["rotary_base"]),
         init_method_std=args.init_method_std,
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
@@ -127,14 +93,8 @@ def model_config(args):
         use_cpu_initialization=not torch.cuda.is_available(),
     )
     if args.bf16:
-        overrides.update(bf16=True, params_dtype=torch.bfloat16, pipeline_dtype=torch.bfloat16)
-    if args.variant != "dense":
-        overrides.update(moe_aux_loss_coeff=args.moe_aux_loss_coeff, moe_z_loss_coeff=args.moe_z_loss_coeff)
-        if args.variant in ("bam", "bam-shared-kv"):
-            overrides["attention_router_topk"] = args.attention_router_topk
-    return variant_config(
-        args.variant, num_experts=args.num_experts or 4, moe_router_topk=args.moe_router_topk, **overrides
-    )
+        settings.update(bf16=True, params_dtype=torch.bfloat16, pipeline_dtype=torch.bfloat16)
+    return settings
 
 
 def freeze(model: torch.nn.Module, args) -> tuple[int, int]:
@@ -147,7 +107,7 @@ def freeze(model: torch.nn.Module, args) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     if trainable == 0:
-        raise ValueError("--freeze-parameters/--train-only-parameters left no parameter to train")
+        raise ConfigError("--freeze-parameters/--train-only-parameters left no parameter to train")
     return trainable, total
 
 
@@ -215,11 +175,10 @@ class Trainer:
             args.sequence_parallel,
         )
         initialize(sizes, seed=args.seed)
-        _resolve_architecture(args)
         dp = parallel_state.get_data_parallel_world_size()
         args.global_batch_size = args.global_batch_size or args.micro_batch_size * dp
         if args.global_batch_size % (args.micro_batch_size * dp):
-            raise ValueError(
+            raise ConfigError(
                 f"--global-batch-size {args.global_batch_size} is not a multiple of "
                 f"--micro-batch-size x data-parallel size ({args.micro_batch_size} x {dp})"
             )
@@ -230,18 +189,14 @@ class Trainer:
             args.min_lr = 0.1 * args.lr  # cosine decay to 10% of peak (the paper's recipe)
 
         self.tokenizer = load_tokenizer(args.tokenizer_model) if args.tokenizer_model else None
-        raw_vocab = self.tokenizer.vocab_size if self.tokenizer else args.vocab_size
-        args.padded_vocab_size = padded_vocab_size(
-            raw_vocab, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size
-        )
         self.checkpoint, self.checkpoint_meta = self._find_checkpoint()
-        if self.checkpoint_meta is not None:
-            # Vocabulary padding depends on TP; a checkpoint from another TP keeps its padding
-            # when the current TP size divides it, so its embedding reshards as is.
-            saved = self.checkpoint_meta["args"]["padded_vocab_size"]
-            if saved != args.padded_vocab_size and saved >= raw_vocab and saved % args.tensor_model_parallel_size == 0:
-                args.padded_vocab_size = saved
-        self.config = model_config(args)
+        self.architecture = self._resolve_architecture()
+        if args.seq_length is None:
+            args.seq_length = self.checkpoint_meta.seq_length if self.checkpoint_meta else DEFAULT_SEQ_LENGTH
+        settings = model_settings(args)
+        if self.architecture.is_moe:
+            settings.update(moe_aux_loss_coeff=args.moe_aux_loss_coeff, moe_z_loss_coeff=args.moe_z_loss_coeff)
+        self.config = self.architecture.model_config(**settings)
         self._build_data(dp)
 
         model = self._build_model()
@@ -289,6 +244,7 @@ class Trainer:
         )
         self.progress = Progress()
         self._resume()
+        self.checkpointer = Checkpointer(args.save, args.save_interval, self.save)
         self.batches = MicroBatches(
             self.train_ds,
             args.micro_batch_size,
@@ -301,14 +257,26 @@ class Trainer:
         self.flops_per_token = training_flops_per_token(self.config, args.seq_length)
 
     # ---------------------------------------------------------------------------------------
+    def _resolve_architecture(self) -> Architecture:
+        """The model's architecture: the starting checkpoint's, else the flags' (see resolve_architecture)."""
+        args, meta = self.args, self.checkpoint_meta
+        raw_vocab = self.tokenizer.vocab_size if self.tokenizer else args.vocab_size
+        tp = args.tensor_model_parallel_size
+        padded = padded_vocab_size(raw_vocab, args.make_vocab_size_divisible_by, tp) if raw_vocab else None
+        architecture = resolve_architecture(
+            given_architecture(args), args.preset, meta.architecture if meta else None, self.checkpoint, padded
+        )
+        if raw_vocab is not None and raw_vocab > architecture.padded_vocab_size:
+            raise CheckpointError(
+                f"the vocabulary has {raw_vocab} tokens, but checkpoint {self.checkpoint} has only "
+                f"{architecture.padded_vocab_size} embedding rows"
+            )
+        architecture.check_layout(tp, args.pipeline_model_parallel_size, args.expert_model_parallel_size)
+        return architecture
+
     def _build_model(self) -> torch.nn.Module:
         """This rank's model, before bf16 wrapping and freezing (PeftTrainer adds adapters here)."""
-        return build_model(
-            self.config,
-            self.args.padded_vocab_size,
-            self.args.seq_length,
-            untie_embeddings=self.args.untie_embeddings_and_output_weights,
-        )
+        return build_from_architecture(self.architecture, self.config, self.args.seq_length)
 
     def _build_data(self, dp: int) -> None:
         args = self.args
@@ -351,18 +319,25 @@ class Trainer:
             )
             self.data_fingerprint = data_fingerprint(self.domains, args.split, args.seq_length, args.seed)
 
-    def _meta(self) -> dict[str, Any]:
-        p = self.progress
-        return {
-            "consumed_samples": p.consumed_samples,
-            "skipped_iterations": p.skipped_iterations,
-            "nan_iterations": p.nan_iterations,
-            "args": vars(self.args).copy(),
-            "data_fingerprint": self.data_fingerprint,
-            "tokenizer_fingerprint": self.tokenizer.fingerprint if self.tokenizer else None,
-        }
+    def _meta(self) -> CheckpointMeta:
+        """What a checkpoint of this run records besides its tensors (store.save_checkpoint adds the rest)."""
+        p, args = self.progress, self.args
+        started_from = self.checkpoint_meta
+        return CheckpointMeta(
+            architecture=self.architecture,
+            seq_length=args.seq_length,
+            layout=SavedLayout(distributed_optimizer=args.use_distributed_optimizer),
+            consumed_samples=p.consumed_samples,
+            skipped_iterations=p.skipped_iterations,
+            nan_iterations=p.nan_iterations,
+            tokenizer_fingerprint=self.tokenizer.fingerprint if self.tokenizer else None,
+            tokenizer_model=os.path.abspath(args.tokenizer_model) if args.tokenizer_model else None,
+            data_fingerprint=self.data_fingerprint,
+            lineage=dict(started_from.lineage) if started_from else {},
+            training={k: v for k, v in vars(args).items() if k not in ARCHITECTURE_FIELDS},
+        )
 
-    def _find_checkpoint(self) -> tuple[Optional[str], Optional[dict[str, Any]]]:
+    def _find_checkpoint(self) -> tuple[Optional[str], Optional[CheckpointMeta]]:
         """The checkpoint to start from and its meta, or (None, None); sets ``self.weights_only``.
 
         --load's latest checkpoint resumes the run (weights only with --finetune). When --load
@@ -372,16 +347,16 @@ class Trainer:
         args = self.args
         self.weights_only = args.finetune
         if args.load:
-            iteration = checkpointing.latest_iteration(args.load) if os.path.isdir(args.load) else None
+            iteration = checkpoint.latest_iteration(args.load) if os.path.isdir(args.load) else None
             if iteration is not None:
-                path = checkpointing.checkpoint_path(args.load, iteration)
-                return path, checkpointing.read_meta(path)
+                path = checkpoint.checkpoint_path(args.load, iteration)
+                return path, checkpoint.read_meta(path)
             if args.finetune and not args.pretrained_checkpoint:
-                raise checkpointing.CheckpointError(f"--finetune: no checkpoint in {args.load}")
+                raise CheckpointError(f"--finetune: no checkpoint in {args.load}")
         if args.pretrained_checkpoint:
-            path = checkpointing.resolve_checkpoint(args.pretrained_checkpoint)
+            path = checkpoint.resolve_checkpoint(args.pretrained_checkpoint)
             self.weights_only = True
-            return path, checkpointing.read_meta(path)
+            return path, checkpoint.read_meta(path)
         if args.load:
             _say(f"no checkpoint in {args.load}: starting from scratch")
         return None, None
@@ -392,58 +367,55 @@ class Trainer:
             return
         self._check_compatible(path, meta)
         if self.weights_only:
-            checkpointing.load_checkpoint(path, self.model, load_rng=False)
+            checkpoint.load_checkpoint(path, self.model, load_rng=False)
             _say(f"loaded weights from {path} (optimizer, schedule and iteration start afresh)")
             return
-        meta = checkpointing.load_checkpoint(
+        rng_restored = checkpoint.load_checkpoint(
             path, self.model, self.optimizer, self.scheduler, load_rng=not args.no_load_rng
         )
         p = self._restore_progress(meta)
         _say(
             f"resumed from {path} at iteration {p.iteration} ({p.consumed_samples} samples consumed"
-            f"{'' if meta['rng_restored'] else '; RNG states not restored: different parallel layout'})"
+            f"{'' if rng_restored else '; RNG states not restored: different parallel layout'})"
         )
 
-    def _restore_progress(self, meta: dict[str, Any]) -> Progress:
+    def _restore_progress(self, meta: CheckpointMeta) -> Progress:
         """Iteration, samples consumed and skip counts of a resumed checkpoint."""
         p = self.progress
-        p.iteration, p.consumed_samples = meta["iteration"], meta["consumed_samples"]
-        p.skipped_iterations, p.nan_iterations = meta["skipped_iterations"], meta["nan_iterations"]
+        p.iteration, p.consumed_samples = meta.iteration, meta.consumed_samples
+        p.skipped_iterations, p.nan_iterations = meta.skipped_iterations, meta.nan_iterations
         return p
 
-    def _check_compatible(self, path: str, meta: dict[str, Any]) -> None:
-        saved = meta["args"]
-        for key in ARCHITECTURE:
-            if saved.get(key, ARCHITECTURE_DEFAULTS.get(key)) != getattr(self.args, key):
-                raise checkpointing.CheckpointError(
-                    f"checkpoint {path} was saved with --{key.replace('_', '-')} {saved.get(key)}, "
-                    f"but this run has {getattr(self.args, key)}"
-                )
-        if not self.weights_only and saved.get("use_distributed_optimizer") != self.args.use_distributed_optimizer:
-            raise checkpointing.CheckpointError(
-                f"checkpoint {path} was saved {'with' if saved.get('use_distributed_optimizer') else 'without'} "
+    def _check_compatible(self, path: str, meta: CheckpointMeta) -> None:
+        """Refuse a checkpoint this run cannot load: another architecture or tokenizer; to resume
+        (not weights only), another optimizer, EP size or data."""
+        check_same_architecture(meta.architecture, f"checkpoint {path}", self.architecture, "this run")
+        saved_dist_opt = meta.layout.distributed_optimizer
+        if not self.weights_only and saved_dist_opt != self.args.use_distributed_optimizer:
+            raise CheckpointError(
+                f"checkpoint {path} was saved {'with' if saved_dist_opt else 'without'} "
                 "--use-distributed-optimizer; resume with the same optimizer (or load weights only with --finetune)"
             )
-        saved_ep = meta["layout"]["expert"]
+        saved_ep = meta.layout.expert
         if not self.weights_only and saved_ep != self.args.expert_model_parallel_size:
             # megatron-core 0.16.1 groups expert parameters into their own optimizer only when EP > 1,
             # and cannot map optimizer state between the two structures.
-            raise checkpointing.CheckpointError(
+            raise CheckpointError(
                 f"checkpoint {path} was saved with --expert-model-parallel-size {saved_ep}: its optimizer "
                 "state reshards across TP, PP and DP but not EP; keep that EP size, or load the weights "
                 "only with --finetune"
             )
         ours = self.tokenizer.fingerprint if self.tokenizer else None
-        if meta.get("tokenizer_fingerprint") != ours:
-            raise checkpointing.CheckpointError(
+        if meta.tokenizer_fingerprint != ours:
+            raise CheckpointError(
                 f"checkpoint {path} was trained with another tokenizer than {self.args.tokenizer_model}"
             )
         if (
             not self.weights_only
             and not self.args.override_data_fingerprint
-            and meta["data_fingerprint"] != self.data_fingerprint
+            and meta.data_fingerprint != self.data_fingerprint
         ):
-            raise checkpointing.CheckpointError(
+            raise CheckpointError(
                 f"checkpoint {path} was trained on another data configuration (--data-path, --split, "
                 "--seq-length or --seed differ, or the files changed); pass --override-data-fingerprint "
                 "to resume anyway"
@@ -453,7 +425,7 @@ class Trainer:
     def save(self) -> None:
         """Checkpoint the current iteration under --save."""
         if self.args.save:
-            path = checkpointing.save_checkpoint(
+            path = checkpoint.save_checkpoint(
                 self.args.save, self.progress.iteration, self.model, self.optimizer, self.scheduler, self._meta()
             )
             _say(f"saved checkpoint {path}")
@@ -507,7 +479,8 @@ class Trainer:
         args, p = self.args, self.progress
         pct = 100.0 * self.trainable / self.total
         _say(
-            f"{args.variant} model: {self.total:,} parameters on rank 0, {self.trainable:,} trainable ({pct:.1f}%); "
+            f"{self.architecture.variant} model: {self.total:,} parameters on rank 0, "
+            f"{self.trainable:,} trainable ({pct:.1f}%); "
             f"{self.num_microbatches} micro-batches x {args.micro_batch_size} per data-parallel rank"
         )
         preemption = _Preemption() if args.exit_signal_handler else None
@@ -545,21 +518,17 @@ class Trainer:
                 if self.writer is not None:
                     self.writer.validation(p.iteration, losses)
                 interval_start = time.perf_counter()  # iteration times exclude evaluation
-            if args.save_interval and p.iteration % args.save_interval == 0:
-                self.save()
+            if self.checkpointer.step(p.iteration):
                 interval_start = time.perf_counter()
             if args.exit_interval and p.iteration % args.exit_interval == 0 and p.iteration < args.train_iters:
                 _say(f"--exit-interval {args.exit_interval}: stopping at iteration {p.iteration}")
-                if args.save and not (args.save_interval and p.iteration % args.save_interval == 0):
-                    self.save()
+                self.checkpointer.step(p.iteration, last_step=True)
                 return 0
             if preemption is not None and preemption.any_rank():
                 _say(f"preemption signal received: saving at iteration {p.iteration} and exiting")
-                if args.save and not (args.save_interval and p.iteration % args.save_interval == 0):
-                    self.save()
+                self.checkpointer.step(p.iteration, last_step=True)
                 return EXIT_PREEMPTED
-        if args.save and not (args.save_interval and p.iteration % args.save_interval == 0):
-            self.save()
+        self.checkpointer.step(p.iteration, last_step=True)
         if self.writer is not None:
             self.writer.close()
         return 0
@@ -589,28 +558,3 @@ class Trainer:
             }
         )
         p.router_loss_sums = {}
-
-
-def make_trainer(args) -> Trainer:
-    """The Trainer for the flags: with --peft, bam_megatron.peft's PeftTrainer."""
-    if args.peft:
-        from bam_megatron.peft.trainer import PeftTrainer
-
-        return PeftTrainer(args)
-    return Trainer(args)
-
-
-def main(argv=None) -> int:
-    """Entry point: parse flags, train, return the exit code (2 for bad input)."""
-    import bam_megatron  # noqa: F401  (quiet megatron-core's import-time warnings)
-    from bam_megatron.data.errors import DataError
-    from bam_megatron.training.arguments import parse_args
-
-    args = parse_args(argv)
-    try:
-        trainer = make_trainer(args)
-    except (DataError, checkpointing.CheckpointError, ValueError) as error:
-        if not dist.is_initialized() or dist.get_rank() == 0:
-            print(f"pretrain_bam.py: error: {error}", file=sys.stderr, flush=True)
-        return 2
-    return trainer.run()

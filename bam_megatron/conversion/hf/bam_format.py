@@ -19,6 +19,7 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
+from bam_megatron.checkpoint import CheckpointMeta
 from bam_megatron.conversion.hf.errors import ConversionError
 from bam_megatron.model.qkv_layout import split_qkv
 
@@ -59,12 +60,12 @@ def _swiglu(fc1: torch.Tensor, fc2: torch.Tensor, prefix: str) -> dict[str, torc
 
 
 def to_bam(
-    weights: dict[str, torch.Tensor], config, args: dict[str, Any], token_ids: dict[str, Optional[int]]
+    weights: dict[str, torch.Tensor], config, meta: CheckpointMeta, token_ids: dict[str, Optional[int]]
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Our parameters (megatron-core names) -> (tensors, config.json) of the remote-code model."""
     n = config.num_attention_experts
     wide_heads, kv_heads = n * config.num_attention_heads, config.attention_kv_groups
-    tied = not args["untie_embeddings_and_output_weights"]
+    tied = not meta.architecture.untie_embeddings_and_output_weights
     experts = config.num_moe_experts or 0
     out = {
         "model.embed_tokens.weight": weights["embedding.word_embeddings.weight"],
@@ -107,7 +108,7 @@ def to_bam(
         "architectures": ["BamForCausalLM"],
         "model_type": "bam_megatron",
         "auto_map": AUTO_MAP,
-        "variant": args["variant"],
+        "variant": meta.architecture.variant,
         "vocab_size": out["model.embed_tokens.weight"].shape[0],
         "hidden_size": config.hidden_size,
         "intermediate_size": config.ffn_hidden_size,
@@ -124,7 +125,7 @@ def to_bam(
         "normalization": config.normalization,
         "norm_eps": config.layernorm_epsilon,
         "rope_theta": float(config.rotary_base),
-        "max_position_embeddings": args["seq_length"],
+        "max_position_embeddings": meta.seq_length,
         "tie_word_embeddings": tied,
         "initializer_range": config.init_method_std,
         "use_cache": True,

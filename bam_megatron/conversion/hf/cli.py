@@ -24,7 +24,6 @@ Exit status: 0 done, 2 bad input (one line on stderr naming the file, tensor or 
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 from typing import Optional
 
@@ -65,18 +64,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of bam-convert-hf / tools/convert_hf.py; exit code 2 for bad input."""
     import bam_megatron  # noqa: F401  (warning filters)
     from bam_megatron.conversion.hf import convert
-    from bam_megatron.conversion.hf.errors import ConversionError
+    from bam_megatron.errors import run_tool
 
     args = parse_args(argv)
-    try:
+
+    def body() -> None:
         if args.command == "export":
             report = convert.export_checkpoint(args.load, args.save, args.format, args.dtype, args.tokenizer_model)
         else:
             report = convert.import_cohere(args.load, args.save, args.seq_length, args.tokenizer_model)
-    except ConversionError as error:
-        print(f"bam-convert-hf: error: {error}", file=sys.stderr, flush=True)
-        return 2
-    for note in report.notes:
-        print(f"note: {note}", flush=True)
-    print(f"wrote {report.output} ({report.format})", flush=True)
-    return 0
+        for note in report.notes:
+            print(f"note: {note}", flush=True)
+        print(f"wrote {report.output} ({report.format})", flush=True)
+
+    return run_tool("bam-convert-hf", body)

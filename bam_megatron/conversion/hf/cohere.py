@@ -20,7 +20,9 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
+from bam_megatron.checkpoint import CheckpointMeta
 from bam_megatron.conversion.hf.errors import ConversionError
+from bam_megatron.model.architecture import Architecture
 from bam_megatron.model.qkv_layout import merge_qkv, split_qkv
 
 LAYERNORM_EPS = 1e-5  # megatron-core's layernorm_epsilon, which bam-megatron does not change
@@ -74,12 +76,12 @@ def check_exportable(config, variant: str) -> None:
 
 
 def to_cohere(
-    weights: dict[str, torch.Tensor], config, args: dict[str, Any], token_ids: dict[str, Optional[int]]
+    weights: dict[str, torch.Tensor], config, meta: CheckpointMeta, token_ids: dict[str, Optional[int]]
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Our parameters (megatron-core names) -> (Cohere tensors, Cohere config.json)."""
     heads, groups, d = config.num_attention_heads, config.num_query_groups, config.kv_channels
     perm = rope_permutation(d)
-    tied = not args["untie_embeddings_and_output_weights"]
+    tied = not meta.architecture.untie_embeddings_and_output_weights
     out = {
         "model.embed_tokens.weight": weights["embedding.word_embeddings.weight"],
         "model.norm.weight": weights["decoder.final_layernorm.weight"],
@@ -112,7 +114,7 @@ def to_cohere(
         "num_attention_heads": heads,
         "num_key_value_heads": groups,
         "hidden_act": "silu",
-        "max_position_embeddings": args["seq_length"],
+        "max_position_embeddings": meta.seq_length,
         "layer_norm_eps": config.layernorm_epsilon,
         "logit_scale": 1.0,
         "tie_word_embeddings": tied,
@@ -186,10 +188,8 @@ def _take(tensors: dict[str, torch.Tensor], name: str, shape: tuple[int, ...]) -
     return tensor.float()
 
 
-def from_cohere(
-    tensors: dict[str, torch.Tensor], cfg: dict[str, Any]
-) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(Cohere tensors, config.json) -> (our parameters, our architecture flags). Call check_importable first."""
+def from_cohere(tensors: dict[str, torch.Tensor], cfg: dict[str, Any]) -> tuple[dict[str, torch.Tensor], Architecture]:
+    """(Cohere tensors, config.json) -> (our parameters, their architecture). Call check_importable first."""
     vocab, hidden, ffn = cfg["vocab_size"], cfg["hidden_size"], cfg["intermediate_size"]
     layers, heads = cfg["num_hidden_layers"], cfg["num_attention_heads"]
     groups = cfg.get("num_key_value_heads") or heads
@@ -240,7 +240,7 @@ def from_cohere(
             f"tensor {extra[0]} is not part of a {layers}-layer Cohere model"
             + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
         )
-    fields = dict(
+    architecture = Architecture(
         variant="dense",
         num_layers=layers,
         hidden_size=hidden,
@@ -250,9 +250,6 @@ def from_cohere(
         untie_embeddings_and_output_weights=not tied,
         normalization="LayerNorm",
         rotary_base=_rope_theta(cfg),
-        vocab_size=vocab,
         padded_vocab_size=vocab,
-        init_method_std=float(cfg.get("initializer_range", 0.02)),
-        num_experts=None,
     )
-    return out, fields
+    return out, architecture

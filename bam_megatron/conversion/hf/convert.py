@@ -10,10 +10,12 @@ import json
 import os
 import shutil
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
+from bam_megatron import checkpoint
+from bam_megatron.checkpoint import CheckpointMeta
 from bam_megatron.conversion.hf import bam_format, cohere, hf_files, megatron_io
 from bam_megatron.conversion.hf.errors import ConversionError
 
@@ -43,9 +45,9 @@ def choose_format(requested: str, config, variant: str) -> tuple[str, Optional[s
     return "cohere", None
 
 
-def _export_tokenizer(meta: dict[str, Any], override: Optional[str], notes: list[str]) -> Optional[str]:
+def _export_tokenizer(meta: CheckpointMeta, override: Optional[str], notes: list[str]) -> Optional[str]:
     """The SentencePiece model to ship with the export, checked against the checkpoint's fingerprint."""
-    fingerprint = meta.get("tokenizer_fingerprint")
+    fingerprint = meta.tokenizer_fingerprint
     if override is not None:
         if not os.path.isfile(override):
             raise ConversionError(f"--tokenizer-model {override} not found")
@@ -58,7 +60,7 @@ def _export_tokenizer(meta: dict[str, Any], override: Optional[str], notes: list
             "no tokenizer.model written"
         )
         return None
-    recorded = meta["args"].get("tokenizer_model")
+    recorded = meta.tokenizer_model
     if recorded and os.path.isfile(recorded) and hf_files.sha256_file(recorded) == fingerprint:
         return recorded
     notes.append(
@@ -83,8 +85,6 @@ def export_checkpoint(
     load: str, save: str, fmt: str = "auto", dtype: str = "float32", tokenizer_model: Optional[str] = None
 ) -> Report:
     """Write the checkpoint ``load`` (any TP/PP/EP) as a Hugging Face model directory ``save``."""
-    from bam_megatron.training import checkpointing
-
     if fmt not in FORMATS:
         raise ConversionError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     if dtype not in DTYPES:
@@ -92,25 +92,26 @@ def export_checkpoint(
     if os.path.exists(save):
         raise ConversionError(f"output {save} already exists")
     path, meta = megatron_io.read_checkpoint(load)
-    args, notes = meta["args"], []
-    if args.get("peft"):
+    notes: list[str] = []
+    variant = meta.architecture.variant
+    if meta.peft is not None:
         raise ConversionError(
-            f"peft={args['peft']}: {path} holds adapters on a base model, which the exported "
+            f"peft={meta.peft['method']}: {path} holds adapters on a base model, which the exported "
             "formats cannot express; export the base checkpoint"
         )
-    config = megatron_io.model_config_for(args)
-    fmt, reason = choose_format(fmt, config, args["variant"])
+    config = meta.architecture.one_rank_config()
+    fmt, reason = choose_format(fmt, config, variant)
     if reason:
         notes.append(f"exported with --format bam (trust_remote_code) because {reason}")
     if fmt == "cohere":
-        cohere.check_exportable(config, args["variant"])
+        cohere.check_exportable(config, variant)
     else:
         bam_format.check_exportable(config)
     tokenizer = _export_tokenizer(meta, tokenizer_model, notes)
     token_ids = hf_files.sentencepiece_ids(tokenizer) if tokenizer else {}
     weights, config = megatron_io.load_weights(path, meta)  # every check passed: now the expensive part
     convert_weights = cohere.to_cohere if fmt == "cohere" else bam_format.to_bam
-    tensors, hf_config = convert_weights(weights, config, args, token_ids)
+    tensors, hf_config = convert_weights(weights, config, meta, token_ids)
     _check_all_converted(weights, tensors)
     hf_config["dtype"] = dtype
     tensors = {name: t.to(DTYPES[dtype]) for name, t in tensors.items()}
@@ -125,9 +126,9 @@ def export_checkpoint(
             os.path.join(tmp, EXPORT_MANIFEST),
             {
                 "source": os.path.abspath(path),
-                "iteration": meta.get("iteration"),
-                "checkpoint_hash": checkpointing.checkpoint_hash(path),
-                "variant": args["variant"],
+                "iteration": meta.iteration,
+                "checkpoint_hash": checkpoint.checkpoint_hash(path),
+                "variant": variant,
                 "format": fmt,
                 "dtype": dtype,
                 "tokenizer": os.path.abspath(tokenizer) if tokenizer else None,
@@ -170,14 +171,8 @@ def import_cohere(
         raise ConversionError(f"--seq-length must be >= 1, got {seq_length}")
     notes: list[str] = []
     tokenizer = _import_tokenizer(load, tokenizer_model, cfg["vocab_size"], notes)
-    weights, fields = cohere.from_cohere(hf_files.read_weights(load), cfg)
+    weights, architecture = cohere.from_cohere(hf_files.read_weights(load), cfg)
     final = os.path.abspath(save)
-    fields.update(
-        seq_length=seq_length or int(cfg.get("max_position_embeddings") or 4096),
-        save=final,
-        tokenizer_model=os.path.join(final, hf_files.TOKENIZER) if tokenizer else None,
-    )
-    args = megatron_io.seed_args(**fields)
     scale = cfg.get("logit_scale")
     if scale not in (None, 1, 1.0):
         notes.append(f"logit_scale={scale} folded into the final norm's weight")
@@ -190,8 +185,15 @@ def import_cohere(
     with hf_files.atomic_directory(save) as tmp:
         if tokenizer:
             shutil.copyfile(tokenizer, os.path.join(tmp, hf_files.TOKENIZER))
-        meta = {"tokenizer_fingerprint": hf_files.sha256_file(tokenizer) if tokenizer else None, "imported": imported}
-        megatron_io.save_weights(tmp, weights, args, meta)
+        meta = CheckpointMeta(
+            architecture=architecture,
+            seq_length=seq_length or int(cfg.get("max_position_embeddings") or 4096),
+            tokenizer_fingerprint=hf_files.sha256_file(tokenizer) if tokenizer else None,
+            tokenizer_model=os.path.join(final, hf_files.TOKENIZER) if tokenizer else None,
+            lineage={"imported": imported},
+            training={"init_method_std": float(cfg.get("initializer_range", 0.02))},
+        )
+        megatron_io.save_weights(tmp, weights, meta)
         with open(os.path.join(tmp, IMPORT_MANIFEST), "w") as f:
             json.dump(dict(imported, notes=notes), f, indent=2)
     return Report(final, "checkpoint", notes)

@@ -1,4 +1,5 @@
-"""pretrain_bam.py with ``--peft``: the training loop of `bam_megatron.training.loop`, with adapters.
+"""pretrain_bam.py with ``--peft``: the training loop of `bam_megatron.training.loop`, with adapters
+(from `bam_megatron.peft`).
 
 `PeftTrainer` changes four things of `Trainer`: the model gets adapters and a frozen base before
 DDP wraps it; the base weights come from ``--pretrained-checkpoint`` (or a full checkpoint in
@@ -8,14 +9,13 @@ starts by printing the trainable parameters.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
+from bam_megatron import checkpoint
+from bam_megatron.checkpoint import CheckpointMeta
 from bam_megatron.peft import checkpoint as peft_checkpoint
 from bam_megatron.peft.apply import apply_peft
 from bam_megatron.peft.config import PeftConfig
-from bam_megatron.training import checkpointing
 from bam_megatron.training.loop import Trainer, _say
 
 
@@ -51,35 +51,35 @@ class PeftTrainer(Trainer):
         if found.base is not None:
             self.weights_only = True
             self._check_compatible(found.base, found.base_meta)
-            checkpointing.load_checkpoint(found.base, peft_checkpoint.base_of(self.model), load_rng=False)
+            checkpoint.load_checkpoint(found.base, peft_checkpoint.base_of(self.model), load_rng=False)
             _say(f"loaded the base model from {found.base}")
         if found.adapters is None:
             return
         self.weights_only = args.finetune
         self._check_compatible(found.adapters, found.adapters_meta)
-        peft_checkpoint.check_same_adapters(found.adapters, found.adapters_meta["peft"], self.peft.to_dict())
+        peft_checkpoint.check_same_adapters(found.adapters, found.adapters_meta.peft, self.peft.to_dict())
         adapters = peft_checkpoint.adapters_of(self.model)
         if args.finetune:
-            checkpointing.load_checkpoint(found.adapters, adapters, load_rng=False)
+            checkpoint.load_checkpoint(found.adapters, adapters, load_rng=False)
             _say(f"loaded adapters from {found.adapters} (optimizer, schedule and iteration start afresh)")
             return
-        meta = checkpointing.load_checkpoint(
+        checkpoint.load_checkpoint(
             found.adapters, adapters, self.optimizer, self.scheduler, load_rng=not args.no_load_rng
         )
-        p = self._restore_progress(meta)
+        p = self._restore_progress(found.adapters_meta)
         _say(
             f"resumed adapters from {found.adapters} at iteration {p.iteration} ({p.consumed_samples} samples consumed)"
         )
 
-    def _meta(self) -> dict[str, Any]:
+    def _meta(self) -> CheckpointMeta:
         meta = super()._meta()
-        meta["peft"] = peft_checkpoint.peft_meta(self.peft.to_dict(), self.found.base)
+        meta.peft = peft_checkpoint.peft_meta(self.peft.to_dict(), self.found.base)
         return meta
 
     def save(self) -> None:
         """Save the adapters (and their optimizer state) under --save."""
         if self.args.save:
-            path = checkpointing.save_checkpoint(
+            path = checkpoint.save_checkpoint(
                 self.args.save,
                 self.progress.iteration,
                 peft_checkpoint.adapters_of(self.model),

@@ -12,14 +12,14 @@ rank 0 rename it to ``iter_N`` and then replace the ``latest`` file (temp file +
 A job killed at any moment leaves the previous checkpoint loadable and ``latest`` pointing at it.
 
 A checkpoint holds the model, the optimizer (distributed or not), the LR scheduler, every rank's
-RNG states, the iteration and samples consumed, the full configuration, and fingerprints of the
-data mixture and the tokenizer. Loading reshards model and optimizer to the current TP/PP/EP
+RNG states, and its `CheckpointMeta` (architecture, layout, iteration, progress, fingerprints of
+the data mixture and the tokenizer, lineage). Loading reshards model and optimizer to the current TP/PP/EP
 layout; RNG states are restored only under the same layout.
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import hashlib
 import os
 import queue
@@ -34,14 +34,11 @@ from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
+from bam_megatron.checkpoint.meta import CheckpointError, CheckpointMeta
+from bam_megatron.platform import faults
 from bam_megatron.platform.atomic import write_atomically
-from bam_megatron.training import faults
 
 LATEST = "latest_checkpointed_iteration.txt"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used with the current flags; the message says why."""
 
 
 def checkpoint_path(root: str, iteration: int) -> str:
@@ -65,6 +62,8 @@ def latest_iteration(root: str) -> Optional[int]:
 
 def resolve_checkpoint(path: str) -> str:
     """A --save directory (its latest iteration) or an iter_* directory -> the iteration directory."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
     if os.path.isfile(os.path.join(path, LATEST)):
         return checkpoint_path(path, latest_iteration(path))
     if os.path.isfile(os.path.join(path, "metadata.json")):
@@ -103,6 +102,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def _layout() -> dict[str, int]:
+    """This process group's layout, as `SavedLayout` records it."""
     return {
         "world_size": dist.get_world_size(),
         "tensor": parallel_state.get_tensor_model_parallel_world_size(),
@@ -147,10 +147,11 @@ def _collect_write_results_in_process() -> None:
 
 
 def save_checkpoint(
-    root: str, iteration: int, model, optimizer, scheduler, meta: dict[str, Any], sharded_strategy=None
+    root: str, iteration: int, model, optimizer, scheduler, meta: CheckpointMeta, sharded_strategy=None
 ) -> str:
-    """Save and publish ``root/iter_N``; every rank calls it. ``meta`` is plain Python data.
+    """Save and publish ``root/iter_N``; every rank calls it.
 
+    ``meta`` is completed here with the iteration, the layout and the scheduler's state.
     ``sharded_strategy``: a dist_checkpointing save strategy other than the default (the
     converters' layer-by-layer writer).
     """
@@ -164,9 +165,10 @@ def save_checkpoint(
     dist.barrier()
     state = _state(model, optimizer, with_rng=True, is_loading=False)
     _collect_write_results_in_process()
-    state["meta"] = dict(
-        meta, iteration=iteration, layout=_layout(), scheduler=scheduler.state_dict() if scheduler is not None else None
-    )
+    meta.iteration = iteration
+    meta.layout = dataclasses.replace(meta.layout, **_layout())
+    meta.scheduler = scheduler.state_dict() if scheduler is not None else None
+    state["meta"] = meta.to_dict()
     dist_checkpointing.save(state, tmp, sharded_strategy=sharded_strategy)
     dist.barrier()
     faults.pause_before_publishing_checkpoint()
@@ -178,43 +180,31 @@ def save_checkpoint(
     return final
 
 
-def one_rank_args(saved_args: dict[str, Any]) -> argparse.Namespace:
-    """A checkpoint's training flags as a one-rank fp32 model without dropout or recompute.
-
-    What tools that load or write checkpoints on one process (upcycle, convert, evaluate) build;
-    dist_checkpointing reshards from and to any layout.
-    """
-    ns = argparse.Namespace(**saved_args)
-    ns.tensor_model_parallel_size = ns.pipeline_model_parallel_size = ns.expert_model_parallel_size = 1
-    ns.sequence_parallel, ns.hidden_dropout, ns.attention_dropout = False, 0.0, 0.0
-    ns.recompute_granularity = ns.recompute_method = ns.recompute_num_layers = None
-    ns.bf16 = False
-    return ns
-
-
-def read_meta(path: str) -> dict[str, Any]:
-    """The plain-Python part of a checkpoint (configuration, iteration, fingerprints)."""
+def read_meta(path: str) -> CheckpointMeta:
+    """The `CheckpointMeta` of the iteration directory ``path`` (older versions migrated)."""
     try:
-        return dist_checkpointing.load_common_state_dict(path)["meta"]
+        record = dist_checkpointing.load_common_state_dict(path)["meta"]
     except (FileNotFoundError, KeyError) as error:
         raise CheckpointError(f"{path} is not a bam-megatron checkpoint ({error})") from None
+    return CheckpointMeta.from_dict(record, path)
 
 
-def load_checkpoint(path: str, model, optimizer=None, scheduler=None, load_rng: bool = True) -> dict[str, Any]:
-    """Load ``path`` into this rank's model (and optimizer, scheduler, RNG); return its meta.
+def load_checkpoint(path: str, model, optimizer=None, scheduler=None, load_rng: bool = True) -> bool:
+    """Load ``path`` into this rank's model (and optimizer, scheduler, RNG states).
 
-    With ``optimizer=None`` only the weights are loaded (``--finetune``).
+    With ``optimizer=None`` only the weights are loaded (``--finetune``). RNG states are restored
+    only under the layout they were saved with; returns whether they were.
     """
     meta = read_meta(path)
-    same_layout = meta["layout"] == _layout()
+    saved = dataclasses.asdict(meta.layout)
+    same_layout = all(saved[key] == value for key, value in _layout().items())
     state = _state(model, optimizer, with_rng=load_rng and same_layout, is_loading=True)
     loaded = dist_checkpointing.load(state, path)
     model.load_state_dict(loaded["model"])
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
-        if scheduler is not None and meta.get("scheduler") is not None:
-            scheduler.load_state_dict(meta["scheduler"])
+        if scheduler is not None and meta.scheduler is not None:
+            scheduler.load_state_dict(meta.scheduler)
     if "rng" in loaded:
         _set_rng_state(loaded["rng"])
-    meta["rng_restored"] = "rng" in loaded
-    return meta
+    return "rng" in loaded

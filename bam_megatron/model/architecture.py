@@ -1,0 +1,256 @@
+"""`Architecture`: the one description of a model's function and shapes, and where it comes from.
+
+Everything that decides what a model computes and which tensors it holds is a field of
+`Architecture`; nothing else is. A checkpoint records one (`bam_megatron.checkpoint`), a training
+run resolves one from its flags and the checkpoint it starts from (`resolve_architecture`), and
+every tool that builds a model builds it from one (`Architecture.model_config`). Settings that
+change how a model is *trained* or *laid out* (dropout, parallel sizes, recompute, bf16, loss
+coefficients) are not architecture: they are passed to `model_config` by whoever builds the model.
+
+This module imports neither torch nor megatron-core at import time, so command-line tools answer
+``--help`` and input errors at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Optional
+
+from bam_megatron.errors import ConfigError
+from bam_megatron.model.variants import (
+    BLOCK_TYPES,
+    DEFAULT_NUM_EXPERTS,
+    NORMALIZATIONS,
+    PRESETS,
+    SOFT_MOA_VARIANTS,
+    VARIANTS,
+)
+
+if TYPE_CHECKING:
+    from bam_megatron.model.config import BAMConfig
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """What a model computes and which tensors it holds; Megatron-LM's flag names.
+
+    ``num_attention_heads`` / ``num_query_groups`` are per attention expert, as in the dense models
+    the experts come from. ``num_experts`` counts the FFN experts (and, for soft MoA, the attention
+    experts); it is None for a dense model. ``padded_vocab_size`` is the number of embedding rows.
+    """
+
+    variant: str
+    num_layers: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int
+    padded_vocab_size: int
+    num_experts: Optional[int] = None
+    moe_router_topk: int = 1
+    attention_router_topk: Optional[int] = None
+    block_type: str = "parallel"
+    normalization: str = "RMSNorm"
+    rotary_base: float = 10000.0
+    untie_embeddings_and_output_weights: bool = True
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise ConfigError(f"variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
+        if self.block_type not in BLOCK_TYPES:
+            raise ConfigError(f"block_type must be one of {', '.join(BLOCK_TYPES)}, got {self.block_type!r}")
+        if self.normalization not in NORMALIZATIONS:
+            raise ConfigError(f"normalization must be one of {', '.join(NORMALIZATIONS)}, got {self.normalization!r}")
+        for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{flag_name(name)} must be >= 1, got {getattr(self, name)}")
+        if self.num_attention_heads % self.num_query_groups:
+            raise ConfigError(
+                f"--num-attention-heads {self.num_attention_heads} is not a multiple of "
+                f"--num-query-groups {self.num_query_groups}"
+            )
+        if self.is_moe:
+            if self.num_experts is None or self.num_experts < 1:
+                raise ConfigError(f"--num-experts must be >= 1 for variant {self.variant}, got {self.num_experts}")
+            if not 1 <= self.moe_router_topk <= self.num_experts:
+                raise ConfigError(
+                    f"--moe-router-topk must be in [1, --num-experts {self.num_experts}], got {self.moe_router_topk}"
+                )
+        elif self.num_experts is not None:
+            raise ConfigError(f"a dense model has no experts, got num_experts={self.num_experts}")
+        k = self.attention_router_topk
+        if k is not None and not (self.has_soft_moa and 1 <= k <= self.num_experts):
+            raise ConfigError(
+                f"--attention-router-topk {k}: needs a soft-MoA variant ({', '.join(SOFT_MOA_VARIANTS)}) "
+                "and a value in [1, --num-experts]"
+            )
+
+    @property
+    def is_moe(self) -> bool:
+        """True for the mixtures (bam, bam-shared-kv, btx): models with FFN experts and routers."""
+        return self.variant != "dense"
+
+    @property
+    def has_soft_moa(self) -> bool:
+        """True when attention is a soft mixture of ``num_experts`` attention experts."""
+        return self.variant in SOFT_MOA_VARIANTS
+
+    # ----- records
+    def to_dict(self) -> dict[str, Any]:
+        """Plain Python data, as checkpoints store it."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, fields: Mapping[str, Any], where: str = "architecture") -> Architecture:
+        """The inverse of `to_dict`; unknown or missing fields are an error naming ``where``."""
+        names = set(ARCHITECTURE_FIELDS)
+        unknown = sorted(set(fields) - names)
+        if unknown:
+            raise ConfigError(f"{where}: unknown architecture fields {', '.join(unknown)}")
+        required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING}
+        missing = sorted(required - set(fields))
+        if missing:
+            raise ConfigError(f"{where}: missing architecture fields {', '.join(missing)}")
+        return cls(**fields)
+
+    def replace(self, **changes: Any) -> Architecture:
+        """A copy with ``changes`` (checked like any new architecture)."""
+        return dataclasses.replace(self, **changes)
+
+    def differences(self, other: Architecture, ignore: tuple[str, ...] = ()) -> list[tuple[str, Any, Any]]:
+        """(field, ours, theirs) for every field where ``other`` differs, in field order."""
+        return [
+            (name, getattr(self, name), getattr(other, name))
+            for name in ARCHITECTURE_FIELDS
+            if name not in ignore and getattr(self, name) != getattr(other, name)
+        ]
+
+    # ----- models
+    def model_config(self, **settings: Any) -> BAMConfig:
+        """The BAMConfig of this architecture; ``settings`` are the other TransformerConfig fields
+        (parallel sizes, dropout, recompute, dtype, router loss coefficients, ...).
+
+        megatron-core's and BAMConfig's own checks run here: a parallel layout that does not divide
+        the heads, KV groups, experts or layers is a `ConfigError` naming the flag.
+        """
+        from bam_megatron.model.builder import variant_config
+
+        fields: dict[str, Any] = dict(
+            num_layers=self.num_layers,
+            hidden_size=self.hidden_size,
+            ffn_hidden_size=self.ffn_hidden_size,
+            num_attention_heads=self.num_attention_heads,
+            num_query_groups=self.num_query_groups,
+            block_type=self.block_type,
+            normalization=self.normalization,
+            rotary_base=self.rotary_base,
+        )
+        if self.has_soft_moa:
+            fields["attention_router_topk"] = self.attention_router_topk
+        fields.update(settings)
+        return variant_config(
+            self.variant, num_experts=self.num_experts or 1, moe_router_topk=self.moe_router_topk, **fields
+        )
+
+    def one_rank_config(self) -> BAMConfig:
+        """The config tools that read or write checkpoints on one process build: TP = PP = EP = 1,
+        fp32, no dropout or recompute, no initialisation (every weight is loaded or written)."""
+        return self.model_config(use_cpu_initialization=True, perform_initialization=False)
+
+    def check_layout(self, tensor: int = 1, pipeline: int = 1, expert: int = 1) -> None:
+        """Raise a `ConfigError` naming the flag if the model cannot be split this way."""
+        if self.padded_vocab_size % tensor:
+            raise ConfigError(
+                f"the vocabulary ({self.padded_vocab_size} rows) does not split over "
+                f"--tensor-model-parallel-size {tensor}"
+            )
+        if expert > 1 and not self.is_moe:
+            raise ConfigError(f"--expert-model-parallel-size {expert} needs a mixture; {self.variant} has no experts")
+        with warnings.catch_warnings():  # megatron-core's advice on SP with EP x TP: not this check's business
+            warnings.simplefilter("ignore", UserWarning)
+            self.model_config(
+                tensor_model_parallel_size=tensor,
+                pipeline_model_parallel_size=pipeline,
+                expert_model_parallel_size=expert,
+                use_cpu_initialization=True,
+            )
+
+
+ARCHITECTURE_FIELDS = tuple(f.name for f in dataclasses.fields(Architecture))
+"""The one list of architecture fields (checkpoints, compatibility checks, flag resolution)."""
+
+
+def flag_name(field: str) -> str:
+    """'hidden_size' -> '--hidden-size': every architecture field is the pretrain_bam.py flag of that name."""
+    return "--" + field.replace("_", "-")
+
+
+def padded_vocab_size(
+    vocab_size: int, make_vocab_size_divisible_by: int = 128, tensor_model_parallel_size: int = 1
+) -> int:
+    """Megatron's embedding size: ``vocab_size`` rounded up to a multiple of divisible_by × TP.
+
+    The padding makes the embedding split evenly over tensor-parallel ranks and keeps GEMM shapes
+    friendly; the extra rows are never produced by the tokenizer.
+    """
+    for name, value in (
+        ("vocab_size", vocab_size),
+        ("make_vocab_size_divisible_by", make_vocab_size_divisible_by),
+        ("tensor_model_parallel_size", tensor_model_parallel_size),
+    ):
+        if int(value) != value or value < 1:
+            raise ConfigError(f"{flag_name(name)} must be a positive integer, got {value!r}")
+    multiple = make_vocab_size_divisible_by * tensor_model_parallel_size
+    return -(-vocab_size // multiple) * multiple
+
+
+def resolve_architecture(
+    given: Mapping[str, Any],
+    preset: Optional[str] = None,
+    saved: Optional[Architecture] = None,
+    saved_path: Optional[str] = None,
+    padded_vocab: Optional[int] = None,
+) -> Architecture:
+    """The architecture of a run: the checkpoint's, else the flags', then the preset's, then defaults.
+
+    ``given`` maps architecture fields to the values set explicitly on the command line (None: not
+    given). With a checkpoint (``saved``, read from ``saved_path``) every field comes from it, as
+    Megatron-LM's ``--use-checkpoint-args`` does, and a flag (or ``--preset``) that contradicts it is
+    a `ConfigError` naming the flag, both values and the checkpoint. ``padded_vocab`` is the
+    embedding size the tokenizer and flags give, used when there is no checkpoint.
+    """
+    from_preset = PRESETS[preset].architecture_fields() if preset else {}
+    values: dict[str, Any] = {}
+    for name in ARCHITECTURE_FIELDS:
+        value, origin = given.get(name), flag_name(name)
+        if value is None and name in from_preset:
+            value, origin = from_preset[name], f"--preset {preset}"
+        if saved is not None:
+            recorded = getattr(saved, name)
+            if value is not None and name != "padded_vocab_size" and value != recorded:
+                raise ConfigError(
+                    f"{origin} gives {name}={value}, but checkpoint {saved_path} was saved with {name}={recorded} "
+                    "(the architecture comes from the checkpoint: drop the flag)"
+                )
+            values[name] = recorded
+        elif value is not None:
+            values[name] = value
+    if saved is not None:
+        return saved
+    required = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size")
+    missing = [flag_name(name) for name in required if name not in values]
+    if missing:
+        raise ConfigError("without --preset or a checkpoint to start from, give " + ", ".join(missing))
+    if padded_vocab is None:
+        raise ConfigError("the vocabulary size is unknown: give --tokenizer-model or --vocab-size")
+    values.setdefault("variant", "dense")
+    values.setdefault("num_query_groups", values["num_attention_heads"])
+    values["padded_vocab_size"] = padded_vocab
+    if values["variant"] == "dense":
+        values["num_experts"] = None  # --num-experts describes mixtures only
+    else:
+        values.setdefault("num_experts", DEFAULT_NUM_EXPERTS)
+    return Architecture(**values)
