@@ -220,10 +220,12 @@ class Pipeline(Stages):
             [Unit("preprocess", [out], {}, ["tokenizer"], work=work)],
         )
 
-    def common(self) -> list[str]:
-        """Architecture, tokenizer, data split and batch: the same for every training run."""
+    def architecture(self) -> list[str]:
+        """The seed's architecture; every later run takes it from the checkpoint it starts from."""
         s = self.s
         return [
+            "--variant",
+            "dense",
             "--num-layers",
             str(s.num_layers),
             "--hidden-size",
@@ -236,6 +238,12 @@ class Pipeline(Stages):
             str(s.num_attention_heads),
             "--seq-length",
             str(s.seq_length),
+        ]
+
+    def common(self) -> list[str]:
+        """Tokenizer, data split and batch: the same for every training run."""
+        s = self.s
+        return [
             "--tokenizer-model",
             self.spm(),
             "--split",
@@ -247,7 +255,7 @@ class Pipeline(Stages):
     def seed(self) -> None:
         """Stage 4: the dense seed on the equal mixture (pretrain_bam.py --variant dense)."""
         s, out = self.s, self.path("seed")
-        flags = ["--variant", "dense", *self.common(), *self.equal_mixture(), *self.schedule(s.seed_iters, s.seed_lr)]
+        flags = [*self.architecture(), *self.common(), *self.equal_mixture(), *self.schedule(s.seed_iters, s.seed_lr)]
         self.stage(
             "seed",
             f"phase 1: dense seed on an equal mixture of the four domains, {s.seed_iters} iterations",
@@ -341,14 +349,10 @@ class Pipeline(Stages):
         )
 
     def mixtures(self) -> None:
-        """Stage 8: BTX and BAM trained on the equal mixture (pretrain_bam.py --variant btx / bam)."""
+        """Stage 8: BTX and BAM trained on the equal mixture (their architecture from the upcycled checkpoints)."""
         s, units = self.s, []
         for m in MIXTURES:
-            flags = [
-                "--variant",
-                m,
-                "--num-experts",
-                str(len(EXPERTS) + 1),
+            flags = [  # no architecture flags: pretrain_bam.py reads it from the upcycled checkpoint
                 *self.common(),
                 *self.equal_mixture(),
                 *self.schedule(s.mix_iters, s.mix_lr),

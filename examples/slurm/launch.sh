@@ -254,7 +254,8 @@ bam_common_flags() {
         read -r -a prefixes <<<"$BAM_DATA_PATH" # weights and prefixes; paths without spaces
         data=(--data-path "${prefixes[@]}" --tokenizer-model "$BAM_TOKENIZER")
     fi
-    BAM_FLAGS=(--preset "$BAM_PRESET" --seq-length "$BAM_SEQ_LENGTH" "${data[@]}"
+    # Training flags only: the architecture is the seed's (phase 1 adds it) or the checkpoint's.
+    BAM_FLAGS=("${data[@]}"
         --tensor-model-parallel-size "$BAM_TP" --pipeline-model-parallel-size "$BAM_PP"
         --micro-batch-size "$BAM_MICRO_BATCH" --train-iters "$BAM_TRAIN_ITERS"
         --lr "$BAM_LR" --lr-warmup-iters "$BAM_WARMUP" --save-interval "$BAM_SAVE_INTERVAL"
