@@ -5,7 +5,7 @@
 
 Parameters are counted on the model megatron-core really builds (`build_model` at TP=1, local
 backend, on the meta device: no weight memory is allocated, so paper-2b costs nothing). FLOPs come
-from the formula of DESIGN.md §6 (`flops_per_token`).
+from the formula of docs/design.md §6 (`flops_per_token`).
 """
 
 from __future__ import annotations
@@ -179,7 +179,7 @@ def format_table(stats: dict[str, Any]) -> str:
         tied = part == "embedding" and stats["tied_embeddings"]
         note = " (also the output layer: tied)" if tied else ""
         rows.append((f"  {part.replace('_', ' ')}", human(count), f"{count:,}{note}"))
-    rows.append(("forward FLOPs per token per layer", "", "(DESIGN.md section 6)"))
+    rows.append(("forward FLOPs per token per layer", "", "(docs/design.md section 6)"))
     for part, flops in stats["flops_per_token"].items():
         rows.append((f"  {part}", human(flops, "FLOP"), f"{flops:,}"))
     training = stats["training_flops_per_token"]
@@ -208,7 +208,9 @@ def _parser() -> argparse.ArgumentParser:
         ),
         epilog="FLOPs convention: " + FLOPS_CONVENTION,
     )
-    parser.add_argument("--preset", required=True, choices=tuple(PRESETS), help="model sizes (DESIGN.md section 5)")
+    parser.add_argument(
+        "--preset", required=True, choices=tuple(PRESETS), help="model sizes (docs/design.md section 5)"
+    )
     parser.add_argument(
         "--variant",
         required=True,

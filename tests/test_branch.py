@@ -56,11 +56,16 @@ def test_branch_links_the_seed_and_writes_working_phase2_flags(tmp_path, corpus,
         assert flags.lr == pytest.approx(2e-3) and flags.min_lr == pytest.approx(2e-4)
         assert flags.pretrained_checkpoint == str(run_dir / "init")
         assert flags.load == flags.save == str(run_dir / "ckpt")
-        assert (flags.variant, flags.hidden_size, flags.seq_length) == ("dense", 64, 32)
+        # the architecture is the seed checkpoint's, not the flags'; training settings are inherited
+        assert (flags.variant, flags.hidden_size, flags.seq_length, flags.preset) == (None, None, None, None)
+        assert flags.tokenizer_model == corpus["tokenizer"] and flags.micro_batch_size == 2
     codes, log = run(tmp_path, "phase2", [f"@{out / 'code' / 'phase2.args'}", "--train-iters", "1"], world=1)
     assert codes == [0], log
     assert f"loaded weights from {store.resolve_checkpoint(str(out / 'code' / 'init'))}" in log
     assert store.latest_iteration(str(out / "code" / "ckpt")) == 1
+    expert = store.read_meta(store.resolve_checkpoint(str(out / "code" / "ckpt")))
+    seed_meta = store.read_meta(seed_dir)
+    assert (expert.architecture, expert.seq_length) == (seed_meta.architecture, 32)
 
 
 @pytest.mark.parametrize("case", ["missing-domain", "bad-general-data", "exists", "not-a-checkpoint"])

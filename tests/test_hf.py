@@ -301,8 +301,8 @@ def test_transformers_cohere_model_imports_as_a_seed_that_trains_and_branches(tm
     for name in before:
         expected = before[name] * 0.0625 if name == "model.norm.weight" else before[name]
         assert torch.equal(after[name], expected), name
-    # tools/branch.py takes the imported seed, with its architecture flags for phase 2
-    from bam_megatron.conversion.branch import main as branch
+    # tools/branch.py takes the imported seed
+    from bam_megatron.cli.branch import main as branch
 
     assert (
         branch(
@@ -321,15 +321,18 @@ def test_transformers_cohere_model_imports_as_a_seed_that_trains_and_branches(tm
         )
         == 0
     )
-    flags = open(tmp_path / "experts" / "law" / "phase2.args").read().split()
-    for flag in (
-        "--normalization",
+    # phase 2 takes the architecture from the linked seed, which is the imported one; no flags repeat it
+    from bam_megatron.checkpoint import store
+    from bam_megatron.training.arguments import given_architecture, parse_args
+
+    phase2 = parse_args([f"@{tmp_path / 'experts' / 'law' / 'phase2.args'}", "--train-iters", "1"])
+    assert set(given_architecture(phase2).values()) == {None}
+    init = store.read_meta(store.resolve_checkpoint(phase2.pretrained_checkpoint)).architecture
+    assert (init.normalization, init.rotary_base, init.untie_embeddings_and_output_weights) == (
         "LayerNorm",
-        "--rotary-base",
-        "20000.0",
-        "--no-untie-embeddings-and-output-weights",
-    ):
-        assert flag in flags, flags
+        20000.0,
+        False,
+    )
 
 
 def _remote_code_checks(jobs: list[tuple[str, str, str]]) -> dict:

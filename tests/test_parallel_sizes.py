@@ -2,6 +2,7 @@
 
 import pytest
 
+from bam_megatron.errors import ConfigError
 from bam_megatron.platform.distributed import ParallelSizes
 
 
@@ -17,7 +18,7 @@ from bam_megatron.platform.distributed import ParallelSizes
     ],
 )
 def test_invalid_layouts(sizes, world, message):
-    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         sizes.validate(world)
 
 

@@ -12,6 +12,7 @@ import shutil
 import pytest
 import torch
 
+from bam_megatron.errors import ConfigError
 from bam_megatron.peft import PeftConfig, adapter_parameters, apply_peft, is_adapter_name
 from bam_megatron.platform.distributed import ParallelSizes
 from bam_megatron.testing.distributed import run_distributed
@@ -437,9 +438,9 @@ def test_flag_and_model_errors():
         )
     with pytest.raises(NotImplementedError, match="cannot adapt layer.fc: Linear is not"):
         describe_linear(torch.nn.Linear(2, 2), "layer.fc")
-    with pytest.raises(ValueError, match="--lora-rank must be >= 1"):
+    with pytest.raises(ConfigError, match="--lora-rank must be >= 1"):
         PeftConfig("molora", rank=0)
-    with pytest.raises(ValueError, match="--peft must be one of"):
+    with pytest.raises(ConfigError, match="--peft must be one of"):
         PeftConfig("lora")
 
 

@@ -339,7 +339,7 @@ EXPERT_ITERS = 100
 def experts(slurm, work, corpus, seed):
     """tools/branch.py on the seed, then phase 2 as a 2-task array whose second task is cancelled
     (SIGTERM) while it trains: (array job id, its tasks' records, the iteration task 1 saved)."""
-    from bam_megatron.conversion.branch import main as branch_main
+    from bam_megatron.cli.branch import main as branch_main
 
     argv = [
         "--seed-checkpoint",

@@ -32,7 +32,8 @@ def test_help_lists_the_flag_groups():
     result = subprocess.run([sys.executable, SCRIPT, "--help"], capture_output=True, text=True)
     assert result.returncode == 0
     for group in (
-        "model:",
+        "model architecture:",
+        "model training settings:",
         "parallelism:",
         "data:",
         "training:",
@@ -90,7 +91,7 @@ def test_bad_input_fails_with_one_line_and_no_output(tmp_path, corpus, case):
             "--num-experts",
             "1",
         ]
-        world, expected = 2, "num_attention_heads (3) must be a multiple of tensor_model_parallel_size (2)"
+        world, expected = 2, "1 attention experts x 3 heads are not divisible by --tensor-model-parallel-size 2"
     elif case == "experts-not-divisible-by-ep":
         args += ["--expert-model-parallel-size", "2", "--num-experts", "3"]
         world, expected = 2, "--num-experts 3 is not divisible by --expert-model-parallel-size 2"
@@ -112,7 +113,9 @@ def test_checkpoint_mismatches_are_refused(tmp_path, corpus):
     assert codes == [0], out
     resume = base_args(corpus, "--train-iters", "2", "--load", str(ckpt))
     codes, out = run(tmp_path, "hidden", resume + ["--hidden-size", "128"], world=1)
-    assert codes == [2] and "was saved with --hidden-size 64, but this run has 128" in single_error_line(out)
+    line = single_error_line(out)
+    assert codes == [2] and "--hidden-size gives hidden_size=128, but checkpoint" in line
+    assert "was saved with hidden_size=64" in line
     other_tokenizer = list(resume)
     other_tokenizer[other_tokenizer.index("--tokenizer-model") + 1] = corpus["other_tokenizer"]
     codes, out = run(tmp_path, "tokenizer", other_tokenizer, world=1)

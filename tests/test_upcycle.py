@@ -189,14 +189,14 @@ def test_sources_saved_at_tp2_give_the_same_logits_at_any_target_layout(tmp_path
 @pytest.mark.parametrize(
     "case,expected",
     [
-        ("missing", "source ghost: no checkpoint at"),
+        ("missing", "source ghost: checkpoint not found"),
         ("bad-spec", "--expert 'seedonly': expected NAME=DIR"),
         ("duplicate", "--expert names must be unique"),
         ("not-dense", "is a bam model; sources must be dense"),
-        ("ep", "2 experts are not divisible by --target-expert-parallel-size 3"),
-        ("tp", "attention heads are not divisible by --target-tensor-parallel-size 3"),
+        ("ep", "--num-experts 2 is not divisible by --target-expert-parallel-size 3"),
+        ("tp", "4 heads are not divisible by --target-tensor-parallel-size 3"),
         ("topk", "--moe-router-topk 3 must be in [1, 2]"),
-        ("architecture", "has hidden_size=128, but seed has 64"),
+        ("architecture", "hidden_size differs: 128 in source code"),
     ],
 )
 def test_bad_input_is_refused_before_writing(tmp_path, sources, corpus, case, expected):

@@ -81,6 +81,8 @@ def phase2_flags(
 ) -> list[str]:
     """pretrain_bam.py flags for one expert: the seed's training settings, then phase-2 settings."""
     inherited = {k: v for k, v in seed.training.items() if k not in NOT_INHERITED}
+    if seed.tokenizer_model and not inherited.get("tokenizer_model"):  # e.g. an imported seed: not trained here
+        inherited["tokenizer_model"] = seed.tokenizer_model
     lr = seed.training.get("lr", 3e-4) * args.lr_scale
     phase2 = {
         "data_path": [str(1 - args.general_fraction), domain, str(args.general_fraction), general],

@@ -1,4 +1,4 @@
-"""Phase 3, mix: build one MoE checkpoint from the seed and the dense experts (DESIGN.md §1).
+"""Phase 3, mix: build one MoE checkpoint from the seed and the dense experts (docs/design.md §1).
 
     bam-upcycle --expert seed=runs/seed --expert code=runs/code --expert law=runs/law \\
         --expert math=runs/math --method bam --save runs/bam-init

@@ -1,6 +1,6 @@
 """Model variants and presets: one function from a variant name to a megatron-core GPTModel.
 
-Variants (DESIGN.md §1):
+Variants (docs/design.md §1):
 
 - ``dense``: the seed and the dense experts (parallel block, one attention, dense SwiGLU FFN);
 - ``bam``: soft MoA over N attention experts (expert KV) + N FFN experts (top-k MoE);

@@ -15,7 +15,7 @@ KV_MODES = ("expert", "shared")
 
 @dataclass
 class BAMConfig(TransformerConfig):
-    """TransformerConfig fields for Branch-Attend-Mix (DESIGN.md §1).
+    """TransformerConfig fields for Branch-Attend-Mix (docs/design.md §1).
 
     ``num_attention_heads`` / ``num_query_groups`` stay per attention expert, as in the dense
     models the experts come from; the soft mixture of attention is built as one attention with

@@ -66,7 +66,7 @@ def head_to_expert(config: BAMConfig) -> torch.Tensor:
 
 
 class SoftMoASelfAttention(SelfAttention):
-    """Soft MoA self-attention (DESIGN.md §1). Takes the per-expert BAMConfig."""
+    """Soft MoA self-attention (docs/design.md §1). Takes the per-expert BAMConfig."""
 
     def __init__(
         self,

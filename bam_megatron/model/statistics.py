@@ -19,7 +19,7 @@ PARTS = ("embedding", "attention", "ffn", "routers", "norms", "output_layer", "o
 """The parts `count_parameters` splits a model into, in report order."""
 
 FLOPS_CONVENTION = (
-    "DESIGN.md section 6: forward FLOPs per token per transformer layer = 2 per weight of every "
+    "docs/design.md section 6: forward FLOPs per token per transformer layer = 2 per weight of every "
     "weight matrix the token passes through (QKV and output projection of every attention "
     "expert, the FFN weights of its top-k experts, both routers) + 2*n_ctx*d_attn per attention "
     "expert (d_attn = heads x head dim of one expert); norms, biases, embeddings and the output "
@@ -37,7 +37,7 @@ class ParameterCounts:
 
 
 def flops_per_token(config: BAMConfig, seq_length: int) -> dict[str, int]:
-    """Forward FLOPs per token of one transformer layer in the DESIGN.md §6 convention.
+    """Forward FLOPs per token of one transformer layer in the docs/design.md §6 convention.
 
     Kaplan et al. (2020) style, so that dense, BAM and BTX models compare on one scale:
 
@@ -76,7 +76,7 @@ def flops_per_token(config: BAMConfig, seq_length: int) -> dict[str, int]:
 
 
 def training_flops_per_token(config: BAMConfig, seq_length: int) -> int:
-    """Training FLOPs per token of the whole model: 3 x forward x num_layers (DESIGN.md §6).
+    """Training FLOPs per token of the whole model: 3 x forward x num_layers (docs/design.md §6).
 
     Embeddings and the output layer are excluded, like everything outside the transformer layers.
     """

@@ -1,4 +1,4 @@
-"""`PeftConfig`: which parameter-efficient mixture to add, and its sizes (DESIGN.md §4)."""
+"""`PeftConfig`: which parameter-efficient mixture to add, and its sizes (docs/design.md §4)."""
 
 from __future__ import annotations
 
