@@ -121,3 +121,10 @@ def test_layers_below_training_never_import_it(layer):
 def test_remote_code_is_self_contained():
     graph = import_graph()
     assert all(not targets for module, targets in graph.items() if module.startswith(SHIPPED_ALONE))
+
+
+def test_the_shipped_remote_code_spells_the_variants_as_the_package_does():
+    from bam_megatron.conversion.hf.remote import configuration_bam
+    from bam_megatron.model.variants import VARIANTS
+
+    assert sorted(configuration_bam.VARIANTS) == sorted(VARIANTS)

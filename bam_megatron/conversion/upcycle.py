@@ -40,9 +40,9 @@ from bam_megatron import checkpoint
 from bam_megatron.checkpoint import CheckpointError, CheckpointMeta, check_same_architecture
 from bam_megatron.errors import ConfigError, UserError, run_tool
 from bam_megatron.model.architecture import Architecture, padded_vocab_size
-from bam_megatron.model.variants import DEFAULT_NUM_EXPERTS
+from bam_megatron.model.variants import DEFAULT_NUM_EXPERTS, VARIANTS
 
-METHODS = ("bam", "bam-shared-kv", "btx", "sparse")
+METHODS = (*(v for v in VARIANTS if v != "dense"), "sparse")
 """What bam-upcycle builds; each is a model variant except ``sparse``, which builds a ``btx`` model."""
 # The target-layout flags of bam-upcycle, in the words of the model checks (which name pretrain_bam.py's).
 TARGET_FLAGS = {

@@ -30,6 +30,7 @@ from bam_megatron.errors import ConfigError, run_tool
 from bam_megatron.evaluation import report
 from bam_megatron.evaluation.checkpoints import EvalModel, check_same_tokenizer, find_models, parse_model_flag
 from bam_megatron.platform.atomic import write_atomically
+from bam_megatron.platform.distributed import ParallelSizes
 
 PROG = "bam-eval"
 
@@ -69,11 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--eval-samples", type=int, default=None, help="samples per domain (default: the whole validation split)"
     )
     g.add_argument("--micro-batch-size", type=int, default=None)
-    g = p.add_argument_group("parallelism")
-    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
-    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
-    g.add_argument("--expert-model-parallel-size", type=int, default=1)
-    g.add_argument("--sequence-parallel", action="store_true")
+    ParallelSizes.add_flags(p.add_argument_group("parallelism"))
     g = p.add_argument_group("output")
     g.add_argument("--output-dir", default="eval", help="perplexity.md/.json, routing.json, routing_*.png")
     return p
@@ -142,14 +139,9 @@ def prepare(args: argparse.Namespace) -> Plan:
 def _start_distributed(args: argparse.Namespace, seed: int):
     """torch.distributed from torchrun/srun variables (a plain `python` process: a world of one),
     then megatron-core."""
-    from bam_megatron.platform.distributed import ParallelSizes, initialize
+    from bam_megatron.platform.distributed import initialize
 
-    sizes = ParallelSizes(
-        args.tensor_model_parallel_size,
-        args.pipeline_model_parallel_size,
-        args.expert_model_parallel_size,
-        args.sequence_parallel,
-    )
+    sizes = ParallelSizes.from_args(args)
     try:
         initialize(sizes, seed=seed)
     except RuntimeError as error:  # megatron-core's own checks of the parallel sizes

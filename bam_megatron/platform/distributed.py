@@ -23,6 +23,24 @@ from bam_megatron.platform import cpu_mode
 class ParallelSizes:
     """Model-parallel layout; data parallelism is whatever the world size leaves over."""
 
+    @staticmethod
+    def add_flags(group) -> None:
+        """Megatron-LM's four layout flags, on an argparse parser or group (every multi-rank tool's)."""
+        group.add_argument("--tensor-model-parallel-size", type=int, default=1)
+        group.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+        group.add_argument("--expert-model-parallel-size", type=int, default=1)
+        group.add_argument("--sequence-parallel", action="store_true")
+
+    @classmethod
+    def from_args(cls, args) -> ParallelSizes:
+        """The sizes an argparse Namespace with `add_flags`' flags holds."""
+        return cls(
+            args.tensor_model_parallel_size,
+            args.pipeline_model_parallel_size,
+            args.expert_model_parallel_size,
+            args.sequence_parallel,
+        )
+
     tensor: int = 1
     pipeline: int = 1
     expert: int = 1

@@ -9,6 +9,7 @@ from typing import Any, Optional
 from bam_megatron.errors import ConfigError
 from bam_megatron.model.architecture import ARCHITECTURE_FIELDS
 from bam_megatron.model.variants import BLOCK_TYPES, DEFAULT_NUM_EXPERTS, NORMALIZATIONS, PRESETS, VARIANTS
+from bam_megatron.platform.distributed import ParallelSizes
 
 DEFAULT_SEQ_LENGTH = 256
 
@@ -75,10 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--init-method-std", type=float, default=0.02)
 
     g = p.add_argument_group("parallelism")
-    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
-    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
-    g.add_argument("--expert-model-parallel-size", type=int, default=1)
-    g.add_argument("--sequence-parallel", action="store_true")
+    ParallelSizes.add_flags(g)
     g.add_argument("--use-distributed-optimizer", action="store_true")
     g.add_argument("--recompute-granularity", choices=("full", "selective"), default=None)
     g.add_argument("--recompute-method", choices=("uniform", "block"), default=None)

@@ -168,12 +168,7 @@ class Trainer:
 
     def __init__(self, args) -> None:
         self.args = args
-        sizes = ParallelSizes(
-            args.tensor_model_parallel_size,
-            args.pipeline_model_parallel_size,
-            args.expert_model_parallel_size,
-            args.sequence_parallel,
-        )
+        sizes = ParallelSizes.from_args(args)
         initialize(sizes, seed=args.seed)
         dp = parallel_state.get_data_parallel_world_size()
         args.global_batch_size = args.global_batch_size or args.micro_batch_size * dp
