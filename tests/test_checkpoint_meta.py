@@ -43,7 +43,7 @@ def _logits_of_fixtures() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     reference = torch.load(os.path.join(FIXTURES, "reference_logits.pt"))
     tokens = reference["tokens"]
     out = {}
-    for name in ("dense", "bam"):
+    for name in ("dense", "bam", "dense-sequential"):
         model = load_model(store.resolve_checkpoint(os.path.join(FIXTURES, name)))
         with torch.no_grad():
             out[name] = (model(tokens, torch.arange(tokens.shape[1]).view(1, -1), None), reference["logits"][name])
