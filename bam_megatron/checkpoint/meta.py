@@ -60,6 +60,8 @@ class CheckpointMeta:
     """sha256 of the tokenizer model the model was trained with; None for mock data."""
     tokenizer_model: Optional[str] = None
     """Where that tokenizer was when the checkpoint was written (a hint; the fingerprint decides)."""
+    tokenizer_type: Optional[str] = None
+    """Megatron-LM's name of its kind ('SentencePieceTokenizer', 'HuggingFaceTokenizer'); None: SentencePiece."""
     data_fingerprint: Optional[str] = None
     scheduler: Optional[dict[str, Any]] = None
     lineage: dict[str, Any] = field(default_factory=dict)
