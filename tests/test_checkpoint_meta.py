@@ -23,7 +23,7 @@ DENSE = Architecture("dense", 2, 32, 64, 4, 2, 128)
 
 def test_a_version_1_checkpoint_reads_as_today_s_meta():
     meta = store.read_meta(store.resolve_checkpoint(os.path.join(FIXTURES, "dense")))
-    assert meta.version == 2 and meta.architecture == DENSE
+    assert meta.version == 1 and meta.to_dict()["version"] == 2 and meta.architecture == DENSE
     assert (meta.iteration, meta.seq_length, meta.consumed_samples) == (2, 32, 4)
     assert meta.layout == SavedLayout(world_size=1, tensor=1, pipeline=1, expert=1, distributed_optimizer=False)
     assert meta.scheduler is not None and meta.tokenizer_fingerprint is None
@@ -93,9 +93,10 @@ def test_the_architecture_comes_from_the_checkpoint_and_a_contradicting_flag_is_
     assert dataclasses.asdict(built) == built.to_dict()
 
 
-def test_pretrain_resumes_a_version_1_checkpoint_and_refuses_a_contradicting_flag(tmp_path):
-    run_dir = tmp_path / "dense"
-    shutil.copytree(os.path.join(FIXTURES, "dense"), run_dir)
+@pytest.mark.parametrize("fixture", ["dense", "dense-sequential"])
+def test_pretrain_resumes_a_version_1_checkpoint_and_refuses_a_contradicting_flag(tmp_path, fixture):
+    run_dir = tmp_path / fixture
+    shutil.copytree(os.path.join(FIXTURES, fixture), run_dir)
     common = ["--mock-data", "--vocab-size", "100", "--micro-batch-size", "2", "--eval-iters", "0"]
     common += ["--load", str(run_dir), "--save", str(run_dir)]
     codes, log = run(tmp_path, "contradicting", [*common, "--train-iters", "3", "--num-layers", "4"], world=1)
@@ -108,4 +109,31 @@ def test_pretrain_resumes_a_version_1_checkpoint_and_refuses_a_contradicting_fla
     assert codes == [0], log
     assert "resumed from" in log and "at iteration 2" in log, log
     meta = store.read_meta(store.checkpoint_path(str(run_dir), 3))
-    assert (meta.version, meta.architecture, meta.seq_length, meta.consumed_samples) == (2, DENSE, 32, 6)
+    expected = DENSE.replace(block_type="sequential") if fixture == "dense-sequential" else DENSE
+    assert (meta.version, meta.architecture, meta.seq_length, meta.consumed_samples) == (2, expected, 32, 6)
+
+
+def _sharded_keys(block_type: str) -> dict[str, dict[str, tuple]]:
+    """Rank body: sharded-state-dict keys and shapes of our dense model and megatron-core's stock GPT."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    from bam_megatron.model.builder import build_from_architecture
+    from bam_megatron.platform.distributed import ParallelSizes, initialize
+
+    initialize(ParallelSizes())
+    architecture = DENSE.replace(block_type=block_type)
+    config = architecture.model_config(use_cpu_initialization=True)
+    ours = build_from_architecture(architecture, config, 32, backend="local")
+    stock = GPTModel(config, get_gpt_layer_local_spec(normalization="RMSNorm"), 128, 32, position_embedding_type="rope")
+    out = {}
+    for name, model in (("ours", ours), ("stock", stock)):
+        stored = [v for v in model.sharded_state_dict().values() if hasattr(v, "global_shape")]
+        out[name] = {v.key: tuple(v.global_shape) for v in stored}  # the keys on disk, layers stacked
+    return out
+
+
+def test_the_sequential_block_stores_its_tensors_under_megatron_core_s_keys():
+    (keys,) = run_distributed(_sharded_keys, 1, args=("sequential",))
+    assert keys["ours"] == keys["stock"]
+    assert "decoder.layers.self_attention.linear_qkv.layer_norm_weight" in keys["ours"]

@@ -135,13 +135,16 @@ class _PartialLoadPlanner(DefaultLoadPlanner):
         return self.state_dict[index.fqn].chunks[tuple(index.offset)]
 
 
-def read_unit(model, unit: Unit, checkpoint_dir: str) -> dict[str, torch.Tensor]:
+def read_unit(
+    model, unit: Unit, checkpoint_dir: str, stored_key: Callable[[str], str] = lambda key: key
+) -> dict[str, torch.Tensor]:
     """One unit's parameters of the ``torch_dist`` checkpoint at ``checkpoint_dir``, by name.
 
     ``model`` is a meta model of the checkpoint's architecture at any layout megatron-core can
     reshard to (typically TP=PP=1). Its own ``sharded_state_dict`` (factories included) says
     which chunk of which stored tensor each parameter is; PyTorch's checkpoint reader reads just
     those (megatron-core's own loader assumes every layer of a stacked tensor is requested).
+    ``stored_key`` maps a key to the one the checkpoint stored it under (`store.stored_key_names`).
     """
     with materialised(model, unit) as params:
         wanted = {k: v for k, v in model.sharded_state_dict().items() if _has_storage(v)}
@@ -149,7 +152,7 @@ def read_unit(model, unit: Unit, checkpoint_dir: str) -> dict[str, torch.Tensor]
         apply_factories(wanted)  # e.g. SwiGLU's fc1: stored as two halves
         requests: dict[str, _Chunks] = {}
         for value in nested_values(wanted):
-            chunks = requests.setdefault(value.key, _Chunks(value.global_shape))
+            chunks = requests.setdefault(stored_key(value.key), _Chunks(value.global_shape))
             shape = (1,) * value.prepend_axis_num + tuple(value.local_shape)
             chunks.chunks[tuple(value.global_offset)] = value.data.view(shape)
         # no_dist: each process reads what it asks for (no collectives; safe on a helper thread)

@@ -72,11 +72,13 @@ class CheckpointMeta:
     """The other settings of the run that wrote it (pretrain_bam.py's flags), for reference and as
     defaults of tools that evaluate it; never architecture."""
     version: int = VERSION
+    """The format version it was read from (older ones are migrated; some tensor keys differ)."""
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain Python data for ``common.pt``."""
+        """Plain Python data for ``common.pt``, in this version's format."""
         record = dataclasses.asdict(self)
         record["architecture"] = self.architecture.to_dict()
+        record["version"] = VERSION
         return record
 
     @classmethod
@@ -103,7 +105,9 @@ class CheckpointMeta:
 def _migrate_v1(record: Mapping[str, Any], path: str) -> dict[str, Any]:
     """A version-1 record (flat ``args``) -> the version-2 fields."""
     args = dict(record["args"])
-    architecture = {name: args.get(name, _V1_DEFAULTS.get(name)) for name in ARCHITECTURE_FIELDS}
+    # Fields version 1 did not know take the defaults it was built with (the dataclass's).
+    architecture = {name: args[name] for name in ARCHITECTURE_FIELDS if name in args}
+    architecture.update({name: value for name, value in _V1_DEFAULTS.items() if name not in args})
     if architecture["variant"] == "dense":
         architecture["num_experts"] = None
     elif architecture["variant"] not in ("bam", "bam-shared-kv"):
@@ -125,7 +129,7 @@ def _migrate_v1(record: Mapping[str, Any], path: str) -> dict[str, Any]:
         "lineage": lineage,
         "peft": record.get("peft"),
         "training": {k: v for k, v in args.items() if k not in ARCHITECTURE_FIELDS},
-        "version": VERSION,
+        "version": 1,
     }
 
 

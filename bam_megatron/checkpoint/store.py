@@ -25,12 +25,14 @@ import os
 import queue
 import random
 import shutil
+from collections.abc import Callable
 from typing import Any, Optional
 
 import numpy
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
@@ -116,8 +118,35 @@ def _rng_object() -> ShardedObject:
     return ShardedObject("rng_state", _rng_state(), (dist.get_world_size(),), (dist.get_rank(),), replica_id=0)
 
 
-def _state(model, optimizer, with_rng: bool, is_loading: bool) -> dict[str, Any]:
+# The sequential block's norms: megatron-core's specs store them under the names of the fused
+# Transformer Engine linears they belong to (its sharded_state_dict_keys_map), and so does
+# bam-megatron from format version 2 on; version 1 stored them under its own module names.
+_VERSION_1_SEQUENTIAL_KEYS = {
+    "self_attention.linear_qkv.layer_norm_": "input_layernorm.",
+    "mlp.linear_fc1.layer_norm_": "pre_mlp_layernorm.",
+}
+
+
+def stored_key_names(meta: CheckpointMeta) -> Callable[[str], str]:
+    """Today's sharded-tensor key -> the key the checkpoint of ``meta`` stored it under."""
+    if meta.version >= 2 or meta.architecture.block_type != "sequential":
+        return lambda key: key
+
+    def version_1(key: str) -> str:
+        for today, then in _VERSION_1_SEQUENTIAL_KEYS.items():
+            key = key.replace(today, then)
+        return key
+
+    return version_1
+
+
+def _state(
+    model, optimizer, with_rng: bool, is_loading: bool, stored_key: Optional[Callable[[str], str]] = None
+) -> dict[str, Any]:
     state: dict[str, Any] = {"model": model.sharded_state_dict()}
+    if stored_key is not None:  # before the optimizer's keys are derived from the model's
+        for item in nested_values(state["model"]):
+            item.key = stored_key(item.key)
     if optimizer is not None:
         # 'fully_reshardable': the distributed optimizer's state in canonical per-parameter form,
         # loadable under another TP/PP/EP/DP layout or without the distributed optimizer.
@@ -198,7 +227,7 @@ def load_checkpoint(path: str, model, optimizer=None, scheduler=None, load_rng: 
     meta = read_meta(path)
     saved = dataclasses.asdict(meta.layout)
     same_layout = all(saved[key] == value for key, value in _layout().items())
-    state = _state(model, optimizer, with_rng=load_rng and same_layout, is_loading=True)
+    state = _state(model, optimizer, load_rng and same_layout, is_loading=True, stored_key=stored_key_names(meta))
     loaded = dist_checkpointing.load(state, path)
     model.load_state_dict(loaded["model"])
     if optimizer is not None:

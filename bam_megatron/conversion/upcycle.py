@@ -218,6 +218,7 @@ class _Mixer:
 
     def __call__(self, unit: int, params: dict) -> None:
         from bam_megatron.checkpoint.layerwise import TOP, read_unit
+        from bam_megatron.checkpoint.store import stored_key_names
 
         label = "embeddings and output layer" if unit == TOP else f"layer {unit + 1}/{self.config.num_layers}"
         print(f"upcycling {label}", flush=True)
@@ -225,7 +226,7 @@ class _Mixer:
         seen: dict[str, torch.Tensor] = {}
         attention: dict[str, list] = {"linear_qkv": [], "linear_proj": []}
         for index, (source, model) in enumerate(zip(self.sources, self.source_models)):
-            for name, weight in read_unit(model, unit, source.path).items():
+            for name, weight in read_unit(model, unit, source.path, stored_key_names(source.meta)).items():
                 if ".mlp.linear_fc" in name:  # FFN: one expert per source (every expert: sparse)
                     layer_prefix, fc = name.split(".mlp.")
                     for e in range(self.experts) if self.args.method == "sparse" else [index]:

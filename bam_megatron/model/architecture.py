@@ -40,6 +40,9 @@ class Architecture:
     ``num_attention_heads`` / ``num_query_groups`` are per attention expert, as in the dense models
     the experts come from. ``num_experts`` counts the FFN experts (and, for soft MoA, the attention
     experts); it is None for a dense model. ``padded_vocab_size`` is the number of embedding rows.
+    ``kv_channels`` is the head size (None: hidden_size / num_attention_heads);
+    ``rope_scaling_factor`` enables Llama-3's RoPE frequency scaling as megatron-core implements it
+    (low/high frequency factors 1 and 4, original context 8192); None: plain RoPE.
     """
 
     variant: str
@@ -56,6 +59,11 @@ class Architecture:
     normalization: str = "RMSNorm"
     rotary_base: float = 10000.0
     untie_embeddings_and_output_weights: bool = True
+    kv_channels: Optional[int] = None
+    norm_epsilon: float = 1e-5
+    add_qkv_bias: bool = False
+    qk_layernorm: bool = False
+    rope_scaling_factor: Optional[float] = None
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -81,6 +89,18 @@ class Architecture:
                 )
         elif self.num_experts is not None:
             raise ConfigError(f"a dense model has no experts, got num_experts={self.num_experts}")
+        if self.kv_channels is not None and self.kv_channels < 1:
+            raise ConfigError(f"--kv-channels must be >= 1, got {self.kv_channels}")
+        if not self.norm_epsilon > 0:
+            raise ConfigError(f"--norm-epsilon must be > 0, got {self.norm_epsilon}")
+        if self.rope_scaling_factor is not None and not self.rope_scaling_factor >= 1:
+            raise ConfigError(f"--rope-scaling-factor must be >= 1, got {self.rope_scaling_factor}")
+        if self.has_soft_moa:
+            # The soft mixture of attention is one wide attention over every expert's heads; it
+            # does not yet carry per-expert Q/K norms or QKV biases (docs/model.md).
+            for name in ("qk_layernorm", "add_qkv_bias"):
+                if getattr(self, name):
+                    raise ConfigError(f"{flag_name(name)}: variant {self.variant} (soft MoA) does not support it yet")
         k = self.attention_router_topk
         if k is not None and not (self.has_soft_moa and 1 <= k <= self.num_experts):
             raise ConfigError(
@@ -147,6 +167,11 @@ class Architecture:
             block_type=self.block_type,
             normalization=self.normalization,
             rotary_base=self.rotary_base,
+            kv_channels=self.kv_channels,
+            layernorm_epsilon=self.norm_epsilon,
+            add_qkv_bias=self.add_qkv_bias,
+            qk_layernorm=self.qk_layernorm,
+            rope_scaling_factor=self.rope_scaling_factor,
         )
         if self.has_soft_moa:
             fields["attention_router_topk"] = self.attention_router_topk

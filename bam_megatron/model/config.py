@@ -38,6 +38,9 @@ class BAMConfig(TransformerConfig):
     rotary_base: float = 10000.0
     """RoPE base (Hugging Face's ``rope_theta``); read by the GPTModel builder."""
 
+    rope_scaling_factor: Optional[float] = None
+    """Llama-3 RoPE scaling factor (megatron-core's ``rope_scaling``); None: plain RoPE. Read by the builder."""
+
     fuse_tp_reduction: bool = True
     """Parallel block with a dense FFN: sum attention and FFN partial outputs before a single
     tensor-parallel reduction (one all-reduce or reduce-scatter per layer instead of two)."""

@@ -57,6 +57,8 @@ def gpt_model(
         share_embeddings_and_output_weights=not untie_embeddings,
         position_embedding_type="rope",
         rotary_base=getattr(config, "rotary_base", 10000.0),
+        rope_scaling=getattr(config, "rope_scaling_factor", None) is not None,
+        rope_scaling_factor=getattr(config, "rope_scaling_factor", None) or 8.0,
     )
 
 

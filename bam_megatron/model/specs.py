@@ -115,8 +115,8 @@ def get_bam_layer_spec(config: BAMConfig, backend: str = "auto") -> ModuleSpec:
                 linear_qkv=m["column"],
                 core_attention=m["core_attention"],
                 linear_proj=output_linear,
-                q_layernorm=IdentityOp,
-                k_layernorm=IdentityOp,
+                q_layernorm=norm if config.qk_layernorm else IdentityOp,
+                k_layernorm=norm if config.qk_layernorm else IdentityOp,
             ),
         )
 
@@ -134,8 +134,23 @@ def get_bam_layer_spec(config: BAMConfig, backend: str = "auto") -> ModuleSpec:
             pre_mlp_layernorm=IdentityOp if parallel else norm,
             mlp=ffn,
             mlp_bda=get_bias_dropout_add,
+            sharded_state_dict_keys_map={} if parallel else sequential_norm_keys(dense_ffn),
         ),
     )
+
+
+def sequential_norm_keys(dense_ffn: bool) -> dict[str, str]:
+    """Where the sequential block's norms are stored: under megatron-core's names, so the same
+    weights are the same keys in our checkpoints and Megatron-LM's.
+
+    megatron-core's specs name a norm after the Transformer Engine linear it is fused into
+    (``self_attention.linear_qkv.layer_norm_weight``, ``mlp.linear_fc1.layer_norm_weight``); in front
+    of MoE experts there is no fused linear, and the TE MoE spec keeps ``pre_mlp_layernorm``.
+    """
+    keys = {"input_layernorm.": "self_attention.linear_qkv.layer_norm_"}
+    if dense_ffn:
+        keys["pre_mlp_layernorm."] = "mlp.linear_fc1.layer_norm_"
+    return keys
 
 
 def get_bam_block_spec(config: BAMConfig, backend: str = "auto") -> ModuleSpec:

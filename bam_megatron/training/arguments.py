@@ -59,6 +59,24 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="default: as the preset says (untied if no preset); --no-... ties them",
     )
+    g.add_argument("--kv-channels", type=int, default=None, help="head size; default: hidden size / heads")
+    g.add_argument("--norm-epsilon", type=float, default=None, help="epsilon of every norm; default: 1e-5")
+    g.add_argument(
+        "--add-qkv-bias", action=argparse.BooleanOptionalAction, default=None, help="biases on Q, K, V (Qwen2)"
+    )
+    g.add_argument(
+        "--qk-layernorm",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="norms on each head's queries and keys (Qwen3)",
+    )
+    g.add_argument(
+        "--rope-scaling-factor",
+        type=float,
+        default=None,
+        help="Llama-3 RoPE scaling (megatron-core's --use-rope-scaling: low/high frequency factors 1 and 4, "
+        "original context 8192); default: none",
+    )
     g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
     g.add_argument("--vocab-size", type=int, default=None, help="only without --tokenizer-model (mock data)")
 

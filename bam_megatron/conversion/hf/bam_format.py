@@ -38,6 +38,8 @@ def check_exportable(config) -> None:
         ("qk_layernorm", config.qk_layernorm, False),
         ("rotary_interleaved", config.rotary_interleaved, False),
         ("kv_channels", config.kv_channels, config.hidden_size // config.num_attention_heads),
+        ("add_qkv_bias", config.add_qkv_bias, False),
+        ("rope_scaling_factor", config.rope_scaling_factor, None),
     ]
     if config.num_moe_experts:
         checks += [

@@ -66,6 +66,8 @@ def check_exportable(config, variant: str) -> None:
             "Cohere's head size is hidden_size / num_attention_heads",
         ),
         ("layernorm_epsilon", config.layernorm_epsilon, LAYERNORM_EPS, "not supported"),
+        ("add_qkv_bias", config.add_qkv_bias, False, "Cohere's attention has no biases"),
+        ("rope_scaling_factor", config.rope_scaling_factor, None, "not supported"),
     ]
     for name, value, wanted, hint in checks:
         if value != wanted:
