@@ -2,6 +2,8 @@
 
 Runs in the worker processes (or in-process with one worker); imports no megatron/torch so a worker
 stays small. Each line is handled on its own, so results do not depend on how lines were chunked.
+Each worker loads its own tokenizer from ``EncodeSettings`` (the path and the type the parent
+resolved): tokenizers are never sent between processes.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy
 
 from bam_megatron.data.jsonl import InvalidLine, is_blank, parse_line
-from bam_megatron.data.tokenizer import SentencePieceTokenizer
+from bam_megatron.data.tokenizer import SENTENCEPIECE, load_tokenizer
 
 # (number of the first line, the lines as read): the unit of work sent to a worker.
 Chunk = tuple[int, list[bytes]]
@@ -25,6 +27,7 @@ class EncodeSettings:
     keys: tuple[str, ...]
     append_eod: bool
     dtype: str  # numpy dtype name of the output .bin, e.g. "uint16"
+    tokenizer_type: str = SENTENCEPIECE  # the loaded tokenizer's type (never None: workers do not re-detect)
 
 
 @dataclass
@@ -45,7 +48,7 @@ class ChunkEncoder:
 
     def __init__(self, settings: EncodeSettings) -> None:
         self.settings = settings
-        self.tokenizer = SentencePieceTokenizer(settings.model_path)
+        self.tokenizer = load_tokenizer(settings.model_path, settings.tokenizer_type)
 
     def __call__(self, chunk: Chunk) -> ChunkResult:
         """Encode ``(first_line_number, lines)``; bad lines are listed in ``invalid``, never raised."""

@@ -8,6 +8,10 @@ writes ``data/corpus_text_document.bin/.idx`` (one dataset per ``--json-keys`` k
 ``--data-path data/corpus_text_document``. Unlike Megatron-LM's tool it refuses bad input with the
 file and line number, skips empty documents, refuses an empty corpus, and publishes a dataset only
 when it is complete (see ``indexed_writer``).
+
+``--tokenizer-model`` is a SentencePiece ``.model`` file or a Hugging Face tokenizer directory
+(``tokenizer.json``, ...; ``--tokenizer-type HuggingFaceTokenizer``); without ``--tokenizer-type``
+a directory is read as Hugging Face, a file as SentencePiece.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from bam_megatron.data.encoder import Chunk, ChunkEncoder, ChunkResult, EncodeSe
 from bam_megatron.data.errors import DataError
 from bam_megatron.data.files import require_file
 from bam_megatron.data.jsonl import STDIN, display_name, iter_chunks, open_input
-from bam_megatron.data.tokenizer import load_tokenizer
+from bam_megatron.data.tokenizer import TOKENIZER_TYPES, load_tokenizer
 
 if TYPE_CHECKING:
     from bam_megatron.data.indexed_writer import AtomicDatasetWriter
@@ -61,12 +65,17 @@ def build_parser() -> argparse.ArgumentParser:
         "instead of stopping with an error",
     )
     group = parser.add_argument_group("tokenizer")
-    group.add_argument("--tokenizer-model", required=True, help="SentencePiece .model file")
+    group.add_argument(
+        "--tokenizer-model",
+        required=True,
+        help="SentencePiece .model file, or Hugging Face tokenizer directory (holding tokenizer.json)",
+    )
     group.add_argument(
         "--tokenizer-type",
-        default="SentencePieceTokenizer",
-        choices=["SentencePieceTokenizer"],
-        help="accepted for Megatron-LM compatibility; SentencePiece is the only type",
+        default=None,
+        choices=TOKENIZER_TYPES,
+        help="Megatron-LM's name of the tokenizer kind (default: from --tokenizer-model, a directory "
+        "is HuggingFaceTokenizer, a file SentencePieceTokenizer)",
     )
     group.add_argument("--append-eod", action="store_true", help="append the tokenizer's eod id after each document")
     group = parser.add_argument_group("output")
@@ -137,7 +146,7 @@ def preprocess(args: argparse.Namespace, log: TextIO | None = None) -> Preproces
     """
     log = log or sys.stderr  # looked up per call: tests and callers may swap sys.stderr
     keys = _check_args(args)
-    tokenizer = load_tokenizer(args.tokenizer_model)
+    tokenizer = load_tokenizer(args.tokenizer_model, args.tokenizer_type)
     if args.append_eod and tokenizer.eod < 0:
         raise DataError(f"--append-eod: tokenizer {tokenizer.path} has no eos/eod token")
     if args.input != STDIN:
@@ -147,7 +156,7 @@ def preprocess(args: argparse.Namespace, log: TextIO | None = None) -> Preproces
     from bam_megatron.data.indexed_writer import AtomicDatasetWriter, publish, token_dtype
 
     dtype = token_dtype(tokenizer.vocab_size)
-    settings = EncodeSettings(tokenizer.path, keys, args.append_eod, dtype.name)
+    settings = EncodeSettings(tokenizer.path, keys, args.append_eod, dtype.name, tokenizer.tokenizer_type)
     stats = PreprocessStats(keys=keys, prefixes=[dataset_prefix(args.output_prefix, k) for k in keys])
     print(
         f"preprocessing {name} -> {', '.join(stats.prefixes)} ({dtype.name} tokens); tokenizer "

@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from bam_megatron.checkpoint import CheckpointError
 from bam_megatron.data.datasets import Domain, TokenIds, parse_data_path
-from bam_megatron.data.tokenizer import load_tokenizer
+from bam_megatron.data.tokenizer import TOKENIZER_TYPES, load_tokenizer
 from bam_megatron.errors import ConfigError, run_tool
 from bam_megatron.evaluation import report
 from bam_megatron.evaluation.checkpoints import EvalModel, check_same_tokenizer, find_models, parse_model_flag
@@ -64,7 +64,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--split", default=None, help="train,valid,test proportions; the valid part is evaluated")
     g.add_argument("--seq-length", type=int, default=None)
     g.add_argument("--seed", type=int, default=None, help="the dataset shuffling seed")
-    g.add_argument("--tokenizer-model", default=None, help="SentencePiece model the models were trained with")
+    g.add_argument(
+        "--tokenizer-model",
+        default=None,
+        help="the tokenizer the models were trained with: SentencePiece model or Hugging Face tokenizer directory",
+    )
+    g.add_argument(
+        "--tokenizer-type",
+        choices=TOKENIZER_TYPES,
+        default=None,
+        help="Megatron-LM's name of its kind (default: the first model's recorded type, else from --tokenizer-model: "
+        "a directory is HuggingFaceTokenizer, a file SentencePieceTokenizer)",
+    )
     g.add_argument("--data-cache-path", default=None, help="dataset index caches (default: next to the data)")
     g.add_argument(
         "--eval-samples", type=int, default=None, help="samples per domain (default: the whole validation split)"
@@ -107,7 +118,7 @@ def prepare(args: argparse.Namespace) -> Plan:
     fingerprint = check_same_tokenizer(models)
     first = models[0]
     tokenizer_path = args.tokenizer_model or first.meta.tokenizer_model
-    tokenizer = load_tokenizer(tokenizer_path)
+    tokenizer = load_tokenizer(tokenizer_path, args.tokenizer_type or first.meta.tokenizer_type)
     if tokenizer.fingerprint != fingerprint:
         raise CheckpointError(f"tokenizer {tokenizer_path} is not the one model {models[0].name} was trained with")
     for flag in ("eval_samples", "micro_batch_size", "seq_length"):

@@ -6,6 +6,7 @@ import argparse
 from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
+from bam_megatron.data.tokenizer import TOKENIZER_TYPES
 from bam_megatron.errors import ConfigError
 from bam_megatron.model.architecture import ARCHITECTURE_FIELDS
 from bam_megatron.model.variants import BLOCK_TYPES, DEFAULT_NUM_EXPERTS, NORMALIZATIONS, PRESETS, VARIANTS
@@ -108,7 +109,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="PREFIX... or W1 PREFIX1 W2 PREFIX2 ...: weighted domain mixture (Megatron syntax)",
     )
     g.add_argument("--split", default="969,30,1", help="train,valid,test proportions of each corpus")
-    g.add_argument("--tokenizer-model", default=None, help="SentencePiece model (tools/train_tokenizer.py)")
+    g.add_argument(
+        "--tokenizer-model",
+        default=None,
+        help="SentencePiece model (tools/train_tokenizer.py) or Hugging Face tokenizer directory (tokenizer.json)",
+    )
+    g.add_argument(
+        "--tokenizer-type",
+        choices=TOKENIZER_TYPES,
+        default=None,
+        help="Megatron-LM's name of the tokenizer kind; default: from --tokenizer-model (a directory is "
+        "HuggingFaceTokenizer, a file SentencePieceTokenizer)",
+    )
     g.add_argument("--mock-data", action="store_true", help="random tokens, no files (smoke tests)")
     g.add_argument("--data-cache-path", default=None, help="where dataset index caches go (default: next to the data)")
     g.add_argument(

@@ -183,7 +183,7 @@ class Trainer:
         if args.min_lr is None:
             args.min_lr = 0.1 * args.lr  # cosine decay to 10% of peak (the paper's recipe)
 
-        self.tokenizer = load_tokenizer(args.tokenizer_model) if args.tokenizer_model else None
+        self.tokenizer = load_tokenizer(args.tokenizer_model, args.tokenizer_type) if args.tokenizer_model else None
         self.checkpoint, self.checkpoint_meta = self._find_checkpoint()
         self.architecture = self._resolve_architecture()
         if args.seq_length is None:
@@ -327,6 +327,7 @@ class Trainer:
             nan_iterations=p.nan_iterations,
             tokenizer_fingerprint=self.tokenizer.fingerprint if self.tokenizer else None,
             tokenizer_model=os.path.abspath(args.tokenizer_model) if args.tokenizer_model else None,
+            tokenizer_type=self.tokenizer.tokenizer_type if self.tokenizer else None,
             data_fingerprint=self.data_fingerprint,
             lineage=dict(started_from.lineage) if started_from else {},
             training={k: v for k, v in vars(args).items() if k not in ARCHITECTURE_FIELDS},
