@@ -65,6 +65,8 @@ BAM_LAYOUTS = [
     ParallelSizes(pipeline=2),
 ]
 TP2, TP2_SP = ParallelSizes(tensor=2), ParallelSizes(tensor=2, sequence_parallel=True)
+SEQUENTIAL = {"block_type": "sequential"}
+QWEN = {"block_type": "sequential", "qk_layernorm": True, "add_qkv_bias": True, "kv_channels": 24}
 FULL_RECOMPUTE = {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
 
 CASES = [
@@ -79,9 +81,16 @@ CASES = [
     ("bam", TP2_SP, FULL_RECOMPUTE),
     ("bam", TP2_SP, {"recompute_granularity": "selective", "recompute_modules": ["core_attn", "mlp"]}),
     ("dense", TP2, {"recompute_granularity": "selective", "recompute_modules": ["mlp"]}),
-    # the sequential (pre-norm) block, for BTX- and Llama-style baselines
-    ("bam", TP2_SP, {"block_type": "sequential"}),
-    ("btx", ParallelSizes(pipeline=2), {"block_type": "sequential"}),
+    # the sequential (pre-norm) block of Llama/Mistral/Qwen: every variant at every layout
+    *[(variant, sizes, SEQUENTIAL) for variant in ("bam", "bam-shared-kv", "btx") for sizes in BAM_LAYOUTS],
+    ("dense", TP2, SEQUENTIAL),
+    ("dense", TP2_SP, SEQUENTIAL),
+    ("dense", ParallelSizes(pipeline=2), SEQUENTIAL),
+    # Qwen-style attention: per-head Q/K norms (their gradients summed over TP), QKV biases, head size
+    # other than hidden / heads
+    ("dense", TP2_SP, QWEN),
+    ("btx", ParallelSizes(expert=2), QWEN),
+    ("btx", TP2_SP, QWEN),
     # megatron-core's own GPT layer (the foundation)
     ("gpt", TP2, {}),
     ("gpt", TP2_SP, {}),

@@ -118,40 +118,82 @@ def test_btx_averages_attention_and_sparse_copies_one_source(tmp_path, sources):
     assert torch.equal(sparse[qkv], seed[qkv])
 
 
-def renormalised_logits(path: str, sizes: ParallelSizes):
-    """Rank body: logits with renormalised top-k FFN routing (so identical experts = the dense FFN)."""
-    from megatron.core.transformer.moe.router import TopKRouter
-
-    original = TopKRouter.forward
-
-    def forward(self, *args, **kwargs):
-        self.config.moe_router_pre_softmax = False  # softmax over the selected top-k: weights sum to 1
-        return original(self, *args, **kwargs)
-
-    TopKRouter.forward = forward
-    return logits_from_checkpoint(path, sizes)
-
-
+@pytest.mark.parametrize("block", ["parallel", "sequential"])
 @pytest.mark.parametrize("method", ["bam", "bam-shared-kv"])
-def test_identical_copies_reproduce_the_dense_model(tmp_path, sources, method):
+def test_identical_copies_reproduce_the_dense_model(tmp_path, sources, sequential_sources, method, block):
+    source = (sources if block == "parallel" else sequential_sources)["seed"]
     argv = [
         "--expert",
-        f"a={sources['seed']}",
+        f"a={source}",
         "--expert",
-        f"b={sources['seed']}",
+        f"b={source}",
         "--method",
         method,
         "--moe-router-topk",
         "2",
+        "--no-moe-router-pre-softmax",  # softmax over the selected top-k: weights sum to 1
         "--save",
         str(tmp_path / "copies"),
     ]
     assert run_distributed(_upcycle_in_rank, 1, args=(argv,)) == [0]
     out = store.resolve_checkpoint(str(tmp_path / "copies"))
-    dense = store.resolve_checkpoint(sources["seed"])
-    (moe_logits,) = run_distributed(renormalised_logits, 1, args=(out, ParallelSizes()))
+    dense = store.resolve_checkpoint(source)
+    (moe_logits,) = run_distributed(logits_from_checkpoint, 1, args=(out, ParallelSizes()))
     (dense_logits,) = run_distributed(logits_from_checkpoint, 1, args=(dense, ParallelSizes()))
     torch.testing.assert_close(moe_logits, dense_logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def sequential_sources(tmp_path_factory, corpus):
+    """Two differently trained dense checkpoints on the sequential (Llama-style) block."""
+    root = tmp_path_factory.mktemp("sequential-sources")
+    made = {}
+    for name, domain, seed in (("seed", "law", 1), ("code", "code", 2)):
+        made[name] = str(root / name)
+        argv = dense_args(corpus, domain, seed, "--save", made[name], "--block-type", "sequential")
+        codes, out = run(root, name, argv, world=1)
+        assert codes == [0], out
+    return made
+
+
+def test_bam_and_btx_from_sequential_sources_copy_each_expert_exactly(tmp_path, sequential_sources):
+    seed, code = load(sequential_sources["seed"]), load(sequential_sources["code"])
+    bam = load(upcycled(tmp_path, sequential_sources, "bam"))
+    btx = load(upcycled(tmp_path, sequential_sources, "btx"))
+    for layer in range(2):
+        p = f"decoder.layers.{layer}"
+        for e, src in enumerate((seed, code)):
+            for moe in (bam, btx):  # FFN expert e is source e's FFN, in both
+                for fc in ("linear_fc1", "linear_fc2"):
+                    expert = moe[f"{p}.mlp.experts.local_experts.{e}.{fc}.weight"]
+                    assert torch.equal(expert, src[f"{p}.mlp.{fc}.weight"])
+        h = seed[f"{p}.self_attention.linear_proj.weight"].shape[1]  # BAM: attention expert e is source e's
+        proj = bam[f"{p}.self_attention.linear_proj.weight"]
+        assert torch.equal(proj[:, :h], seed[f"{p}.self_attention.linear_proj.weight"])
+        assert torch.equal(proj[:, h:], code[f"{p}.self_attention.linear_proj.weight"])
+        # both norms of the block are shared: averaged (the one wide attention has one input norm)
+        for norm in (f"{p}.input_layernorm.weight", f"{p}.pre_mlp_layernorm.weight"):
+            for moe in (bam, btx):
+                torch.testing.assert_close(moe[norm], (seed[norm] + code[norm]) / 2)
+        qkv = f"{p}.self_attention.linear_qkv.weight"  # BTX: one attention, the average
+        torch.testing.assert_close(btx[qkv], (seed[qkv] + code[qkv]) / 2)
+
+
+def _report(tmp_path, source: str, *extra: str) -> dict:
+    out = str(tmp_path / "_".join(["sparse", *extra]).replace("-", ""))
+    argv = ["--expert", f"seed={source}", "--method", "sparse", "--num-experts", "4", "--save", out, *extra]
+    assert run_distributed(_upcycle_in_rank, 1, args=(argv,)) == [0]
+    return json.load(open(os.path.join(out, "upcycle_manifest.json")))["step0"]["seed"]
+
+
+def test_the_step0_report_and_function_preserving_sparse_upcycling(tmp_path, sequential_sources):
+    source = sequential_sources["seed"]
+    plain = _report(tmp_path, source)  # softmax, then top-1 unrenormalised: the expert's output is scaled by p
+    assert plain["max_abs_logit_diff"] > 1e-3 and plain["kl"] > 0
+    exact = _report(tmp_path, source, "--function-preserving")  # zero router, weights x 4
+    assert exact == {"max_abs_logit_diff": 0.0, "kl": 0.0, "argmax_agreement": 1.0}
+    top2 = _report(tmp_path, source, "--function-preserving", "--moe-router-topk", "2")  # renormalised top-2
+    assert top2["max_abs_logit_diff"] < 1e-5 and top2["argmax_agreement"] == 1.0
 
 
 def test_sources_saved_at_tp2_give_the_same_logits_at_any_target_layout(tmp_path, sources):
@@ -196,6 +238,7 @@ def test_sources_saved_at_tp2_give_the_same_logits_at_any_target_layout(tmp_path
         ("ep", "--num-experts 2 is not divisible by --target-expert-parallel-size 3"),
         ("tp", "4 heads are not divisible by --target-tensor-parallel-size 3"),
         ("topk", "--moe-router-topk 3 must be in [1, 2]"),
+        ("function-preserving", "--function-preserving: --method bam mixes different experts"),
         ("architecture", "hidden_size differs: 128 in source code"),
     ],
 )
@@ -217,6 +260,8 @@ def test_bad_input_is_refused_before_writing(tmp_path, sources, corpus, case, ex
         extra = ["--target-tensor-parallel-size", "3"]
     elif case == "topk":
         extra = ["--moe-router-topk", "3"]
+    elif case == "function-preserving":
+        extra = ["--function-preserving"]
     elif case == "architecture":
         wide = str(tmp_path / "wide")
         codes, log = run(

@@ -92,9 +92,32 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--save", required=True, help="output directory (must not exist)")
     p.add_argument("--num-experts", type=int, default=None, help="sparse upcycling: number of FFN experts")
     p.add_argument("--moe-router-topk", type=int, default=1)
+    p.add_argument(
+        "--moe-router-pre-softmax",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="FFN routing: softmax over all experts, then the top-k weights as they are (the paper's); "
+        "--no-moe-router-pre-softmax renormalises over the top-k, which makes --method sparse exactly "
+        "function-preserving at step 0 (identical experts, weights summing to 1)",
+    )
+    p.add_argument("--moe-router-topk-scaling-factor", type=float, default=None, help="multiplies the routing weights")
+    p.add_argument(
+        "--function-preserving",
+        action="store_true",
+        help="--method sparse: routing that makes the MoE exactly the dense source at step 0 (top-1: "
+        "zero-initialised router and routing weights scaled by the number of experts; top-k > 1: "
+        "renormalised top-k)",
+    )
     p.add_argument("--shared-kv-init", default="average", help="bam-shared-kv: 'average' or a source NAME")
-    p.add_argument("--router-init-std", type=float, default=0.02)
+    p.add_argument("--router-init-std", type=float, default=0.02, help="new routers' weights ~ N(0, std); 0: zeros")
     p.add_argument("--seed", type=int, default=1234, help="router initialisation seed")
+    p.add_argument(
+        "--report-batches",
+        type=int,
+        default=2,
+        help="batches of random tokens on which to report the MoE's step-0 distance to each source "
+        "(max |dlogit|, KL, argmax agreement); loads each model whole, one at a time; 0 skips it",
+    )
     g = p.add_argument_group("target layout (checked now; the checkpoint itself reshards on load)")
     g.add_argument("--target-tensor-parallel-size", type=int, default=1)
     g.add_argument("--target-pipeline-parallel-size", type=int, default=1)
@@ -148,6 +171,12 @@ def validate(sources: Sequence[Source], args: argparse.Namespace) -> Architectur
             raise UpcycleError(f"--method {args.method} needs at least 2 sources")
     if args.method == "bam-shared-kv" and args.shared_kv_init not in ["average", *(s.name for s in sources)]:
         raise UpcycleError(f"--shared-kv-init {args.shared_kv_init!r}: 'average' or one of the source names")
+    if args.function_preserving:
+        _choose_function_preserving_routing(args, experts)
+    if args.router_init_std < 0:
+        raise UpcycleError(f"--router-init-std must be >= 0, got {args.router_init_std}")
+    if args.report_batches < 0:
+        raise UpcycleError(f"--report-batches must be >= 0, got {args.report_batches}")
     if not 1 <= args.moe_router_topk <= experts:
         raise UpcycleError(f"--moe-router-topk {args.moe_router_topk} must be in [1, {experts}]")
     target = target_architecture(sources, args, experts)
@@ -161,6 +190,24 @@ def validate(sources: Sequence[Source], args: argparse.Namespace) -> Architectur
             message = message.replace(flag, ours)
         raise UpcycleError(message) from None
     return target
+
+
+def _choose_function_preserving_routing(args: argparse.Namespace, experts: int) -> None:
+    """--function-preserving: set the routing flags that make a sparse upcycle its source at step 0.
+
+    Top-k > 1: renormalised weights over identical experts sum to 1, whatever the router says.
+    Top-1 (megatron-core refuses to renormalise a single weight): a zero router gives every expert
+    probability 1/E, and scaling the weights by E makes the one chosen expert's weight 1.
+    """
+    if args.method != "sparse":
+        raise UpcycleError(
+            f"--function-preserving: --method {args.method} mixes different experts, which no routing "
+            "makes equal to every source; the step-0 report measures the distance"
+        )
+    if args.moe_router_topk > 1:
+        args.moe_router_pre_softmax = False
+    else:
+        args.router_init_std, args.moe_router_topk_scaling_factor = 0.0, float(experts)
 
 
 def _meta_model(architecture: Architecture, seq_length: int):
@@ -182,6 +229,8 @@ def target_architecture(sources: Sequence[Source], args: argparse.Namespace, exp
         variant=variant_of(args.method),
         num_experts=experts,
         moe_router_topk=args.moe_router_topk,
+        moe_router_pre_softmax=args.moe_router_pre_softmax,
+        moe_router_topk_scaling_factor=args.moe_router_topk_scaling_factor,
         padded_vocab_size=padded_vocab_size(largest, divisible_by, args.target_tensor_parallel_size),
     )
 
@@ -299,6 +348,8 @@ def upcycle(args: argparse.Namespace) -> dict:
         "router_init_seed": args.seed,
         "router_init_std": args.router_init_std,
         "moe_router_topk": args.moe_router_topk,
+        "moe_router_pre_softmax": args.moe_router_pre_softmax,
+        "moe_router_topk_scaling_factor": args.moe_router_topk_scaling_factor,
         "shared_kv_init": args.shared_kv_init if args.method == "bam-shared-kv" else None,
         "sources": [
             {
@@ -325,6 +376,17 @@ def upcycle(args: argparse.Namespace) -> dict:
         checkpoint.save_checkpoint(tmp, 0, target, None, None, meta, sharded_strategy=strategy)
         manifest["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
         manifest["seconds"] = round(time.time() - start, 2)
+        if args.report_batches:
+            from bam_megatron.conversion.function_report import function_distance
+
+            written = checkpoint.checkpoint_path(tmp, 0)
+            manifest["step0"] = function_distance(
+                written,
+                checkpoint.read_meta(written),
+                [(s.name, s.path, s.meta) for s in sources],
+                args.report_batches,
+                args.seed,
+            )
         with open(os.path.join(tmp, "upcycle_manifest.json"), "w") as f:
             json.dump(manifest, f, indent=2)
         os.replace(tmp, args.save)
@@ -348,5 +410,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             f"peak memory {manifest['peak_rss_mb']} MB",
             flush=True,
         )
+        if "step0" in manifest:
+            from bam_megatron.conversion.function_report import format_report
+
+            print(format_report(manifest["step0"]), flush=True)
 
     return run_tool("bam-upcycle", body)

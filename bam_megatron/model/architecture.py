@@ -43,6 +43,11 @@ class Architecture:
     ``kv_channels`` is the head size (None: hidden_size / num_attention_heads);
     ``rope_scaling_factor`` enables Llama-3's RoPE frequency scaling as megatron-core implements it
     (low/high frequency factors 1 and 4, original context 8192); None: plain RoPE.
+    ``moe_router_pre_softmax``: the FFN router's softmax over all experts, then the top-k weights
+    as they are (the paper's); False: softmax over the top-k only, so the weights sum to 1
+    (renormalised; megatron-core allows it for top-k > 1). ``moe_router_topk_scaling_factor``
+    multiplies the routing weights (None: 1); with zero-initialised routers, E/k makes top-k
+    routing over E identical experts exactly the dense FFN (sparse upcycling's step 0).
     """
 
     variant: str
@@ -64,6 +69,8 @@ class Architecture:
     add_qkv_bias: bool = False
     qk_layernorm: bool = False
     rope_scaling_factor: Optional[float] = None
+    moe_router_pre_softmax: bool = True
+    moe_router_topk_scaling_factor: Optional[float] = None
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -83,6 +90,11 @@ class Architecture:
         if self.is_moe:
             if self.num_experts is None or self.num_experts < 1:
                 raise ConfigError(f"--num-experts must be >= 1 for variant {self.variant}, got {self.num_experts}")
+            if not self.moe_router_pre_softmax and self.moe_router_topk == 1:
+                raise ConfigError(
+                    "--no-moe-router-pre-softmax needs --moe-router-topk > 1 (one renormalised weight is "
+                    "always 1: the router would learn nothing)"
+                )
             if not 1 <= self.moe_router_topk <= self.num_experts:
                 raise ConfigError(
                     f"--moe-router-topk must be in [1, --num-experts {self.num_experts}], got {self.moe_router_topk}"
@@ -173,6 +185,9 @@ class Architecture:
             qk_layernorm=self.qk_layernorm,
             rope_scaling_factor=self.rope_scaling_factor,
         )
+        if self.is_moe:
+            fields["moe_router_pre_softmax"] = self.moe_router_pre_softmax
+            fields["moe_router_topk_scaling_factor"] = self.moe_router_topk_scaling_factor
         if self.has_soft_moa:
             fields["attention_router_topk"] = self.attention_router_topk
         fields.update(settings)

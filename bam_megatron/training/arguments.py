@@ -44,6 +44,16 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"FFN experts and, for bam, attention experts; default: {DEFAULT_NUM_EXPERTS}",
     )
     g.add_argument("--moe-router-topk", type=int, default=None, help="FFN experts per token; default: 1")
+    g.add_argument(
+        "--moe-router-pre-softmax",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="softmax over all experts, then the top-k weights as they are; --no-...: softmax over the "
+        "top-k only (renormalised); default: pre-softmax",
+    )
+    g.add_argument(
+        "--moe-router-topk-scaling-factor", type=float, default=None, help="multiplies the routing weights; default: 1"
+    )
     g.add_argument("--attention-router-topk", type=int, default=None, help="top-k MoA ablation; default: soft MoA")
     g.add_argument("--block-type", choices=BLOCK_TYPES, default=None, help="default: parallel")
     g.add_argument(

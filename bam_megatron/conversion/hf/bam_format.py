@@ -44,6 +44,7 @@ def check_exportable(config) -> None:
     if config.num_moe_experts:
         checks += [
             ("moe_router_score_function", config.moe_router_score_function, "softmax"),
+            ("moe_router_pre_softmax", config.moe_router_pre_softmax, True),
             ("moe_router_topk_scaling_factor", config.moe_router_topk_scaling_factor, None),
             ("moe_router_enable_expert_bias", config.moe_router_enable_expert_bias, False),
             ("moe_router_num_groups", config.moe_router_num_groups, None),
