@@ -114,7 +114,7 @@ def reference(paths: dict[str, str], prefixes: list[str], samples: int, cache: s
         first.training["seed"],
         1,
         1,
-        TokenIds(tok.eod, tok.pad, tok.vocab_size),
+        TokenIds.of(tok),
         cache,
     )
     batches = {}

@@ -93,6 +93,13 @@ class TokenIds:
     pad: int
     vocab_size: int
 
+    @classmethod
+    def of(cls, tokenizer) -> TokenIds:
+        """A tokenizer's ids. Where its pad is its eod (Llama, Mistral and Qwen tokenizers), there is
+        no pad to mask: megatron-core's "no pad" id, -1, instead of a warning on every dataset."""
+        pad = -1 if tokenizer.pad == tokenizer.eod else tokenizer.pad
+        return cls(tokenizer.eod, pad, tokenizer.vocab_size)
+
     @property
     def unique_identifiers(self) -> dict:
         """What megatron-core writes into its dataset descriptions (and cache keys)."""

@@ -138,7 +138,7 @@ def prepare(args: argparse.Namespace) -> Plan:
     return Plan(
         models=models,
         domains=parse_data_path(args.data_path),
-        tokens=TokenIds(tokenizer.eod, tokenizer.pad, tokenizer.vocab_size),
+        tokens=TokenIds.of(tokenizer),
         split=args.split or _recorded(first, "split"),
         seq_length=args.seq_length or first.meta.seq_length,
         seed=_recorded(first, "seed") if args.seed is None else args.seed,

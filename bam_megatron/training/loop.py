@@ -278,7 +278,7 @@ class Trainer:
         train_samples = args.train_iters * args.global_batch_size
         valid_samples = max(1, args.eval_iters) * args.micro_batch_size * dp
         tok = self.tokenizer
-        tokens = TokenIds(tok.eod, tok.pad, tok.vocab_size) if tok else TokenIds(0, 1, args.vocab_size)
+        tokens = TokenIds.of(tok) if tok else TokenIds(0, 1, args.vocab_size)
         if args.mock_data:
             self.domains = []
             self.train_ds, self.valid_ds = build_mock_datasets(
