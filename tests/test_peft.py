@@ -20,6 +20,8 @@ from bam_megatron.testing.shards import assemble
 from tests.test_training import losses, run
 
 VARIANTS = ("dense", "bam", "btx")
+BLOCKS = {"": {}, "-sequential": {"block_type": "sequential"}}  # variant name suffix -> config overrides
+MODELS = tuple(v + suffix for suffix in BLOCKS for v in VARIANTS)
 METHODS = ("molora", "mov")
 SMALL = dict(num_experts=3, rank=2, alpha=4.0)
 
@@ -57,18 +59,19 @@ def single_rank_checks(checkpoint_dir: str) -> dict:
     tokens = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(0))
     out: dict = {"identity": {}, "trainable": {}}
     for variant in VARIANTS:
-        for method in METHODS:
-            model = build_model(bam_config(ParallelSizes(), variant), VOCAB, SEQ)
-            before = _logits(model, tokens)
-            apply_peft(model, PeftConfig(method, **SMALL))
-            out["identity"][variant, method] = torch.equal(_logits(model, tokens), before)
-            out["trainable"][variant, method] = sorted(
-                {
-                    n.split(".")[-1] if "router" not in n else "router"
-                    for n, p in model.named_parameters()
-                    if p.requires_grad
-                }
-            )
+        for suffix, block in BLOCKS.items():
+            for method in METHODS:
+                model = build_model(bam_config(ParallelSizes(), variant, **block), VOCAB, SEQ)
+                before = _logits(model, tokens)
+                apply_peft(model, PeftConfig(method, **SMALL))
+                out["identity"][variant + suffix, method] = torch.equal(_logits(model, tokens), before)
+                out["trainable"][variant + suffix, method] = sorted(
+                    {
+                        n.split(".")[-1] if "router" not in n else "router"
+                        for n, p in model.named_parameters()
+                        if p.requires_grad
+                    }
+                )
 
     # the mixture's formula, on the dense model's modules
     model = build_model(bam_config(ParallelSizes(), "dense"), VOCAB, SEQ)
@@ -134,7 +137,7 @@ def single_rank(tmp_path_factory):
 
 
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", MODELS)
 def test_fresh_adapters_leave_the_output_unchanged(single_rank, variant, method):
     assert single_rank["identity"][variant, method]  # bit for bit: B = 0 (MoLoRA), vectors = 1 (MoV)
 
@@ -173,6 +176,8 @@ CASES = [
         ("bam", {}),
         ("btx", {}),
         ("bam", FULL_RECOMPUTE),
+        ("dense", BLOCKS["-sequential"]),
+        ("btx", BLOCKS["-sequential"]),
     )
     for m in METHODS
 ]

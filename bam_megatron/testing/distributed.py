@@ -48,7 +48,7 @@ def _rank_main(
     rank: int,
     world_size: int,
     store_path: str,
-    args: Sequence[Any],
+    args: bytes,  # the pickled positional arguments of fn
     results: mp.Queue[tuple[int, bool, Any]],
 ) -> None:
     os.environ.update(
@@ -65,7 +65,7 @@ def _rank_main(
         cpu_mode.enable()
         dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size)
         try:
-            value = fn(*args)
+            value = fn(*pickle.loads(args))
         finally:
             from megatron.core import parallel_state
 
@@ -94,7 +94,9 @@ def run_distributed(
         procs = [
             ctx.Process(
                 target=_rank_main,
-                args=(fn, rank, world_size, store, tuple(args), results),
+                # args by value too: as shared-memory handles, each tensor would take one of the
+                # forkserver's 256 file descriptors per process
+                args=(fn, rank, world_size, store, pickle.dumps(tuple(args)), results),
                 name=f"rank{rank}",
             )
             for rank in range(world_size)
