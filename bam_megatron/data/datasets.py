@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
+import numpy
 from megatron.core.datasets.blended_dataset import BlendedDataset
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
@@ -73,6 +74,25 @@ def check_indexed_dataset(prefix: str) -> None:
     actual = os.path.getsize(bin_)
     if actual < expected:
         raise DataError(f"dataset file {bin_} is truncated: {actual} bytes, its index expects {expected}")
+
+
+def check_token_ids(prefix: str, vocab_size: int) -> None:
+    """Fail with a one-line error if any token of the dataset is outside the vocabulary.
+
+    Data tokenized with a larger vocabulary would crash in the embedding; with a smaller one, it
+    would train on wrong tokens without a word. One vectorised pass over the whole .bin file
+    (memory-mapped, a few GB/s), before the first step.
+    """
+    check_indexed_dataset(prefix)
+    index = IndexedDataset(prefix, mmap=False).index
+    end = int(index.sequence_pointers[-1]) // index.dtype_size + int(index.sequence_lengths[-1])
+    tokens = numpy.memmap(get_bin_path(prefix), dtype=index.dtype, mode="r", shape=(end,))
+    largest = int(tokens.max()) if end else -1
+    if largest >= vocab_size:
+        raise DataError(
+            f"dataset {prefix} holds token id {largest}, but the tokenizer has {vocab_size} tokens: "
+            "it was tokenized with another tokenizer (rerun bam-preprocess-data with this one)"
+        )
 
 
 def data_fingerprint(domains: Sequence[Domain], split: str, seq_length: int, seed: int) -> str:
@@ -149,6 +169,8 @@ def build_datasets(
     validation split, sized so that the smallest-weight domain still has enough samples.
     The test split keeps its documents out of training but is not built.
     """
+    for d in domains:
+        check_token_ids(d.prefix, tokens.vocab_size)
     config = _config(seq_length, seed, split, tokens, cache, ([d.prefix for d in domains], [d.weight for d in domains]))
     config.split_matrix = [*config.split_matrix[:2], None]
     _check_splits_have_documents(domains, config.split_matrix, split)

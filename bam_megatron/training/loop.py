@@ -342,8 +342,20 @@ class Trainer:
         """
         args = self.args
         self.weights_only = args.finetune
+        if args.load and os.path.exists(args.load) and not os.path.isdir(args.load):
+            raise ConfigError(f"--load {args.load} is a file, not a checkpoint directory")
+        if args.load and os.path.isfile(os.path.join(args.load, "metadata.json")):  # an iter_* directory itself
+            path = checkpoint.resolve_checkpoint(args.load)
+            return path, checkpoint.read_meta(path)
         if args.load:
             iteration = checkpoint.latest_iteration(args.load) if os.path.isdir(args.load) else None
+            if iteration is None and os.path.isdir(args.load):
+                saved = sorted(n for n in os.listdir(args.load) if n.startswith("iter_") and not n.endswith(".tmp"))
+                if saved:
+                    raise CheckpointError(
+                        f"--load {args.load} holds {', '.join(saved)} but no {checkpoint.LATEST}: pass the "
+                        "iter_* directory to resume from as --load"
+                    )
             if iteration is not None:
                 path = checkpoint.checkpoint_path(args.load, iteration)
                 return path, checkpoint.read_meta(path)
@@ -479,6 +491,12 @@ class Trainer:
             f"{self.trainable:,} trainable ({pct:.1f}%); "
             f"{self.num_microbatches} micro-batches x {args.micro_batch_size} per data-parallel rank"
         )
+        if p.iteration >= args.train_iters:
+            _say(
+                f"resumed at iteration {p.iteration}, and --train-iters is {args.train_iters}: the run is "
+                "finished, nothing to do"
+            )
+            return 0
         preemption = _Preemption() if args.exit_signal_handler else None
         interval_start, interval_iters = time.perf_counter(), 0
         while p.iteration < args.train_iters:

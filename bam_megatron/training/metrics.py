@@ -48,10 +48,8 @@ class MetricsWriter:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(log_dir=tensorboard_dir)
-        self._jsonl = None
-        if metrics_file:
-            os.makedirs(os.path.dirname(os.path.abspath(metrics_file)), exist_ok=True)
-            self._jsonl = open(metrics_file, "a", buffering=1)
+        # Opened at the first record: a run that fails or has nothing to do leaves no file behind.
+        self._metrics_file, self._jsonl = metrics_file, None
 
     def training(self, record: dict[str, Any]) -> None:
         """Report one log interval."""
@@ -83,6 +81,9 @@ class MetricsWriter:
                 self._tb.add_scalar(f"valid/{name}_ppl", math.exp(min(loss, 50)), iteration)
 
     def _emit(self, kind: str, record: dict[str, Any]) -> None:
+        if self._metrics_file and self._jsonl is None:
+            os.makedirs(os.path.dirname(os.path.abspath(self._metrics_file)), exist_ok=True)
+            self._jsonl = open(self._metrics_file, "a", buffering=1)
         if self._jsonl is not None:
             self._jsonl.write(json.dumps({"kind": kind, "time": time.time(), **record}) + "\n")
 
