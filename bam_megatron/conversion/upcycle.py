@@ -222,16 +222,19 @@ def _meta_model(architecture: Architecture, seq_length: int):
 def target_architecture(sources: Sequence[Source], args: argparse.Namespace, experts: int) -> Architecture:
     """The MoE's architecture: the sources' with the method's variant, experts and routing."""
     first = sources[0].meta
-    # The largest padding among the sources, rounded up so the target TP size divides it.
+    # The largest padding among the sources; rounded up only if the target TP size does not divide it
+    # (an imported model keeps its vocabulary as it is).
     divisible_by = first.training.get("make_vocab_size_divisible_by", 128)
     largest = max(s.meta.architecture.padded_vocab_size for s in sources)
+    tp = args.target_tensor_parallel_size
+    rows = largest if largest % tp == 0 else padded_vocab_size(largest, divisible_by, tp)
     return first.architecture.replace(
         variant=variant_of(args.method),
         num_experts=experts,
         moe_router_topk=args.moe_router_topk,
         moe_router_pre_softmax=args.moe_router_pre_softmax,
         moe_router_topk_scaling_factor=args.moe_router_topk_scaling_factor,
-        padded_vocab_size=padded_vocab_size(largest, divisible_by, args.target_tensor_parallel_size),
+        padded_vocab_size=rows,
     )
 
 
