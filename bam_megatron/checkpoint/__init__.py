@@ -8,6 +8,8 @@
 - `models`: a checkpoint's model built for a parallel layout and loaded (evaluation, conversion).
 - `layerwise`: reading one layer of a checkpoint and writing a model one layer at a time (the
   converters' streaming I/O).
+- `megatron_lm`: checkpoints Megatron-LM wrote (torch_dist), read as they are: their ``args`` as a
+  `CheckpointMeta`, the tensor names its specs store differently, the formats it cannot read.
 
 Nothing here imports the training loop; training, conversion, evaluation and PEFT all build on it.
 docs/checkpoints.md describes the layout for users.

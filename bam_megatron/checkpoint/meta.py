@@ -11,6 +11,11 @@ Versions:
 - 1 (no ``version`` key; bam-megatron before this module): a flat ``args`` dict of every
   ``pretrain_bam.py`` flag, the architecture among them. `CheckpointMeta.from_dict` migrates it.
 - 2: this layout.
+
+A checkpoint Megatron-LM's ``pretrain_gpt.py`` wrote (``--ckpt-format torch_dist``) has no such record:
+`bam_megatron.checkpoint.megatron_lm` derives one from its ``args``, with ``source`` set to
+``megatron-lm`` and the tensor names it stores differently in ``stored_keys``. Neither is saved: a
+checkpoint bam-megatron writes is a bam-megatron checkpoint, whatever its weights came from.
 """
 
 from __future__ import annotations
@@ -24,6 +29,9 @@ from bam_megatron.errors import UserError
 from bam_megatron.model.architecture import ARCHITECTURE_FIELDS, Architecture
 
 VERSION = 2
+
+BAM_MEGATRON = "bam-megatron"
+MEGATRON_LM = "megatron-lm"
 
 # Architecture fields a version-1 checkpoint may lack: what it was built with before the flag existed.
 _V1_DEFAULTS = {"normalization": "RMSNorm", "rotary_base": 10000.0, "attention_router_topk": None}
@@ -73,12 +81,19 @@ class CheckpointMeta:
     defaults of tools that evaluate it; never architecture."""
     version: int = VERSION
     """The format version it was read from (older ones are migrated; some tensor keys differ)."""
+    source: str = BAM_MEGATRON
+    """What wrote the checkpoint: bam-megatron, or Megatron-LM (read directly; weights only). Never saved."""
+    stored_keys: dict[str, str] = field(default_factory=dict)
+    """For a checkpoint another program wrote: part of today's sharded-tensor key -> what it stored
+    instead (`store.stored_key_names`). Never saved."""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain Python data for ``common.pt``, in this version's format."""
         record = dataclasses.asdict(self)
         record["architecture"] = self.architecture.to_dict()
         record["version"] = VERSION
+        for read_only in ("source", "stored_keys"):  # describe the files read, not the checkpoint written
+            del record[read_only]
         return record
 
     @classmethod
@@ -95,7 +110,7 @@ class CheckpointMeta:
         values = dict(record)
         values["architecture"] = Architecture.from_dict(record["architecture"], where=path)
         values["layout"] = SavedLayout(**record["layout"])
-        known = {f.name for f in dataclasses.fields(cls)}
+        known = {f.name for f in dataclasses.fields(cls)} - {"source", "stored_keys"}
         unknown = sorted(set(values) - known)
         if unknown:
             raise CheckpointError(f"{path}: unknown checkpoint meta fields {', '.join(unknown)}")

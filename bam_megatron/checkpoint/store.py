@@ -15,6 +15,9 @@ A checkpoint holds the model, the optimizer (distributed or not), the LR schedul
 RNG states, and its `CheckpointMeta` (architecture, layout, iteration, progress, fingerprints of
 the data mixture and the tokenizer, lineage). Loading reshards model and optimizer to the current TP/PP/EP
 layout; RNG states are restored only under the same layout.
+
+Checkpoints Megatron-LM wrote (``--ckpt-format torch_dist``, ``iter_*`` or ``release``) are found,
+described and loaded (weights only) by the same functions; `megatron_lm` knows their ``args``.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import pickle
 import queue
 import random
 import shutil
@@ -32,11 +36,13 @@ import numpy
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.dist_checkpointing.core import CheckpointingException, maybe_load_config
 from megatron.core.dist_checkpointing.dict_utils import nested_values
-from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, ShardedTensorFactory
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
-from bam_megatron.checkpoint.meta import CheckpointError, CheckpointMeta
+from bam_megatron.checkpoint import megatron_lm
+from bam_megatron.checkpoint.meta import MEGATRON_LM, CheckpointError, CheckpointMeta
 from bam_megatron.platform import faults
 from bam_megatron.platform.atomic import write_atomically
 
@@ -48,14 +54,27 @@ def checkpoint_path(root: str, iteration: int) -> str:
     return os.path.join(root, f"iter_{iteration:07d}")
 
 
-def latest_iteration(root: str) -> Optional[int]:
-    """The last published iteration under ``root``, or None if there is none."""
+def _latest_text(root: str) -> Optional[str]:
+    """What ``root``'s latest file says (None if it has none)."""
     path = os.path.join(root, LATEST)
     if not os.path.isfile(path):
         return None
-    text = open(path).read().strip()
+    return open(path).read().strip()
+
+
+def latest_iteration(root: str) -> Optional[int]:
+    """The last published iteration under ``root``, or None if there is none."""
+    text = _latest_text(root)
+    if text is None:
+        return None
+    path = os.path.join(root, LATEST)
+    if text == megatron_lm.RELEASE:
+        raise CheckpointError(
+            f"{path} says 'release': Megatron-LM's release checkpoint {os.path.join(root, megatron_lm.RELEASE)} "
+            "has weights only, to start from (--pretrained-checkpoint), not a run to resume"
+        )
     if not text.isdigit():
-        raise CheckpointError(f"{path}: expected an iteration number, found {text!r}")
+        raise CheckpointError(f"{path}: expected an iteration number or 'release', found {text!r}")
     iteration = int(text)
     if not os.path.isdir(checkpoint_path(root, iteration)):
         raise CheckpointError(f"{path} names iteration {iteration}, but {checkpoint_path(root, iteration)} is missing")
@@ -63,14 +82,25 @@ def latest_iteration(root: str) -> Optional[int]:
 
 
 def resolve_checkpoint(path: str) -> str:
-    """A --save directory (its latest iteration) or an iter_* directory -> the iteration directory."""
+    """A --save directory (its latest iteration, or Megatron-LM's ``release``) or a checkpoint
+    directory (``iter_*``, ``release``) -> the checkpoint directory."""
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint not found: {path}")
-    if os.path.isfile(os.path.join(path, LATEST)):
-        return checkpoint_path(path, latest_iteration(path))
-    if os.path.isfile(os.path.join(path, "metadata.json")):
+    if _latest_text(path) == megatron_lm.RELEASE:
+        found = os.path.join(path, megatron_lm.RELEASE)
+        if not os.path.isdir(found):
+            raise CheckpointError(f"{os.path.join(path, LATEST)} says 'release', but {found} is missing")
+    elif _latest_text(path) is not None:
+        found = checkpoint_path(path, latest_iteration(path))
+    elif os.path.isfile(os.path.join(path, "metadata.json")):
         return path
-    raise CheckpointError(f"no checkpoint at {path} (neither a --save directory nor an iter_* directory)")
+    else:
+        megatron_lm.refuse_other_formats(path)
+        raise CheckpointError(
+            f"no checkpoint at {path} (neither a --save directory nor an iter_* or release directory)"
+        )
+    megatron_lm.refuse_other_formats(found)
+    return found
 
 
 def checkpoint_hash(path: str) -> str:
@@ -128,16 +158,23 @@ _VERSION_1_SEQUENTIAL_KEYS = {
 
 
 def stored_key_names(meta: CheckpointMeta) -> Callable[[str], str]:
-    """Today's sharded-tensor key -> the key the checkpoint of ``meta`` stored it under."""
-    if meta.version >= 2 or meta.architecture.block_type != "sequential":
+    """Today's sharded-tensor key -> the key the checkpoint of ``meta`` stored it under.
+
+    Different for version-1 sequential blocks and for MoE layers Megatron-LM's local spec wrote
+    (``meta.stored_keys``); the same otherwise.
+    """
+    renames = dict(meta.stored_keys)
+    if meta.version < 2 and meta.architecture.block_type == "sequential":
+        renames.update(_VERSION_1_SEQUENTIAL_KEYS)
+    if not renames:
         return lambda key: key
 
-    def version_1(key: str) -> str:
-        for today, then in _VERSION_1_SEQUENTIAL_KEYS.items():
+    def stored(key: str) -> str:
+        for today, then in renames.items():
             key = key.replace(today, then)
         return key
 
-    return version_1
+    return stored
 
 
 def _state(
@@ -210,21 +247,48 @@ def save_checkpoint(
 
 
 def read_meta(path: str) -> CheckpointMeta:
-    """The `CheckpointMeta` of the iteration directory ``path`` (older versions migrated)."""
+    """The `CheckpointMeta` of the checkpoint directory ``path`` (older versions migrated; a
+    Megatron-LM checkpoint's derived from its ``args``)."""
+    megatron_lm.refuse_other_formats(path)
+    if not os.path.isfile(os.path.join(path, "metadata.json")):
+        raise CheckpointError(f"{path} is not a checkpoint (no metadata.json)")
+    backend = maybe_load_config(path)
+    if backend is not None and backend.sharded_backend != "torch_dist":
+        raise CheckpointError(
+            f"{path}: a dist_checkpointing checkpoint in the {backend.sharded_backend!r} format; "
+            "bam-megatron reads torch_dist"
+        )
     try:
-        record = dist_checkpointing.load_common_state_dict(path)["meta"]
-    except (FileNotFoundError, KeyError) as error:
+        common = dist_checkpointing.load_common_state_dict(path)
+    except pickle.UnpicklingError as error:  # torch.load(weights_only=True) met a class megatron-core does not allow
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"{os.path.join(path, 'common.pt')} cannot be read safely ({first})") from None
+    except (FileNotFoundError, CheckpointingException) as error:
         raise CheckpointError(f"{path} is not a bam-megatron checkpoint ({error})") from None
-    return CheckpointMeta.from_dict(record, path)
+    if "meta" in common:
+        return CheckpointMeta.from_dict(common["meta"], path)
+    if megatron_lm.is_megatron_lm(common):
+        tensors = {key: tuple(t.global_shape) for key, t in dist_checkpointing.load_tensors_metadata(path).items()}
+        return megatron_lm.meta_from_common(common, path, tensors)
+    raise CheckpointError(f"{path} is neither a bam-megatron checkpoint ('meta') nor a Megatron-LM one ('args')")
 
 
 def load_checkpoint(path: str, model, optimizer=None, scheduler=None, load_rng: bool = True) -> bool:
     """Load ``path`` into this rank's model (and optimizer, scheduler, RNG states).
 
     With ``optimizer=None`` only the weights are loaded (``--finetune``). RNG states are restored
-    only under the layout they were saved with; returns whether they were.
+    only under the layout they were saved with; returns whether they were. A Megatron-LM
+    checkpoint gives its weights only: an optimizer is refused, RNG states are not restored.
     """
     meta = read_meta(path)
+    if meta.source == MEGATRON_LM:
+        if optimizer is not None:
+            raise CheckpointError(
+                f"{path} is a Megatron-LM checkpoint: bam-megatron reads its weights only (start from it with "
+                "--pretrained-checkpoint, or --finetune); resuming Megatron-LM's optimizer state is not supported"
+            )
+        _load_megatron_lm_weights(path, model, meta)
+        return False
     saved = dataclasses.asdict(meta.layout)
     same_layout = all(saved[key] == value for key, value in _layout().items())
     state = _state(model, optimizer, load_rng and same_layout, is_loading=True, stored_key=stored_key_names(meta))
@@ -237,3 +301,27 @@ def load_checkpoint(path: str, model, optimizer=None, scheduler=None, load_rng: 
     if "rng" in loaded:
         _set_rng_state(loaded["rng"])
     return "rng" in loaded
+
+
+def _load_megatron_lm_weights(path: str, model, meta: CheckpointMeta) -> None:
+    """The weights of a Megatron-LM checkpoint into this rank's model.
+
+    Module extra states (Transformer Engine's FP8 scaling history) are not read: Megatron-LM's
+    modules lay them out their own way, and ours start theirs afresh.
+    """
+    state = _state(model, None, with_rng=False, is_loading=True, stored_key=stored_key_names(meta))
+    kept = {}
+    for name, value in list(state["model"].items()):
+        if isinstance(value, ShardedObject) and value.key.endswith("_extra_state"):
+            kept[name] = state["model"].pop(name).data
+    wanted = {}
+    for value in nested_values(state["model"]):
+        if isinstance(value, ShardedTensor):
+            wanted[value.key] = tuple(value.global_shape)
+        elif isinstance(value, ShardedTensorFactory):
+            wanted.setdefault(value.key, None)
+    stored = {key: tuple(t.global_shape) for key, t in dist_checkpointing.load_tensors_metadata(path).items()}
+    megatron_lm.check_model_keys(wanted, stored, path)
+    loaded = dist_checkpointing.load(state, path)
+    loaded["model"].update(kept)
+    model.load_state_dict(loaded["model"])
