@@ -28,6 +28,7 @@ import json
 import os
 import resource
 import shutil
+import sys
 import time
 import zlib
 from collections.abc import Sequence
@@ -37,7 +38,7 @@ from typing import Optional
 import torch
 
 from bam_megatron import checkpoint
-from bam_megatron.checkpoint import CheckpointError, CheckpointMeta, check_same_architecture
+from bam_megatron.checkpoint import CheckpointError, CheckpointMeta, check_same_architecture, lineage
 from bam_megatron.errors import ConfigError, UserError, run_tool
 from bam_megatron.model.architecture import Architecture, padded_vocab_size
 from bam_megatron.model.variants import DEFAULT_NUM_EXPERTS, VARIANTS
@@ -83,12 +84,24 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument(
         "--expert",
         action="append",
-        required=True,
         metavar="NAME=DIR",
         help="a dense source checkpoint (a --save directory or an iter_* directory); "
-        "repeat, in expert order (the seed first by convention)",
+        "repeat, in expert order (the seed first by convention); with --extend: the new experts",
     )
-    p.add_argument("--method", choices=METHODS, required=True)
+    p.add_argument("--method", choices=METHODS, help="required unless --extend")
+    g = p.add_argument_group("grow a trained mixture (docs/phases.md)")
+    g.add_argument(
+        "--extend",
+        metavar="MIXTURE",
+        help="a trained bam, bam-shared-kv or btx checkpoint: add each --expert as a new attention "
+        "and FFN expert, and/or remove each --drop-expert; everything shared is kept from the mixture",
+    )
+    g.add_argument("--drop-expert", action="append", metavar="NAME", help="with --extend: remove this expert")
+    g.add_argument(
+        "--allow-foreign-lineage",
+        action="store_true",
+        help="with --extend: add experts not branched from the mixture's seed (a warning instead of an error)",
+    )
     p.add_argument("--save", required=True, help="output directory (must not exist)")
     p.add_argument("--num-experts", type=int, default=None, help="sparse upcycling: number of FFN experts")
     p.add_argument("--moe-router-topk", type=int, default=1)
@@ -180,6 +193,12 @@ def validate(sources: Sequence[Source], args: argparse.Namespace) -> Architectur
     if not 1 <= args.moe_router_topk <= experts:
         raise UpcycleError(f"--moe-router-topk {args.moe_router_topk} must be in [1, {experts}]")
     target = target_architecture(sources, args, experts)
+    _check_target_layout(target, args)
+    return target
+
+
+def _check_target_layout(target: Architecture, args: argparse.Namespace) -> None:
+    """The --target-* layout must split the model (the checks name bam-upcycle's flags)."""
     try:
         target.check_layout(
             args.target_tensor_parallel_size, args.target_pipeline_parallel_size, args.target_expert_parallel_size
@@ -189,7 +208,6 @@ def validate(sources: Sequence[Source], args: argparse.Namespace) -> Architectur
         for flag, ours in TARGET_FLAGS.items():
             message = message.replace(flag, ours)
         raise UpcycleError(message) from None
-    return target
 
 
 def _choose_function_preserving_routing(args: argparse.Namespace, experts: int) -> None:
@@ -355,12 +373,7 @@ def upcycle(args: argparse.Namespace) -> dict:
         "moe_router_topk_scaling_factor": args.moe_router_topk_scaling_factor,
         "shared_kv_init": args.shared_kv_init if args.method == "bam-shared-kv" else None,
         "sources": [
-            {
-                "name": s.name,
-                "path": os.path.abspath(s.path),
-                "iteration": s.meta.iteration,
-                "hash": checkpoint.checkpoint_hash(s.path),
-            }
+            {"name": s.name, **lineage.identity(s.path, s.meta), "root": lineage.root_of(s.path, s.meta)}
             for s in sources
         ],
         "expert_names": [s.name for s in sources] if args.method != "sparse" else [sources[0].name] * experts,
@@ -370,13 +383,20 @@ def upcycle(args: argparse.Namespace) -> dict:
         seq_length=first.seq_length,
         tokenizer_fingerprint=first.tokenizer_fingerprint,
         tokenizer_model=first.tokenizer_model,
+        tokenizer_type=first.tokenizer_type,
         lineage={"upcycled": manifest},
         training=dict(first.training),  # the first source's settings: defaults for tools that evaluate it
     )
+    return _publish(args, target, strategy, meta, manifest, sources, start)
+
+
+def _publish(args, model, strategy, meta: CheckpointMeta, manifest: dict, compare_to: Sequence[Source], start) -> dict:
+    """Write the model under SAVE.tmp with ``strategy``, report its step-0 distance to ``compare_to``,
+    write the manifest, and rename SAVE.tmp to SAVE; on any failure nothing is left."""
     tmp = args.save.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        checkpoint.save_checkpoint(tmp, 0, target, None, None, meta, sharded_strategy=strategy)
+        checkpoint.save_checkpoint(tmp, 0, model, None, None, meta, sharded_strategy=strategy)
         manifest["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
         manifest["seconds"] = round(time.time() - start, 2)
         if args.report_batches:
@@ -386,7 +406,7 @@ def upcycle(args: argparse.Namespace) -> dict:
             manifest["step0"] = function_distance(
                 written,
                 checkpoint.read_meta(written),
-                [(s.name, s.path, s.meta) for s in sources],
+                [(s.name, s.path, s.meta) for s in compare_to],
                 args.report_batches,
                 args.seed,
             )
@@ -399,6 +419,66 @@ def upcycle(args: argparse.Namespace) -> dict:
     return manifest
 
 
+def grow_mixture(args: argparse.Namespace) -> dict:
+    """--extend MIXTURE [--expert NAME=DENSE ...] [--drop-expert NAME ...]: the grown mixture,
+    written layer by layer like an upcycle; return its manifest (`bam_megatron.conversion.grow`)."""
+    from bam_megatron.checkpoint.layerwise import StreamingSaveStrategy
+    from bam_megatron.conversion import grow
+    from bam_megatron.platform.distributed import ParallelSizes, initialize
+    from bam_megatron.platform.memory import return_freed_tensors_to_os
+
+    start = time.time()
+    return_freed_tensors_to_os()
+    (mixture,) = read_sources([f"mixture={args.extend}"])
+    if mixture.meta.architecture.variant not in grow.MIXTURES:
+        raise UpcycleError(
+            f"--extend {mixture.path} is a {mixture.meta.architecture.variant} model; it must be one of "
+            f"{', '.join(grow.MIXTURES)}"
+        )
+    new = read_sources(args.expert or [])
+    names, drop = grow.expert_names(mixture.meta), list(args.drop_expert or [])
+    if not new and not drop:
+        raise UpcycleError("--extend needs --expert NAME=DIR to add or --drop-expert NAME to remove")
+    unknown = [n for n in drop if n not in names]
+    if unknown:
+        raise UpcycleError(f"--drop-expert {unknown[0]}: the mixture's experts are {', '.join(names)}")
+    taken = sorted({s.name for s in new} & (set(names) - set(drop)))
+    if taken:
+        raise UpcycleError(f"--expert {taken[0]}: the mixture already has an expert of that name")
+    for s in new:
+        if s.meta.tokenizer_fingerprint != mixture.meta.tokenizer_fingerprint:
+            raise UpcycleError(f"source {s.name} was trained with another tokenizer than mixture {mixture.path}")
+    try:
+        for warning in grow.check_lineage(mixture.meta, mixture.path, new, args.allow_foreign_lineage):
+            print(f"warning: {warning}", file=sys.stderr, flush=True)
+        plan, out_names = grow.slots(names, [s.name for s in new], drop)
+        architecture = grow.grown_architecture(mixture.meta.architecture, new, len(plan), mixture.path)
+    except CheckpointError as error:
+        raise UpcycleError(str(error)) from None
+    _check_target_layout(architecture, args)
+    if os.path.exists(args.save):
+        raise UpcycleError(f"--save {args.save} already exists")
+    initialize(ParallelSizes(), seed=args.seed)
+
+    meta_in = mixture.meta
+    target, config = _meta_model(architecture, meta_in.seq_length)
+    mixture_model, _ = _meta_model(meta_in.architecture, meta_in.seq_length)
+    new_models = [_meta_model(s.meta.architecture, s.meta.seq_length)[0] for s in new]
+    strategy = StreamingSaveStrategy(target, grow.GrowMixer(mixture, mixture_model, new, new_models, plan, config))
+    growth = grow.record_growth(meta_in, new, drop, out_names, mixture.path)
+    manifest = {"method": "extend", "experts": len(plan), **growth}
+    meta = CheckpointMeta(
+        architecture=architecture,
+        seq_length=meta_in.seq_length,
+        tokenizer_fingerprint=meta_in.tokenizer_fingerprint,
+        tokenizer_model=meta_in.tokenizer_model,
+        tokenizer_type=meta_in.tokenizer_type,
+        lineage=dict(meta_in.lineage, grown=[*meta_in.lineage.get("grown", []), growth]),
+        training=dict(meta_in.training),
+    )
+    return _publish(args, target, strategy, meta, manifest, [mixture, *new], start)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of bam-upcycle / tools/upcycle.py; exit code 2 for bad input."""
     import bam_megatron  # noqa: F401
@@ -406,11 +486,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
 
     def body() -> None:
-        manifest = upcycle(args)
+        if args.extend is None and (args.method is None or not args.expert):
+            raise UpcycleError("give --method and --expert NAME=DIR (or --extend MIXTURE to grow one)")
+        if args.extend is not None and args.method is not None:
+            raise UpcycleError("--extend grows a mixture of its own kind: drop --method")
+        manifest = grow_mixture(args) if args.extend else upcycle(args)
+        if args.extend:
+            joined, left = [j["name"] for j in manifest["joined"]], manifest["left"]
+            changes = f"joined: {', '.join(joined) or '-'}; left: {', '.join(left) or '-'}"
+            what = f"{', '.join(manifest['expert_names'])} ({changes})"
+        else:
+            names = ", ".join(s["name"] for s in manifest["sources"])
+            what = f"{args.method} with {manifest['experts']} experts from {names}"
         print(
-            f"wrote {args.save}: {args.method} with {manifest['experts']} experts from "
-            f"{', '.join(s['name'] for s in manifest['sources'])} in {manifest['seconds']} s, "
-            f"peak memory {manifest['peak_rss_mb']} MB",
+            f"wrote {args.save}: {what} in {manifest['seconds']} s, peak memory {manifest['peak_rss_mb']} MB",
             flush=True,
         )
         if "step0" in manifest:

@@ -59,3 +59,21 @@ def soft_moa_attention_weights(
     else:
         k, v = shared_kv if shared_kv is not None else (torch.stack(ks).mean(0), torch.stack(vs).mean(0))
     return merge_qkv(q, k, v), proj
+
+
+def split_soft_moa_attention(
+    qkv: torch.Tensor, proj: torch.Tensor, config: BAMConfig
+) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """The inverse of `soft_moa_attention_weights`: a soft-MoA attention's weights -> each expert's
+    Q [H, d, in] and output projection [out, H·d], and the wide attention's K and V [G_wide, d, in]
+    (expert KV: expert e's groups are rows e·G to (e+1)·G; shared KV: the G shared groups)."""
+    n, heads = config.num_attention_experts, config.num_attention_heads
+    q, k, v = split_qkv(qkv, n * heads, config.attention_kv_groups)
+    sources = wide_head_sources(config)
+    d = q.shape[1]
+    qs = torch.empty(n, heads, d, q.shape[-1], dtype=q.dtype)
+    qs[sources[:, 0], sources[:, 1]] = q
+    wide = proj.view(proj.shape[0], n * heads, d).permute(1, 0, 2)  # [N·H, out, d] in wide head order
+    per_expert = torch.empty(n, proj.shape[0], heads, d, dtype=proj.dtype)
+    per_expert[sources[:, 0], :, sources[:, 1]] = wide
+    return list(qs), [p.reshape(proj.shape[0], heads * d) for p in per_expert], k, v

@@ -27,7 +27,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from bam_megatron import checkpoint
-from bam_megatron.checkpoint import CheckpointError, CheckpointMeta, SavedLayout, check_same_architecture
+from bam_megatron.checkpoint import CheckpointError, CheckpointMeta, SavedLayout, check_same_architecture, lineage
 from bam_megatron.data.datasets import TokenIds, build_datasets, build_mock_datasets, data_fingerprint, parse_data_path
 from bam_megatron.data.tokenizer import load_tokenizer
 from bam_megatron.errors import ConfigError
@@ -186,6 +186,8 @@ class Trainer:
         self.tokenizer = load_tokenizer(args.tokenizer_model, args.tokenizer_type) if args.tokenizer_model else None
         self.checkpoint, self.checkpoint_meta = self._find_checkpoint()
         self.architecture = self._resolve_architecture()
+        meta = self.checkpoint_meta
+        self.lineage = lineage.started_from(self.checkpoint, meta, self.weights_only) if meta else {}
         if args.seq_length is None:
             args.seq_length = self.checkpoint_meta.seq_length if self.checkpoint_meta else DEFAULT_SEQ_LENGTH
         settings = model_settings(args)
@@ -317,7 +319,6 @@ class Trainer:
     def _meta(self) -> CheckpointMeta:
         """What a checkpoint of this run records besides its tensors (store.save_checkpoint adds the rest)."""
         p, args = self.progress, self.args
-        started_from = self.checkpoint_meta
         return CheckpointMeta(
             architecture=self.architecture,
             seq_length=args.seq_length,
@@ -329,7 +330,7 @@ class Trainer:
             tokenizer_model=os.path.abspath(args.tokenizer_model) if args.tokenizer_model else None,
             tokenizer_type=self.tokenizer.tokenizer_type if self.tokenizer else None,
             data_fingerprint=self.data_fingerprint,
-            lineage=dict(started_from.lineage) if started_from else {},
+            lineage=self.lineage,
             training={k: v for k, v in vars(args).items() if k not in ARCHITECTURE_FIELDS},
         )
 

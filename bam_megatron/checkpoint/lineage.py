@@ -1,0 +1,39 @@
+"""Where a checkpoint's weights came from, as its meta's ``lineage`` records it.
+
+- ``root``: the first checkpoint of the chain this one's weights were initialised from (the seed,
+  for a dense expert branched from it); absent on a checkpoint trained from scratch, which is its
+  own root.
+- ``upcycled``: bam-upcycle's manifest (method, sources with their identity and root, expert
+  names); ``grown``: the experts bam-upcycle --extend / --drop-expert added or removed since.
+- ``imported``, ``megatron_lm``: what a converted or directly read checkpoint was.
+
+A checkpoint's identity is its path, iteration and `store.checkpoint_hash` (of its metadata files,
+so hard-linked copies, as bam-branch makes, share it).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from bam_megatron.checkpoint.meta import CheckpointMeta
+from bam_megatron.checkpoint.store import checkpoint_hash
+
+
+def identity(path: str, meta: CheckpointMeta) -> dict[str, Any]:
+    """{path, iteration, hash} of the checkpoint at ``path``."""
+    return {"path": os.path.abspath(path), "iteration": meta.iteration, "hash": checkpoint_hash(path)}
+
+
+def root_of(path: str, meta: CheckpointMeta) -> dict[str, Any]:
+    """The identity of the checkpoint's root: the recorded one, else its own."""
+    return meta.lineage.get("root") or identity(path, meta)
+
+
+def started_from(path: str, meta: CheckpointMeta, weights_only: bool) -> dict[str, Any]:
+    """The lineage of a run that starts from the checkpoint at ``path``: its lineage, plus its root
+    when the run initialises its weights from it (phase 2 from the seed, phase 3 from an upcycle)."""
+    lineage = dict(meta.lineage)
+    if weights_only:
+        lineage["root"] = root_of(path, meta)
+    return lineage

@@ -1,0 +1,205 @@
+"""Grow a trained mixture: add domain experts to a BAM, BAM shared-KV or BTX model, or drop some,
+without starting over (``bam-upcycle --extend MIXTURE``; docs/phases.md).
+
+Per new dense source and layer, the mixture gains one FFN expert (the source's FFN) and, for soft
+MoA, one attention expert (the source's Q, K, V and O; with shared K/V only its Q and O: the
+mixture's shared K and V are kept, and the new expert's queries attend over them). Everything the
+experts share is kept from the mixture, not re-averaged: embeddings, norms, the output layer and
+(BTX) the attention. Each router gains a row per new expert, set to the mean of its old rows (see
+`new_router_rows`). ``--drop-expert NAME`` removes an expert and its router rows. The result is
+written layer by layer like an upcycle, and its lineage records which expert joined or left, from
+which checkpoint, at which step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from bam_megatron.checkpoint import CheckpointError, CheckpointMeta, check_same_architecture, lineage
+from bam_megatron.model.architecture import Architecture
+
+MIXTURES = ("bam", "bam-shared-kv", "btx")
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Where expert slot i of the grown mixture comes from: old expert ``index`` of the mixture, or
+    new source ``index``."""
+
+    new: bool
+    index: int
+
+
+def expert_names(meta: CheckpointMeta) -> list[str]:
+    """The mixture's expert names, in expert order (bam-upcycle's manifest, then every growth)."""
+    grown = meta.lineage.get("grown")
+    if grown:
+        return list(grown[-1]["expert_names"])
+    upcycled = meta.lineage.get("upcycled")
+    if upcycled:
+        return list(upcycled["expert_names"])
+    return [f"expert{i}" for i in range(meta.architecture.num_experts)]
+
+
+def slots(names: Sequence[str], new: Sequence[str], drop: Sequence[str]) -> tuple[list[Slot], list[str]]:
+    """The grown mixture's slots and names: the old experts but the dropped ones, then the new ones."""
+    kept = [Slot(False, i) for i, name in enumerate(names) if name not in drop]
+    out = [names[s.index] for s in kept] + list(new)
+    return kept + [Slot(True, j) for j in range(len(new))], out
+
+
+def new_router_rows(old: torch.Tensor, count: int) -> torch.Tensor:
+    """Router rows for ``count`` new experts: the mean of the old rows.
+
+    A token's logit for the new expert is then the mean of its old logits, never above the largest:
+    top-1 FFN routing keeps choosing an old expert on every token where the old logits differ, and
+    soft MoA gives the new attention expert a gate no larger than the average. Neither is exactly
+    the old function (the softmax's denominator grows); bam-upcycle measures the change.
+    """
+    return old.mean(0, keepdim=True).expand(count, -1).clone()
+
+
+def check_lineage(mixture: CheckpointMeta, mixture_path: str, new: Sequence, allow_foreign: bool) -> list[str]:
+    """Refuse (or, with ``allow_foreign``, warn about) new sources not branched from the mixture's seed.
+
+    A source belongs when its root (the checkpoint its weights were first initialised from) is the
+    root of one of the mixture's sources, or one of those sources itself. Returns the warnings.
+    """
+    upcycled = mixture.lineage.get("upcycled") or {}
+    known = set()
+    for source in upcycled.get("sources", []):
+        known.add(source["hash"])
+        if source.get("root"):
+            known.add(source["root"]["hash"])
+    warnings = []
+    for source in new:
+        root = lineage.root_of(source.path, source.meta)
+        if root["hash"] in known:
+            continue
+        message = (
+            f"source {source.name} ({source.path}) was not branched from the seed of mixture {mixture_path} "
+            f"(its root {root['path']} is none of the mixture's sources or their roots)"
+        )
+        if not allow_foreign:
+            raise CheckpointError(message + "; pass --allow-foreign-lineage to add it anyway")
+        warnings.append(message)
+    return warnings
+
+
+def grown_architecture(mixture: Architecture, new: Sequence, experts: int, path: str) -> Architecture:
+    """The mixture's architecture with ``experts`` experts; new sources must be its dense form."""
+    dense = mixture.replace(
+        variant="dense",
+        num_experts=None,
+        moe_router_topk=1,
+        attention_router_topk=None,
+        moe_router_pre_softmax=True,
+        moe_router_topk_scaling_factor=None,
+    )
+    for source in new:
+        check_same_architecture(
+            source.meta.architecture, f"source {source.name} ({source.path})", dense, f"mixture {path}"
+        )
+    if experts < 2:
+        raise CheckpointError(f"a mixture needs at least 2 experts; this one would have {experts}")
+    topk = min(mixture.moe_router_topk, experts)
+    attention_topk = mixture.attention_router_topk
+    if attention_topk is not None:
+        attention_topk = min(attention_topk, experts)
+    return mixture.replace(num_experts=experts, moe_router_topk=topk, attention_router_topk=attention_topk)
+
+
+def record_growth(meta: CheckpointMeta, joined: Sequence, left: Sequence[str], names: list[str], path: str) -> dict:
+    """The ``grown`` entry appended to the lineage: who joined (from which checkpoint, at which step)
+    and who left, and the expert names after it."""
+    return {
+        "mixture": lineage.identity(path, meta),
+        "joined": [{"name": s.name, **lineage.identity(s.path, s.meta)} for s in joined],
+        "left": list(left),
+        "expert_names": names,
+    }
+
+
+class GrowMixer:
+    """Fills one unit (TOP or a layer) of the grown mixture from the mixture and the new sources."""
+
+    def __init__(self, mixture, mixture_model, new, new_models, plan: list[Slot], config) -> None:
+        self.mixture, self.mixture_model = mixture, mixture_model
+        self.new, self.new_models, self.plan, self.config = new, new_models, plan, config
+
+    def __call__(self, unit: int, params: dict) -> None:
+        from bam_megatron.checkpoint.layerwise import TOP, read_unit
+        from bam_megatron.checkpoint.store import stored_key_names
+
+        label = "embeddings and output layer" if unit == TOP else f"layer {unit + 1}/{self.config.num_layers}"
+        print(f"growing {label}", flush=True)
+        old = read_unit(self.mixture_model, unit, self.mixture.path, stored_key_names(self.mixture.meta))
+        new = [read_unit(m, unit, s.path, stored_key_names(s.meta)) for s, m in zip(self.new, self.new_models)]
+        written: set[str] = set()
+        for name, param in params.items():
+            if ".mlp.experts.local_experts." in name:
+                head, rest = name.split(".mlp.experts.local_experts.")
+                slot = self.plan[int(rest.split(".", 1)[0])]
+                tail = rest.split(".", 1)[1]
+                source = new[slot.index][f"{head}.mlp.{tail}"] if slot.new else old[self._old_expert(name, slot)]
+                param.copy_(source)
+            elif name.endswith("router.weight"):
+                param.copy_(self._router(old[name]))
+            elif self.config.uses_soft_moa and name.endswith(
+                ("self_attention.linear_qkv.weight", "linear_proj.weight")
+            ):
+                if name in written:
+                    continue
+                written.update(self._attention(name, params, old, new))
+                continue
+            else:  # shared by every expert: kept from the mixture
+                param.copy_(old[name])
+            written.add(name)
+        missing = sorted(set(params) - written)
+        if missing:  # uninitialised memory must never reach the checkpoint
+            raise RuntimeError(f"growing left {', '.join(missing)} unset")
+
+    @staticmethod
+    def _old_expert(name: str, slot: Slot) -> str:
+        head, rest = name.split(".mlp.experts.local_experts.")
+        return f"{head}.mlp.experts.local_experts.{slot.index}.{rest.split('.', 1)[1]}"
+
+    def _router(self, old: torch.Tensor) -> torch.Tensor:
+        kept = old[[s.index for s in self.plan if not s.new]]
+        count = sum(s.new for s in self.plan)
+        return torch.cat([kept, new_router_rows(old, count)]) if count else kept
+
+    def _attention(self, name: str, params: dict, old: dict, new: list[dict]) -> set[str]:
+        """The grown soft-MoA attention of one layer: each slot's Q, K, V, O, then one wide attention."""
+        from bam_megatron.model.qkv_layout import (
+            merge_qkv,
+            soft_moa_attention_weights,
+            split_qkv,
+            split_soft_moa_attention,
+        )
+
+        prefix = name.rsplit(".self_attention.", 1)[0] + ".self_attention"
+        qkv_name, proj_name = f"{prefix}.linear_qkv.weight", f"{prefix}.linear_proj.weight"
+        old_config = self.mixture_model.config
+        qs, projs, k, v = split_soft_moa_attention(old[qkv_name], old[proj_name], old_config)
+        heads, groups = self.config.num_attention_heads, self.config.num_query_groups
+        shared = self.config.attention_kv_mode == "shared"
+        expert_qkv, expert_proj = [], []
+        for slot in self.plan:
+            if slot.new:
+                q_new, k_new, v_new = split_qkv(new[slot.index][qkv_name], heads, groups)
+                kv = (k, v) if shared else (k_new, v_new)  # shared KV: the mixture's K and V are kept
+                expert_qkv.append(merge_qkv(q_new, *kv))
+                expert_proj.append(new[slot.index][proj_name])
+            else:
+                e = slot.index
+                kv = (k, v) if shared else (k[e * groups : (e + 1) * groups], v[e * groups : (e + 1) * groups])
+                expert_qkv.append(merge_qkv(qs[e], *kv))
+                expert_proj.append(projs[e])
+        qkv, proj = soft_moa_attention_weights(expert_qkv, expert_proj, self.config, (k, v) if shared else None)
+        params[qkv_name].copy_(qkv)
+        params[proj_name].copy_(proj)
+        return {qkv_name, proj_name}

@@ -1,0 +1,243 @@
+"""bam-upcycle --extend / --drop-expert: a trained mixture gains or loses experts, every tensor in its
+slot, everything shared kept; extend then drop gives the mixture back exactly."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+
+import pytest
+import torch
+
+from bam_megatron.checkpoint import store
+from bam_megatron.model.architecture import Architecture
+from bam_megatron.platform.distributed import ParallelSizes
+from bam_megatron.testing.distributed import run_distributed
+
+DENSE = Architecture("dense", 2, 32, 64, 4, 2, 128)
+SEQ = 32
+
+
+def _make_dense(directory: str, seed: int, root: str | None) -> None:
+    """Rank body: a random dense checkpoint; ``root``: the checkpoint it was "branched" from."""
+    from bam_megatron.checkpoint import CheckpointMeta, lineage
+    from bam_megatron.model.builder import build_from_architecture
+    from bam_megatron.platform.distributed import initialize
+
+    initialize(ParallelSizes(), seed=seed)
+    torch.manual_seed(seed)
+    model = build_from_architecture(DENSE, DENSE.model_config(use_cpu_initialization=True), SEQ)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)  # norms and all: every tensor differs between sources
+    family = {}
+    if root is not None:
+        path = store.resolve_checkpoint(root)
+        family = {"root": lineage.identity(path, store.read_meta(path))}
+    store.save_checkpoint(directory, 0, model, None, None, CheckpointMeta(DENSE, SEQ, lineage=family))
+
+
+def _upcycle(argv: list[str]) -> tuple[int, str]:
+    """Rank body: bam-upcycle's exit code and stderr."""
+    from bam_megatron.conversion.upcycle import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(argv)
+    return code, err.getvalue()
+
+
+def upcycle(*argv: str) -> tuple[int, str]:
+    ((code, err),) = run_distributed(_upcycle, 1, args=(list(argv),))
+    return code, err
+
+
+def _weights(path: str, expert: int) -> dict[str, torch.Tensor]:
+    from bam_megatron.checkpoint.models import load_model
+    from bam_megatron.platform.distributed import initialize
+
+    initialize(ParallelSizes(expert=expert))
+    return {n: p.detach().clone() for n, p in load_model(path, expert=expert).named_parameters()}
+
+
+def weights(path: str) -> dict[str, torch.Tensor]:
+    (w,) = run_distributed(_weights, 1, args=(store.resolve_checkpoint(path), 1))
+    return w
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory) -> dict[str, str]:
+    """A seed, two experts branched from it, and a foreign dense model."""
+    root = tmp_path_factory.mktemp("family")
+    made = {name: str(root / name) for name in ("seed", "code", "law", "foreign")}
+    run_distributed(_make_dense, 1, args=(made["seed"], 1, None))
+    for name, seed in (("code", 2), ("law", 3)):
+        run_distributed(_make_dense, 1, args=(made[name], seed, made["seed"]))
+    run_distributed(_make_dense, 1, args=(made["foreign"], 4, None))
+    return made
+
+
+@pytest.fixture(scope="module")
+def mixtures(family, tmp_path_factory) -> dict[str, str]:
+    """seed + code upcycled by each method."""
+    root = tmp_path_factory.mktemp("mixtures")
+    made = {}
+    for method in ("bam", "bam-shared-kv", "btx"):
+        made[method] = str(root / method)
+        code, err = upcycle(
+            "--expert",
+            f"seed={family['seed']}",
+            "--expert",
+            f"code={family['code']}",
+            "--method",
+            method,
+            "--save",
+            made[method],
+            "--report-batches",
+            "0",
+        )
+        assert code == 0, err
+    return made
+
+
+def _attention(w: dict, layer: int, architecture: Architecture):
+    from bam_megatron.model.qkv_layout import split_soft_moa_attention
+
+    p = f"decoder.layers.{layer}.self_attention"
+    return split_soft_moa_attention(
+        w[f"{p}.linear_qkv.weight"], w[f"{p}.linear_proj.weight"], architecture.one_rank_config()
+    )
+
+
+@pytest.mark.parametrize("method", ["bam", "bam-shared-kv", "btx"])
+def test_extend_puts_every_tensor_in_its_slot_and_drop_gives_the_mixture_back(tmp_path, family, mixtures, method):
+    from bam_megatron.model.qkv_layout import split_qkv
+
+    grown, back = str(tmp_path / "grown"), str(tmp_path / "back")
+    code, err = upcycle("--extend", mixtures[method], "--expert", f"law={family['law']}", "--save", grown)
+    assert code == 0, err
+    mix, big, law = weights(mixtures[method]), weights(grown), weights(family["law"])
+    architecture = store.read_meta(store.resolve_checkpoint(grown)).architecture
+    assert architecture.num_experts == 3 and architecture.variant == method
+    for name, tensor in big.items():
+        if ".local_experts.2." in name:  # the new FFN expert: law's FFN
+            layer_fc = name.replace(".mlp.experts.local_experts.2.", ".mlp.")
+            assert torch.equal(tensor, law[layer_fc]), name
+        elif name.endswith("router.weight"):  # old rows kept, the new row their mean
+            assert torch.equal(tensor[:2], mix[name]) and torch.allclose(tensor[2], mix[name].mean(0)), name
+        elif method != "btx" and ".self_attention.linear_" in name:
+            continue  # checked expert by expert below
+        else:  # old experts and everything shared: the mixture's own
+            assert torch.equal(tensor, mix[name]), name
+    if method != "btx":
+        moe = Architecture("bam", 2, 32, 64, 4, 2, 128, num_experts=2).replace(variant=method)
+        for layer in range(2):
+            q_old, o_old, k_old, v_old = _attention(mix, layer, moe)
+            q_new, o_new, k_new, v_new = _attention(big, layer, architecture)
+            for e in range(2):
+                assert torch.equal(q_new[e], q_old[e]) and torch.equal(o_new[e], o_old[e])
+            p = f"decoder.layers.{layer}.self_attention"
+            q_law, k_law, v_law = split_qkv(law[f"{p}.linear_qkv.weight"], 4, 2)
+            assert torch.equal(q_new[2], q_law) and torch.equal(o_new[2], law[f"{p}.linear_proj.weight"])
+            if method == "bam":  # expert KV: law's own K and V; the old experts' unchanged
+                assert torch.equal(k_new[:4], k_old) and torch.equal(k_new[4:], k_law) and torch.equal(v_new[4:], v_law)
+            else:  # shared KV: the mixture's K and V are kept
+                assert torch.equal(k_new, k_old) and torch.equal(v_new, v_old)
+    code, err = upcycle("--extend", grown, "--drop-expert", "law", "--save", back)
+    assert code == 0, err
+    again = weights(back)
+    assert again.keys() == mix.keys() and all(torch.equal(again[n], mix[n]) for n in mix)
+    history = store.read_meta(store.resolve_checkpoint(back)).lineage["grown"]
+    assert [(g["expert_names"], [j["name"] for j in g["joined"]], g["left"]) for g in history] == [
+        (["seed", "code", "law"], ["law"], []),
+        (["seed", "code"], [], ["law"]),
+    ]
+    manifest = json.load(open(os.path.join(grown, "upcycle_manifest.json")))
+    assert set(manifest["step0"]) == {"mixture", "law"}  # the step-0 change, measured
+    step0 = manifest["step0"]
+    assert 0 < step0["mixture"]["kl"] < step0["law"]["kl"]  # closer to the mixture it grew from than to the newcomer
+
+
+def _resave(path: str, out: str) -> None:
+    """Rank body (EP=2, 2 ranks): load the mixture and save it under this layout."""
+    from bam_megatron.checkpoint.models import load_model
+    from bam_megatron.platform.distributed import initialize
+
+    initialize(ParallelSizes(expert=2))
+    model = load_model(path, expert=2)
+    store.save_checkpoint(out, 0, model, None, None, store.read_meta(path))
+
+
+def test_a_mixture_saved_at_ep2_grows_into_the_same_tensors(tmp_path, family, mixtures):
+    ep2 = str(tmp_path / "btx-ep2")
+    run_distributed(_resave, 2, args=(store.resolve_checkpoint(mixtures["btx"]), ep2))
+    assert store.read_meta(store.resolve_checkpoint(ep2)).layout.expert == 2
+    outs = {}
+    for name, mixture in (("ep1", mixtures["btx"]), ("ep2", ep2)):
+        outs[name] = str(tmp_path / name)
+        code, err = upcycle("--extend", mixture, "--expert", f"law={family['law']}", "--save", outs[name])
+        assert code == 0, err
+    one, two = weights(outs["ep1"]), weights(outs["ep2"])
+    assert all(torch.equal(one[n], two[n]) for n in one)
+
+
+@pytest.mark.parametrize(
+    "case,expected",
+    [
+        ("unknown", "--drop-expert math: the mixture's experts are seed, code"),
+        ("foreign", "was not branched from the seed of mixture"),
+        ("architecture", "hidden_size differs"),
+        ("ep", "--num-experts 3 is not divisible by --target-expert-parallel-size 2"),
+        ("taken", "--expert code: the mixture already has an expert of that name"),
+        ("nothing", "--extend needs --expert NAME=DIR to add or --drop-expert NAME to remove"),
+    ],
+)
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, family, mixtures, case, expected):
+    out = str(tmp_path / "out")
+    argv = ["--extend", mixtures["bam"], "--save", out]
+    extra = {
+        "unknown": ["--drop-expert", "math"],
+        "foreign": ["--expert", f"other={family['foreign']}"],
+        "ep": ["--expert", f"law={family['law']}", "--target-expert-parallel-size", "2"],
+        "taken": ["--expert", f"code={family['law']}"],
+        "nothing": [],
+    }.get(case)
+    if case == "architecture":
+        wide = str(tmp_path / "wide")
+        extra = ["--expert", f"wide={wide}", "--allow-foreign-lineage"]
+        run_distributed(_make_wider, 1, args=(wide,))
+    code, err = upcycle(*argv, *extra)
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert code == 2 and len(lines) == 1 and expected in lines[0], err
+    assert not os.path.exists(out) and not os.path.exists(out + ".tmp")
+
+
+def _make_wider(directory: str) -> None:
+    """Rank body: a dense checkpoint of another width."""
+    from bam_megatron.checkpoint import CheckpointMeta
+    from bam_megatron.model.builder import build_from_architecture
+    from bam_megatron.platform.distributed import initialize
+
+    initialize(ParallelSizes())
+    wide = DENSE.replace(hidden_size=64)
+    model = build_from_architecture(wide, wide.model_config(use_cpu_initialization=True), SEQ)
+    store.save_checkpoint(directory, 0, model, None, None, CheckpointMeta(wide, SEQ))
+
+
+def test_foreign_lineage_is_allowed_with_a_warning(tmp_path, family, mixtures):
+    out = str(tmp_path / "out")
+    code, err = upcycle(
+        "--extend",
+        mixtures["btx"],
+        "--expert",
+        f"other={family['foreign']}",
+        "--allow-foreign-lineage",
+        "--save",
+        out,
+        "--report-batches",
+        "0",
+    )
+    assert code == 0 and "warning: source other" in err, err
+    assert store.read_meta(store.resolve_checkpoint(out)).architecture.num_experts == 3
