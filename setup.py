@@ -56,6 +56,7 @@ setup(
             "bam-preprocess-data=bam_megatron.data.preprocess:main",
             "bam-eval=bam_megatron.evaluation.cli:main",
             "bam-convert-hf=bam_megatron.conversion.hf.cli:main",
+            "bam-generate=bam_megatron.inference.cli:main",
         ]
     },
 )

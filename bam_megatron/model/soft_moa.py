@@ -13,6 +13,12 @@ Head order (megatron-core's grouped layout: each KV group's query heads, then it
 - expert KV: N·H_kv groups, expert-major; head i belongs to expert i // H.
 - shared KV: H_kv groups shared by all experts; group g holds, for each expert in turn, that
   expert's H/H_kv heads of group g. Checkpoint conversion permutes Q rows / O columns into it.
+
+Incremental decoding (megatron-core's `StaticInferenceContext`) goes through megatron-core's own
+KV-cache code, `Attention._adjust_key_value_for_inference`: the cache holds the wide attention's
+key/value groups, N·H_kv per layer for expert KV and H_kv (one cache for all experts) for shared
+KV, un-rotated as megatron-core stores them. The gates need no cache: they depend only on the
+current tokens' hidden states.
 """
 
 from __future__ import annotations
@@ -102,13 +108,29 @@ class SoftMoASelfAttention(SelfAttention):
         inference_context: Any = None,
         **unused: Any,
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """[s, b, h] -> (output [s, b, h] before the TP reduction of the output GEMM, bias)."""
-        if inference_context is not None or packed_seq_params is not None:
-            raise ValueError("soft MoA supports training and full-sequence evaluation only")
-        gates = self.router(hidden_states)  # g(x̂): [s, b, N], fp32
+        """[s, b, h] -> (output [s, b, h] before the TP reduction of the output GEMM, bias).
+
+        With ``inference_context`` (megatron-core's static-batching context, eval mode) the keys
+        and values go into / come from its KV cache, as in megatron-core's ``Attention.forward``.
+        """
+        if packed_seq_params is not None:
+            raise ValueError("soft MoA does not support packed sequences")
+        if inference_context is not None:
+            self._check_inference(inference_context, unused)
+        gates = self.router(hidden_states)  # g(x̂): [s, b, N], fp32; current tokens only, nothing cached
         query, key, value = self.get_query_key_value_tensors(hidden_states)  # N·H heads, one GEMM
+        if rotary_pos_emb is not None and not isinstance(rotary_pos_emb, tuple):
+            rotary_pos_emb = (rotary_pos_emb,) * 2
+        attn_mask_type = self.attn_mask_type
+        if inference_context is not None:
+            # megatron-core's static KV cache: store this step's K/V (its N·H_kv or H_kv groups),
+            # return the keys and values of every position so far, and the RoPE rows of the
+            # queries' positions; past the prompt the mask type becomes no_mask.
+            query, key, value, rotary_pos_emb, attn_mask_type, _ = self._adjust_key_value_for_inference(
+                inference_context, query, key, value, rotary_pos_emb
+            )
         if rotary_pos_emb is not None:
-            q_emb, k_emb = rotary_pos_emb if isinstance(rotary_pos_emb, tuple) else (rotary_pos_emb,) * 2
+            q_emb, k_emb = rotary_pos_emb
             cp_group = self.pg_collection.cp
             query = apply_rotary_pos_emb(query, q_emb, config=self.config, cp_group=cp_group)
             key = apply_rotary_pos_emb(key, k_emb, config=self.config, cp_group=cp_group)
@@ -129,7 +151,7 @@ class SoftMoASelfAttention(SelfAttention):
                 key,
                 value,
                 attention_mask,
-                attn_mask_type=self.attn_mask_type,
+                attn_mask_type=attn_mask_type,
                 attention_bias=attention_bias,
                 packed_seq_params=None,
             )
@@ -139,3 +161,14 @@ class SoftMoASelfAttention(SelfAttention):
         head_gates = gates[..., self.head_expert].to(heads.dtype)  # [s, b, heads]
         heads = (heads.view(s, b, head_gates.shape[-1], -1) * head_gates.unsqueeze(-1)).view(s, b, -1)
         return self.linear_proj(heads)  # Σ_j O_j (…): one output GEMM
+
+    def _check_inference(self, inference_context: Any, unused: dict[str, Any]) -> None:
+        """Refuse the inference settings this attention does not implement (one message each)."""
+        if self.training:
+            raise ValueError("soft MoA decodes with an inference context in eval mode only (model.eval())")
+        if not inference_context.is_static_batching():
+            raise ValueError("soft MoA supports megatron-core's StaticInferenceContext only (no dynamic batching)")
+        if self.config.flash_decode:
+            raise ValueError("soft MoA does not support flash_decode")
+        if any(unused.get(name) is not None for name in ("rotary_pos_cos", "rotary_pos_sin", "rotary_pos_cos_sin")):
+            raise ValueError("soft MoA takes RoPE as rotary_pos_emb only (no precomputed cos/sin)")

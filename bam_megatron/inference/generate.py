@@ -1,0 +1,212 @@
+"""Autoregressive generation with megatron-core's static KV cache, for every variant.
+
+    result = generate(model, [[5, 8, 13]], max_new_tokens=16)            # greedy, KV-cached
+    result = generate(model, prompts, 16, Sampling(temperature=0.8, top_p=0.9, seed=1))
+    result = generate(model, prompts, 16, use_kv_cache=False)           # the uncached reference
+
+The model is this rank's megatron-core `GPTModel` (`bam_megatron.checkpoint.models.load_model`, or
+any model the builder makes) in eval mode. With the KV cache, one forward pass encodes the prompts
+(up to the shortest prompt's length: the *prefill*), then each step feeds one position of every row
+through megatron-core's `StaticInferenceContext`, which holds each attention layer's keys and
+values (dense and BTX: megatron-core's `SelfAttention`; BAM: soft MoA's wide attention, whose
+cache is its N·H_kv key/value groups, or H_kv with shared KV). Rows whose prompt is longer are fed
+their own prompt tokens until it ends, as megatron-core's static engine does. Without the cache,
+every step re-runs the whole sequence so far: the same tokens, at quadratic cost.
+
+Tensor parallelism: every rank of the TP group runs the same loop; the output layer's logits are
+gathered over the group (megatron-core's ``runtime_gather_output``) and the chosen tokens are
+broadcast from the group's first rank, so all ranks feed the same tokens. Pipeline parallelism is
+not supported.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from bam_megatron.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen: greedy (``temperature == 0``, the default) or sampled from
+    softmax(logits / temperature), restricted to the ``top_k`` most likely tokens (0: all) and to
+    the smallest set whose probability reaches ``top_p`` (1: all). ``seed`` seeds the sampler."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 1234
+
+    def __post_init__(self) -> None:
+        if not self.temperature >= 0:
+            raise ConfigError(f"--temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ConfigError(f"--top-k must be >= 0 (0: no limit), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"--top-p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        """True when the most likely token is always taken."""
+        return self.temperature == 0
+
+
+def sample(logits: torch.Tensor, sampling: Sampling, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Next tokens [b] from logits [b, vocab]: argmax, or a draw after temperature, top-k and top-p.
+
+    Draws happen on the CPU with ``generator``, so a seed gives the same tokens on any device.
+    """
+    if sampling.greedy:
+        return logits.argmax(dim=-1)
+    scores = logits.detach().float().cpu() / sampling.temperature
+    if sampling.top_k and sampling.top_k < scores.shape[-1]:
+        kth = scores.topk(sampling.top_k, dim=-1).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if sampling.top_p < 1:
+        ordered, order = scores.sort(dim=-1, descending=True)
+        probs = ordered.softmax(dim=-1)
+        # drop a token when the tokens before it already reach top_p (the most likely one always stays)
+        drop = probs.cumsum(dim=-1) - probs >= sampling.top_p
+        scores = scores.scatter(-1, order, ordered.masked_fill(drop, float("-inf")))
+    choice = torch.multinomial(scores.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+    return choice.to(logits.device)
+
+
+@dataclass
+class Generation:
+    """What `generate` returns (identical on every rank).
+
+    ``tokens``: the new tokens of each prompt (at most ``max_new_tokens``; fewer after ``eos_id``,
+    which is included). ``logits``: with ``keep_logits``, the logits [b, vocab] each step chose
+    from, one per step in order (step i predicts position ``min(prompt lengths) + i``).
+    ``prefill_seconds`` / ``step_seconds``: wall time of the first forward pass and of each later
+    step (forward + choice). ``kv_cache_bytes``: bytes of the KV-cache tensors this rank allocated
+    (0 without the cache).
+    """
+
+    tokens: list[list[int]]
+    logits: list[torch.Tensor] = field(default_factory=list)
+    prefill_seconds: float = 0.0
+    step_seconds: list[float] = field(default_factory=list)
+    kv_cache_bytes: int = 0
+
+
+def kv_cache_bytes(context: Any) -> int:
+    """Bytes held by a `StaticInferenceContext`'s key and value tensors (all layers of this rank)."""
+    return sum(t.numel() * t.element_size() for pair in context.key_value_memory_dict.values() for t in pair)
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+class _SameOnTensorParallelRanks:
+    """Broadcast each step's tokens from the first rank of the tensor-parallel group."""
+
+    def __init__(self) -> None:
+        from megatron.core import parallel_state
+
+        self.size = parallel_state.get_tensor_model_parallel_world_size()
+        if self.size > 1:
+            self.group = parallel_state.get_tensor_model_parallel_group()
+            self.src = parallel_state.get_tensor_model_parallel_src_rank()
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.size > 1:
+            torch.distributed.broadcast(tokens, self.src, group=self.group)
+        return tokens
+
+
+def check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> None:
+    """A `ConfigError` for an empty prompt or a token id outside the model's vocabulary."""
+    if not prompts:
+        raise ConfigError("no prompt given")
+    for i, prompt in enumerate(prompts):
+        if not prompt:
+            raise ConfigError(f"prompt {i} is empty")
+        bad = [t for t in prompt if not 0 <= int(t) < vocab_size]
+        if bad:
+            raise ConfigError(f"prompt {i}: token id {bad[0]} is outside the model's vocabulary [0, {vocab_size})")
+
+
+def generate(
+    model: torch.nn.Module,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    sampling: Sampling = Sampling(),
+    use_kv_cache: bool = True,
+    eos_id: Optional[int] = None,
+    keep_logits: bool = False,
+) -> Generation:
+    """Continue each prompt (token ids) by up to ``max_new_tokens`` tokens; every TP rank calls it.
+
+    A row stops after ``eos_id`` (when given); the loop stops when every row has stopped.
+    """
+    from megatron.core.inference.contexts import StaticInferenceContext
+
+    if model.training:
+        raise ValueError("generate needs the model in eval mode (model.eval())")
+    if max_new_tokens < 0:
+        raise ConfigError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
+    vocab_size = model.vocab_size
+    check_prompts(prompts, vocab_size)
+    lengths = [len(p) for p in prompts]
+    batch, start, total = len(prompts), min(lengths), max(lengths) + max_new_tokens
+    device = _device()
+    tokens = torch.zeros(batch, total, dtype=torch.long, device=device)
+    for i, prompt in enumerate(prompts):
+        tokens[i, : len(prompt)] = torch.tensor([int(t) for t in prompt], dtype=torch.long)
+    in_prompt = torch.arange(total, device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]
+    positions = torch.arange(total, device=device)[None, :].expand(batch, -1)
+    generator = torch.Generator().manual_seed(sampling.seed)
+    same_tokens = _SameOnTensorParallelRanks()
+    context = StaticInferenceContext(batch, total) if use_kv_cache else None
+
+    result = Generation(tokens=[[] for _ in prompts])
+    done = [max_new_tokens == 0] * batch
+    t = start  # the position whose token is chosen next
+    with torch.no_grad():
+        while t < total and not all(done):
+            clock = time.perf_counter()
+            if context is None:  # the whole sequence so far, every step
+                logits = model(tokens[:, :t], positions[:, :t], None, runtime_gather_output=True)[:, -1]
+            else:  # prefill (positions 0 .. start-1), then one position per step
+                first = 0 if t == start else t - 1
+                logits = model(
+                    tokens[:, first:t],
+                    positions[:, first:t],
+                    None,
+                    inference_context=context,
+                    runtime_gather_output=True,
+                )[:, -1]
+                context.increment_sequence_len_offset(t - first)
+                context.enable_decode_mode()
+            chosen = same_tokens(sample(logits, sampling, generator))
+            tokens[:, t] = torch.where(in_prompt[:, t], tokens[:, t], chosen)
+            _synchronize()
+            elapsed = time.perf_counter() - clock
+            if t == start:
+                result.prefill_seconds = elapsed
+            else:
+                result.step_seconds.append(elapsed)
+            if keep_logits:
+                result.logits.append(logits.float().cpu())
+            for i in range(batch):
+                if not done[i] and t >= lengths[i]:
+                    token = int(tokens[i, t])
+                    result.tokens[i].append(token)
+                    done[i] = len(result.tokens[i]) == max_new_tokens or token == eos_id
+            t += 1
+    if context is not None:
+        result.kv_cache_bytes = kv_cache_bytes(context)
+    return result
