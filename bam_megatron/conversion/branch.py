@@ -137,7 +137,7 @@ def branch(args: argparse.Namespace, as_flags: FlagWriter) -> list[str]:
             iteration_dir = os.path.basename(seed)
             _link_tree(seed, os.path.join(tmp, "init", iteration_dir))
             with open(os.path.join(tmp, "init", checkpoint.LATEST), "w") as f:
-                f.write(str(meta.iteration))
+                f.write("release" if iteration_dir == "release" else str(meta.iteration))  # a Megatron-LM release
             flags = phase2_flags(meta, domains[name], args.general_data, args, out, init, as_flags)
             with open(os.path.join(tmp, "phase2.args"), "w") as f:
                 f.write("\n".join(flags) + "\n")

@@ -28,6 +28,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from bam_megatron import checkpoint
 from bam_megatron.checkpoint import CheckpointError, CheckpointMeta, SavedLayout, check_same_architecture, lineage
+from bam_megatron.checkpoint.meta import MEGATRON_LM
 from bam_megatron.data.datasets import TokenIds, build_datasets, build_mock_datasets, data_fingerprint, parse_data_path
 from bam_megatron.data.tokenizer import load_tokenizer
 from bam_megatron.errors import ConfigError
@@ -399,6 +400,12 @@ class Trainer:
         """Refuse a checkpoint this run cannot load: another architecture or tokenizer; to resume
         (not weights only), another optimizer, EP size or data."""
         check_same_architecture(meta.architecture, f"checkpoint {path}", self.architecture, "this run")
+        foreign = meta.source == MEGATRON_LM
+        if foreign and not self.weights_only:
+            raise CheckpointError(
+                f"checkpoint {path} was written by Megatron-LM: its weights load (--pretrained-checkpoint, or "
+                "--finetune), its optimizer and schedule do not"
+            )
         saved_dist_opt = meta.layout.distributed_optimizer
         if not self.weights_only and saved_dist_opt != self.args.use_distributed_optimizer:
             raise CheckpointError(
@@ -415,7 +422,12 @@ class Trainer:
                 "only with --finetune"
             )
         ours = self.tokenizer.fingerprint if self.tokenizer else None
-        if meta.tokenizer_fingerprint != ours:
+        if foreign and meta.tokenizer_fingerprint is None and ours is not None:
+            _say(
+                f"warning: checkpoint {path} was written by Megatron-LM with tokenizer {meta.tokenizer_model}, "
+                f"which is not on this machine: --tokenizer-model {self.args.tokenizer_model} is taken on trust"
+            )
+        elif meta.tokenizer_fingerprint != ours:
             raise CheckpointError(
                 f"checkpoint {path} was trained with another tokenizer than {self.args.tokenizer_model}"
             )
