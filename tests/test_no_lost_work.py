@@ -77,3 +77,47 @@ def test_data_tokenized_with_a_larger_vocabulary_is_refused(tmp_path, corpus):
     assert codes == [2] and len(errors) == 1, log
     assert f"dataset {prefix} holds token id 3999, but the tokenizer has" in errors[0], log
     assert not os.path.exists(tmp_path / "out")
+
+
+def _resave_interrupted(root: str) -> dict:
+    """Rank body: save iteration 1, then save it again and fail between the two renames."""
+    from bam_megatron.checkpoint import CheckpointError, CheckpointMeta
+    from bam_megatron.model.architecture import Architecture
+    from bam_megatron.model.builder import build_from_architecture
+    from bam_megatron.platform.distributed import ParallelSizes, initialize
+
+    initialize(ParallelSizes())
+    architecture = Architecture("dense", 1, 16, 32, 2, 2, 64)
+    model = build_from_architecture(architecture, architecture.model_config(use_cpu_initialization=True), 8)
+    store.save_checkpoint(root, 1, model, None, None, CheckpointMeta(architecture, 8))
+    first = os.stat(os.path.join(store.checkpoint_path(root, 1), "metadata.json")).st_ino
+    real_replace, calls = os.replace, []
+
+    def failing_replace(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:  # the new copy's rename into place
+            raise OSError("simulated crash")
+        return real_replace(src, dst)
+
+    os.replace = failing_replace
+    try:
+        store.save_checkpoint(root, 1, model, None, None, CheckpointMeta(architecture, 8))
+    except OSError:
+        pass
+    finally:
+        os.replace = real_replace
+    try:
+        store.latest_iteration(root)
+        message = None
+    except CheckpointError as error:
+        message = str(error)
+    kept = os.path.join(store.checkpoint_path(root, 1) + store.REPLACED, "metadata.json")
+    return {"message": message, "kept_first": os.path.exists(kept) and os.stat(kept).st_ino == first}
+
+
+def test_saving_an_iteration_again_never_removes_the_old_copy_first(tmp_path):
+    from bam_megatron.testing.distributed import run_distributed
+
+    (result,) = run_distributed(_resave_interrupted, 1, args=(str(tmp_path / "run"),))
+    assert result["kept_first"]  # the published copy survived the interrupted replacement
+    assert "a save that replaced it was interrupted" in result["message"] and store.REPLACED in result["message"]

@@ -47,6 +47,7 @@ from bam_megatron.platform import faults
 from bam_megatron.platform.atomic import write_atomically
 
 LATEST = "latest_checkpointed_iteration.txt"
+REPLACED = ".replaced"  # iter_N.replaced: a published iteration while a new save of the same iteration takes its place
 
 
 def checkpoint_path(root: str, iteration: int) -> str:
@@ -76,8 +77,14 @@ def latest_iteration(root: str) -> Optional[int]:
     if not text.isdigit():
         raise CheckpointError(f"{path}: expected an iteration number or 'release', found {text!r}")
     iteration = int(text)
-    if not os.path.isdir(checkpoint_path(root, iteration)):
-        raise CheckpointError(f"{path} names iteration {iteration}, but {checkpoint_path(root, iteration)} is missing")
+    final = checkpoint_path(root, iteration)
+    if not os.path.isdir(final):
+        if os.path.isdir(final + REPLACED):
+            raise CheckpointError(
+                f"{path} names iteration {iteration}, and a save that replaced it was interrupted: its previous "
+                f"copy is {final + REPLACED} (rename it to {final} to use it)"
+            )
+        raise CheckpointError(f"{path} names iteration {iteration}, but {final} is missing")
     return iteration
 
 
@@ -239,8 +246,14 @@ def save_checkpoint(
     dist.barrier()
     faults.pause_before_publishing_checkpoint()
     if dist.get_rank() == 0:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        if os.path.exists(final):  # the same iteration saved again: the old copy goes only once the new is in
+            replaced = final + REPLACED
+            shutil.rmtree(replaced, ignore_errors=True)
+            os.replace(final, replaced)
+            os.replace(tmp, final)
+            shutil.rmtree(replaced)
+        else:
+            os.replace(tmp, final)
         write_atomically(os.path.join(root, LATEST), str(iteration))
     dist.barrier()
     return final
