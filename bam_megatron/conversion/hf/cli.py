@@ -4,8 +4,8 @@
     bam-convert-hf export --load runs/seed --save hf/seed
     # any model (dense, btx, bam, bam-shared-kv) -> self-contained remote-code directory
     bam-convert-hf export --load runs/bam --save hf/bam --format bam
-    # a Cohere model directory -> a dense seed checkpoint for pretrain_bam.py / tools/branch.py
-    bam-convert-hf import --load path/to/cohere --save runs/cohere-seed
+    # a Hugging Face model directory (Cohere, Llama, Mistral, Qwen2, Qwen3) -> a dense seed checkpoint
+    bam-convert-hf import --load path/to/Llama-3.1-8B --save runs/llama-seed --seq-length 8192
 
 Formats (export):
 
@@ -17,7 +17,10 @@ Formats (export):
 
 Checkpoints saved under any TP/PP/EP layout are read on one process. The SentencePiece tokenizer
 the checkpoint was trained with is copied as tokenizer.model (checked against the checkpoint's
-fingerprint). Outputs are written atomically: on any error nothing is left at --save.
+fingerprint). Import reads safetensors (single or sharded) one tensor at a time and writes the
+checkpoint layer by layer (memory: about two layers, not the model); the model's tokenizer
+(tokenizer.json, or a SentencePiece tokenizer.model) is copied into the checkpoint directory and
+recorded. Outputs are written atomically: on any error nothing is left at --save.
 Exit status: 0 done, 2 bad input (one line on stderr naming the file, tensor or setting).
 """
 
@@ -46,8 +49,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         default=None,
         help="SentencePiece model to ship (default: the one the checkpoint records, if unchanged)",
     )
-    i = sub.add_parser("import", help="Hugging Face Cohere directory -> dense seed checkpoint")
-    i.add_argument("--load", required=True, help="directory with config.json (model_type cohere) and safetensors")
+    i = sub.add_parser("import", help="Hugging Face model directory -> dense seed checkpoint")
+    i.add_argument(
+        "--load",
+        required=True,
+        help="directory with config.json (model_type cohere, llama, mistral, qwen2 or qwen3) and safetensors",
+    )
     i.add_argument("--save", required=True, help="output checkpoint directory (must not exist)")
     i.add_argument(
         "--seq-length", type=int, default=None, help="recorded --seq-length (default: max_position_embeddings)"
@@ -55,7 +62,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     i.add_argument(
         "--tokenizer-model",
         default=None,
-        help="SentencePiece model to record (default: the directory's tokenizer.model, if any)",
+        help="tokenizer to copy and record: a SentencePiece .model file or a Hugging Face tokenizer directory "
+        "(default: the model directory's tokenizer.json, else its tokenizer.model, if any)",
     )
     return p.parse_args(argv)
 
@@ -72,7 +80,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "export":
             report = convert.export_checkpoint(args.load, args.save, args.format, args.dtype, args.tokenizer_model)
         else:
-            report = convert.import_cohere(args.load, args.save, args.seq_length, args.tokenizer_model)
+            report = convert.import_hf(args.load, args.save, args.seq_length, args.tokenizer_model)
         for note in report.notes:
             print(f"note: {note}", flush=True)
         print(f"wrote {report.output} ({report.format})", flush=True)

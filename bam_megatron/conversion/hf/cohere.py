@@ -22,10 +22,12 @@ import torch.nn.functional as F
 
 from bam_megatron.checkpoint import CheckpointMeta
 from bam_megatron.conversion.hf.errors import ConversionError
+from bam_megatron.conversion.hf.hf_files import SafetensorsWeights
+from bam_megatron.conversion.hf.importer import TOP, Importer, fill_qkv
 from bam_megatron.model.architecture import Architecture
-from bam_megatron.model.qkv_layout import merge_qkv, split_qkv
+from bam_megatron.model.qkv_layout import split_qkv
 
-LAYERNORM_EPS = 1e-5  # megatron-core's layernorm_epsilon, which bam-megatron does not change
+LAYERNORM_EPS = 1e-5  # transformers' default layer_norm_eps for Cohere
 
 
 def rope_permutation(head_dim: int) -> torch.Tensor:
@@ -65,7 +67,6 @@ def check_exportable(config, variant: str) -> None:
             config.hidden_size // config.num_attention_heads,
             "Cohere's head size is hidden_size / num_attention_heads",
         ),
-        ("layernorm_epsilon", config.layernorm_epsilon, LAYERNORM_EPS, "not supported"),
         ("add_qkv_bias", config.add_qkv_bias, False, "Cohere's attention has no biases"),
         ("rope_scaling_factor", config.rope_scaling_factor, None, "not supported"),
     ]
@@ -134,124 +135,135 @@ def to_cohere(
     return out, hf_config
 
 
-def _rope_theta(cfg: dict[str, Any]) -> float:
-    """rope_theta from a transformers v5 (``rope_parameters``) or v4 (top-level) config."""
-    params = cfg.get("rope_parameters") or {}
-    if cfg.get("rope_scaling"):
-        raise ConversionError(f"rope_scaling={cfg['rope_scaling']}: only plain RoPE is supported")
-    rope_type = params.get("rope_type", "default")
-    if rope_type != "default":
-        raise ConversionError(f"rope_parameters.rope_type={rope_type}: only plain RoPE ('default') is supported")
-    theta = params.get("rope_theta", cfg.get("rope_theta"))
-    if theta is None:
-        raise ConversionError("config.json gives no rope_theta (rope_parameters.rope_theta)")
-    return float(theta)
+class CohereImporter(Importer):
+    """``CohereForCausalLM`` (Command R and transformers' random Cohere models) -> a parallel-block seed.
 
+    Q and K rows are permuted per head from Cohere's interleaved RoPE to megatron-core's halves;
+    ``logit_scale`` is folded into the final norm's weight (exact for powers of two).
+    """
 
-def check_importable(cfg: dict[str, Any]) -> None:
-    """Refuse, naming the field, a config.json that is not a Cohere model bam-megatron can hold."""
-    if cfg.get("model_type") != "cohere":
-        raise ConversionError(
-            f"model_type={cfg.get('model_type')}: only Cohere (CohereForCausalLM) checkpoints can be imported"
-        )
-    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
-        if not isinstance(cfg.get(key), int) or cfg[key] < 1:
-            raise ConversionError(f"config.json: {key} must be a positive integer, got {cfg.get(key)!r}")
-    wrong = [
-        (key, cfg.get(key), wanted)
-        for key, wanted in (("use_qk_norm", False), ("attention_bias", False), ("hidden_act", "silu"))
-        if cfg.get(key, wanted) != wanted
-    ]
-    if wrong:
-        key, value, wanted = wrong[0]
-        raise ConversionError(f"{key}={value}: bam-megatron's dense model needs {key}={wanted}")
-    if cfg.get("layer_norm_eps", LAYERNORM_EPS) != LAYERNORM_EPS:
-        raise ConversionError(f"layer_norm_eps={cfg['layer_norm_eps']}: bam-megatron's LayerNorm uses {LAYERNORM_EPS}")
-    heads, hidden = cfg["num_attention_heads"], cfg["hidden_size"]
-    groups = cfg.get("num_key_value_heads") or heads
-    if hidden % heads or heads % groups:
-        raise ConversionError(
-            f"num_attention_heads={heads}, num_key_value_heads={groups}, hidden_size={hidden}: "
-            "heads must divide hidden_size and KV heads must divide heads"
-        )
-    if cfg.get("head_dim") not in (None, hidden // heads):
-        raise ConversionError(
-            f"head_dim={cfg['head_dim']}: bam-megatron's head size is hidden_size / num_attention_heads"
-        )
-    _rope_theta(cfg)
+    model_type = "cohere"
+    architecture_class = "CohereForCausalLM"
+    defaults = {
+        "use_qk_norm": False,
+        "attention_bias": False,
+        "hidden_act": "silu",
+        "layer_norm_eps": LAYERNORM_EPS,
+        "tie_word_embeddings": True,
+        "num_key_value_heads": None,
+        "head_dim": None,
+        "logit_scale": None,
+        "initializer_range": 0.02,
+    }
 
+    def default_seq_length(self) -> int:
+        """max_position_embeddings, else 4096."""
+        return int(self.cfg.get("max_position_embeddings") or 4096)
 
-def _take(tensors: dict[str, torch.Tensor], name: str, shape: tuple[int, ...]) -> torch.Tensor:
-    if name not in tensors:
-        raise ConversionError(f"tensor {name} is missing from the checkpoint")
-    tensor = tensors[name]
-    if tuple(tensor.shape) != shape:
-        raise ConversionError(f"tensor {name} has shape {tuple(tensor.shape)}, config.json implies {shape}")
-    return tensor.float()
-
-
-def from_cohere(tensors: dict[str, torch.Tensor], cfg: dict[str, Any]) -> tuple[dict[str, torch.Tensor], Architecture]:
-    """(Cohere tensors, config.json) -> (our parameters, their architecture). Call check_importable first."""
-    vocab, hidden, ffn = cfg["vocab_size"], cfg["hidden_size"], cfg["intermediate_size"]
-    layers, heads = cfg["num_hidden_layers"], cfg["num_attention_heads"]
-    groups = cfg.get("num_key_value_heads") or heads
-    d = hidden // heads
-    inverse = torch.argsort(rope_permutation(d))  # Cohere rows -> megatron-core rows
-    tied = cfg.get("tie_word_embeddings", True)
-    seen = set()
-
-    def take(name: str, shape: tuple[int, ...]) -> torch.Tensor:
-        seen.add(name)
-        return _take(tensors, name, shape)
-
-    embedding = take("model.embed_tokens.weight", (vocab, hidden))
-    scale = cfg.get("logit_scale")
-    final_norm = take("model.norm.weight", (hidden,)) * (1.0 if scale is None else float(scale))
-    out = {"embedding.word_embeddings.weight": embedding, "decoder.final_layernorm.weight": final_norm}
-    if not tied:
-        out["output_layer.weight"] = take("lm_head.weight", (vocab, hidden))
-    elif "lm_head.weight" in tensors:  # some checkpoints store the tied copy too
-        if not torch.equal(take("lm_head.weight", (vocab, hidden)), embedding):
+    def check(self) -> Architecture:
+        """Refuse, naming the field, a config.json that is not a Cohere model bam-megatron can hold."""
+        for key, wanted in (("use_qk_norm", False), ("attention_bias", False), ("hidden_act", "silu")):
+            if self.get(key) != wanted:
+                raise ConversionError(f"{key}={self.get(key)}: bam-megatron's dense model needs {key}={wanted}")
+        eps = self.get("layer_norm_eps")
+        if not isinstance(eps, (int, float)) or not eps > 0:
+            raise ConversionError(f"layer_norm_eps={eps}: must be a positive number")
+        heads, hidden = self.get("num_attention_heads"), self.get("hidden_size")
+        groups = self.get("num_key_value_heads") or heads
+        if hidden % heads or heads % groups:
             raise ConversionError(
-                "tie_word_embeddings is true but lm_head.weight differs from model.embed_tokens.weight"
+                f"num_attention_heads={heads}, num_key_value_heads={groups}, hidden_size={hidden}: "
+                "heads must divide hidden_size and KV heads must divide heads"
             )
-    for i in range(layers):
-        theirs, ours = f"model.layers.{i}.", f"decoder.layers.{i}."
-        q = take(theirs + "self_attn.q_proj.weight", (heads * d, hidden)).view(heads, d, hidden)[:, inverse]
-        k = take(theirs + "self_attn.k_proj.weight", (groups * d, hidden)).view(groups, d, hidden)[:, inverse]
-        v = take(theirs + "self_attn.v_proj.weight", (groups * d, hidden)).view(groups, d, hidden)
-        out.update(
-            {
-                ours + "input_layernorm.weight": take(theirs + "input_layernorm.weight", (hidden,)),
-                ours + "self_attention.linear_qkv.weight": merge_qkv(q, k, v),
-                ours + "self_attention.linear_proj.weight": take(
-                    theirs + "self_attn.o_proj.weight", (hidden, heads * d)
-                ),
-                ours + "mlp.linear_fc1.weight": torch.cat(
-                    [
-                        take(theirs + "mlp.gate_proj.weight", (ffn, hidden)),
-                        take(theirs + "mlp.up_proj.weight", (ffn, hidden)),
-                    ]
-                ),
-                ours + "mlp.linear_fc2.weight": take(theirs + "mlp.down_proj.weight", (hidden, ffn)),
-            }
+        if self.get("head_dim") not in (None, hidden // heads):
+            raise ConversionError(
+                f"head_dim={self.get('head_dim')}: bam-megatron's Cohere head size is hidden_size / num_attention_heads"
+            )
+        theta, _ = self.rope(allow_llama3=False)
+        scale = self.get("logit_scale")
+        if scale not in (None, 1, 1.0):
+            self.notes.append(f"logit_scale={scale} folded into the final norm's weight")
+        self.heads, self.kv_heads, self.head_dim = heads, groups, hidden // heads
+        return Architecture(
+            variant="dense",
+            num_layers=self.get("num_hidden_layers"),
+            hidden_size=hidden,
+            ffn_hidden_size=self.get("intermediate_size"),
+            num_attention_heads=heads,
+            num_query_groups=groups,
+            untie_embeddings_and_output_weights=not self.get("tie_word_embeddings"),
+            normalization="LayerNorm",
+            norm_epsilon=float(eps),
+            rotary_base=theta,
+            padded_vocab_size=self.get("vocab_size"),
         )
-    extra = sorted(name for name in tensors if name not in seen and not name.endswith("rotary_emb.inv_freq"))
-    if extra:
-        raise ConversionError(
-            f"tensor {extra[0]} is not part of a {layers}-layer Cohere model"
-            + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
+
+    def record(self) -> dict[str, Any]:
+        """logit_scale, which the import folds into the final norm (an export writes 1.0)."""
+        return {"logit_scale": self.get("logit_scale")}
+
+    def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor of the transformers model, by name, with its shape."""
+        a = self.architecture
+        vocab, hidden, ffn = a.padded_vocab_size, a.hidden_size, a.ffn_hidden_size
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,)}
+        if a.untie_embeddings_and_output_weights:
+            shapes["lm_head.weight"] = (vocab, hidden)
+        for i in range(a.num_layers):
+            p = f"model.layers.{i}."
+            shapes.update(
+                {
+                    p + "input_layernorm.weight": (hidden,),
+                    p + "self_attn.q_proj.weight": (q, hidden),
+                    p + "self_attn.k_proj.weight": (kv, hidden),
+                    p + "self_attn.v_proj.weight": (kv, hidden),
+                    p + "self_attn.o_proj.weight": (hidden, q),
+                    p + "mlp.gate_proj.weight": (ffn, hidden),
+                    p + "mlp.up_proj.weight": (ffn, hidden),
+                    p + "mlp.down_proj.weight": (hidden, ffn),
+                }
+            )
+        return shapes
+
+    def optional_tensors(self) -> dict[str, tuple[int, ...]]:
+        """Some tied checkpoints store lm_head.weight too (it must equal the embedding)."""
+        a = self.architecture
+        return {} if a.untie_embeddings_and_output_weights else {"lm_head.weight": (a.padded_vocab_size, a.hidden_size)}
+
+    def fill(self, unit: int, params: dict[str, torch.Tensor], source: SafetensorsWeights) -> None:
+        """Write one unit of our model from the Cohere tensors (Q/K rows permuted, logit_scale folded)."""
+        read = source.read
+        if unit == TOP:
+            embedding = params["embedding.word_embeddings.weight"]
+            embedding.copy_(read("model.embed_tokens.weight"))
+            final_norm = params["decoder.final_layernorm.weight"]
+            final_norm.copy_(read("model.norm.weight"))
+            scale = self.get("logit_scale")
+            final_norm.mul_(1.0 if scale is None else float(scale))
+            if self.architecture.untie_embeddings_and_output_weights:
+                params["output_layer.weight"].copy_(read("lm_head.weight"))
+            elif "lm_head.weight" in source and not torch.equal(read("lm_head.weight").float(), embedding):
+                raise ConversionError(
+                    "tie_word_embeddings is true but lm_head.weight differs from model.embed_tokens.weight"
+                )
+            return
+        d, hidden = self.head_dim, self.architecture.hidden_size
+        inverse = torch.argsort(rope_permutation(d))  # Cohere rows -> megatron-core rows
+        theirs, ours = f"model.layers.{unit}.", f"decoder.layers.{unit}."
+        q = read(theirs + "self_attn.q_proj.weight").view(self.heads, d, hidden)[:, inverse]
+        k = read(theirs + "self_attn.k_proj.weight").view(self.kv_heads, d, hidden)[:, inverse]
+        fill_qkv(
+            params[ours + "self_attention.linear_qkv.weight"],
+            q,
+            k,
+            read(theirs + "self_attn.v_proj.weight"),
+            self.heads,
+            self.kv_heads,
         )
-    architecture = Architecture(
-        variant="dense",
-        num_layers=layers,
-        hidden_size=hidden,
-        ffn_hidden_size=ffn,
-        num_attention_heads=heads,
-        num_query_groups=groups,
-        untie_embeddings_and_output_weights=not tied,
-        normalization="LayerNorm",
-        rotary_base=_rope_theta(cfg),
-        padded_vocab_size=vocab,
-    )
-    return out, architecture
+        params[ours + "self_attention.linear_proj.weight"].copy_(read(theirs + "self_attn.o_proj.weight"))
+        params[ours + "input_layernorm.weight"].copy_(read(theirs + "input_layernorm.weight"))
+        fc1, ffn = params[ours + "mlp.linear_fc1.weight"], self.architecture.ffn_hidden_size
+        fc1[:ffn].copy_(read(theirs + "mlp.gate_proj.weight"))
+        fc1[ffn:].copy_(read(theirs + "mlp.up_proj.weight"))
+        params[ours + "mlp.linear_fc2.weight"].copy_(read(theirs + "mlp.down_proj.weight"))

@@ -1,4 +1,4 @@
-"""The two conversions end to end: checkpoint -> Hugging Face directory, Cohere directory -> seed checkpoint.
+"""The two conversions end to end: checkpoint -> Hugging Face directory, Hugging Face directory -> seed checkpoint.
 
 Both write into a temporary sibling of the output and rename it when complete, so a failure
 leaves no output at all.
@@ -6,7 +6,6 @@ leaves no output at all.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -16,7 +15,7 @@ import torch
 
 from bam_megatron import checkpoint
 from bam_megatron.checkpoint import CheckpointMeta
-from bam_megatron.conversion.hf import bam_format, cohere, hf_files, megatron_io
+from bam_megatron.conversion.hf import bam_format, cohere, families, hf_files, megatron_io
 from bam_megatron.conversion.hf.errors import ConversionError
 
 FORMATS = ("auto", "cohere", "bam")
@@ -138,62 +137,131 @@ def export_checkpoint(
     return Report(os.path.abspath(save), fmt, notes)
 
 
-def _import_tokenizer(hf_dir: str, override: Optional[str], vocab_size: int, notes: list[str]) -> Optional[str]:
-    """The SentencePiece model the seed records: --tokenizer-model, else the directory's tokenizer.model."""
-    if override is not None and not os.path.isfile(override):
-        raise ConversionError(f"--tokenizer-model {override} not found")
-    found = os.path.join(hf_dir, hf_files.TOKENIZER)
-    path = override or (found if os.path.isfile(found) else None)
-    if path is None:
-        notes.append(
-            f"no SentencePiece tokenizer.model in {hf_dir}: the seed records no tokenizer (pretrain_bam.py "
-            "then accepts it only without --tokenizer-model; pass --tokenizer-model to record one)"
+# Files of a Hugging Face tokenizer directory the import copies where present: those that define the
+# tokenization (data.tokenizer.HF_TOKENIZER_FILES, fingerprinted) and what transformers' slow
+# tokenizers and chat templates read besides.
+HF_TOKENIZER_EXTRA_FILES = ("tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "chat_template.jinja")
+HF_TOKENIZER_DIR = "tokenizer"  # OUT/tokenizer/: the copy the seed records
+
+
+@dataclass
+class _Tokenizer:
+    """The tokenizer an imported seed records: its kind and where it comes from."""
+
+    kind: str  # data.tokenizer's SENTENCEPIECE or HUGGINGFACE
+    source: str  # a SentencePiece .model file, or a Hugging Face tokenizer directory
+
+
+def _find_tokenizer(hf_dir: str, override: Optional[str], notes: list[str]) -> Optional[_Tokenizer]:
+    """--tokenizer-model (a file: SentencePiece; a directory: Hugging Face), else the model
+    directory's tokenizer.json (Hugging Face), else its tokenizer.model (SentencePiece), else none."""
+    from bam_megatron.data.tokenizer import HUGGINGFACE, SENTENCEPIECE
+
+    if override is not None:
+        if not os.path.exists(override):
+            raise ConversionError(f"--tokenizer-model {override} not found")
+        return _Tokenizer(HUGGINGFACE if os.path.isdir(override) else SENTENCEPIECE, override)
+    if os.path.isfile(os.path.join(hf_dir, "tokenizer.json")):
+        return _Tokenizer(HUGGINGFACE, hf_dir)
+    if os.path.isfile(os.path.join(hf_dir, hf_files.TOKENIZER)):
+        return _Tokenizer(SENTENCEPIECE, os.path.join(hf_dir, hf_files.TOKENIZER))
+    notes.append(
+        f"no tokenizer (tokenizer.json or tokenizer.model) in {hf_dir}: the seed records no tokenizer "
+        "(pretrain_bam.py then accepts it only without --tokenizer-model; pass --tokenizer-model to record one)"
+    )
+    return None
+
+
+def _copy_tokenizer(tokenizer: _Tokenizer, out: str, vocab_size: int) -> tuple[str, str]:
+    """Copy the tokenizer into the output directory ``out``; (its name there, its fingerprint).
+
+    The fingerprint is the one ``pretrain_bam.py --tokenizer-model`` computes for the copy
+    (bam_megatron.data.tokenizer), so the seed's meta and a run on the copy agree.
+    """
+    from bam_megatron.data.errors import DataError
+    from bam_megatron.data.tokenizer import HF_TOKENIZER_FILES, SENTENCEPIECE, load_tokenizer
+
+    if tokenizer.kind == SENTENCEPIECE:
+        name = hf_files.TOKENIZER
+        hf_files.sentencepiece_ids(tokenizer.source)  # a readable SentencePiece model
+        shutil.copyfile(tokenizer.source, os.path.join(out, name))
+    else:
+        name = HF_TOKENIZER_DIR
+        os.makedirs(os.path.join(out, name))
+        for file in (*HF_TOKENIZER_FILES, *HF_TOKENIZER_EXTRA_FILES):
+            if os.path.isfile(os.path.join(tokenizer.source, file)):
+                shutil.copyfile(os.path.join(tokenizer.source, file), os.path.join(out, name, file))
+    try:
+        loaded = load_tokenizer(os.path.join(out, name), tokenizer.kind)
+        size = loaded.vocab_size
+    except DataError as error:
+        raise ConversionError(f"tokenizer {tokenizer.source}: {error}") from None
+    if size > vocab_size:
+        raise ConversionError(
+            f"tokenizer {tokenizer.source} has {size} tokens, more than the model's vocab_size {vocab_size}"
         )
-        return None
-    hf_files.sentencepiece_ids(path)  # a readable SentencePiece model
-    import sentencepiece
-
-    pieces = sentencepiece.SentencePieceProcessor(model_file=path).get_piece_size()
-    if pieces > vocab_size:
-        raise ConversionError(f"tokenizer {path} has {pieces} pieces, more than the model's vocab_size {vocab_size}")
-    return path
+    return name, loaded.fingerprint
 
 
-def import_cohere(
-    load: str, save: str, seq_length: Optional[int] = None, tokenizer_model: Optional[str] = None
-) -> Report:
-    """Write the Cohere directory ``load`` as a dense seed checkpoint ``save`` (a --save directory)."""
+def import_hf(load: str, save: str, seq_length: Optional[int] = None, tokenizer_model: Optional[str] = None) -> Report:
+    """Write the Hugging Face model directory ``load`` as a dense seed checkpoint ``save`` (a --save directory).
+
+    The family comes from config.json (`families.importer_for`: Cohere, Llama, Mistral, Qwen2, Qwen3),
+    which is checked first, then every tensor's name, shape and dtype from the safetensors headers;
+    only then is anything written. Tensors are read one at a time and the checkpoint is written
+    layer by layer (`megatron_io.save_weights`), into a temporary sibling renamed when complete.
+    """
+    from bam_megatron.errors import UserError
+    from bam_megatron.platform.memory import return_freed_tensors_to_os
+
+    return_freed_tensors_to_os()
     cfg = hf_files.read_config(load)
-    cohere.check_importable(cfg)
+    importer = families.importer_for(cfg, seq_length)
     if os.path.exists(save):
         raise ConversionError(f"output {save} already exists")
-    if seq_length is not None and seq_length < 1:
-        raise ConversionError(f"--seq-length must be >= 1, got {seq_length}")
-    notes: list[str] = []
-    tokenizer = _import_tokenizer(load, tokenizer_model, cfg["vocab_size"], notes)
-    weights, architecture = cohere.from_cohere(hf_files.read_weights(load), cfg)
+    weights = hf_files.SafetensorsWeights(load)
+    weights.check_dtypes()
+    importer.check_tensors(weights.shapes)
+    notes = list(importer.notes)
+    tokenizer = _find_tokenizer(load, tokenizer_model, notes)
+    architecture = importer.architecture
     final = os.path.abspath(save)
-    scale = cfg.get("logit_scale")
-    if scale not in (None, 1, 1.0):
-        notes.append(f"logit_scale={scale} folded into the final norm's weight")
     imported = {
         "path": os.path.abspath(load),
-        "model_type": "cohere",
-        "logit_scale": scale,
-        "tokenizer": os.path.abspath(tokenizer) if tokenizer else None,
+        "model_type": importer.model_type,
+        "architectures": importer.architecture_class,
+        **importer.record(),
+        "tokenizer": os.path.abspath(tokenizer.source) if tokenizer else None,
+        "config": cfg,
     }
     with hf_files.atomic_directory(save) as tmp:
-        if tokenizer:
-            shutil.copyfile(tokenizer, os.path.join(tmp, hf_files.TOKENIZER))
+        name, fingerprint = (
+            _copy_tokenizer(tokenizer, tmp, architecture.padded_vocab_size) if tokenizer else (None, None)
+        )
         meta = CheckpointMeta(
             architecture=architecture,
-            seq_length=seq_length or int(cfg.get("max_position_embeddings") or 4096),
-            tokenizer_fingerprint=hf_files.sha256_file(tokenizer) if tokenizer else None,
-            tokenizer_model=os.path.join(final, hf_files.TOKENIZER) if tokenizer else None,
+            seq_length=importer.seq_length,
+            tokenizer_fingerprint=fingerprint,
+            tokenizer_model=os.path.join(final, name) if tokenizer else None,
+            tokenizer_type=tokenizer.kind if tokenizer else None,
             lineage={"imported": imported},
-            training={"init_method_std": float(cfg.get("initializer_range", 0.02))},
+            training={"init_method_std": float(importer.get("initializer_range") or 0.02)},
         )
-        megatron_io.save_weights(tmp, weights, meta)
-        with open(os.path.join(tmp, IMPORT_MANIFEST), "w") as f:
-            json.dump(dict(imported, notes=notes), f, indent=2)
+        failures: list[UserError] = []
+
+        def fill(unit: int, params: dict) -> None:
+            try:
+                with torch.no_grad():
+                    importer.fill(unit, params, weights)
+            except UserError as error:  # bad input found while writing (e.g. a tied lm_head that differs)
+                failures.append(error)
+                raise
+
+        try:
+            megatron_io.save_weights(tmp, meta, fill)
+        except BaseException:  # (torch's CheckpointException is a BaseException)
+            if failures:  # torch's checkpoint writer wraps what a fill raises: report the input error itself
+                raise failures[0] from None
+            raise
+        hf_files.write_json(os.path.join(tmp, IMPORT_MANIFEST), dict(imported, notes=notes))
     return Report(final, "checkpoint", notes)

@@ -44,28 +44,79 @@ def read_config(directory: str) -> dict[str, Any]:
     return config
 
 
-def read_weights(directory: str) -> dict[str, torch.Tensor]:
-    """Every tensor of ``model.safetensors`` or of the shards a ``model.safetensors.index.json`` lists."""
-    st = _safetensors()
-    single, index = os.path.join(directory, WEIGHTS), os.path.join(directory, WEIGHTS_INDEX)
-    if os.path.isfile(single):
-        files = [single]
-    elif os.path.isfile(index):
-        with open(index) as f:
-            weight_map = json.load(f).get("weight_map") or {}
-        files = [os.path.join(directory, name) for name in sorted(set(weight_map.values()))]
-        missing = [f for f in files if not os.path.isfile(f)]
-        if missing:
-            raise ConversionError(f"{index} lists {os.path.basename(missing[0])}, which is missing")
-    else:
-        raise ConversionError(f"no {WEIGHTS} or {WEIGHTS_INDEX} in {directory} (only safetensors weights are read)")
-    tensors: dict[str, torch.Tensor] = {}
-    for path in files:
+# safetensors dtype names -> the dtypes bam-megatron reads (and converts to fp32, exactly).
+_FLOAT_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+class SafetensorsWeights:
+    """The tensors of a Hugging Face directory's safetensors weights, read one at a time.
+
+    ``model.safetensors`` or the shards a ``model.safetensors.index.json`` lists. Opening reads only
+    the files' headers (``shapes``, ``dtypes``); `read` opens a file for one tensor and closes it
+    again, so a converter holds the tensors it is working on and never a whole file (a file kept
+    open while its tensors are read stays resident: RSS grows by every tensor read from it).
+    """
+
+    def __init__(self, directory: str) -> None:
+        st = _safetensors()
+        single, index = os.path.join(directory, WEIGHTS), os.path.join(directory, WEIGHTS_INDEX)
+        if os.path.isfile(single):
+            files, listed = [single], {}
+        elif os.path.isfile(index):
+            try:
+                with open(index) as f:
+                    listed = json.load(f).get("weight_map") or {}
+            except (json.JSONDecodeError, AttributeError) as error:
+                raise ConversionError(f"{index} is not a safetensors index ({error})") from None
+            files = [os.path.join(directory, name) for name in sorted(set(listed.values()))]
+            missing = [f for f in files if not os.path.isfile(f)]
+            if missing:
+                raise ConversionError(f"{index} lists {os.path.basename(missing[0])}, which is missing")
+        else:
+            raise ConversionError(f"no {WEIGHTS} or {WEIGHTS_INDEX} in {directory} (only safetensors weights are read)")
+        self.file_of: dict[str, str] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.dtypes: dict[str, str] = {}
+        for path in files:
+            try:
+                with st.safe_open(path, framework="pt") as f:  # the header only: no tensor data is touched
+                    for name in f.keys():
+                        piece = f.get_slice(name)
+                        if name in self.file_of:
+                            raise ConversionError(
+                                f"tensor {name} is in both {os.path.basename(self.file_of[name])} "
+                                f"and {os.path.basename(path)}"
+                            )
+                        self.file_of[name], self.shapes[name] = path, tuple(piece.get_shape())
+                        self.dtypes[name] = piece.get_dtype()
+            except ConversionError:
+                raise
+            except Exception as error:  # safetensors raises its own error types
+                raise ConversionError(f"cannot read {path}: {error}") from None
+        for name, shard in listed.items():
+            if self.file_of.get(name) != os.path.join(directory, shard):
+                raise ConversionError(f"{index} lists tensor {name} in {shard}, which does not hold it")
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.file_of
+
+    def check_dtypes(self) -> None:
+        """Refuse, naming the tensor, weights that are not float32, bfloat16 or float16 (e.g. quantized)."""
+        for name, dtype in self.dtypes.items():
+            if dtype not in _FLOAT_DTYPES:
+                raise ConversionError(
+                    f"tensor {name} is {dtype}: only float32, bfloat16 and float16 weights can be imported"
+                )
+
+    def read(self, name: str) -> torch.Tensor:
+        """Tensor ``name`` in its stored dtype; it outlives the (closed) file and is freed with it."""
+        st = _safetensors()
+        path = self.file_of[name]
         try:
-            tensors.update(st.load_file(path))
+            with st.safe_open(path, framework="pt") as f:
+                return f.get_tensor(name)
         except Exception as error:  # safetensors raises its own error types
-            raise ConversionError(f"cannot read {path}: {error}") from None
-    return tensors
+            raise ConversionError(f"cannot read tensor {name} from {path}: {error}") from None
 
 
 def write_weights(directory: str, tensors: dict[str, torch.Tensor]) -> None:
@@ -107,14 +158,16 @@ def sentencepiece_ids(path: str) -> dict[str, Optional[int]]:
 def atomic_directory(final: str) -> Iterator[str]:
     """Yield a temporary sibling of ``final`` to fill; rename it to ``final`` only if the block succeeds.
 
-    ``final`` must not exist. On any error the temporary directory is removed: no partial output.
+    ``final`` must not exist (its parent is created if need be). On any error the temporary
+    directory is removed: no partial output.
     """
     final = os.path.abspath(final)
     if os.path.exists(final):
         raise ConversionError(f"output {final} already exists")
     parent = os.path.dirname(final)
-    if not os.path.isdir(parent):
-        raise ConversionError(f"the parent directory of {final} does not exist")
+    if os.path.exists(parent) and not os.path.isdir(parent):
+        raise ConversionError(f"the parent of {final} is not a directory")
+    os.makedirs(parent, exist_ok=True)
     tmp = f"{final}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)

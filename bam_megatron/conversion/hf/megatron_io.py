@@ -2,11 +2,15 @@
 
 A checkpoint saved under any TP/PP/EP layout is read through dist_checkpointing into a TP=PP=EP=1
 model (dist_checkpointing reshards on load), so the converter sees every tensor whole, by
-megatron-core's parameter names. Imported weights are written the same way pretrain_bam.py saves:
-an ``iter_*`` directory, the ``latest`` file and the `CheckpointMeta`.
+megatron-core's parameter names. Imported weights are written the same way pretrain_bam.py saves
+(an ``iter_*`` directory, the ``latest`` file and the `CheckpointMeta`), layer by layer.
 """
 
 from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -47,20 +51,100 @@ def load_weights(path: str, meta: CheckpointMeta):
     return {name: p.detach().float().clone() for name, p in model.named_parameters()}, model.config
 
 
-def save_weights(root: str, weights: dict[str, torch.Tensor], meta: CheckpointMeta) -> str:
-    """Save ``weights`` (every parameter of the model ``meta`` describes) as iteration 0 under ``root``."""
-    model, _ = build_one_rank_model(meta.architecture, meta.seq_length)
-    params = dict(model.named_parameters())
-    missing, unexpected = sorted(set(params) - set(weights)), sorted(set(weights) - set(params))
-    if missing or unexpected:  # a mapping bug, not bad input
-        raise RuntimeError(
-            f"converted weights do not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}"
-        )
-    with torch.no_grad():
-        for name, param in params.items():
-            if tuple(weights[name].shape) != tuple(param.shape):
-                raise RuntimeError(
-                    f"{name}: converted shape {tuple(weights[name].shape)}, model has {tuple(param.shape)}"
-                )
-            param.copy_(weights[name])
-    return checkpoint.save_checkpoint(root, 0, model, None, None, meta)
+class _Tracked(dict):
+    """A unit's parameters by name, remembering which ones a fill touched."""
+
+    def __init__(self, params: dict) -> None:
+        super().__init__(params)
+        self.touched: set[str] = set()
+
+    def __getitem__(self, name: str):
+        self.touched.add(name)
+        return super().__getitem__(name)
+
+
+def save_weights(root: str, meta: CheckpointMeta, fill: Callable[[int, dict], None]) -> str:
+    """Save the model ``meta`` describes as iteration 0 under ``root``, one unit at a time.
+
+    The model is built on the meta device (no memory) and written by the layer-by-layer writer
+    (`bam_megatron.checkpoint.layerwise.StreamingSaveStrategy`): ``fill(unit, params)`` writes the
+    values of one unit's freshly materialised parameters (``layerwise.TOP``, then each layer), so
+    about one layer (two while writing) holds memory, whatever the depth. A parameter the fill
+    leaves untouched is a mapping bug (uninitialised memory must never reach the checkpoint).
+    """
+    from bam_megatron.checkpoint.layerwise import StreamingSaveStrategy, meta_model
+    from bam_megatron.model.builder import build_from_architecture
+    from bam_megatron.platform.distributed import ParallelSizes, initialize
+
+    initialize(ParallelSizes())
+    architecture = meta.architecture
+    config = architecture.one_rank_config()  # every weight is written by ``fill``
+    # The local (PyTorch) spec on any machine: its parameter names are the ones the converter maps.
+    model = meta_model(lambda: build_from_architecture(architecture, config, meta.seq_length, backend="local"))
+
+    def checked(unit: int, params: dict) -> None:
+        tracked = _Tracked(params)
+        fill(unit, tracked)
+        untouched = sorted(set(params) - tracked.touched)
+        if untouched:
+            raise RuntimeError(f"the conversion left {', '.join(untouched)} unset")
+
+    strategy = _releasing(StreamingSaveStrategy)(model, checked)
+    return checkpoint.save_checkpoint(root, 0, model, None, None, meta, sharded_strategy=strategy)
+
+
+def _releasing(streaming: type) -> type:
+    """``layerwise.StreamingSaveStrategy`` whose written chunks do not stay in memory.
+
+    torch 2.13's ``FileSystemWriter`` keeps the last tensor it wrote under each key until its file
+    is complete (``tensor_dict``, used only by its safetensors format), and copies a chunk that is
+    a view into a larger storage (SwiGLU's fc1 halves). With one file per rank, the embedding and
+    output layer and the previous layer (layers share their keys, by the stacked layer axis) would
+    stay alive while the next two units are filled: the peak would be TOP + 3 layers, not the
+    larger of TOP + 1 layer and 2 layers. Here the storage of each chunk handed to the writer is
+    emptied when the writer asks for the next one (it has been written by then: items are written
+    in order, one at a time). A chunk that is a view into a larger tensor is handed over as a copy
+    of its own (the rest of that tensor is still to be written); any other chunk is its
+    parameter's whole storage, which its unit no longer needs.
+    """
+
+    class Releasing(streaming):
+        _handed = None
+
+        def save(self, sharded_state_dict, checkpoint_dir) -> None:
+            """The layer-by-layer save, with torch's writer in its serial mode (see `_serial_writer`)."""
+            with _serial_writer():
+                super().save(sharded_state_dict, checkpoint_dir)
+
+        def _produce(self, key: str, offset: tuple) -> torch.Tensor:
+            if self._handed is not None:
+                self._handed.untyped_storage().resize_(0)
+            chunk = super()._produce(key, offset)
+            if chunk.untyped_storage().nbytes() != chunk.nbytes:
+                chunk = chunk.clone()
+            self._handed = chunk
+            return chunk
+
+    return Releasing
+
+
+@contextlib.contextmanager
+def _serial_writer() -> Iterator[None]:
+    """Make ``layerwise``'s ``FileSystemWriter`` write its items one at a time, in plan order.
+
+    On a machine with CUDA, torch 2.13's writer loads tensors through ``_OverlappingCpuLoader``
+    (unless ``per_thread_copy_ahead=0``), which sorts the items by size and resolves several ahead:
+    the streaming writer would fill units out of order, again and again (each unit is planned to
+    be filled once), and `_releasing` would empty a chunk before it is written. Our tensors are on
+    the CPU already, so copying ahead gains nothing.
+    """
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    from bam_megatron.checkpoint import layerwise
+
+    original = layerwise.FileSystemWriter
+    layerwise.FileSystemWriter = functools.partial(FileSystemWriter, per_thread_copy_ahead=0)
+    try:
+        yield
+    finally:
+        layerwise.FileSystemWriter = original

@@ -1,0 +1,188 @@
+"""Memory of `bam-convert-hf import` on a Llama-2-7B-shaped model: flat in depth (streamed layer by layer).
+
+A random ``LlamaForCausalLM`` directory of the 7B shape (hidden 4096, intermediate 11008, 32 heads,
+vocabulary 32000, untied; bf16 safetensors, one shard per layer as real checkpoints are sharded) is
+written layer by layer, with 1 and with 3 layers, and each is imported in a fresh process whose
+peak RSS (``resource.getrusage``, after the import) is reported. The importer reads one tensor at a
+time and writes the checkpoint one unit at a time (embeddings + output layer, then each layer;
+two units while writing), so the peak is set by the largest two units, not by the depth: it
+should not grow from 1 to 3 layers, where a whole-model import would grow by two fp32 layers
+(2 x 0.81 GB) plus their bf16 sources.
+
+    python bench/hf_import_memory.py [--hidden 4096 --ffn 11008 --heads 32 --vocab 32000 --layers 1 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from bench.common import report  # noqa: E402
+
+
+def write_llama(directory: str, hidden: int, ffn: int, heads: int, kv_heads: int, vocab: int, layers: int) -> int:
+    """A random bf16 LlamaForCausalLM directory (config.json, one safetensors shard per layer, an
+    index), written one layer at a time; returns the bytes of weights written."""
+    import torch
+    from safetensors.torch import save_file
+
+    os.makedirs(directory)
+    generator = torch.Generator().manual_seed(0)
+    d = hidden // heads
+
+    def randn(*shape: int) -> torch.Tensor:
+        return (torch.randn(*shape, generator=generator) * 0.02).to(torch.bfloat16)
+
+    def shard(index: int) -> dict[str, torch.Tensor]:
+        if index == 0:
+            return {
+                "model.embed_tokens.weight": randn(vocab, hidden),
+                "model.norm.weight": torch.ones(hidden, dtype=torch.bfloat16),
+                "lm_head.weight": randn(vocab, hidden),
+            }
+        p = f"model.layers.{index - 1}."
+        return {
+            p + "input_layernorm.weight": torch.ones(hidden, dtype=torch.bfloat16),
+            p + "self_attn.q_proj.weight": randn(heads * d, hidden),
+            p + "self_attn.k_proj.weight": randn(kv_heads * d, hidden),
+            p + "self_attn.v_proj.weight": randn(kv_heads * d, hidden),
+            p + "self_attn.o_proj.weight": randn(hidden, heads * d),
+            p + "post_attention_layernorm.weight": torch.ones(hidden, dtype=torch.bfloat16),
+            p + "mlp.gate_proj.weight": randn(ffn, hidden),
+            p + "mlp.up_proj.weight": randn(ffn, hidden),
+            p + "mlp.down_proj.weight": randn(hidden, ffn),
+        }
+
+    weight_map, total, count = {}, 0, layers + 1
+    for index in range(count):  # one shard in memory at a time
+        name = f"model-{index + 1:05d}-of-{count:05d}.safetensors"
+        tensors = shard(index)
+        save_file(tensors, os.path.join(directory, name), metadata={"format": "pt"})
+        for key, tensor in tensors.items():
+            weight_map[key] = name
+            total += tensor.numel() * tensor.element_size()
+        del tensors
+    with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "intermediate_size": ffn,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "vocab_size": vocab,
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": False,
+        "hidden_act": "silu",
+        "torch_dtype": "bfloat16",
+    }
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    return total
+
+
+# Run in a fresh interpreter: the import, then its peak RSS (the whole process: imports included).
+_MEASURE = """
+import json, resource, sys, time
+start = time.perf_counter()
+from bam_megatron.conversion.hf.cli import main
+code = main(["import", "--load", sys.argv[1], "--save", sys.argv[2]])
+print("RESULT " + json.dumps({"code": code, "seconds": round(time.perf_counter() - start, 2),
+    "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}))
+"""
+
+
+def measure_import(source: str, out: str) -> dict:
+    """Import ``source`` into ``out`` in a fresh process; its exit code, seconds and peak RSS (MB)."""
+    run = subprocess.run(
+        [sys.executable, "-c", _MEASURE, source, out], cwd=ROOT, capture_output=True, text=True, check=False
+    )
+    lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
+    if run.returncode != 0 or not lines:
+        raise RuntimeError(f"import failed ({run.returncode}): {run.stdout[-2000:]} {run.stderr[-2000:]}")
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+def size_of(path: str) -> int:
+    """Bytes of the files under ``path``."""
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
+def depth_runs(workdir: str, shape: dict, depths: list[int]) -> list[dict]:
+    """Write and import the model at each depth; source and output sizes, time and peak RSS."""
+    runs = []
+    for layers in depths:
+        source, out = os.path.join(workdir, f"hf-{layers}"), os.path.join(workdir, f"seed-{layers}")
+        shutil.rmtree(source, ignore_errors=True)
+        shutil.rmtree(out, ignore_errors=True)
+        start = time.perf_counter()
+        source_bytes = write_llama(source, layers=layers, **shape)
+        written = time.perf_counter() - start
+        result = measure_import(source, out)
+        if result["code"] != 0:
+            raise RuntimeError(f"import of {source} exited {result['code']}")
+        runs.append(
+            {
+                "layers": layers,
+                "source_mb": round(source_bytes / 1e6, 1),
+                "output_mb": round(size_of(out) / 1e6, 1),
+                "write_source_s": round(written, 2),
+                **result,
+            }
+        )
+        shutil.rmtree(source, ignore_errors=True)
+        shutil.rmtree(out, ignore_errors=True)
+    return runs
+
+
+def unit_mb(shape: dict) -> dict:
+    """fp32 MB of one layer and of the top unit (embedding + output layer) of this shape."""
+    h, f, v = shape["hidden"], shape["ffn"], shape["vocab"]
+    d = h // shape["heads"]
+    layer = 2 * h * shape["heads"] * d + 2 * h * shape["kv_heads"] * d + 3 * h * f + 2 * h
+    return {"layer_mb": round(layer * 4 / 1e6, 1), "top_mb": round((2 * v * h + h) * 4 / 1e6, 1)}
+
+
+def main() -> None:
+    """Run the benchmark and print JSON plus a one-line summary."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hidden", type=int, default=4096)
+    parser.add_argument("--ffn", type=int, default=11008)
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--kv-heads", type=int, default=32)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--layers", type=int, nargs="+", default=[1, 3])
+    parser.add_argument("--workdir", default="/tmp/bam-hf-import-bench")
+    settings = parser.parse_args()
+    shape = {k: getattr(settings, k) for k in ("hidden", "ffn", "heads", "kv_heads", "vocab")}
+    shutil.rmtree(settings.workdir, ignore_errors=True)
+    os.makedirs(settings.workdir)
+    try:
+        runs = depth_runs(settings.workdir, shape, settings.layers)
+    finally:
+        shutil.rmtree(settings.workdir, ignore_errors=True)
+    units = unit_mb(shape)
+    first, last = runs[0], runs[-1]
+    report(
+        {"bench": "hf_import_memory", "config": vars(settings), "units": units, "runs": runs},
+        f"hf_import_memory: peak RSS {first['peak_rss_mb']:.0f} MB at {first['layers']} layer(s), "
+        f"{last['peak_rss_mb']:.0f} MB at {last['layers']} ({last['peak_rss_mb'] - first['peak_rss_mb']:+.0f} MB; "
+        f"one fp32 layer is {units['layer_mb']:.0f} MB, embeddings + output layer {units['top_mb']:.0f} MB); "
+        f"{last['source_mb']:.0f} MB bf16 in, {last['output_mb']:.0f} MB out in {last['seconds']:.1f} s",
+    )
+
+
+if __name__ == "__main__":
+    main()
