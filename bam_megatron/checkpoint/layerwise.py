@@ -235,6 +235,7 @@ class StreamingSaveStrategy(SaveShardedStrategy):
         self._current: _PreparedUnit | None = None
         self._next: Future | None = None
         self._pool: ThreadPoolExecutor | None = None
+        self._handed: torch.Tensor | None = None
 
     @property
     def can_handle_sharded_objects(self) -> bool:
@@ -244,6 +245,23 @@ class StreamingSaveStrategy(SaveShardedStrategy):
         return self._pool.submit(_PreparedUnit, self.model, unit, self.fill)
 
     def _produce(self, key: str, offset: tuple) -> torch.Tensor:
+        """The chunk the writer asks for next; the one handed before has been written by then.
+
+        torch 2.13's writer keeps the last tensor it wrote under each key until its file is
+        complete: with one file, the embeddings and the previous layer (layers share their stacked
+        keys) would stay alive. So the storage of the chunk handed before is emptied now, and a
+        chunk that is a view into a larger tensor (SwiGLU's fc1 halves) is handed over as a copy
+        of its own, since the rest of that tensor is still to be written.
+        """
+        if self._handed is not None:
+            self._handed.untyped_storage().resize_(0)
+        chunk = self._chunk(key, offset)
+        if chunk.untyped_storage().nbytes() != chunk.nbytes:
+            chunk = chunk.clone()
+        self._handed = chunk
+        return chunk
+
+    def _chunk(self, key: str, offset: tuple) -> torch.Tensor:
         unit = _chunk_unit(key, offset)
         if self._current is None or self._current.unit != unit:
             if self._current is not None:
@@ -264,7 +282,11 @@ class StreamingSaveStrategy(SaveShardedStrategy):
     def save(self, sharded_state_dict, checkpoint_dir: Union[str, Path]) -> None:
         """Plan from the (meta) sharded state dict; write with data produced per unit."""
         state, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, keep_only_main_replica=True)
-        writer = FileSystemWriter(str(checkpoint_dir), single_file_per_rank=True, thread_count=1)
+        # per_thread_copy_ahead=0: on a CUDA machine torch's writer would otherwise load items through
+        # its overlapping loader, sorted by size and several ahead, out of the planned unit order.
+        writer = FileSystemWriter(
+            str(checkpoint_dir), single_file_per_rank=True, thread_count=1, per_thread_copy_ahead=0
+        )
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bam-fill")
         try:
             dcp_save(
@@ -277,4 +299,4 @@ class StreamingSaveStrategy(SaveShardedStrategy):
                     pending = pending.result() if not pending.cancelled() and pending.exception() is None else None
                 if pending is not None:
                     pending.release()
-            self._current = self._next = self._pool = None
+            self._current = self._next = self._pool = self._handed = None

@@ -8,9 +8,7 @@ megatron-core's parameter names. Imported weights are written the same way pretr
 
 from __future__ import annotations
 
-import contextlib
-import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 
@@ -89,62 +87,5 @@ def save_weights(root: str, meta: CheckpointMeta, fill: Callable[[int, dict], No
         if untouched:
             raise RuntimeError(f"the conversion left {', '.join(untouched)} unset")
 
-    strategy = _releasing(StreamingSaveStrategy)(model, checked)
+    strategy = StreamingSaveStrategy(model, checked)
     return checkpoint.save_checkpoint(root, 0, model, None, None, meta, sharded_strategy=strategy)
-
-
-def _releasing(streaming: type) -> type:
-    """``layerwise.StreamingSaveStrategy`` whose written chunks do not stay in memory.
-
-    torch 2.13's ``FileSystemWriter`` keeps the last tensor it wrote under each key until its file
-    is complete (``tensor_dict``, used only by its safetensors format), and copies a chunk that is
-    a view into a larger storage (SwiGLU's fc1 halves). With one file per rank, the embedding and
-    output layer and the previous layer (layers share their keys, by the stacked layer axis) would
-    stay alive while the next two units are filled: the peak would be TOP + 3 layers, not the
-    larger of TOP + 1 layer and 2 layers. Here the storage of each chunk handed to the writer is
-    emptied when the writer asks for the next one (it has been written by then: items are written
-    in order, one at a time). A chunk that is a view into a larger tensor is handed over as a copy
-    of its own (the rest of that tensor is still to be written); any other chunk is its
-    parameter's whole storage, which its unit no longer needs.
-    """
-
-    class Releasing(streaming):
-        _handed = None
-
-        def save(self, sharded_state_dict, checkpoint_dir) -> None:
-            """The layer-by-layer save, with torch's writer in its serial mode (see `_serial_writer`)."""
-            with _serial_writer():
-                super().save(sharded_state_dict, checkpoint_dir)
-
-        def _produce(self, key: str, offset: tuple) -> torch.Tensor:
-            if self._handed is not None:
-                self._handed.untyped_storage().resize_(0)
-            chunk = super()._produce(key, offset)
-            if chunk.untyped_storage().nbytes() != chunk.nbytes:
-                chunk = chunk.clone()
-            self._handed = chunk
-            return chunk
-
-    return Releasing
-
-
-@contextlib.contextmanager
-def _serial_writer() -> Iterator[None]:
-    """Make ``layerwise``'s ``FileSystemWriter`` write its items one at a time, in plan order.
-
-    On a machine with CUDA, torch 2.13's writer loads tensors through ``_OverlappingCpuLoader``
-    (unless ``per_thread_copy_ahead=0``), which sorts the items by size and resolves several ahead:
-    the streaming writer would fill units out of order, again and again (each unit is planned to
-    be filled once), and `_releasing` would empty a chunk before it is written. Our tensors are on
-    the CPU already, so copying ahead gains nothing.
-    """
-    from torch.distributed.checkpoint import FileSystemWriter
-
-    from bam_megatron.checkpoint import layerwise
-
-    original = layerwise.FileSystemWriter
-    layerwise.FileSystemWriter = functools.partial(FileSystemWriter, per_thread_copy_ahead=0)
-    try:
-        yield
-    finally:
-        layerwise.FileSystemWriter = original
