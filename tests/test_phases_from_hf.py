@@ -25,6 +25,12 @@ def _convert_in_rank(argv):
     return convert_main(argv)
 
 
+def _eval_in_rank(argv):
+    from bam_megatron.evaluation.cli import main
+
+    return main(argv)
+
+
 def _upcycle_in_rank(argv):
     from bam_megatron.conversion.upcycle import main
 
@@ -94,3 +100,10 @@ def test_a_hugging_face_llama_goes_through_the_three_phases(tmp_path, llama, mon
     trained = store.read_meta(store.resolve_checkpoint(mix))
     assert trained.architecture == recorded.architecture.replace(variant="bam", num_experts=3)
     assert [s["name"] for s in trained.lineage["upcycled"]["sources"]] == ["seed", "code", "law"]
+
+    # evaluation: the imported seed and the trained mixture on each domain, one table
+    models = ["--model", f"bam={mix}", "--model", f"seed={seed}"]
+    data = ["--data-path", llama["code"], llama["law"], "--eval-samples", "4", "--output-dir", str(tmp_path / "eval")]
+    assert run_distributed(_eval_in_rank, 1, args=([*models, *data],)) == [0]
+    table = json.load(open(tmp_path / "eval" / "perplexity.json"))
+    assert set(table["models"]) == {"bam", "seed"} and table["models"]["bam"]["variant"] == "bam"

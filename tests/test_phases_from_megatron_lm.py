@@ -14,6 +14,12 @@ from tests.test_training import run
 TRAIN = ["--train-iters", "2", "--micro-batch-size", "2", "--eval-iters", "1", "--eval-interval", "2"]
 
 
+def _eval_in_rank(argv):
+    from bam_megatron.evaluation.cli import main
+
+    return main(argv)
+
+
 def _upcycle_in_rank(argv):
     from bam_megatron.conversion.upcycle import main
 
@@ -55,3 +61,10 @@ def test_a_megatron_lm_checkpoint_seeds_the_three_phases(tmp_path, corpus):
     assert trained.architecture == seed_architecture.replace(variant="btx", num_experts=3)
     expert = store.read_meta(store.resolve_checkpoint(os.path.join(experts, "code", "ckpt")))
     assert expert.lineage["root"]["hash"] == store.checkpoint_hash(store.resolve_checkpoint(seed))
+
+    # evaluation of the Megatron-LM seed itself beside the mixture (the first model gives the defaults)
+    out = str(tmp_path / "eval")
+    models = ["--model", f"btx={mix}", "--model", f"megatron-seed={seed}"]
+    argv = [*models, "--data-path", corpus["code"], corpus["law"], "--eval-samples", "4", "--output-dir", out]
+    assert run_distributed(_eval_in_rank, 1, args=(argv,)) == [0]
+    assert os.path.isfile(os.path.join(out, "perplexity.md"))
