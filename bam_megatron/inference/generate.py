@@ -139,6 +139,111 @@ def check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> None:
             raise ConfigError(f"prompt {i}: token id {bad[0]} is outside the model's vocabulary [0, {vocab_size})")
 
 
+class Decoder:
+    """`generate`'s loop, one step per call: the prefill first, then one position per `step`.
+
+    For benchmarks that interleave several models step by step; `restart_decoding` rewinds to
+    just after the prefill (the KV cache keeps the prompt; later positions are overwritten).
+    Arguments as `generate`'s.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: int,
+        sampling: Sampling = Sampling(),
+        use_kv_cache: bool = True,
+        eos_id: Optional[int] = None,
+        keep_logits: bool = False,
+    ) -> None:
+        from megatron.core.inference.contexts import StaticInferenceContext
+
+        if model.training:
+            raise ValueError("generate needs the model in eval mode (model.eval())")
+        if max_new_tokens < 0:
+            raise ConfigError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
+        check_prompts(prompts, model.vocab_size)
+        self.model, self.sampling, self.eos_id, self.keep_logits = model, sampling, eos_id, keep_logits
+        self.max_new_tokens = max_new_tokens
+        self.lengths = [len(p) for p in prompts]
+        batch, self.start, self.total = len(prompts), min(self.lengths), max(self.lengths) + max_new_tokens
+        device = _device()
+        self.tokens = torch.zeros(batch, self.total, dtype=torch.long, device=device)
+        for i, prompt in enumerate(prompts):
+            self.tokens[i, : len(prompt)] = torch.tensor([int(t) for t in prompt], dtype=torch.long)
+        lengths = torch.tensor(self.lengths, device=device)
+        self.in_prompt = torch.arange(self.total, device=device)[None, :] < lengths[:, None]
+        self.positions = torch.arange(self.total, device=device)[None, :].expand(batch, -1)
+        self.generator = torch.Generator().manual_seed(sampling.seed)
+        self.same_tokens = _SameOnTensorParallelRanks()
+        self.context = StaticInferenceContext(batch, self.total) if use_kv_cache else None
+        self.result = Generation(tokens=[[] for _ in prompts])
+        self.done = [max_new_tokens == 0] * batch
+        self.t = self.start  # the position whose token is chosen next
+
+    @property
+    def finished(self) -> bool:
+        """Every row has its tokens (or stopped at eos)."""
+        return self.t >= self.total or all(self.done)
+
+    def _logits(self) -> torch.Tensor:
+        """The logits [b, vocab] that predict position ``t``."""
+        t = self.t
+        if self.context is None:  # the whole sequence so far, every step
+            return self.model(self.tokens[:, :t], self.positions[:, :t], None, runtime_gather_output=True)[:, -1]
+        first = 0 if t == self.start else t - 1  # prefill (positions 0 .. start-1), then one position
+        logits = self.model(
+            self.tokens[:, first:t],
+            self.positions[:, first:t],
+            None,
+            inference_context=self.context,
+            runtime_gather_output=True,
+        )[:, -1]
+        self.context.increment_sequence_len_offset(t - first)
+        self.context.enable_decode_mode()
+        return logits
+
+    def step(self) -> None:
+        """One forward pass and the choice of position ``t``'s token (prompt rows keep theirs)."""
+        if self.finished:
+            raise RuntimeError("decoding has finished")
+        clock = time.perf_counter()
+        t, result = self.t, self.result
+        with torch.no_grad():
+            logits = self._logits()
+            chosen = self.same_tokens(sample(logits, self.sampling, self.generator))
+            self.tokens[:, t] = torch.where(self.in_prompt[:, t], self.tokens[:, t], chosen)
+        _synchronize()
+        elapsed = time.perf_counter() - clock
+        if t == self.start:
+            result.prefill_seconds = elapsed
+        else:
+            result.step_seconds.append(elapsed)
+        if self.keep_logits:
+            result.logits.append(logits.float().cpu())
+        for i, length in enumerate(self.lengths):
+            if not self.done[i] and t >= length:
+                token = int(self.tokens[i, t])
+                result.tokens[i].append(token)
+                self.done[i] = len(result.tokens[i]) == self.max_new_tokens or token == self.eos_id
+        self.t += 1
+        if self.context is not None:
+            result.kv_cache_bytes = kv_cache_bytes(self.context)
+
+    def restart_decoding(self) -> None:
+        """Back to just after the prefill, for prompts of one length (benchmarks: decode again)."""
+        if len(set(self.lengths)) != 1 or self.t <= self.start:
+            raise RuntimeError("restart_decoding needs prompts of one length, after the prefill")
+        self.t = self.start + 1
+        if self.context is not None:
+            self.context.sequence_len_offset = self.start
+        self.result.tokens = [row[:1] for row in self.result.tokens]
+        self.result.logits = self.result.logits[:1]
+        self.result.step_seconds = []
+        self.done = [self.max_new_tokens <= 1 or row[0] == self.eos_id for row in self.result.tokens]
+
+
 def generate(
     model: torch.nn.Module,
     prompts: Sequence[Sequence[int]],
@@ -151,62 +256,9 @@ def generate(
     """Continue each prompt (token ids) by up to ``max_new_tokens`` tokens; every TP rank calls it.
 
     A row stops after ``eos_id`` (when given); the loop stops when every row has stopped.
+    ``keep_logits``: return the logits of every step (`Generation.logits`).
     """
-    from megatron.core.inference.contexts import StaticInferenceContext
-
-    if model.training:
-        raise ValueError("generate needs the model in eval mode (model.eval())")
-    if max_new_tokens < 0:
-        raise ConfigError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
-    vocab_size = model.vocab_size
-    check_prompts(prompts, vocab_size)
-    lengths = [len(p) for p in prompts]
-    batch, start, total = len(prompts), min(lengths), max(lengths) + max_new_tokens
-    device = _device()
-    tokens = torch.zeros(batch, total, dtype=torch.long, device=device)
-    for i, prompt in enumerate(prompts):
-        tokens[i, : len(prompt)] = torch.tensor([int(t) for t in prompt], dtype=torch.long)
-    in_prompt = torch.arange(total, device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]
-    positions = torch.arange(total, device=device)[None, :].expand(batch, -1)
-    generator = torch.Generator().manual_seed(sampling.seed)
-    same_tokens = _SameOnTensorParallelRanks()
-    context = StaticInferenceContext(batch, total) if use_kv_cache else None
-
-    result = Generation(tokens=[[] for _ in prompts])
-    done = [max_new_tokens == 0] * batch
-    t = start  # the position whose token is chosen next
-    with torch.no_grad():
-        while t < total and not all(done):
-            clock = time.perf_counter()
-            if context is None:  # the whole sequence so far, every step
-                logits = model(tokens[:, :t], positions[:, :t], None, runtime_gather_output=True)[:, -1]
-            else:  # prefill (positions 0 .. start-1), then one position per step
-                first = 0 if t == start else t - 1
-                logits = model(
-                    tokens[:, first:t],
-                    positions[:, first:t],
-                    None,
-                    inference_context=context,
-                    runtime_gather_output=True,
-                )[:, -1]
-                context.increment_sequence_len_offset(t - first)
-                context.enable_decode_mode()
-            chosen = same_tokens(sample(logits, sampling, generator))
-            tokens[:, t] = torch.where(in_prompt[:, t], tokens[:, t], chosen)
-            _synchronize()
-            elapsed = time.perf_counter() - clock
-            if t == start:
-                result.prefill_seconds = elapsed
-            else:
-                result.step_seconds.append(elapsed)
-            if keep_logits:
-                result.logits.append(logits.float().cpu())
-            for i in range(batch):
-                if not done[i] and t >= lengths[i]:
-                    token = int(tokens[i, t])
-                    result.tokens[i].append(token)
-                    done[i] = len(result.tokens[i]) == max_new_tokens or token == eos_id
-            t += 1
-    if context is not None:
-        result.kv_cache_bytes = kv_cache_bytes(context)
-    return result
+    decoder = Decoder(model, prompts, max_new_tokens, sampling, use_kv_cache, eos_id, keep_logits)
+    while not decoder.finished:
+        decoder.step()
+    return decoder.result

@@ -17,8 +17,8 @@ Head order (megatron-core's grouped layout: each KV group's query heads, then it
 Incremental decoding (megatron-core's `StaticInferenceContext`) goes through megatron-core's own
 KV-cache code, `Attention._adjust_key_value_for_inference`: the cache holds the wide attention's
 key/value groups, N·H_kv per layer for expert KV and H_kv (one cache for all experts) for shared
-KV, un-rotated as megatron-core stores them. The gates need no cache: they depend only on the
-current tokens' hidden states.
+KV. Keys are cached after RoPE, so a decode step rotates only its own query and key. The gates
+need no cache: they depend only on the current tokens' hidden states.
 """
 
 from __future__ import annotations
@@ -122,16 +122,23 @@ class SoftMoASelfAttention(SelfAttention):
         if rotary_pos_emb is not None and not isinstance(rotary_pos_emb, tuple):
             rotary_pos_emb = (rotary_pos_emb,) * 2
         attn_mask_type = self.attn_mask_type
+        cp_group = self.pg_collection.cp
         if inference_context is not None:
-            # megatron-core's static KV cache: store this step's K/V (its N·H_kv or H_kv groups),
-            # return the keys and values of every position so far, and the RoPE rows of the
-            # queries' positions; past the prompt the mask type becomes no_mask.
-            query, key, value, rotary_pos_emb, attn_mask_type, _ = self._adjust_key_value_for_inference(
-                inference_context, query, key, value, rotary_pos_emb
+            if rotary_pos_emb is not None:
+                # RoPE at this step's positions before caching: the cache holds rotated keys, so
+                # a step rotates its own query and key only, not every cached key again (what
+                # megatron-core's flash-decode and dynamic-batching paths do too).
+                offset, q_emb, k_emb = inference_context.sequence_len_offset, *rotary_pos_emb
+                q_emb, k_emb = q_emb[offset : offset + query.shape[0]], k_emb[offset : offset + key.shape[0]]
+                query = apply_rotary_pos_emb(query, q_emb, config=self.config, cp_group=cp_group)
+                key = apply_rotary_pos_emb(key, k_emb, config=self.config, cp_group=cp_group)
+            # megatron-core's static KV cache: store this step's K/V (its N·H_kv or H_kv groups) and
+            # return the keys and values of every position so far; past the prompt, no mask.
+            query, key, value, _, attn_mask_type, _ = self._adjust_key_value_for_inference(
+                inference_context, query, key, value, None
             )
-        if rotary_pos_emb is not None:
+        elif rotary_pos_emb is not None:
             q_emb, k_emb = rotary_pos_emb
-            cp_group = self.pg_collection.cp
             query = apply_rotary_pos_emb(query, q_emb, config=self.config, cp_group=cp_group)
             key = apply_rotary_pos_emb(key, k_emb, config=self.config, cp_group=cp_group)
 
