@@ -52,6 +52,7 @@ TRAIN_VARIANTS = ("dense", "btx", "bam")
 DATASHEET_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4}
 """Dense bf16 tensor-core rate of the SXM parts by NVIDIA's datasheet: a lead, not the MFU denominator."""
 GOALS = {"dense_mfu_with_output_layer": 0.45, "bam_over_dense_mfu": 0.9}
+PROCESS_GROUP_ENV = "BAM_GPU_BENCH_PROCESS_GROUP"
 PACKAGES = (
     "torch",
     "megatron-core",
@@ -198,6 +199,26 @@ def _init_one_rank() -> None:
     from bam_megatron.platform.distributed import ParallelSizes, initialize
 
     initialize(ParallelSizes(), seed=1234)
+
+
+def start_gloo_if_asked() -> Optional[str]:
+    """With BAM_GPU_BENCH_PROCESS_GROUP=gloo (run.py's retry after an NCCL failure), start the one-rank
+    default process group over gloo before `initialize` would start NCCL; returns the backend asked."""
+    import tempfile
+
+    import torch.distributed as dist
+
+    backend = os.environ.get(PROCESS_GROUP_ENV)
+    if backend == "gloo" and not dist.is_initialized():
+        store = os.path.join(tempfile.mkdtemp(prefix="bam-gpu-bench-"), "store")
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    return backend
+
+
+def _process_group() -> Optional[str]:
+    import torch.distributed as dist
+
+    return dist.get_backend() if dist.is_initialized() else None
 
 
 def _free_gpu() -> None:
@@ -501,6 +522,7 @@ def _train_one(settings: Settings, backend: str, variant: str, peak_flops: float
         "total_params": trainer.total,
         "padded_vocab_size": architecture.padded_vocab_size,
         "peak_tflops_used": peak_flops / 1e12,
+        "process_group": _process_group(),
         **numbers,
     }
     if cuda:
@@ -677,6 +699,7 @@ def _soft_moa_one(settings: Settings, backend: str) -> dict[str, Any]:
         "wide_ms": wide_s * 1e3,
         "loop_ms": loop_s * 1e3,
         "ratio_loop_over_wide": loop_s / wide_s,
+        "process_group": _process_group(),
     }
 
 
@@ -741,6 +764,7 @@ def _blocks_one(settings: Settings, backend: str) -> dict[str, Any]:
         "parallel_ms": par * 1e3,
         "sequential_ms": seq * 1e3,
         "ratio_sequential_over_parallel": seq / par,
+        "process_group": _process_group(),
     }
 
 
@@ -791,6 +815,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     overrides = {name: value for name, value in given.items() if value is not None}
     settings = replace(settings, **overrides)
     emit, context, failed = Emitter(args.records), {"peak_tflops": args.peak_tflops}, []
+    start_gloo_if_asked()
     for part in args.parts:
         clock = time.perf_counter()
         try:

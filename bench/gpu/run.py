@@ -37,6 +37,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 MEASURE = os.path.join(ROOT, "bench", "gpu", "measure.py")
 WHEELS_TXT = os.path.join(ROOT, "bench", "gpu", "wheels.txt")
 DECODE = os.path.join(ROOT, "bench", "decode_latency.py")
+PROCESS_GROUP_ENV = "BAM_GPU_BENCH_PROCESS_GROUP"
+"""Set to 'gloo' for measure.py's retry after an NCCL failure (measure.py starts the group itself)."""
 MEASURE_PARTS = ("env", "matmul_peak", "train_mfu", "soft_moa_vs_loop", "parallel_vs_sequential")
 BUDGET_S = {
     "install": 60,
@@ -272,8 +274,20 @@ def step_gpu_tests(run: Run) -> None:
 
 
 def step_measure(run: Run, parts: list[str]) -> None:
-    """bench/gpu/measure.py for ``parts`` in one process; each part's records and outcome."""
-    timeout = run.timeout(parts)
+    """bench/gpu/measure.py for ``parts`` in one process; each part's records and outcome. Parts that
+    fail on an NCCL error run once more over a gloo process group (one rank needs no NCCL)."""
+    failed, output = _measure(run, parts, {})
+    if failed and "NCCL" in output and not run.dry_run and run.left() >= MIN_START_S:
+        print(f"\n=== {' '.join(failed)}: NCCL failed; again over a gloo process group ===", flush=True)
+        first = {part: dict(run.results["steps"][part]) for part in failed}
+        _measure(run, failed, {PROCESS_GROUP_ENV: "gloo"})
+        for part in failed:
+            run.results["steps"][part]["first_attempt_nccl"] = first[part]
+        run.write()
+
+
+def _measure(run: Run, parts: list[str], extra_env: dict[str, str]) -> tuple[list[str], str]:
+    """One measure.py process for ``parts``; (the parts not ok, its output)."""
     command = [sys.executable, MEASURE, *parts, "--records", run.records_path]
     peak = _peak_tflops(run)
     if peak is not None:
@@ -281,28 +295,30 @@ def step_measure(run: Run, parts: list[str]) -> None:
     if run.dry_run:
         command.append("--dry-run")
     seen = _read_records(run.records_path)
-    result = run_process(command, timeout, run.env)
+    result = run_process(command, run.timeout(parts), {**run.env, **extra_env})
     new = _read_records(run.records_path)[len(seen) :]
     seconds = {line["part"]: line["done_s"] for line in new if "done_s" in line}
     new = [line for line in new if "record" in line]
     for line in new:
         run.add_record(line["part"], line["record"], line["summary"])
+    not_ok = []
     for part in parts:
         records = [line["record"] for line in new if line["part"] == part]
-        statuses = {r.get("status") for r in records}
-        if not records:
+        if not records or part not in seconds:  # it did not finish
             status = "timeout" if result["timed_out"] else "failed"
-        elif "failed" in statuses:
+        elif any(r.get("status") == "failed" for r in records):
             status = "failed"
-        elif result["timed_out"]:
-            status = "timeout"
         else:
             status = "ok"
         details = {"records": len(records), "returncode": result["returncode"], "seconds": seconds.get(part)}
         details["process_seconds"] = result["seconds"]  # of the process, imports included (shared by a group)
+        if extra_env:
+            details["environment"] = extra_env
         if status != "ok":
             details["output_tail"] = result["output"][-3000:]
+            not_ok.append(part)
         run.set_step(part, status, **details)
+    return not_ok, result["output"]
 
 
 def _peak_tflops(run: Run) -> Optional[float]:
