@@ -146,7 +146,7 @@ def read_unit(
     those (megatron-core's own loader assumes every layer of a stacked tensor is requested).
     ``stored_key`` maps a key to the one the checkpoint stored it under (`store.stored_key_names`).
     """
-    with materialised(model, unit) as params:
+    with materialised(model, unit) as params, torch.no_grad():  # reads into parameters: no autograd
         wanted = {k: v for k, v in model.sharded_state_dict().items() if _has_storage(v)}
         factories = {k: v for k, v in wanted.items() if isinstance(v, ShardedTensorFactory)}
         apply_factories(wanted)  # e.g. SwiGLU's fc1: stored as two halves
