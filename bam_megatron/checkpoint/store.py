@@ -224,7 +224,8 @@ def save_checkpoint(
 ) -> str:
     """Save and publish ``root/iter_N``; every rank calls it.
 
-    ``meta`` is completed here with the iteration, the layout and the scheduler's state.
+    ``meta`` is completed here with the iteration, the layout and the scheduler's state. A model
+    Megatron-LM builds also gets, beside ``meta``, the ``args`` its loader reads (`megatron_lm.common_state`).
     ``sharded_strategy``: a dist_checkpointing save strategy other than the default (the
     converters' layer-by-layer writer).
     """
@@ -242,7 +243,13 @@ def save_checkpoint(
     meta.layout = dataclasses.replace(meta.layout, **_layout())
     meta.scheduler = scheduler.state_dict() if scheduler is not None else None
     state["meta"] = meta.to_dict()
-    dist_checkpointing.save(state, tmp, sharded_strategy=sharded_strategy)
+    # What Megatron-LM's loader reads (args, checkpoint_version, iteration), where it builds the model;
+    # read_meta reads "meta" first, so this stays a bam-megatron checkpoint (docs/checkpoints.md).
+    state.update(megatron_lm.common_state(meta))
+    content = dict(megatron_lm.CONTENT_METADATA)  # how _state made the sharded state dicts
+    if optimizer is not None and meta.layout.distributed_optimizer:
+        content["distrib_optim_sharding_type"] = "fully_reshardable"
+    dist_checkpointing.save(state, tmp, sharded_strategy=sharded_strategy, content_metadata=content)
     dist.barrier()
     faults.pause_before_publishing_checkpoint()
     if dist.get_rank() == 0:
