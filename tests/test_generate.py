@@ -86,17 +86,17 @@ def checkpoints(tmp_path_factory, corpus) -> dict[str, str]:
     return {v: os.path.join(root, v) for v in VARIANTS}
 
 
-def _decode_everything(checkpoints: dict[str, str], tensor: int) -> dict:
+def _decode_everything(checkpoints: dict[str, str], tensor: int, expert: int = 1) -> dict:
     """Rank body: per variant, cached and uncached tokens (greedy, sampled), the cached logits
     against a full forward at each step, and the KV cache's bytes."""
     from bam_megatron.checkpoint import load_model, resolve_checkpoint
     from bam_megatron.inference.generate import Decoder, Sampling, generate
     from bam_megatron.platform.distributed import ParallelSizes, initialize
 
-    initialize(ParallelSizes(tensor=tensor))
+    initialize(ParallelSizes(tensor=tensor, expert=expert))
     out = {}
     for variant, path in checkpoints.items():
-        model = load_model(resolve_checkpoint(path), tensor=tensor)
+        model = load_model(resolve_checkpoint(path), tensor=tensor, expert=expert)
         cached = generate(model, SAME_LENGTH, NEW, keep_logits=True)
         uncached = generate(model, SAME_LENGTH, NEW, use_kv_cache=False)
         sequence = torch.cat([torch.tensor(SAME_LENGTH), torch.tensor(cached.tokens)], dim=1)
@@ -163,6 +163,15 @@ def test_tensor_parallel_decoding_gives_the_one_rank_tokens(checkpoints, tp1):
         error = ((first["logits"] - one["logits"]).abs().max() / one["logits"].abs().max()).item()
         assert error < RTOL, (variant, error)
         assert first["kv_cache_bytes"] * 2 == one["kv_cache_bytes"], variant  # each rank caches half the groups
+
+
+def test_expert_parallel_decoding_gives_the_one_rank_tokens(checkpoints, tp1):
+    ranks = run_distributed(_decode_everything, 2, args=(checkpoints, 1, 2))
+    for variant in VARIANTS:  # dense runs as two data-parallel replicas
+        for rank in ranks:
+            assert rank[variant]["cached"] == rank[variant]["uncached"] == tp1[variant]["cached"], variant
+            assert rank[variant]["sampled_cached"] == tp1[variant]["sampled_cached"], variant
+            assert rank[variant]["logit_error"] < RTOL, variant
 
 
 def _cli(argvs: list[list[str]], tensor: int) -> list[tuple[int, str, str]]:
