@@ -1,17 +1,25 @@
 """Hugging Face interop (``bam-convert-hf``, ``tools/convert_hf.py``).
 
-- `cohere`: a dense parallel-block model <-> transformers' ``CohereForCausalLM`` (same block:
-  one bias-free LayerNorm, attention and SwiGLU FFN in parallel), both directions, exact.
-- `bam_format`: any bam-megatron model (dense, BTX, BAM, BAM shared-KV) -> a self-contained
-  directory that ``AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)`` loads; its
-  code is in `remote/`.
-- importing Hugging Face models as seeds: `importer` (what every family's import shares: config
-  fields, RoPE settings, tensor checks), `llama` (Llama, Mistral, Qwen2, Qwen3: the sequential
-  block), `cohere.CohereImporter`, `families` (which model_type is read, and why Gemma and OLMo-2
-  are not).
-- `megatron_io`: our checkpoints in and out (any TP/PP/EP, read on one process; imports written
-  layer by layer).
-- `hf_files`: Hugging Face directories: config.json, safetensors (single or sharded), tokenizer,
-  atomic output.
-- `cli`: the command line.
+Export (checkpoint -> Hugging Face directory):
+
+- `export`: the driver: picks the class (``--format auto``), plans the tensors on a meta model,
+  reads the checkpoint one layer at a time and writes sharded safetensors tensor by tensor, the
+  configs and the tokenizer, then loads the result back with transformers before publishing it.
+- `target`: what every export format provides (`Target`: exactness check, config.json, tensor
+  mapping of one unit) and the shared mappings; `formats`: the transformers classes (Llama,
+  Mistral, Qwen2, Qwen3, Cohere, Qwen2-MoE, Qwen3-MoE, Mixtral) and ``auto``'s preferences;
+  `bam_format`: the self-contained remote code (every variant and block; its code in `remote/`).
+- `hf_tokenizer`: the tokenizer an export ships (a Hugging Face tokenizer copied; a SentencePiece
+  model with a tokenizer.json built from it, so AutoTokenizer gives the ids we trained on).
+
+Import (Hugging Face directory -> seed checkpoint):
+
+- `importer` (what every family's import shares: config fields, RoPE settings, tensor checks),
+  `llama` (Llama, Mistral, Qwen2, Qwen3: the sequential block), `cohere` (Cohere: the parallel
+  block), `moe` (Qwen2-MoE, Qwen3-MoE, Mixtral: BTX seeds), `remote_import` (our own remote-code
+  exports, every variant), `families` (which model_type is read, and why Gemma and OLMo-2 are not).
+
+Both: `convert` (the import driver, and the entry points), `megatron_io` (our checkpoints on one
+process; imports written layer by layer), `hf_files` (config.json, safetensors read tensor by
+tensor and written in shards, atomic output), `cli` (the command line).
 """

@@ -15,17 +15,15 @@ LayerNorm, no linear biases, a final norm and (optionally tied) embeddings. What
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from bam_megatron.checkpoint import CheckpointMeta
 from bam_megatron.conversion.hf.errors import ConversionError
 from bam_megatron.conversion.hf.hf_files import SafetensorsWeights
 from bam_megatron.conversion.hf.importer import TOP, Importer, fill_qkv
 from bam_megatron.model.architecture import Architecture
-from bam_megatron.model.qkv_layout import split_qkv
 
 LAYERNORM_EPS = 1e-5  # transformers' default layer_norm_eps for Cohere
 
@@ -34,11 +32,6 @@ def rope_permutation(head_dim: int) -> torch.Tensor:
     """Row ``p`` of a Cohere (interleaved-RoPE) head is row ``perm[p]`` of a megatron-core head."""
     p = torch.arange(head_dim)
     return p // 2 + (p % 2) * (head_dim // 2)
-
-
-def _permute_heads(weight: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
-    """[heads, d, in] -> rows permuted within each head, flattened to [heads·d, in]."""
-    return weight[:, perm].reshape(-1, weight.shape[-1])
 
 
 def check_exportable(config, variant: str) -> None:
@@ -76,63 +69,6 @@ def check_exportable(config, variant: str) -> None:
             raise ConversionError(
                 f"{name}={shown}: CohereForCausalLM needs {getattr(wanted, '__name__', wanted)} ({hint})"
             )
-
-
-def to_cohere(
-    weights: dict[str, torch.Tensor], config, meta: CheckpointMeta, token_ids: dict[str, Optional[int]]
-) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Our parameters (megatron-core names) -> (Cohere tensors, Cohere config.json)."""
-    heads, groups, d = config.num_attention_heads, config.num_query_groups, config.kv_channels
-    perm = rope_permutation(d)
-    tied = not meta.architecture.untie_embeddings_and_output_weights
-    out = {
-        "model.embed_tokens.weight": weights["embedding.word_embeddings.weight"],
-        "model.norm.weight": weights["decoder.final_layernorm.weight"],
-    }
-    if not tied:
-        out["lm_head.weight"] = weights["output_layer.weight"]
-    for i in range(config.num_layers):
-        ours, theirs = f"decoder.layers.{i}.", f"model.layers.{i}."
-        q, k, v = split_qkv(weights[ours + "self_attention.linear_qkv.weight"], heads, groups)
-        gate, up = weights[ours + "mlp.linear_fc1.weight"].chunk(2, dim=0)
-        out.update(
-            {
-                theirs + "input_layernorm.weight": weights[ours + "input_layernorm.weight"],
-                theirs + "self_attn.q_proj.weight": _permute_heads(q, perm),
-                theirs + "self_attn.k_proj.weight": _permute_heads(k, perm),
-                theirs + "self_attn.v_proj.weight": v.reshape(-1, v.shape[-1]),
-                theirs + "self_attn.o_proj.weight": weights[ours + "self_attention.linear_proj.weight"],
-                theirs + "mlp.gate_proj.weight": gate,
-                theirs + "mlp.up_proj.weight": up,
-                theirs + "mlp.down_proj.weight": weights[ours + "mlp.linear_fc2.weight"],
-            }
-        )
-    hf_config = {
-        "architectures": ["CohereForCausalLM"],
-        "model_type": "cohere",
-        "vocab_size": out["model.embed_tokens.weight"].shape[0],
-        "hidden_size": config.hidden_size,
-        "intermediate_size": config.ffn_hidden_size,
-        "num_hidden_layers": config.num_layers,
-        "num_attention_heads": heads,
-        "num_key_value_heads": groups,
-        "hidden_act": "silu",
-        "max_position_embeddings": meta.seq_length,
-        "layer_norm_eps": config.layernorm_epsilon,
-        "logit_scale": 1.0,
-        "tie_word_embeddings": tied,
-        "use_qk_norm": False,
-        "attention_bias": False,
-        "attention_dropout": 0.0,
-        "initializer_range": config.init_method_std,
-        "use_cache": True,
-        "rope_parameters": {"rope_type": "default", "rope_theta": float(config.rotary_base)},
-        "rope_theta": float(config.rotary_base),  # transformers 4.x's key (5.x reads rope_parameters)
-        "bos_token_id": token_ids.get("bos_token_id"),
-        "eos_token_id": token_ids.get("eos_token_id"),
-        "pad_token_id": token_ids.get("pad_token_id"),
-    }
-    return out, hf_config
 
 
 class CohereImporter(Importer):

@@ -1,9 +1,11 @@
 """Which Hugging Face families ``bam-convert-hf import`` reads, and why it refuses some others.
 
-Read: Cohere (parallel block, ``cohere.CohereImporter``) and the Llama family, Llama, Mistral,
-Qwen2 and Qwen3 (sequential block, ``llama``). Refused by name, with the reason: families whose
-forward pass megatron-core's GPT cannot compute exactly here (Gemma 1/2/3, OLMo-2/3). Anything
-else: one line naming its ``model_type`` and ``architectures``.
+Read: Cohere (parallel block, ``cohere.CohereImporter``), the Llama family, Llama, Mistral, Qwen2
+and Qwen3 (sequential block, ``llama``), their mixtures Qwen2-MoE, Qwen3-MoE and Mixtral (BTX
+seeds, ``moe``), and bam-convert-hf's own remote-code exports (every variant, ``remote_import``).
+Refused by name, with the reason: families whose forward pass megatron-core's GPT cannot compute
+exactly here (Gemma 1/2/3, OLMo-2/3). Anything else: one line naming its ``model_type`` and
+``architectures``.
 """
 
 from __future__ import annotations
@@ -14,9 +16,22 @@ from bam_megatron.conversion.hf.cohere import CohereImporter
 from bam_megatron.conversion.hf.errors import ConversionError
 from bam_megatron.conversion.hf.importer import Importer
 from bam_megatron.conversion.hf.llama import LlamaImporter, MistralImporter, Qwen2Importer, Qwen3Importer
+from bam_megatron.conversion.hf.moe import MixtralImporter, Qwen2MoeImporter, Qwen3MoeImporter
+from bam_megatron.conversion.hf.remote_import import BamImporter
 
 IMPORTERS: dict[str, type[Importer]] = {
-    cls.model_type: cls for cls in (CohereImporter, LlamaImporter, MistralImporter, Qwen2Importer, Qwen3Importer)
+    cls.model_type: cls
+    for cls in (
+        CohereImporter,
+        LlamaImporter,
+        MistralImporter,
+        Qwen2Importer,
+        Qwen3Importer,
+        Qwen2MoeImporter,
+        Qwen3MoeImporter,
+        MixtralImporter,
+        BamImporter,
+    )
 }
 """model_type -> the family's importer."""
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -119,14 +118,141 @@ class SafetensorsWeights:
             raise ConversionError(f"cannot read tensor {name} from {path}: {error}") from None
 
 
-def write_weights(directory: str, tensors: dict[str, torch.Tensor]) -> None:
-    """One ``model.safetensors`` (contiguous tensors; the bytes depend only on names, dtypes and values)."""
-    st = _safetensors()
-    path = os.path.join(directory, WEIGHTS)
-    st.save_file({name: tensors[name].contiguous() for name in sorted(tensors)}, path, metadata={"format": "pt"})
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)  # safetensors creates the file owner-only; give it the usual permissions
+DEFAULT_MAX_SHARD_SIZE = "5GB"  # transformers' save_pretrained default
+_SIZE_UNITS = {
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+
+
+def parse_size(size: str | int) -> int:
+    """'5GB' -> 5·10^9 bytes, '500MiB' -> 500·2^20, '1000' -> 1000 (transformers' units for --max-shard-size)."""
+    if isinstance(size, int):
+        value = size
+    else:
+        text = size.strip().upper()
+        number, unit = text, "B"
+        for name in sorted(_SIZE_UNITS, key=len, reverse=True):
+            if text.endswith(name):
+                number, unit = text[: -len(name)].strip(), name
+                break
+        try:
+            value = int(float(number) * _SIZE_UNITS[unit])
+        except ValueError:
+            raise ConversionError(f"--max-shard-size {size!r}: expected a size such as 5GB, 500MB or 2GiB") from None
+    if value < 1:
+        raise ConversionError(f"--max-shard-size {size!r}: must be positive")
+    return value
+
+
+class ShardedSafetensorsWriter:
+    """Safetensors weights written tensor by tensor, in shards of at most ``max_shard_size`` bytes.
+
+    The plan (every tensor's name, shape and dtype, in write order) is known before any data: the
+    shards are cut as transformers' ``save_pretrained`` cuts them (a tensor goes to the next shard
+    when it would overflow the current one; one larger than the limit is a shard of its own), each
+    shard's header is written when its first tensor arrives, and each tensor's bytes go straight to
+    the file, so only the tensor being written is held. One shard is ``model.safetensors``; more are
+    ``model-0000i-of-0000n.safetensors`` with ``model.safetensors.index.json``. The bytes depend only
+    on the plan and the values.
+    """
+
+    def __init__(self, directory: str, plan: list[tuple[str, tuple[int, ...], torch.dtype]], max_shard_size: int):
+        self.directory = directory
+        names = [name for name, _, _ in plan]
+        if len(set(names)) != len(names):
+            raise ValueError("a tensor is planned twice")
+        shards: list[list[tuple[str, tuple[int, ...], torch.dtype]]] = [[]]
+        size = 0
+        for name, shape, dtype in plan:
+            nbytes = _nbytes(shape, dtype)
+            if shards[-1] and size + nbytes > max_shard_size:
+                shards.append([])
+                size = 0
+            shards[-1].append((name, tuple(shape), dtype))
+            size += nbytes
+        self.files = (
+            [WEIGHTS]
+            if len(shards) == 1
+            else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        )
+        self._shards = shards
+        self._order = [(i, entry) for i, shard in enumerate(shards) for entry in shard]
+        self._next = 0
+        self._file = None
+        self.total_size = sum(_nbytes(shape, dtype) for _, shape, dtype in plan)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """The next tensor of the plan (by name, shape and dtype)."""
+        if self._next >= len(self._order):
+            raise ValueError(f"tensor {name} is not in the plan (all planned tensors are written)")
+        shard, (planned, shape, dtype) = self._order[self._next]
+        if (name, tuple(tensor.shape), tensor.dtype) != (planned, shape, dtype):
+            raise ValueError(
+                f"expected tensor {planned} {shape} {dtype} next, got {name} {tuple(tensor.shape)} {tensor.dtype}"
+            )
+        if self._next == 0 or self._order[self._next - 1][0] != shard:
+            self._open(shard)
+        data = tensor.detach().contiguous().view(-1)
+        if data.numel():
+            self._file.write(memoryview(data.view(torch.uint8).numpy()))
+        self._next += 1
+        if self._next == len(self._order) or self._order[self._next][0] != shard:
+            self._close()
+
+    def _open(self, shard: int) -> None:
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for name, shape, dtype in self._shards[shard]:
+            nbytes = _nbytes(shape, dtype)
+            header[name] = {
+                "dtype": _SAFETENSORS_DTYPES[dtype],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + nbytes],
+            }
+            offset += nbytes
+        encoded = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
+        encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+        path = os.path.join(self.directory, self.files[shard])
+        self._file = open(path, "wb")
+        self._file.write(len(encoded).to_bytes(8, "little") + encoded)
+
+    def _close(self) -> None:
+        self._file.close()
+        self._file = None
+
+    def finish(self) -> list[str]:
+        """Check every planned tensor was written; write the index if sharded. The files written."""
+        if self._next != len(self._order):
+            raise ValueError(f"tensor {self._order[self._next][1][0]} was planned but not written")
+        if len(self.files) == 1:
+            return list(self.files)
+        weight_map = {name: self.files[i] for i, shard in enumerate(self._shards) for name, _, _ in shard}
+        write_json(
+            os.path.join(self.directory, WEIGHTS_INDEX),
+            {"metadata": {"total_size": self.total_size}, "weight_map": weight_map},
+        )
+        return [*self.files, WEIGHTS_INDEX]
+
+    def abort(self) -> None:
+        """Close a shard left open by an error (the directory is removed by its owner)."""
+        if self._file is not None:
+            self._close()
+
+
+def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    count = 1
+    for size in shape:
+        count *= size
+    return count * torch.empty((), dtype=dtype).element_size()
 
 
 def write_json(path: str, data: dict[str, Any]) -> None:
@@ -134,12 +260,6 @@ def write_json(path: str, data: dict[str, Any]) -> None:
     with open(path, "w") as f:
         json.dump(data, f, indent=2, sort_keys=True)
         f.write("\n")
-
-
-def sha256_file(path: str) -> str:
-    """Hex sha256 of a file: the tokenizer fingerprint bam-megatron checkpoints record."""
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
 
 
 def sentencepiece_ids(path: str) -> dict[str, Optional[int]]:

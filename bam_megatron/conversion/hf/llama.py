@@ -6,7 +6,7 @@ RMSNorm and tied or untied embeddings. They differ in a few settings, each an `A
 
 | family | what differs | Architecture |
 |---|---|---|
-| Llama 2/3.x | ``rope_scaling`` type ``llama3`` (3.1+) | ``rope_scaling_factor`` |
+| Llama 2/3.x | ``rope_scaling`` ``llama3``; ``attention_bias`` (o_proj 0) | ``rope_scaling_factor``, ``add_qkv_bias`` |
 | Mistral | ``sliding_window`` (refused where it would bite) | — |
 | Qwen2 | biases on q/k/v | ``add_qkv_bias`` |
 | Qwen3 | per-head RMSNorm on q and k; ``head_dim`` ≠ hidden/heads | ``qk_layernorm``, ``kv_channels`` |
@@ -64,10 +64,12 @@ class LlamaImporter(Importer):
     }
     qkv_bias = False
     qk_norm = False
+    output_bias = False  # o_proj.bias: read and required to be zero (megatron-core's attention has none)
 
     def check_family(self) -> None:
-        """The settings of this family beyond the shared ones."""
-        self.require("attention_bias", False, "biases on q/k/v and o_proj; megatron-core's QKV bias has no o_proj bias")
+        """The settings of this family beyond the shared ones: ``attention_bias`` (q/k/v biases, and o_proj
+        biases that must be zeros, as bam-convert-hf exports q/k/v biases to Llama)."""
+        self.qkv_bias = self.output_bias = bool(self.get("attention_bias"))
         self.require("mlp_bias", False, "bam-megatron's MLP has no biases")
 
     def check(self) -> Architecture:
@@ -91,10 +93,8 @@ class LlamaImporter(Importer):
         theta, scaling = self.rope()
         self.head_dim, self.heads, self.kv_heads = head_dim, heads, groups
         return Architecture(
-            variant="dense",
             num_layers=self.get("num_hidden_layers"),
             hidden_size=hidden,
-            ffn_hidden_size=self.get("intermediate_size"),
             num_attention_heads=heads,
             num_query_groups=groups,
             padded_vocab_size=self.get("vocab_size"),
@@ -107,13 +107,18 @@ class LlamaImporter(Importer):
             add_qkv_bias=self.qkv_bias,
             qk_layernorm=self.qk_norm,
             rope_scaling_factor=scaling,
+            **self.ffn_fields(),
         )
+
+    def ffn_fields(self) -> dict:
+        """The Architecture fields of the FFN: a dense SwiGLU of ``intermediate_size``."""
+        return {"variant": "dense", "ffn_hidden_size": self.get("intermediate_size")}
 
     # ----- tensors
     def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
         """Every tensor of the transformers model, by name, with its shape."""
         a = self.architecture
-        vocab, hidden, ffn = a.padded_vocab_size, a.hidden_size, a.ffn_hidden_size
+        vocab, hidden = a.padded_vocab_size, a.hidden_size
         q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
         shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,)}
         if a.untie_embeddings_and_output_weights:
@@ -128,9 +133,7 @@ class LlamaImporter(Importer):
                     p + "self_attn.v_proj.weight": (kv, hidden),
                     p + "self_attn.o_proj.weight": (hidden, q),
                     p + "post_attention_layernorm.weight": (hidden,),
-                    p + "mlp.gate_proj.weight": (ffn, hidden),
-                    p + "mlp.up_proj.weight": (ffn, hidden),
-                    p + "mlp.down_proj.weight": (hidden, ffn),
+                    **self.ffn_shapes(i),
                 }
             )
             if self.qkv_bias:
@@ -141,16 +144,35 @@ class LlamaImporter(Importer):
                         p + "self_attn.v_proj.bias": (kv,),
                     }
                 )
+            if self.output_bias:
+                shapes[p + "self_attn.o_proj.bias"] = (hidden,)
             if self.qk_norm:
                 shapes.update(
                     {p + "self_attn.q_norm.weight": (self.head_dim,), p + "self_attn.k_norm.weight": (self.head_dim,)}
                 )
         return shapes
 
+    def ffn_shapes(self, i: int) -> dict[str, tuple[int, ...]]:
+        """The FFN tensors of layer ``i``: ``mlp.{gate,up,down}_proj``."""
+        p, hidden, ffn = f"model.layers.{i}.mlp.", self.architecture.hidden_size, self.architecture.ffn_hidden_size
+        return {
+            p + "gate_proj.weight": (ffn, hidden),
+            p + "up_proj.weight": (ffn, hidden),
+            p + "down_proj.weight": (hidden, ffn),
+        }
+
     def optional_tensors(self) -> dict[str, tuple[int, ...]]:
         """A tied model's checkpoint may store lm_head.weight too (it must equal the embedding)."""
         a = self.architecture
         return {} if a.untie_embeddings_and_output_weights else {"lm_head.weight": (a.padded_vocab_size, a.hidden_size)}
+
+    def check_tensors(self, shapes: dict[str, tuple[int, ...]]) -> None:
+        """As every family; with ``attention_bias``, a missing bias names the setting."""
+        if self.output_bias:
+            for name in self.tensor_shapes():
+                if name.endswith("_proj.bias") and name not in shapes:
+                    raise ConversionError(f"attention_bias=True but tensor {name} is missing from the checkpoint")
+        super().check_tensors(shapes)
 
     def fill(self, unit: int, params: dict[str, torch.Tensor], source: SafetensorsWeights) -> None:
         """Write one unit of our model (TOP: embedding, final norm, output layer; else layer ``unit``)."""
@@ -178,14 +200,31 @@ class LlamaImporter(Importer):
             params[ours + "q_layernorm.weight"].copy_(read(theirs + "q_norm.weight"))
             params[ours + "k_layernorm.weight"].copy_(read(theirs + "k_norm.weight"))
         params[ours + "linear_proj.weight"].copy_(read(theirs + "o_proj.weight"))
+        if self.output_bias and bool(read(theirs + "o_proj.bias").count_nonzero()):
+            raise ConversionError(
+                f"attention_bias=True: tensor {theirs}o_proj.bias is not zero (megatron-core's attention output "
+                "projection has no bias; its q/k/v biases are add_qkv_bias)"
+            )
         theirs, ours = f"model.layers.{unit}.", f"decoder.layers.{unit}."
         params[ours + "input_layernorm.weight"].copy_(read(theirs + "input_layernorm.weight"))
         params[ours + "pre_mlp_layernorm.weight"].copy_(read(theirs + "post_attention_layernorm.weight"))
-        fc1 = params[ours + "mlp.linear_fc1.weight"]
-        ffn = self.architecture.ffn_hidden_size
-        fc1[:ffn].copy_(read(theirs + "mlp.gate_proj.weight"))
-        fc1[ffn:].copy_(read(theirs + "mlp.up_proj.weight"))
-        params[ours + "mlp.linear_fc2.weight"].copy_(read(theirs + "mlp.down_proj.weight"))
+        self.fill_ffn(unit, params, read)
+
+    def fill_ffn(self, i: int, params: dict[str, torch.Tensor], read) -> None:
+        """Layer ``i``'s FFN: ``linear_fc1`` = [gate; up], ``linear_fc2`` = down."""
+        fill_swiglu(
+            params, f"decoder.layers.{i}.mlp.", read, f"model.layers.{i}.mlp.", self.architecture.ffn_hidden_size
+        )
+
+
+def fill_swiglu(
+    params: dict, ours: str, read, theirs: str, ffn: int, names=("gate_proj", "up_proj", "down_proj")
+) -> None:
+    """megatron-core's gated MLP ``ours`` (``linear_fc1`` = [gate; up], ``linear_fc2``) from three projections."""
+    fc1 = params[ours + "linear_fc1.weight"]
+    fc1[:ffn].copy_(read(f"{theirs}{names[0]}.weight"))
+    fc1[ffn:].copy_(read(f"{theirs}{names[1]}.weight"))
+    params[ours + "linear_fc2.weight"].copy_(read(f"{theirs}{names[2]}.weight"))
 
 
 class MistralImporter(LlamaImporter):
@@ -234,11 +273,8 @@ class Qwen2Importer(LlamaImporter):
         layers = self.get("num_hidden_layers")
         window = self.get("sliding_window") if self.get("use_sliding_window") else None
         types = self.get("layer_types")
-        if types is None:  # transformers' derivation
-            start = self.get("max_window_layers")
-            types = [
-                "sliding_attention" if window is not None and i >= start else "full_attention" for i in range(layers)
-            ]
+        if types is None:
+            types = self.derived_layer_types(window, layers)
         unknown = sorted(set(types) - {"full_attention", "sliding_attention"})
         if unknown or len(types) != layers:
             raise ConversionError(f"layer_types={types}: expected {layers} of full_attention or sliding_attention")
@@ -250,6 +286,11 @@ class Qwen2Importer(LlamaImporter):
                 f"sequences up to {window} tokens: import with --seq-length {window} (the recorded length is "
                 f"{self.seq_length})"
             )
+
+    def derived_layer_types(self, window, layers: int) -> list[str]:
+        """transformers' layer_types when config.json gives none: sliding from ``max_window_layers`` on."""
+        start = self.get("max_window_layers")
+        return ["sliding_attention" if window is not None and i >= start else "full_attention" for i in range(layers)]
 
 
 class Qwen3Importer(Qwen2Importer):

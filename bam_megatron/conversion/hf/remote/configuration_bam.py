@@ -1,26 +1,33 @@
 """Configuration of a bam-megatron model exported for Hugging Face transformers (remote code).
 
 Written by ``bam-convert-hf export --format bam``; self-contained (torch + transformers only).
-One class describes every variant bam-megatron trains:
+One class describes every variant bam-megatron trains, with either block:
 
 - ``dense``: one attention, dense SwiGLU FFN;
 - ``btx``: one attention, ``num_experts`` top-k FFN experts;
 - ``bam``: soft mixture of ``num_attention_experts`` attentions (expert K/V) + FFN experts;
-- ``bam-shared-kv``: as ``bam`` with one K/V shared by all attention experts.
+- ``bam-shared-kv``: as ``bam`` with one K/V shared by all attention experts;
+- ``block_type``: ``parallel`` (y = x + Attn(Norm x) + FFN(Norm x)) or ``sequential``
+  (x' = x + Attn(Norm1 x); y = x' + FFN(Norm2 x')).
 """
 
 from transformers import PretrainedConfig
 
 VARIANTS = ("dense", "btx", "bam", "bam-shared-kv")
+BLOCK_TYPES = ("parallel", "sequential")
 
 
 class BamConfig(PretrainedConfig):
-    """Sizes and routing settings of a parallel-block (shared pre-norm) BAM / BTX / dense model.
+    """Sizes and routing settings of a BAM / BTX / dense model, parallel or sequential block.
 
     Attention sizes are per attention expert (as in the dense models the experts came from):
-    ``num_attention_heads`` query heads and ``num_key_value_heads`` K/V heads each. The soft
-    mixture is one attention with ``num_attention_experts * num_attention_heads`` query heads in
-    megatron-core's order (see ``head_experts``).
+    ``num_attention_heads`` query heads and ``num_key_value_heads`` K/V heads each, of ``head_dim``
+    channels (default hidden / heads). The soft mixture is one attention with
+    ``num_attention_experts * num_attention_heads`` query heads in megatron-core's order (see
+    ``head_experts``). ``qkv_bias``: biases on q/k/v (Qwen2's); ``qk_norm``: a per-head norm of q
+    and k before RoPE (Qwen3's). ``rope_scaling_factor``: Llama-3's RoPE scaling as megatron-core
+    computes it (low/high frequency factors 1 and 4, original context 8192).
+    ``moe_router_topk_scaling_factor`` multiplies the FFN routing weights.
     """
 
     model_type = "bam_megatron"
@@ -29,6 +36,7 @@ class BamConfig(PretrainedConfig):
     def __init__(
         self,
         variant="dense",
+        block_type="parallel",
         vocab_size=512,
         hidden_size=64,
         intermediate_size=128,
@@ -36,15 +44,20 @@ class BamConfig(PretrainedConfig):
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=None,
+        head_dim=None,
         num_attention_experts=1,
         attention_kv_mode="expert",
         attention_router_topk=None,
+        qkv_bias=False,
+        qk_norm=False,
         num_experts=0,
         num_experts_per_tok=1,
         moe_router_pre_softmax=True,
+        moe_router_topk_scaling_factor=None,
         normalization="RMSNorm",
         norm_eps=1e-5,
         rope_theta=10000.0,
+        rope_scaling_factor=None,
         max_position_embeddings=4096,
         tie_word_embeddings=False,
         use_cache=True,
@@ -52,11 +65,14 @@ class BamConfig(PretrainedConfig):
     ):
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        if block_type not in BLOCK_TYPES:
+            raise ValueError(f"block_type must be one of {BLOCK_TYPES}, got {block_type!r}")
         if normalization not in ("RMSNorm", "LayerNorm"):
             raise ValueError(f"normalization must be RMSNorm or LayerNorm, got {normalization!r}")
         if attention_kv_mode not in ("expert", "shared"):
             raise ValueError(f"attention_kv_mode must be 'expert' or 'shared', got {attention_kv_mode!r}")
         self.variant = variant
+        self.block_type = block_type
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
@@ -64,23 +80,23 @@ class BamConfig(PretrainedConfig):
         self.num_hidden_layers = num_hidden_layers
         self.num_attention_heads = num_attention_heads
         self.num_key_value_heads = num_key_value_heads or num_attention_heads
+        self.head_dim = head_dim or hidden_size // num_attention_heads
         self.num_attention_experts = num_attention_experts
         self.attention_kv_mode = attention_kv_mode
         self.attention_router_topk = attention_router_topk
+        self.qkv_bias = qkv_bias
+        self.qk_norm = qk_norm
         self.num_experts = num_experts
         self.num_experts_per_tok = num_experts_per_tok
         self.moe_router_pre_softmax = moe_router_pre_softmax
+        self.moe_router_topk_scaling_factor = moe_router_topk_scaling_factor
         self.normalization = normalization
         self.norm_eps = norm_eps
         self.rope_theta = rope_theta
+        self.rope_scaling_factor = rope_scaling_factor
         self.max_position_embeddings = max_position_embeddings
         self.use_cache = use_cache
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
-
-    @property
-    def head_dim(self):
-        """Channels per attention head."""
-        return self.hidden_size // self.num_attention_heads
 
     @property
     def attention_kv_groups(self):

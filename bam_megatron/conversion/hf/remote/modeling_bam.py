@@ -3,23 +3,27 @@
 Written by ``bam-convert-hf export --format bam``; self-contained (torch + transformers only) and
 numerically the forward pass bam-megatron trains (megatron-core GPTModel with the BAM spec):
 
-    x̂ = Norm(x)                                   one shared pre-norm (RMSNorm or bias-free LayerNorm)
-    y = x + Attn(x̂) + FFN(x̂)                      parallel block
+    y = x + Attn(Norm(x)) + FFN(Norm(x))           parallel block: one shared pre-norm
+    x' = x + Attn(Norm1(x)); y = x' + FFN(Norm2(x'))   sequential block (megatron-core's TransformerLayer)
 
     Attn(x̂) = Σ_j g_j(x̂) · O_j · MHA_j(x̂)          soft mixture of attention, g = softmax(W_r x̂)
             = O · concat_heads(g_expert(head) · head(x̂))   one attention with N·H heads
 
-    FFN(x̂) = Σ_{e ∈ top-k} p_e(x̂) · SwiGLU_e(x̂)    p = softmax(router logits) (pre-softmax top-k,
-                                                   no renormalisation, as megatron-core)
+    FFN(x̂) = Σ_{e ∈ top-k} p_e(x̂) · SwiGLU_e(x̂)    p = softmax(router logits) then top-k (pre-softmax,
+                                                   as megatron-core's default), or softmax over the
+                                                   top-k logits; times moe_router_topk_scaling_factor
 
-RoPE is megatron-core's (non-interleaved halves, base ``rope_theta``); attention is causal with
-scale 1/sqrt(head_dim); no biases anywhere. A dense model is N = 1 attention expert and no FFN
-experts. Generation uses transformers' DynamicCache (one K/V cache of the wide attention; with
-shared K/V it holds H_kv heads for all experts).
+Norms are RMSNorm or bias-free LayerNorm. RoPE is megatron-core's (non-interleaved halves, base
+``rope_theta``, optionally Llama-3's frequency scaling); attention is causal with scale
+1/sqrt(head_dim); optional q/k/v biases and per-head q/k norms (before RoPE), no other biases. A
+dense model is N = 1 attention expert and no FFN experts. Generation uses transformers'
+DynamicCache (one K/V cache of the wide attention; with shared K/V it holds H_kv heads for all
+experts).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -32,15 +36,28 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from .configuration_bam import BamConfig
 
 
-def _norm(config: BamConfig) -> nn.Module:
+def _norm(config: BamConfig, size: Optional[int] = None) -> nn.Module:
+    size = config.hidden_size if size is None else size
     if config.normalization == "LayerNorm":
-        return nn.LayerNorm(config.hidden_size, eps=config.norm_eps, bias=False)
-    return nn.RMSNorm(config.hidden_size, eps=config.norm_eps)
+        return nn.LayerNorm(size, eps=config.norm_eps, bias=False)
+    return nn.RMSNorm(size, eps=config.norm_eps)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = torch.chunk(x, 2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
+
+
+def _llama3_scaling(inv_freq: torch.Tensor, factor: float) -> torch.Tensor:
+    """megatron-core's RotaryEmbedding._apply_scaling (Llama 3.1: low/high factors 1 and 4, context 8192)."""
+    low_freq_factor, high_freq_factor, old_context_len = 1.0, 4.0, 8192
+    low_freq_wavelen, high_freq_wavelen = old_context_len / low_freq_factor, old_context_len / high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(medium, smoothed, scaled)
 
 
 class BamRotaryEmbedding(nn.Module):
@@ -53,11 +70,14 @@ class BamRotaryEmbedding(nn.Module):
     def __init__(self, config: BamConfig) -> None:
         super().__init__()
         self.dim, self.base = config.head_dim, config.rope_theta
+        self.scaling = getattr(config, "rope_scaling_factor", None)
 
     def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """position_ids [b, t] -> cos, sin [b, 1, t, head_dim] in fp32."""
         steps = torch.arange(0, self.dim, 2, dtype=torch.float32, device=position_ids.device)
         inv_freq = 1.0 / (self.base ** (steps / self.dim))
+        if self.scaling is not None:
+            inv_freq = _llama3_scaling(inv_freq, self.scaling)
         freqs = position_ids[..., None].float() * inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]
         return emb.cos(), emb.sin()
@@ -88,6 +108,7 @@ class BamMoE(nn.Module):
         super().__init__()
         self.topk = config.num_experts_per_tok
         self.pre_softmax = config.moe_router_pre_softmax
+        self.scale = getattr(config, "moe_router_topk_scaling_factor", None)
         self.router = nn.Linear(config.hidden_size, config.num_experts, bias=False)
         self.experts = nn.ModuleList(
             BamSwiGLU(config.hidden_size, config.moe_intermediate_size) for _ in range(config.num_experts)
@@ -98,9 +119,13 @@ class BamMoE(nn.Module):
         logits = self.router(x)
         if self.pre_softmax:  # softmax over all experts, keep the top k as they are
             scores = torch.softmax(logits, dim=-1, dtype=torch.float32).type_as(logits)
-            return torch.topk(scores, self.topk, dim=-1)
-        top, index = torch.topk(logits, self.topk, dim=-1)  # softmax over the top k only
-        return torch.softmax(top, dim=-1, dtype=torch.float32).type_as(logits), index
+            probs, index = torch.topk(scores, self.topk, dim=-1)
+        else:  # softmax over the top k only
+            top, index = torch.topk(logits, self.topk, dim=-1)
+            probs = torch.softmax(top, dim=-1, dtype=torch.float32).type_as(logits)
+        if self.scale is not None:
+            probs = probs * self.scale
+        return probs, index
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
@@ -118,7 +143,8 @@ class BamAttention(nn.Module):
     """Soft mixture of N attention experts as one causal attention with N·H query heads.
 
     Each head's output is scaled by its expert's gate before the one output projection. N = 1 is
-    plain (grouped-query) attention without a router.
+    plain (grouped-query) attention without a router, optionally with q/k/v biases and per-head
+    q/k norms (megatron-core's ``add_qkv_bias``, ``qk_layernorm``).
     """
 
     def __init__(self, config: BamConfig, layer_idx: int) -> None:
@@ -129,11 +155,14 @@ class BamAttention(nn.Module):
         self.num_kv_heads = config.attention_kv_groups
         self.num_experts = config.num_attention_experts
         self.topk = config.attention_router_topk
-        h, d = config.hidden_size, self.head_dim
-        self.q_proj = nn.Linear(h, self.num_heads * d, bias=False)
-        self.k_proj = nn.Linear(h, self.num_kv_heads * d, bias=False)
-        self.v_proj = nn.Linear(h, self.num_kv_heads * d, bias=False)
+        h, d, bias = config.hidden_size, self.head_dim, bool(getattr(config, "qkv_bias", False))
+        self.q_proj = nn.Linear(h, self.num_heads * d, bias=bias)
+        self.k_proj = nn.Linear(h, self.num_kv_heads * d, bias=bias)
+        self.v_proj = nn.Linear(h, self.num_kv_heads * d, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * d, h, bias=False)
+        self.qk_norm = bool(getattr(config, "qk_norm", False))
+        if self.qk_norm:
+            self.q_norm, self.k_norm = _norm(config, d), _norm(config, d)
         if self.num_experts > 1:
             self.router = nn.Linear(h, self.num_experts, bias=False)
             self.head_expert = config.head_experts()  # a list, not a buffer (see BamRotaryEmbedding)
@@ -157,6 +186,8 @@ class BamAttention(nn.Module):
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.qk_norm:  # per head, before RoPE (megatron-core's q_layernorm / k_layernorm)
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = _apply_rope(q, *rope), _apply_rope(k, *rope)
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
@@ -178,16 +209,22 @@ class BamAttention(nn.Module):
 
 
 class BamDecoderLayer(nn.Module):
-    """y = x + Attn(Norm(x)) + FFN(Norm(x))."""
+    """Parallel: y = x + Attn(Norm(x)) + FFN(Norm(x)). Sequential: x' = x + Attn(Norm1(x)); y = x' + FFN(Norm2(x'))."""
 
     def __init__(self, config: BamConfig, layer_idx: int) -> None:
         super().__init__()
+        self.sequential = getattr(config, "block_type", "parallel") == "sequential"
         self.input_layernorm = _norm(config)
         self.self_attn = BamAttention(config, layer_idx)
+        if self.sequential:
+            self.post_attention_layernorm = _norm(config)
         self.mlp = BamMoE(config) if config.num_experts else BamSwiGLU(config.hidden_size, config.intermediate_size)
 
     def forward(self, x, rope, mask, past_key_values):
         normed = self.input_layernorm(x)
+        if self.sequential:
+            x = x + self.self_attn(normed, rope, mask, past_key_values)
+            return x + self.mlp(self.post_attention_layernorm(x))
         return x + self.self_attn(normed, rope, mask, past_key_values) + self.mlp(normed)
 
 
@@ -204,6 +241,8 @@ class BamPreTrainedModel(PreTrainedModel):
         std = getattr(self.config, "initializer_range", 0.02)
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=std)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
         elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
             nn.init.ones_(module.weight)
 

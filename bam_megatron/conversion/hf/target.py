@@ -1,0 +1,163 @@
+"""What every export target shares: the `Target` interface and the tensor mappings they build on.
+
+A `Target` is one ``bam-convert-hf export --format``: a transformers class, whether it computes a
+model exactly (`Target.why_not`), its config.json and the mapping of one unit of our model
+(``TOP``: embedding, final norm, output layer; or a layer) to its tensors. The mappings work on
+tensors of any device, so run on a meta-device model they give the export's plan (every tensor's
+name and shape) before a weight is read. The targets themselves are in `formats` (native classes)
+and `bam_format` (remote code).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+
+from bam_megatron.model.architecture import Architecture
+from bam_megatron.model.qkv_layout import split_qkv
+
+TOP = -1  # bam_megatron.checkpoint.layerwise.TOP (not imported: it loads megatron-core)
+
+# megatron-core's Llama-3 RoPE scaling takes only the factor (importer.MEGATRON_LLAMA3_ROPE).
+LLAMA3 = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+def _shown(value: Any) -> Any:
+    return getattr(value, "__name__", value)
+
+
+def common_checks(config) -> Optional[str]:
+    """Settings no exported class (remote code included) computes: none of them is an Architecture
+    field, so a bam-megatron model never has them; checked all the same."""
+    checks = [
+        ("add_bias_linear", config.add_bias_linear, False),
+        ("gated_linear_unit", config.gated_linear_unit, True),
+        ("activation_func", config.activation_func, F.silu),
+        ("rotary_interleaved", config.rotary_interleaved, False),
+    ]
+    if config.num_moe_experts:
+        checks += [
+            ("moe_router_score_function", config.moe_router_score_function, "softmax"),
+            ("moe_router_enable_expert_bias", config.moe_router_enable_expert_bias, False),
+            ("moe_router_num_groups", config.moe_router_num_groups, None),
+            ("moe_shared_expert_intermediate_size", config.moe_shared_expert_intermediate_size, None),
+            ("moe_expert_capacity_factor", config.moe_expert_capacity_factor, None),
+        ]
+    for name, value, wanted in checks:
+        if value != wanted:
+            return f"{name}={_shown(value)}: the exported classes compute {name}={_shown(wanted)} only"
+    return None
+
+
+def rope_parameters(a: Architecture) -> dict[str, Any]:
+    """transformers 5's ``rope_parameters`` for megatron-core's RoPE (plain, or Llama-3 scaling)."""
+    if a.rope_scaling_factor is None:
+        return {"rope_type": "default", "rope_theta": float(a.rotary_base)}
+    return {"rope_type": "llama3", "rope_theta": float(a.rotary_base), "factor": float(a.rope_scaling_factor), **LLAMA3}
+
+
+def split_qkv_bias(bias: torch.Tensor, heads: int, groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused QKV bias -> (Q [H·d], K [G·d], V [G·d]) (the layout of `qkv_layout.split_qkv`)."""
+    per_group = heads // groups
+    b = bias.view(groups, per_group + 2, -1)
+    return b[:, :per_group].reshape(-1), b[:, per_group].reshape(-1), b[:, per_group + 1].reshape(-1)
+
+
+class Target:
+    """One export format: a transformers class, when it computes our model, its config and tensors."""
+
+    name = ""
+    architecture_class = ""
+    model_type = ""
+    remote_code = False
+
+    def why_not(self, a: Architecture, config) -> Optional[str]:
+        """None if the class computes the model exactly, else the reason (one line naming the setting)."""
+        raise NotImplementedError
+
+    def hf_config(self, a: Architecture, config, meta, token_ids: dict[str, Any]) -> dict[str, Any]:
+        """config.json."""
+        raise NotImplementedError
+
+    def unit(self, unit: int, p: dict[str, torch.Tensor], a: Architecture, config) -> dict[str, torch.Tensor]:
+        """The Hugging Face tensors of unit ``unit`` (TOP or a layer) from its parameters ``p`` (our names)."""
+        raise NotImplementedError
+
+    def copy_files(self, directory: str) -> None:
+        """Files besides weights, config and tokenizer (remote code)."""
+
+    # ----- shared mappings
+    @staticmethod
+    def top(p: dict[str, torch.Tensor], a: Architecture) -> dict[str, torch.Tensor]:
+        """Embedding, final norm, untied output layer."""
+        out = {
+            "model.embed_tokens.weight": p["embedding.word_embeddings.weight"],
+            "model.norm.weight": p["decoder.final_layernorm.weight"],
+        }
+        if a.untie_embeddings_and_output_weights:
+            out["lm_head.weight"] = p["output_layer.weight"]
+        return out
+
+    @staticmethod
+    def attention(
+        p: dict[str, torch.Tensor],
+        i: int,
+        config,
+        a: Architecture,
+        zero_bias: bool = False,
+        permute: Optional[torch.Tensor] = None,
+    ) -> dict[str, torch.Tensor]:
+        """One (not a mixture of) attention: ``self_attn.{q,k,v,o}_proj`` (+ biases, q/k norms).
+
+        ``zero_bias``: q/k/v biases of zeros for a class that always has them (Qwen2) and a model
+        without; ``permute``: the row permutation of every Q and K head (Cohere's interleaved RoPE).
+        """
+        ours, theirs = f"decoder.layers.{i}.self_attention.", f"model.layers.{i}.self_attn."
+        heads, groups = config.num_attention_heads, config.num_query_groups
+        q, k, v = split_qkv(p[ours + "linear_qkv.weight"], heads, groups)
+        if permute is not None:
+            q, k = q[:, permute], k[:, permute]
+        out = {
+            theirs + "q_proj.weight": q.reshape(-1, q.shape[-1]),
+            theirs + "k_proj.weight": k.reshape(-1, k.shape[-1]),
+            theirs + "v_proj.weight": v.reshape(-1, v.shape[-1]),
+            theirs + "o_proj.weight": p[ours + "linear_proj.weight"],
+        }
+        if a.add_qkv_bias:
+            qb, kb, vb = split_qkv_bias(p[ours + "linear_qkv.bias"], heads, groups)
+            out.update({theirs + "q_proj.bias": qb, theirs + "k_proj.bias": kb, theirs + "v_proj.bias": vb})
+        elif zero_bias:
+            weight = p[ours + "linear_qkv.weight"]
+            for x, rows in (("q", q), ("k", k), ("v", v)):
+                out[f"{theirs}{x}_proj.bias"] = torch.zeros(rows.shape[0] * rows.shape[1], device=weight.device)
+        if a.qk_layernorm:
+            out[theirs + "q_norm.weight"] = p[ours + "q_layernorm.weight"]
+            out[theirs + "k_norm.weight"] = p[ours + "k_layernorm.weight"]
+        return out
+
+    @staticmethod
+    def swiglu(fc1: torch.Tensor, fc2: torch.Tensor, prefix: str, names=("gate_proj", "up_proj", "down_proj")):
+        """megatron-core's gated ``linear_fc1`` = [gate; up] and ``linear_fc2`` -> three projections."""
+        gate, up = fc1.chunk(2, dim=0)
+        return {f"{prefix}{names[0]}.weight": gate, f"{prefix}{names[1]}.weight": up, f"{prefix}{names[2]}.weight": fc2}
+
+    @staticmethod
+    def experts(p: dict[str, torch.Tensor], i: int, config) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(linear_fc1, linear_fc2) of every FFN expert of layer ``i``."""
+        ours = f"decoder.layers.{i}.mlp.experts.local_experts."
+        return [
+            (p[f"{ours}{e}.linear_fc1.weight"], p[f"{ours}{e}.linear_fc2.weight"])
+            for e in range(config.num_moe_experts)
+        ]
+
+
+def token_fields(token_ids: dict[str, Any]) -> dict[str, Any]:
+    """bos/eos/pad ids as config.json keys (None where unknown)."""
+    return {key: token_ids.get(key) for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
+
+
+def initializer_range(meta, config) -> float:
+    """The init std the model was trained with (transformers' initializer_range; not used to load)."""
+    return float(meta.training.get("init_method_std") or config.init_method_std)
