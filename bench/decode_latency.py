@@ -22,6 +22,7 @@ FLOPs per token, the bound where a step is compute-bound rather than bandwidth-b
 GEMMs of a few rows are).
 
     python bench/decode_latency.py [--layers 6 --batch 1 8 --prompt 256 --new-tokens 16 --rounds 2 --threads 1]
+    python bench/decode_latency.py --device cuda             # on a GPU (the default where there is one)
     python bench/decode_latency.py --profile bam --batch 8   # where each implementation's decode step goes
 """
 
@@ -64,7 +65,7 @@ def architecture(variant: str, layers: int, experts: int):
     )
 
 
-def build_pair(variant: str, layers: int, experts: int, shared: dict, seq_length: int):
+def build_pair(variant: str, layers: int, experts: int, shared: dict, seq_length: int, device: str):
     """(our GPTModel, the HF remote-code model holding the same tensors, the architecture, our config)."""
     from bam_megatron.checkpoint import CheckpointMeta
     from bam_megatron.conversion.hf import bam_format
@@ -73,9 +74,9 @@ def build_pair(variant: str, layers: int, experts: int, shared: dict, seq_length
     from bam_megatron.model.builder import build_from_architecture
 
     arch = architecture(variant, layers, experts)
-    config = arch.model_config(use_cpu_initialization=True, perform_initialization=False)
-    model = build_from_architecture(arch, config, seq_length, backend="local").eval()
-    generator = torch.Generator().manual_seed(VARIANTS.index(variant))
+    config = arch.model_config(use_cpu_initialization=device == "cpu", perform_initialization=False)
+    model = build_from_architecture(arch, config, seq_length, backend="local").eval().to(device)
+    generator = torch.Generator(device=device).manual_seed(VARIANTS.index(variant))
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name in shared:
@@ -90,7 +91,7 @@ def build_pair(variant: str, layers: int, experts: int, shared: dict, seq_length
     with torch.device("meta"):
         hf = BamForCausalLM(BamConfig(**hf_config))
     hf.load_state_dict({k: v.contiguous() for k, v in tensors.items()}, strict=True, assign=True)
-    return model, hf.eval(), arch, config
+    return model, hf.eval().to(device), arch, config
 
 
 def bytes_per_token(model, config, batch: int, context: float) -> dict[str, float]:
@@ -145,6 +146,8 @@ class HuggingFaceDecoder:
                 out = self.hf(self.tokens[-1][:, None], past_key_values=self.cache, use_cache=True, logits_to_keep=1)
             self.cache = out.past_key_values
             self.tokens.append(out.logits[:, -1].argmax(-1))
+        if self.prompts.is_cuda:
+            torch.cuda.synchronize()
         elapsed = time.perf_counter() - clock
         if len(self.tokens) == 1:
             self.prefill_seconds = elapsed
@@ -181,9 +184,11 @@ def profile(decoder, rows: int = 25) -> str:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+
     decoder.step()  # prefill
     decoder.step()  # warm-up
-    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+    with torch_profile(activities=activities) as prof:
         while not decoder.finished:
             decoder.step()
     steps = getattr(decoder, "result", decoder).step_seconds[1:]
@@ -204,6 +209,12 @@ def main() -> None:
         "--threads", type=int, default=1, help="torch threads (default 1: on a shared machine, OpenMP threads stall)"
     )
     parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="where the models run (default: cuda when there is a GPU)",
+    )
+    parser.add_argument(
         "--profile",
         choices=VARIANTS,
         default=None,
@@ -222,16 +233,16 @@ def main() -> None:
     seq_length = args.prompt + args.new_tokens
     generator = torch.Generator().manual_seed(0)
     shared = {
-        name: torch.randn(p.vocab_size, p.hidden_size, generator=generator) * 0.02
+        name: (torch.randn(p.vocab_size, p.hidden_size, generator=generator) * 0.02).to(args.device)
         for name in ("embedding.word_embeddings.weight", "output_layer.weight")
     }
     variants = [args.profile] if args.profile else args.variants
-    models = {v: build_pair(v, args.layers, args.experts, shared, seq_length) for v in variants}
+    models = {v: build_pair(v, args.layers, args.experts, shared, seq_length, args.device) for v in variants}
     built_s = time.perf_counter() - clock
     if args.profile:
         from bam_megatron.inference.generate import Decoder
 
-        prompts = torch.randint(4, p.vocab_size, (args.batch[0], args.prompt), generator=generator)
+        prompts = torch.randint(4, p.vocab_size, (args.batch[0], args.prompt), generator=generator).to(args.device)
         model, hf, _, _ = models[args.profile]
         print(f"bam-generate, {args.profile}, batch {args.batch[0]}:")
         print(profile(Decoder(model, prompts.tolist(), args.new_tokens)))
@@ -243,7 +254,7 @@ def main() -> None:
 
     runs: dict = {}
     for batch in args.batch:
-        prompts = torch.randint(4, p.vocab_size, (batch, args.prompt), generator=generator)
+        prompts = torch.randint(4, p.vocab_size, (batch, args.prompt), generator=generator).to(args.device)
         decoders = {}
         for variant in variants:
             model, hf, _, _ = models[variant]
@@ -327,7 +338,7 @@ def main() -> None:
         {
             "bench": "decode_latency",
             "config": vars(args),
-            "device": "cpu",
+            "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
             "threads": torch.get_num_threads(),
             "results": results,
             "build_seconds": round(built_s, 1),

@@ -101,13 +101,14 @@ def kv_cache_bytes(context: Any) -> int:
     return sum(t.numel() * t.element_size() for pair in context.key_value_memory_dict.values() for t in pair)
 
 
-def _device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+def _device(model: torch.nn.Module) -> torch.device:
+    """Where the model's weights are (the token tensors go there too)."""
+    return next(model.parameters()).device
 
 
-def _synchronize() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 class _SameOnTensorParallelRanks:
@@ -168,7 +169,7 @@ class Decoder:
         self.max_new_tokens = max_new_tokens
         self.lengths = [len(p) for p in prompts]
         batch, self.start, self.total = len(prompts), min(self.lengths), max(self.lengths) + max_new_tokens
-        device = _device()
+        self.device = device = _device(model)
         self.tokens = torch.zeros(batch, self.total, dtype=torch.long, device=device)
         for i, prompt in enumerate(prompts):
             self.tokens[i, : len(prompt)] = torch.tensor([int(t) for t in prompt], dtype=torch.long)
@@ -214,7 +215,7 @@ class Decoder:
             logits = self._logits()
             chosen = self.same_tokens(sample(logits, self.sampling, self.generator))
             self.tokens[:, t] = torch.where(self.in_prompt[:, t], self.tokens[:, t], chosen)
-        _synchronize()
+        _synchronize(self.device)
         elapsed = time.perf_counter() - clock
         if t == self.start:
             result.prefill_seconds = elapsed
