@@ -27,7 +27,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bam_megatron.checkpoint import CheckpointError, CheckpointMeta, SavedLayout, megatron_lm, store
+from bam_megatron.checkpoint import CheckpointError, CheckpointMeta, SavedLayout, megatron_lm, megatron_lm_flags, store
 from bam_megatron.model.architecture import Architecture
 from bam_megatron.testing.distributed import run_distributed
 
@@ -546,10 +546,10 @@ def test_the_args_record_the_layout_and_training_settings():
 
 def test_the_command_line_prints_the_command(saved, capsys):
     run = os.path.dirname(saved["btx"]["path"])
-    assert megatron_lm.main([run, "--tensor-model-parallel-size", "2"]) == 0
+    assert megatron_lm_flags.main([run, "--tensor-model-parallel-size", "2"]) == 0
     printed = capsys.readouterr().out
     assert "torchrun --nproc-per-node N pretrain_gpt.py" in printed and f"--pretrained-checkpoint {run}" in printed
     assert "--transformer-impl transformer_engine" in printed and "--tensor-model-parallel-size 2" in printed
-    assert megatron_lm.main([os.path.dirname(saved["parallel"]["path"])]) == 2
+    assert megatron_lm_flags.main([os.path.dirname(saved["parallel"]["path"])]) == 2
     error = capsys.readouterr().err
     assert "\n" not in error.strip() and "no Megatron-LM model computes this checkpoint's (block_type parallel" in error
