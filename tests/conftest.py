@@ -6,10 +6,21 @@
   on machines without a GPU.
 """
 
-import torch
+import atexit
+import os
+import shutil
+import tempfile
 
-from tests.data_fixtures import text_corpus  # noqa: F401  (session fixture: generated JSONL + tokenizer)
-from tests.training_fixtures import corpus  # noqa: F401  (session fixture: tokenizer + domain datasets)
+# transformers copies remote code into HF_MODULES_CACHE and puts that directory on sys.path when it
+# is first imported: one directory for the whole session (every test module and every rank process
+# started from it), set before any test module imports transformers, and kept out of ~/.cache.
+os.environ["HF_MODULES_CACHE"] = _HF_MODULES = tempfile.mkdtemp(prefix="bam-hf-modules-")
+atexit.register(shutil.rmtree, _HF_MODULES, True)
+
+import torch  # noqa: E402
+
+from tests.data_fixtures import text_corpus  # noqa: E402,F401  (session fixture: generated JSONL + tokenizer)
+from tests.training_fixtures import corpus  # noqa: E402,F401  (session fixture: tokenizer + domain datasets)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -10,22 +10,15 @@ about 10, so about 1e-4 absolute; a wrong position is off by whole units).
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import io
 import json
 import os
-import shutil
-import tempfile
 
 import pytest
 import torch
 
 from bam_megatron.testing.distributed import run_distributed
-
-# transformers copies remote code into HF_MODULES_CACHE (read when it is imported): keep it out of ~/.cache.
-os.environ["HF_MODULES_CACHE"] = _MODULES = tempfile.mkdtemp(prefix="bam-hf-modules-")
-atexit.register(shutil.rmtree, _MODULES, True)
 
 RTOL = 1e-5  # max |Δlogit| / max |logit|
 VARIANTS = ("dense", "btx", "bam", "bam-shared-kv")

@@ -9,24 +9,17 @@ permutation or head order is off by tens of percent). Round trips are compared b
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import importlib.util
 import io
 import json
 import os
 import shutil
-import tempfile
 
 import pytest
 import torch
 
 from bam_megatron.testing.distributed import run_distributed
-
-# transformers copies remote code into HF_MODULES_CACHE (read when it is imported): keep it out of ~/.cache.
-# Set at collection, before any rank process starts.
-os.environ["HF_MODULES_CACHE"] = _MODULES = tempfile.mkdtemp(prefix="bam-hf-modules-")
-atexit.register(shutil.rmtree, _MODULES, True)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RTOL = 1e-5  # max |Δlogit| / max |logit|

@@ -13,11 +13,8 @@ shipped tokenizer (SentencePiece and Hugging Face) with the ids we trained on.
 
 from __future__ import annotations
 
-import atexit
 import json
 import os
-import shutil
-import tempfile
 
 import pytest
 import torch
@@ -35,10 +32,6 @@ from tests.hf_export_fixtures import (
     relative_error,
     save_random_checkpoint,
 )
-
-# transformers copies remote code into HF_MODULES_CACHE: keep it out of ~/.cache (set before any rank starts)
-os.environ["HF_MODULES_CACHE"] = _MODULES = tempfile.mkdtemp(prefix="bam-hf-modules-")
-atexit.register(shutil.rmtree, _MODULES, True)
 
 NATIVE = [name for name, (_, cls) in CASES.items() if cls != "BamForCausalLM"]
 ROUND_TRIPS = [*NATIVE, "bam-shared-kv-sequential", "dense-sequential-layernorm"]

@@ -7,9 +7,11 @@ and the model-parallel RNG seeds.
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 import socket
+import tempfile
 from dataclasses import dataclass
 
 import torch
@@ -97,18 +99,22 @@ def initialize(
     """
     cpu_mode.enable()
     if not dist.is_initialized():
+        timeout = datetime.timedelta(minutes=timeout_minutes)
         if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
-            # Started as a plain `python` process, not by torchrun / srun: a world of one.
-            os.environ.update(
-                RANK="0",
-                LOCAL_RANK="0",
-                WORLD_SIZE="1",
-                MASTER_ADDR=os.environ.get("MASTER_ADDR", "127.0.0.1"),
-                MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())),
+            # Started as a plain `python` process, not by torchrun / srun: a world of one, whose
+            # store is a file (a TCP port picked here could be taken by another process meanwhile).
+            # No RANK/WORLD_SIZE in the environment: processes this one starts are not its ranks.
+            if torch.cuda.is_available():
+                torch.cuda.set_device(0)
+            store = tempfile.NamedTemporaryFile(prefix="bam-world-of-one-", delete=False).name
+            atexit.register(lambda: os.path.exists(store) and os.remove(store))
+            dist.init_process_group(
+                backend=default_backend(), init_method=f"file://{store}", rank=0, world_size=1, timeout=timeout
             )
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend=default_backend(), timeout=datetime.timedelta(minutes=timeout_minutes))
+        else:
+            if torch.cuda.is_available():
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            dist.init_process_group(backend=default_backend(), timeout=timeout)
     sizes.validate(dist.get_world_size())
 
     from megatron.core import parallel_state
