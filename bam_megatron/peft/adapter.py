@@ -96,7 +96,7 @@ class Adapter(torch.nn.Module):
     # -- hooks ------------------------------------------------------------------------------
     def attach(self, linear: torch.nn.Module) -> None:
         """Register this adapter's hook(s) on ``linear``."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} does not define attach(): each subclass does")
 
     @staticmethod
     def _output_hook(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):

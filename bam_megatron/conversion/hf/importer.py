@@ -146,11 +146,11 @@ class Importer:
     # ----- what subclasses provide
     def check(self) -> Architecture:
         """Check config.json (each refusal one line naming the field); the seed's architecture."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} does not define check(): each subclass does")
 
     def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
         """Every Hugging Face tensor the model is made of, by name, with its shape."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} does not define tensor_shapes(): each subclass does")
 
     def optional_tensors(self) -> dict[str, tuple[int, ...]]:
         """Tensors a checkpoint may hold besides those (e.g. a tied lm_head.weight): checked, not needed."""
@@ -163,7 +163,7 @@ class Importer:
     def fill(self, unit: int, params: dict[str, torch.Tensor], source: SafetensorsWeights) -> None:
         """Write unit ``unit`` of our model (``layerwise.TOP`` or a layer; ``params``: its parameters
         by name) from the Hugging Face tensors of ``source``."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} does not define fill(): each subclass does")
 
     # ----- shared by the fills
     def check_tensors(self, shapes: dict[str, tuple[int, ...]]) -> None:

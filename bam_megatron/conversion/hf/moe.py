@@ -48,7 +48,7 @@ class _MoEImporter:
 
     def routing(self) -> tuple[int, int, bool]:
         """(experts, top-k, pre-softmax) from config.json."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} does not define routing(): each subclass does")
 
     def num_experts(self) -> Any:
         """``num_experts``, which transformers 5 saves as ``num_local_experts`` for Qwen3-MoE and Mixtral."""

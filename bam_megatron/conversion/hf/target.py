@@ -75,15 +75,15 @@ class Target:
 
     def why_not(self, a: Architecture, config) -> Optional[str]:
         """None if the class computes the model exactly, else the reason (one line naming the setting)."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} does not define why_not(): each subclass does")
 
     def hf_config(self, a: Architecture, config, meta, token_ids: dict[str, Any]) -> dict[str, Any]:
         """config.json."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} does not define hf_config(): each subclass does")
 
     def unit(self, unit: int, p: dict[str, torch.Tensor], a: Architecture, config) -> dict[str, torch.Tensor]:
         """The Hugging Face tensors of unit ``unit`` (TOP or a layer) from its parameters ``p`` (our names)."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} does not define unit(): each subclass does")
 
     def copy_files(self, directory: str) -> None:
         """Files besides weights, config and tokenizer (remote code)."""
