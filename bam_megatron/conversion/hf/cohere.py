@@ -22,7 +22,14 @@ import torch.nn.functional as F
 
 from bam_megatron.conversion.hf.errors import ConversionError
 from bam_megatron.conversion.hf.hf_files import SafetensorsWeights
-from bam_megatron.conversion.hf.importer import TOP, Importer, fill_qkv
+from bam_megatron.conversion.hf.importer import (
+    TOP,
+    Importer,
+    attention_shapes,
+    embedding_shapes,
+    fill_qkv,
+    swiglu_shapes,
+)
 from bam_megatron.model.architecture import Architecture
 
 LAYERNORM_EPS = 1e-5  # transformers' default layer_norm_eps for Cohere
@@ -143,23 +150,11 @@ class CohereImporter(Importer):
         a = self.architecture
         vocab, hidden, ffn = a.padded_vocab_size, a.hidden_size, a.ffn_hidden_size
         q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,)}
-        if a.untie_embeddings_and_output_weights:
-            shapes["lm_head.weight"] = (vocab, hidden)
+        shapes = embedding_shapes(vocab, hidden, a.untie_embeddings_and_output_weights)
         for i in range(a.num_layers):
             p = f"model.layers.{i}."
-            shapes.update(
-                {
-                    p + "input_layernorm.weight": (hidden,),
-                    p + "self_attn.q_proj.weight": (q, hidden),
-                    p + "self_attn.k_proj.weight": (kv, hidden),
-                    p + "self_attn.v_proj.weight": (kv, hidden),
-                    p + "self_attn.o_proj.weight": (hidden, q),
-                    p + "mlp.gate_proj.weight": (ffn, hidden),
-                    p + "mlp.up_proj.weight": (ffn, hidden),
-                    p + "mlp.down_proj.weight": (hidden, ffn),
-                }
-            )
+            shapes.update(attention_shapes(p, hidden, q, kv))
+            shapes.update(swiglu_shapes(p + "mlp.", hidden, ffn))
         return shapes
 
     def optional_tensors(self) -> dict[str, tuple[int, ...]]:

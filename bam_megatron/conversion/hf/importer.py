@@ -29,6 +29,34 @@ TOP = -1
 MEGATRON_LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
 
+def embedding_shapes(vocab: int, hidden: int, untied: bool) -> dict[str, tuple[int, ...]]:
+    """The tensors outside the layers of a transformers decoder: embedding, final norm, lm_head if untied."""
+    shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,)}
+    if untied:
+        shapes["lm_head.weight"] = (vocab, hidden)
+    return shapes
+
+
+def attention_shapes(layer: str, hidden: int, q: int, kv: int) -> dict[str, tuple[int, ...]]:
+    """A layer's input norm and Q/K/V/O projections (``layer`` is ``model.layers.N.``)."""
+    return {
+        layer + "input_layernorm.weight": (hidden,),
+        layer + "self_attn.q_proj.weight": (q, hidden),
+        layer + "self_attn.k_proj.weight": (kv, hidden),
+        layer + "self_attn.v_proj.weight": (kv, hidden),
+        layer + "self_attn.o_proj.weight": (hidden, q),
+    }
+
+
+def swiglu_shapes(prefix: str, hidden: int, ffn: int) -> dict[str, tuple[int, ...]]:
+    """A SwiGLU MLP's ``gate_proj``/``up_proj``/``down_proj`` under ``prefix`` (``...mlp.``)."""
+    return {
+        prefix + "gate_proj.weight": (ffn, hidden),
+        prefix + "up_proj.weight": (ffn, hidden),
+        prefix + "down_proj.weight": (hidden, ffn),
+    }
+
+
 class Missing:
     """Marks a config.json field that transformers requires (no default)."""
 

@@ -34,7 +34,15 @@ import torch
 
 from bam_megatron.conversion.hf.errors import ConversionError
 from bam_megatron.conversion.hf.hf_files import SafetensorsWeights
-from bam_megatron.conversion.hf.importer import REQUIRED, TOP, Importer, fill_qkv
+from bam_megatron.conversion.hf.importer import (
+    REQUIRED,
+    TOP,
+    Importer,
+    attention_shapes,
+    embedding_shapes,
+    fill_qkv,
+    swiglu_shapes,
+)
 from bam_megatron.model.architecture import Architecture
 
 _SIZES = {key: REQUIRED for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers")}
@@ -120,22 +128,11 @@ class LlamaImporter(Importer):
         a = self.architecture
         vocab, hidden = a.padded_vocab_size, a.hidden_size
         q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,)}
-        if a.untie_embeddings_and_output_weights:
-            shapes["lm_head.weight"] = (vocab, hidden)
+        shapes = embedding_shapes(vocab, hidden, a.untie_embeddings_and_output_weights)
         for i in range(a.num_layers):
             p = f"model.layers.{i}."
-            shapes.update(
-                {
-                    p + "input_layernorm.weight": (hidden,),
-                    p + "self_attn.q_proj.weight": (q, hidden),
-                    p + "self_attn.k_proj.weight": (kv, hidden),
-                    p + "self_attn.v_proj.weight": (kv, hidden),
-                    p + "self_attn.o_proj.weight": (hidden, q),
-                    p + "post_attention_layernorm.weight": (hidden,),
-                    **self.ffn_shapes(i),
-                }
-            )
+            shapes.update(attention_shapes(p, hidden, q, kv))
+            shapes.update({p + "post_attention_layernorm.weight": (hidden,), **self.ffn_shapes(i)})
             if self.qkv_bias:
                 shapes.update(
                     {
@@ -154,12 +151,8 @@ class LlamaImporter(Importer):
 
     def ffn_shapes(self, i: int) -> dict[str, tuple[int, ...]]:
         """The FFN tensors of layer ``i``: ``mlp.{gate,up,down}_proj``."""
-        p, hidden, ffn = f"model.layers.{i}.mlp.", self.architecture.hidden_size, self.architecture.ffn_hidden_size
-        return {
-            p + "gate_proj.weight": (ffn, hidden),
-            p + "up_proj.weight": (ffn, hidden),
-            p + "down_proj.weight": (hidden, ffn),
-        }
+        a = self.architecture
+        return swiglu_shapes(f"model.layers.{i}.mlp.", a.hidden_size, a.ffn_hidden_size)
 
     def optional_tensors(self) -> dict[str, tuple[int, ...]]:
         """A tied model's checkpoint may store lm_head.weight too (it must equal the embedding)."""

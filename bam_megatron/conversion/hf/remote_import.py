@@ -16,7 +16,14 @@ import torch
 
 from bam_megatron.conversion.hf.errors import ConversionError
 from bam_megatron.conversion.hf.hf_files import SafetensorsWeights
-from bam_megatron.conversion.hf.importer import TOP, Importer, fill_qkv
+from bam_megatron.conversion.hf.importer import (
+    TOP,
+    Importer,
+    attention_shapes,
+    embedding_shapes,
+    fill_qkv,
+    swiglu_shapes,
+)
 from bam_megatron.conversion.hf.llama import fill_swiglu
 from bam_megatron.errors import ConfigError
 from bam_megatron.model.architecture import Architecture
@@ -110,20 +117,10 @@ class BamImporter(Importer):
         a = self.architecture
         vocab, hidden, ffn = a.padded_vocab_size, a.hidden_size, a.ffn_hidden_size
         q, kv = self.wide_heads * self.head_dim, self.kv_heads * self.head_dim
-        shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,)}
-        if a.untie_embeddings_and_output_weights:
-            shapes["lm_head.weight"] = (vocab, hidden)
+        shapes = embedding_shapes(vocab, hidden, a.untie_embeddings_and_output_weights)
         for i in range(a.num_layers):
             p = f"model.layers.{i}."
-            shapes.update(
-                {
-                    p + "input_layernorm.weight": (hidden,),
-                    p + "self_attn.q_proj.weight": (q, hidden),
-                    p + "self_attn.k_proj.weight": (kv, hidden),
-                    p + "self_attn.v_proj.weight": (kv, hidden),
-                    p + "self_attn.o_proj.weight": (hidden, q),
-                }
-            )
+            shapes.update(attention_shapes(p, hidden, q, kv))
             if a.add_qkv_bias:
                 shapes.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,)})
                 shapes[p + "self_attn.v_proj.bias"] = (kv,)
@@ -138,8 +135,7 @@ class BamImporter(Importer):
             if a.num_experts:
                 shapes[p + "mlp.router.weight"] = (a.num_experts, hidden)
             for m in mlps:
-                shapes.update({m + "gate_proj.weight": (ffn, hidden), m + "up_proj.weight": (ffn, hidden)})
-                shapes[m + "down_proj.weight"] = (hidden, ffn)
+                shapes.update(swiglu_shapes(m, hidden, ffn))
         return shapes
 
     def optional_tensors(self) -> dict[str, tuple[int, ...]]:
