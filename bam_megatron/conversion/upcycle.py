@@ -121,6 +121,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         "zero-initialised router and routing weights scaled by the number of experts; top-k > 1: "
         "renormalised top-k)",
     )
+    p.add_argument(
+        "--attention-router-topk",
+        type=int,
+        default=None,
+        help="bam, bam-shared-kv: keep the k largest attention gates per token (the top-k MoA ablation); "
+        "default: soft MoA (every attention expert)",
+    )
     p.add_argument("--shared-kv-init", default="average", help="bam-shared-kv: 'average' or a source NAME")
     p.add_argument("--router-init-std", type=float, default=0.02, help="new routers' weights ~ N(0, std); 0: zeros")
     p.add_argument("--seed", type=int, default=1234, help="router initialisation seed")
@@ -184,6 +191,11 @@ def validate(sources: Sequence[Source], args: argparse.Namespace) -> Architectur
             raise UpcycleError(f"--method {args.method} needs at least 2 sources")
     if args.method == "bam-shared-kv" and args.shared_kv_init not in ["average", *(s.name for s in sources)]:
         raise UpcycleError(f"--shared-kv-init {args.shared_kv_init!r}: 'average' or one of the source names")
+    k = args.attention_router_topk
+    if k is not None and (args.method not in ("bam", "bam-shared-kv") or not 1 <= k <= experts):
+        raise UpcycleError(
+            f"--attention-router-topk {k}: needs --method bam or bam-shared-kv and a value in [1, {experts}]"
+        )
     if args.function_preserving:
         _choose_function_preserving_routing(args, experts)
     if args.router_init_std < 0:
@@ -252,6 +264,7 @@ def target_architecture(sources: Sequence[Source], args: argparse.Namespace, exp
         moe_router_topk=args.moe_router_topk,
         moe_router_pre_softmax=args.moe_router_pre_softmax,
         moe_router_topk_scaling_factor=args.moe_router_topk_scaling_factor,
+        attention_router_topk=args.attention_router_topk,
         padded_vocab_size=rows,
     )
 
@@ -371,6 +384,7 @@ def upcycle(args: argparse.Namespace) -> dict:
         "moe_router_topk": args.moe_router_topk,
         "moe_router_pre_softmax": args.moe_router_pre_softmax,
         "moe_router_topk_scaling_factor": args.moe_router_topk_scaling_factor,
+        "attention_router_topk": args.attention_router_topk,
         "shared_kv_init": args.shared_kv_init if args.method == "bam-shared-kv" else None,
         "sources": [
             {"name": s.name, **lineage.identity(s.path, s.meta), "root": lineage.root_of(s.path, s.meta)}
