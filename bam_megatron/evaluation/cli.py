@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,7 +37,11 @@ PROG = "bam-eval"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description="Per-domain perplexity table and MoE routing analysis.")
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Per-domain perplexity table and MoE routing analysis.",
+        epilog="bam-eval plot RUN ...: loss curves from training metrics files (bam-eval plot --help)",
+    )
     g = p.add_argument_group("models")
     g.add_argument(
         "--model",
@@ -303,6 +308,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point; returns the exit code (2 for bad input)."""
     import bam_megatron  # noqa: F401  (quiet megatron-core's import-time warnings)
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["plot"]:  # `bam-eval plot`: loss curves from metrics files (evaluation/plot.py)
+        from bam_megatron.evaluation.plot import main as plot_main
+
+        return plot_main(argv[1:])
     args = build_parser().parse_args(argv)
     started_here = not dist.is_initialized()
     try:
