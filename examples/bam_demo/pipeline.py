@@ -322,19 +322,17 @@ class Pipeline(Stages):
         """The dense models, in expert order: the seed first."""
         return {"seed": self.path("seed"), **{e: os.path.join(self.expert_dir(e), "ckpt") for e in EXPERTS}}
 
+    def upcycle_argv(self, method: str, sources: dict[str, str], out: str, *extra: str) -> list[str]:
+        """tools/upcycle.py: ``sources`` (name -> dense checkpoint, in expert order) into a ``method`` mixture."""
+        experts = [x for n, p in sources.items() for x in ("--expert", f"{n}={p}")]
+        return python("tools/upcycle.py", *experts, "--method", method, "--save", out, *extra)
+
     def upcycle(self) -> None:
         """Stage 7: seed + experts -> 4-expert BAM and BTX checkpoints (tools/upcycle.py)."""
         units = []
         for m in MIXTURES:
             out = self.path(f"{m}-init")
-            argv = python(
-                "tools/upcycle.py",
-                *[x for n, p in self.sources().items() for x in ("--expert", f"{n}={p}")],
-                "--method",
-                m,
-                "--save",
-                out,
-            )
+            argv = self.upcycle_argv(m, self.sources(), out)
             units.append(
                 Unit(
                     f"upcycle-{m}",
@@ -348,17 +346,22 @@ class Pipeline(Stages):
             "upcycle", "phase 3: upcycle seed + experts into 4-expert BTX and BAM mixtures", units, parallel=self.nproc
         )
 
+    def mixture_flags(self, init: str, iters: int) -> list[str]:
+        """Phase-3 training of the upcycled checkpoint ``init`` on the equal mixture for ``iters`` iterations
+        (no architecture flags: pretrain_bam.py reads it from the checkpoint)."""
+        return [
+            *self.common(),
+            *self.equal_mixture(),
+            *self.schedule(iters, self.s.mix_lr),
+            "--pretrained-checkpoint",
+            init,
+        ]
+
     def mixtures(self) -> None:
         """Stage 8: BTX and BAM trained on the equal mixture (their architecture from the upcycled checkpoints)."""
         s, units = self.s, []
         for m in MIXTURES:
-            flags = [  # no architecture flags: pretrain_bam.py reads it from the upcycled checkpoint
-                *self.common(),
-                *self.equal_mixture(),
-                *self.schedule(s.mix_iters, s.mix_lr),
-                "--pretrained-checkpoint",
-                self.path(f"{m}-init"),
-            ]
+            flags = self.mixture_flags(self.path(f"{m}-init"), s.mix_iters)
             units.append(
                 Unit(
                     m,
@@ -376,10 +379,8 @@ class Pipeline(Stages):
             parallel=self.jobs,
         )
 
-    def evaluate(self) -> None:
-        """Stage 9: per-domain perplexity of all six models, routing heatmaps (tools/eval.py)."""
-        out = self.path("eval")
-        models = {**self.sources(), **{m: self.path(m) for m in MIXTURES}}
+    def eval_args(self, models: dict[str, str], expert_names: Sequence[str], out: str) -> list[str]:
+        """tools/eval.py's flags: ``models`` (name -> checkpoint) on every domain's validation split into ``out``."""
         args = [
             *[x for n, p in models.items() for x in ("--model", f"{n}={p}")],
             "--data-path",
@@ -391,12 +392,17 @@ class Pipeline(Stages):
             "--tokenizer-model",
             self.spm(),
             "--expert-names",
-            *self.sources(),
+            *expert_names,
             "--output-dir",
-            out + ".tmp",
+            out,
         ]
-        if self.s.eval_samples:
-            args += ["--eval-samples", str(self.s.eval_samples)]
+        return args + (["--eval-samples", str(self.s.eval_samples)] if self.s.eval_samples else [])
+
+    def evaluate(self) -> None:
+        """Stage 9: per-domain perplexity of all six models, routing heatmaps (tools/eval.py)."""
+        out = self.path("eval")
+        models = {**self.sources(), **{m: self.path(m) for m in MIXTURES}}
+        args = self.eval_args(models, list(self.sources()), out + ".tmp")
 
         def job() -> Job:
             return Job(
