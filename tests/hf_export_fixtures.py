@@ -82,8 +82,11 @@ def architecture(name: str):
     return Architecture(**SIZES, padded_vocab_size=VOCAB, **CASES[name][0])
 
 
-def save_random_checkpoint(root: str, a, seed: int = 0, tokenizer: Optional[tuple[str, str]] = None) -> str:
-    """Rank body: a checkpoint of ``a`` with large random weights at ``root``; ``tokenizer``: (path, kind) recorded."""
+def save_random_checkpoint(
+    root: str, a, seed: int = 0, tokenizer: Optional[tuple[str, str]] = None, seq_length: int = SEQ
+) -> str:
+    """Rank body: a checkpoint of ``a`` with large random weights at ``root``; ``tokenizer``: (path, kind) recorded;
+    ``seq_length``: the recorded --seq-length (an export's max_position_embeddings)."""
     from bam_megatron.checkpoint import CheckpointMeta, store
     from bam_megatron.data.tokenizer import load_tokenizer
     from bam_megatron.model.builder import build_from_architecture
@@ -91,7 +94,7 @@ def save_random_checkpoint(root: str, a, seed: int = 0, tokenizer: Optional[tupl
 
     initialize(ParallelSizes())
     config = a.model_config(use_cpu_initialization=True, perform_initialization=False)
-    model = build_from_architecture(a, config, SEQ, backend="local")
+    model = build_from_architecture(a, config, seq_length, backend="local")
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -103,7 +106,7 @@ def save_random_checkpoint(root: str, a, seed: int = 0, tokenizer: Optional[tupl
         fields = dict(
             tokenizer_model=path, tokenizer_type=kind, tokenizer_fingerprint=load_tokenizer(path, kind).fingerprint
         )
-    meta = CheckpointMeta(architecture=a, seq_length=SEQ, training={"init_method_std": 0.3}, **fields)
+    meta = CheckpointMeta(architecture=a, seq_length=seq_length, training={"init_method_std": 0.3}, **fields)
     with contextlib.redirect_stdout(io.StringIO()):
         store.save_checkpoint(root, 0, model, None, None, meta)
     return root
