@@ -124,7 +124,7 @@ def read_metrics(path: str, name: Optional[str] = None) -> RunMetrics:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as error:
-            raise UserError(f"{where}: not JSON ({error.msg} at column {error.colno})") from None
+            raise UserError(f"{where}: not JSON ({error.msg}, column {error.colno})") from None
         kind = _check_record(record, where)
         iteration = record.get("iteration")
         if kind == "train":
