@@ -241,3 +241,97 @@ def test_foreign_lineage_is_allowed_with_a_warning(tmp_path, family, mixtures):
     )
     assert code == 0 and "warning: source other" in err, err
     assert store.read_meta(store.resolve_checkpoint(out)).architecture.num_experts == 3
+
+
+def _pretrain(argv: list[str]) -> tuple[int, str]:
+    """Rank body: pretrain_bam's exit code and stderr."""
+    from bam_megatron.cli.pretrain import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(argv)
+    return code, err.getvalue()
+
+
+@pytest.mark.parametrize(
+    "method,new,layout",
+    [
+        ("bam", ["law"], []),
+        ("bam-shared-kv", ["law"], []),
+        ("btx", ["law"], []),
+        ("bam", ["law"], ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
+        ("bam", ["law", "other"], ["--expert-model-parallel-size", "2"]),
+    ],
+    ids=["bam", "bam-shared-kv", "btx", "bam-tp2", "bam-ep2"],
+)
+def test_freeze_old_experts_trains_only_the_newcomers_and_what_is_shared(
+    tmp_path, family, mixtures, method, new, layout
+):
+    grown, trained = str(tmp_path / "grown"), str(tmp_path / "trained")
+    sources = {"law": family["law"], "other": family["foreign"]}
+    extra = [arg for name in new for arg in ("--expert", f"{name}={sources[name]}")]
+    code, err = upcycle("--extend", mixtures[method], *extra, "--allow-foreign-lineage", "--save", grown)
+    assert code == 0, err
+    argv = [
+        "--pretrained-checkpoint",
+        grown,
+        "--freeze-old-experts",
+        "--mock-data",
+        "--vocab-size",
+        "128",
+        "--seq-length",
+        str(SEQ),
+        "--micro-batch-size",
+        "2",
+        "--train-iters",
+        "3",
+        "--lr",
+        "1e-2",
+        "--lr-warmup-iters",
+        "0",
+        "--save",
+        trained,
+        *layout,
+    ]
+    world = 2 if layout else 1
+    results = run_distributed(_pretrain, world, args=(argv,))
+    assert [code for code, _ in results] == [0] * world, results[0][1]
+    before, after = weights(grown), weights(trained)
+    old, experts = (0, 1), 2 + len(new)
+    for name, tensor in after.items():
+        if ".local_experts." in name:
+            e = int(name.split(".local_experts.")[1].split(".")[0])
+            assert torch.equal(tensor, before[name]) == (e in old), name
+        elif "router" in name or "embedding" in name or (method == "btx" and "self_attention" in name):
+            assert not torch.equal(tensor, before[name]), f"{name} did not train"
+    if method == "btx":
+        return
+    architecture = store.read_meta(store.resolve_checkpoint(grown)).architecture
+    for layer in range(2):
+        q0, o0, k0, v0 = _attention(before, layer, architecture)
+        q1, o1, k1, v1 = _attention(after, layer, architecture)
+        for e in range(experts):
+            assert torch.equal(q1[e], q0[e]) == (e in old) and torch.equal(o1[e], o0[e]) == (e in old), (layer, e)
+        if method == "bam":  # expert KV: rows e*G to (e+1)*G are expert e's K and V
+            assert torch.equal(k1[:4], k0[:4]) and torch.equal(v1[:4], v0[:4])
+            assert not torch.equal(k1[4:], k0[4:]) and not torch.equal(v1[4:], v0[4:])
+        else:  # one K and V for all experts: shared, so it trains
+            assert not torch.equal(k1, k0) and not torch.equal(v1, v0)
+
+
+def test_freeze_old_experts_needs_a_grown_mixture(tmp_path, mixtures):
+    argv = [
+        "--pretrained-checkpoint",
+        mixtures["bam"],
+        "--freeze-old-experts",
+        "--mock-data",
+        "--vocab-size",
+        "128",
+        "--train-iters",
+        "1",
+        "--save",
+        str(tmp_path / "out"),
+    ]
+    ((code, err),) = run_distributed(_pretrain, 1, args=(argv,))
+    assert code == 2 and "--freeze-old-experts: checkpoint" in err and "is not a mixture grown" in err, err
+    assert not os.path.exists(tmp_path / "out")

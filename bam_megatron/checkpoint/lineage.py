@@ -14,7 +14,7 @@ so hard-linked copies, as bam-branch makes, share it).
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Optional
 
 from bam_megatron.checkpoint.meta import CheckpointMeta
 from bam_megatron.checkpoint.store import checkpoint_hash
@@ -37,3 +37,24 @@ def started_from(path: str, meta: CheckpointMeta, weights_only: bool) -> dict[st
     if weights_only:
         lineage["root"] = root_of(path, meta)
     return lineage
+
+
+def expert_names(meta: CheckpointMeta) -> list[str]:
+    """The mixture's expert names, in expert order (bam-upcycle's manifest, then every growth)."""
+    grown = meta.lineage.get("grown")
+    if grown:
+        return list(grown[-1]["expert_names"])
+    upcycled = meta.lineage.get("upcycled")
+    if upcycled:
+        return list(upcycled["expert_names"])
+    return [f"expert{i}" for i in range(meta.architecture.num_experts)]
+
+
+def experts_before_last_growth(meta: CheckpointMeta) -> Optional[list[int]]:
+    """Indices of the experts the mixture had before its newest ``bam-upcycle --extend`` (those that
+    did not join then); None when it never grew."""
+    grown = meta.lineage.get("grown")
+    if not grown:
+        return None
+    joined = {entry["name"] for entry in grown[-1]["joined"]}
+    return [i for i, name in enumerate(grown[-1]["expert_names"]) if name not in joined]

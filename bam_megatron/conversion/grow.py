@@ -33,17 +33,6 @@ class Slot:
     index: int
 
 
-def expert_names(meta: CheckpointMeta) -> list[str]:
-    """The mixture's expert names, in expert order (bam-upcycle's manifest, then every growth)."""
-    grown = meta.lineage.get("grown")
-    if grown:
-        return list(grown[-1]["expert_names"])
-    upcycled = meta.lineage.get("upcycled")
-    if upcycled:
-        return list(upcycled["expert_names"])
-    return [f"expert{i}" for i in range(meta.architecture.num_experts)]
-
-
 def slots(names: Sequence[str], new: Sequence[str], drop: Sequence[str]) -> tuple[list[Slot], list[str]]:
     """The grown mixture's slots and names: the old experts but the dropped ones, then the new ones."""
     kept = [Slot(False, i) for i, name in enumerate(names) if name not in drop]

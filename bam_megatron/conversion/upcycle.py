@@ -300,7 +300,7 @@ class _Mixer:
         self.moa = args.method in ("bam", "bam-shared-kv")
 
     def __call__(self, unit: int, params: dict) -> None:
-        from bam_megatron.checkpoint.layerwise import TOP, read_unit
+        from bam_megatron.checkpoint.layerwise import TOP, read_unit, unit_of_parameter
         from bam_megatron.checkpoint.store import stored_key_names
 
         label = "embeddings and output layer" if unit == TOP else f"layer {unit + 1}/{self.config.num_layers}"
@@ -309,19 +309,31 @@ class _Mixer:
         seen: dict[str, torch.Tensor] = {}
         attention: dict[str, list] = {"linear_qkv": [], "linear_proj": []}
         for index, (source, model) in enumerate(zip(self.sources, self.source_models)):
-            for name, weight in read_unit(model, unit, source.path, stored_key_names(source.meta)).items():
+            names = [n for n, _ in model.named_parameters() if unit_of_parameter(n) == unit]
+            # Read straight into the MoE where a source's tensor is copied as it is: its FFN expert,
+            # and the first source's share of an average (the mean of one source is that source).
+            into = {n: params[self._expert_name(n, index)] for n in names if ".mlp.linear_fc" in n}
+            if index == 0:
+                averaged = [n for n in names if n in params and n not in into and not self._attention(n)]
+                into.update({n: params[n] for n in averaged if params[n].shape == model.get_parameter(n).shape})
+            for name, weight in read_unit(model, unit, source.path, stored_key_names(source.meta), into).items():
                 if ".mlp.linear_fc" in name:  # FFN: one expert per source (every expert: sparse)
                     layer_prefix, fc = name.split(".mlp.")
                     for e in range(self.experts) if self.args.method == "sparse" else [index]:
                         target = f"{layer_prefix}.mlp.experts.local_experts.{e}.{fc}"
-                        params[target].copy_(weight)
+                        if params[target] is not weight:
+                            params[target].copy_(weight)
                         written.add(target)
-                elif self.moa and ".self_attention.linear_" in name:
+                elif self._attention(name):
                     attention[name.split(".")[-2]].append(weight)
                 else:  # norms, embedding, output layer, (btx) attention: averaged
                     if name not in seen:
-                        params[name].zero_()
                         seen[name] = torch.zeros(params[name].shape[0], dtype=torch.int64)
+                        if params[name] is weight:  # read in place: the mean of one source
+                            seen[name] += 1
+                            written.add(name)
+                            continue
+                        params[name].zero_()
                     _running_mean(params[name], weight, seen[name])
                     written.add(name)
         if attention["linear_qkv"]:
@@ -333,6 +345,15 @@ class _Mixer:
         missing = sorted(set(params) - written)
         if missing:  # uninitialised memory must never reach the checkpoint
             raise RuntimeError(f"upcycling left {', '.join(missing)} unset")
+
+    def _attention(self, name: str) -> bool:
+        """Soft MoA: the attention projections of every source, mixed into the MoE's (not averaged)."""
+        return self.moa and ".self_attention.linear_" in name
+
+    def _expert_name(self, name: str, index: int) -> str:
+        """A source's FFN parameter -> the MoE expert it is copied to (sparse: the first of all)."""
+        layer_prefix, fc = name.split(".mlp.")
+        return f"{layer_prefix}.mlp.experts.local_experts.{0 if self.args.method == 'sparse' else index}.{fc}"
 
     def _mix_attention(self, layer: int, params: dict, attention: dict, written: set) -> None:
         from bam_megatron.model.qkv_layout import soft_moa_attention_weights, split_qkv
@@ -450,7 +471,7 @@ def grow_mixture(args: argparse.Namespace) -> dict:
             f"{', '.join(grow.MIXTURES)}"
         )
     new = read_sources(args.expert or [])
-    names, drop = grow.expert_names(mixture.meta), list(args.drop_expert or [])
+    names, drop = lineage.expert_names(mixture.meta), list(args.drop_expert or [])
     if not new and not drop:
         raise UpcycleError("--extend needs --expert NAME=DIR to add or --drop-expert NAME to remove")
     unknown = [n for n in drop if n not in names]

@@ -9,45 +9,24 @@ the same weights as a one-rank model and to reassemble its gradients for compari
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 
 import torch
-from megatron.core.dist_checkpointing.dict_utils import nested_values
-from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+from bam_megatron.model.shards import copy_from_full, data_replaced, global_slices, sharded_tensors
 
 Shard = tuple[str, tuple[int, ...], tuple[slice, ...], torch.Tensor]
 
 
-def _sharded_tensors(model: torch.nn.Module) -> Iterator[ShardedTensor]:
-    for item in nested_values(model.sharded_state_dict()):
-        if isinstance(item, ShardedTensorFactory):
-            yield from nested_values(item.build())
-        elif isinstance(item, ShardedTensor):
-            yield item
-
-
-def _global_slices(sh: ShardedTensor) -> tuple[slice, ...]:
-    if sh.flattened_range is not None:
-        raise ValueError(f"{sh.key}: flattened shards are not supported here")
-    local = (1,) * sh.prepend_axis_num + tuple(sh.local_shape)
-    return tuple(slice(off, off + n) for off, n in zip(sh.global_offset, local))
-
-
-@contextlib.contextmanager
-def gradients_as_weights(model: torch.nn.Module) -> Iterator[None]:
+def gradients_as_weights(model: torch.nn.Module) -> contextlib.AbstractContextManager:
     """Temporarily put each parameter's gradient (``main_grad`` under DDP) where its data is."""
-    saved = []
-    for param in model.parameters():
+
+    def gradient(param: torch.nn.Parameter) -> torch.Tensor:
         grad = getattr(param, "main_grad", None)
         if grad is None:
             grad = param.grad if param.grad is not None else torch.zeros_like(param)
-        saved.append((param, param.data))
-        param.data = grad.view_as(param)
-    try:
-        yield
-    finally:
-        for param, data in saved:
-            param.data = data
+        return grad
+
+    return data_replaced(model, gradient)
 
 
 def local_shards(model: torch.nn.Module, gradients: bool = False) -> list[Shard]:
@@ -55,9 +34,8 @@ def local_shards(model: torch.nn.Module, gradients: bool = False) -> list[Shard]
     ctx = gradients_as_weights(model) if gradients else contextlib.nullcontext()
     with ctx:
         return [
-            (sh.key, tuple(sh.global_shape), _global_slices(sh), sh.data.detach().clone())
-            for sh in _sharded_tensors(model)
-            if not sh.key.endswith("_extra_state")
+            (sh.key, tuple(sh.global_shape), global_slices(sh), sh.data.detach().clone())
+            for sh in sharded_tensors(model)
         ]
 
 
@@ -78,12 +56,6 @@ def assemble(shards_per_rank: list[list[Shard]]) -> dict[str, torch.Tensor]:
     return full
 
 
-@torch.no_grad()
 def load_full_weights(model: torch.nn.Module, full: dict[str, torch.Tensor]) -> None:
     """Copy each parameter's shard out of whole tensors (the inverse of `assemble`)."""
-    for sh in _sharded_tensors(model):
-        if sh.key.endswith("_extra_state"):
-            continue
-        if sh.key not in full:
-            raise KeyError(f"no full tensor for {sh.key}")
-        sh.data.copy_(full[sh.key][_global_slices(sh)].reshape(sh.data.shape))
+    copy_from_full(model, full)

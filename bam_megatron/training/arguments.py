@@ -178,6 +178,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="REGEX",
         help="freeze everything except parameters matching a REGEX (e.g. 'router')",
     )
+    g.add_argument(
+        "--freeze-old-experts",
+        action="store_true",
+        help="for a mixture grown by bam-upcycle --extend: freeze the attention and FFN experts it had "
+        "before (their weights stay exactly as loaded) and train the new experts, the routers and "
+        "everything shared; parameters holding frozen slices get no weight decay (docs/phases.md)",
+    )
 
     g = p.add_argument_group(
         "PEFT",

@@ -38,6 +38,7 @@ from bam_megatron.model.moe_metrics import moe_aux_losses
 from bam_megatron.model.statistics import training_flops_per_token
 from bam_megatron.platform import faults
 from bam_megatron.platform.distributed import ParallelSizes, initialize
+from bam_megatron.training import freezing
 from bam_megatron.training.arguments import DEFAULT_SEQ_LENGTH, given_architecture
 from bam_megatron.training.batches import MicroBatches, fixed_batches
 from bam_megatron.training.checkpointer import Checkpointer
@@ -203,6 +204,7 @@ class Trainer:
 
             model = Float16Module(self.config, model)
         self.trainable, self.total = freeze(model, args)
+        self._freeze_old_experts(model)
         self.model = model
         self.ddp = DistributedDataParallel(
             self.config,
@@ -226,6 +228,7 @@ class Trainer:
                 use_distributed_optimizer=args.use_distributed_optimizer,
             ),
             [self.ddp],
+            config_overrides=freezing.no_weight_decay_on_frozen() if args.freeze_old_experts else None,
         )
         self.scheduler = OptimizerParamScheduler(
             self.optimizer,
@@ -275,6 +278,22 @@ class Trainer:
     def _build_model(self) -> torch.nn.Module:
         """This rank's model, before bf16 wrapping and freezing (PeftTrainer adds adapters here)."""
         return build_from_architecture(self.architecture, self.config, self.args.seq_length)
+
+    def _freeze_old_experts(self, model: torch.nn.Module) -> None:
+        """--freeze-old-experts: mask the gradients of the experts the mixture had before it grew."""
+        if not self.args.freeze_old_experts:
+            return
+        meta = self.checkpoint_meta
+        old = lineage.experts_before_last_growth(meta) if meta else None
+        if old is None:
+            raise ConfigError(
+                f"--freeze-old-experts: checkpoint {self.checkpoint} is not a mixture grown by bam-upcycle --extend"
+                if meta
+                else "--freeze-old-experts needs --pretrained-checkpoint or --load of a grown mixture"
+            )
+        frozen = freezing.freeze_experts(model, self.config, old)
+        names = lineage.expert_names(meta)
+        _say(f"froze experts {', '.join(names[i] for i in old)} ({frozen:,} weights on this rank)")
 
     def _build_data(self, dp: int) -> None:
         args = self.args
