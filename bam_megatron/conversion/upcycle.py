@@ -155,6 +155,7 @@ def read_sources(specs: Sequence[str]) -> list[Source]:
         try:
             resolved = checkpoint.resolve_checkpoint(path)
             meta = checkpoint.read_meta(resolved)
+            checkpoint.verify_checkpoint(resolved)  # its tensors are read layer by layer, past store's checks
         except CheckpointError as error:
             raise UpcycleError(f"source {name}: {error}") from None
         sources.append(Source(name, resolved, meta))
