@@ -2,10 +2,14 @@
 
     bam-stats --preset paper-590m --variant bam --json
     python -m bam_megatron.stats --preset paper-2b --variant dense
+    bam-stats --preset tiny --variant bam --seq-length 128 --measure
 
 Parameters are counted on the model megatron-core really builds (`build_model` at TP=1, local
 backend, on the meta device: no weight memory is allocated, so paper-2b costs nothing). FLOPs come
-from the formula of docs/design.md §6 (`flops_per_token`).
+from the formula of docs/design.md §6 (`flops_per_token`). With ``--measure`` the model is also
+built with real weights and one forward pass of one ``--seq-length`` sequence is measured by
+DeepSpeed's FLOPs profiler (`bam_megatron.evaluation.flops_profile`), printed beside the formula
+with their ratio.
 """
 
 from __future__ import annotations
@@ -100,15 +104,25 @@ def model_stats(
     num_experts: int = 4,
     moe_router_topk: int = 1,
     seq_length: int = DEFAULT_SEQ_LENGTH,
+    measure: bool = False,
 ) -> dict[str, Any]:
     """Everything `bam-stats` reports, as one JSON-ready dict (counts on a meta model, FLOPs by
-    formula). ``num_experts`` / ``moe_router_topk`` are reported as null for ``dense``."""
+    formula). ``num_experts`` / ``moe_router_topk`` are reported as null for ``dense``.
+
+    ``measure``: also ``measured_flops``, DeepSpeed's profiler on one forward pass of a real model
+    (one sequence of ``seq_length``), restated in the formula's convention, and ``flops_ratio``
+    (measured / formula per part).
+    """
     if num_experts < 1:
         raise ConfigError(f"--num-experts must be >= 1, got {num_experts}")
     if not 1 <= moe_router_topk <= num_experts:
         raise ConfigError(f"--moe-router-topk must be in [1, --num-experts {num_experts}], got {moe_router_topk}")
     if seq_length < 1:
         raise ConfigError(f"--seq-length must be >= 1, got {seq_length}")
+    if measure:
+        from bam_megatron.evaluation.flops_profile import load_profiler
+
+        load_profiler()  # DeepSpeed missing: say so before building anything
     from bam_megatron.model.builder import variant_config  # megatron: after the checks
 
     if preset not in PRESETS:
@@ -122,11 +136,14 @@ def model_stats(
         perform_initialization=False,
     )
     sizes = PRESETS[preset]
+    measured = None
     with one_rank_parallel_state():
         model = build_meta_model(config, sizes.vocab_size, seq_length, sizes.untie_embeddings)
         params = count_parameters(model, config)
+        if measure:
+            measured = measure_real_model(config, sizes.vocab_size, seq_length, sizes.untie_embeddings)
     mixture = variant != "dense"
-    return {
+    stats = {
         "preset": preset,
         "variant": variant,
         "num_experts": num_experts if mixture else None,
@@ -143,6 +160,28 @@ def model_stats(
         "training_flops_per_token": training_flops_per_token(config, seq_length),
         "flops_convention": FLOPS_CONVENTION,
     }
+    if measured is not None:
+        from bam_megatron.evaluation.flops_profile import compare
+
+        stats["measured_flops"] = measured
+        stats["flops_ratio"] = compare(stats["flops_per_token"], measured)
+    return stats
+
+
+def measure_real_model(config: BAMConfig, vocab_size: int, seq_length: int, untie_embeddings: bool) -> dict[str, Any]:
+    """DeepSpeed's profile of one forward pass (one sequence) of ``config``'s model with real weights.
+
+    Needs `one_rank_parallel_state`. Builds and initialises every weight on the CPU: for the paper
+    presets that is their full size in memory (fp32), and the pass costs what the model costs.
+    """
+    import dataclasses
+
+    from bam_megatron.evaluation.flops_profile import measure_forward_flops
+    from bam_megatron.model.builder import build_model
+
+    real = dataclasses.replace(config, perform_initialization=True)
+    model = build_model(real, vocab_size, seq_length, untie_embeddings, backend="local")
+    return measure_forward_flops(model, real, vocab_size, seq_length)
 
 
 def human(value: float, unit: str = "") -> str:
@@ -187,6 +226,28 @@ def format_table(stats: dict[str, Any]) -> str:
         ("training FLOPs per token", "", "(3 x forward x layers; no embedding/output layer)"),
         ("  total", human(training, "FLOP"), f"{training:,}"),
     ]
+    measured = stats.get("measured_flops")
+    if measured is not None:
+        tokens = measured["tokens"]
+        rows.append(
+            (
+                "forward FLOPs per token per layer, measured by DeepSpeed's FLOPs profiler",
+                "",
+                f"(one forward pass, {tokens} tokens; its full-square core attention halved)",
+            )
+        )
+        for part, ratio in stats["flops_ratio"].items():
+            value = measured["per_layer"][part]
+            note = f"formula {stats['flops_per_token'][part]:,}, measured {value:,.0f}, ratio {ratio:.4f}"
+            rows.append((f"  {part}", human(value, "FLOP"), note))
+        rows += [
+            ("  output layer, per token", human(measured["output_layer"], "FLOP"), "(not in the formula)"),
+            (
+                "  DeepSpeed's total, per token",
+                human(measured["deepspeed_flops"] / tokens, "FLOP"),
+                "(as the profiler counts: whole model, full-square attention)",
+            ),
+        ]
     label_width = max(len(label) for label, value, _ in rows if value)
     value_width = max(len(value) for _, value, _ in rows)
     lines = header
@@ -237,6 +298,13 @@ def _parser() -> argparse.ArgumentParser:
         default=DEFAULT_SEQ_LENGTH,
         help=f"context length n_ctx of the attention FLOPs (default {DEFAULT_SEQ_LENGTH} for every preset)",
     )
+    parser.add_argument(
+        "--measure",
+        action="store_true",
+        help="also measure the forward FLOPs with DeepSpeed's FLOPs profiler on the real model (built with "
+        "weights, one --seq-length sequence: use the tiny preset or a short --seq-length on a CPU) and print "
+        "both counts and their ratio (needs the deepspeed extra)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     return parser
 
@@ -246,7 +314,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
 
     def body() -> None:
-        stats = model_stats(args.preset, args.variant, args.num_experts, args.moe_router_topk, args.seq_length)
+        stats = model_stats(
+            args.preset, args.variant, args.num_experts, args.moe_router_topk, args.seq_length, args.measure
+        )
         print(json.dumps(stats, indent=2) if args.json else format_table(stats))
 
     return run_tool("bam-stats", body)
