@@ -195,9 +195,9 @@ def test_preprocess_reports_a_bad_tokenizer_directory(hf, tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
     argv = ["--input", hf["jsonl"], "--tokenizer-model", os.fspath(empty), "--output-prefix", str(tmp_path / "o")]
-    assert preprocess_main(argv) == 1
+    assert preprocess_main(argv) == 2
     err = capsys.readouterr().err.strip()
-    assert err == f"error: no tokenizer.json in {empty}: not a Hugging Face tokenizer directory"
+    assert err == f"bam-preprocess-data: error: no tokenizer.json in {empty}: not a Hugging Face tokenizer directory"
     assert sorted(os.listdir(tmp_path)) == ["empty"]
 
 

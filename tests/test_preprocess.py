@@ -101,15 +101,16 @@ def test_invalid_line_stops_with_file_and_line(text_corpus, tmp_path, capsys, ba
         f.write(bad_line + "\n" + '{"text": "after the bad line"}\n')
     assert run(text_corpus, path, tmp_path / "out" / "c", "--workers", "2") != 0
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith(f"error: {path}:6: {reason}")
+    assert err.startswith(f"bam-preprocess-data: error: {path}:6: {reason}")
     assert files_in(tmp_path / "out") == []
 
 
 def test_invalid_utf8_is_an_invalid_line(text_corpus, tmp_path, capsys):
     path = tmp_path / "bytes.jsonl"
     path.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
-    assert run(text_corpus, path, tmp_path / "c") == 1
-    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"error: {path}:2: invalid UTF-8")
+    assert run(text_corpus, path, tmp_path / "c") == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"bam-preprocess-data: error: {path}:2: invalid UTF-8")
     assert files_in(tmp_path) == ["bytes.jsonl"]
 
 
@@ -140,9 +141,9 @@ def test_empty_documents_are_skipped_and_counted(text_corpus, tmp_path, capsys):
 
 def test_all_empty_corpus_is_refused(text_corpus, tmp_path, capsys):
     path = write_jsonl(tmp_path / "empty.jsonl", [{"text": ""}, {"text": "   "}, {"text": "\n"}])
-    assert run(text_corpus, path, tmp_path / "out" / "c", "--append-eod") == 1
+    assert run(text_corpus, path, tmp_path / "out" / "c", "--append-eod") == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("error: no tokens for key 'text'") and "3 empty" in err
+    assert err.startswith("bam-preprocess-data: error: no tokens for key 'text'") and "3 empty" in err
     assert files_in(tmp_path / "out") == []
 
 
@@ -152,7 +153,7 @@ def test_failed_run_keeps_the_previous_dataset(text_corpus, tmp_path):
     before = [(tmp_path / f"c_text_document.{ext}").read_bytes() for ext in ("bin", "idx")]
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\nnot json\n', encoding="utf-8")
-    assert run(text_corpus, bad, prefix) == 1
+    assert run(text_corpus, bad, prefix) == 2
     assert files_in(tmp_path) == ["bad.jsonl", "c_text_document.bin", "c_text_document.idx"]
     assert [(tmp_path / f"c_text_document.{ext}").read_bytes() for ext in ("bin", "idx")] == before
 
@@ -168,9 +169,9 @@ def test_missing_file_is_named(text_corpus, tmp_path, capsys, missing):
         "--output-prefix",
         str(tmp_path / "out" / "c"),
     ]
-    assert main(argv) == 1
+    assert main(argv) == 2
     what = "input file" if missing == "input" else "tokenizer model"
-    assert capsys.readouterr().err.strip() == f"error: {what} not found: {absent}"
+    assert capsys.readouterr().err.strip() == f"bam-preprocess-data: error: {what} not found: {absent}"
     assert files_in(tmp_path / "out") == []
 
 

@@ -144,7 +144,7 @@ def test_empty_corpus_fails_without_output(tmp_path):
     )
     assert result.returncode != 0
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: empty corpus") and str(empty) in last
+    assert last.startswith("bam-train-tokenizer: error: empty corpus") and str(empty) in last
     assert not (tmp_path / "out").exists() or os.listdir(tmp_path / "out") == []
 
 
@@ -153,9 +153,9 @@ def test_failed_training_leaves_previous_model_untouched(tmp_path, text_corpus, 
     (tmp_path / "spm.model").write_bytes(b"previous model")
     # The text_corpus cannot support 100000 pieces: SentencePiece fails after the temporary dir was made.
     code = train_main(["--input", text_corpus.jsonl, "--vocab-size", "100000", "--output-prefix", str(prefix)])
-    assert code == 1
+    assert code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("error: --vocab-size 100000") and "Please set it to a value <=" in err
+    assert err.startswith("bam-train-tokenizer: error: --vocab-size 100000") and "Please set it to a value <=" in err
     assert sorted(os.listdir(tmp_path)) == ["spm.model"]
     assert (tmp_path / "spm.model").read_bytes() == b"previous model"
 
@@ -171,13 +171,13 @@ def test_failed_training_leaves_previous_model_untouched(tmp_path, text_corpus, 
 def test_invalid_jsonl_line_names_file_and_line(tmp_path, capsys, line, reason):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"text": "fine line"}\n\n' + line + "\n", encoding="utf-8")
-    assert train_main(["--input", str(path), "--vocab-size", "300", "--output-prefix", str(tmp_path / "spm")]) == 1
+    assert train_main(["--input", str(path), "--vocab-size", "300", "--output-prefix", str(tmp_path / "spm")]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith(f"error: {path}:3: {reason}")
+    assert err.startswith(f"bam-train-tokenizer: error: {path}:3: {reason}")
     assert sorted(os.listdir(tmp_path)) == ["bad.jsonl"]
 
 
 def test_missing_input_names_it(tmp_path, capsys):
     missing = tmp_path / "missing.txt"
-    assert train_main(["--input", str(missing), "--vocab-size", "300", "--output-prefix", str(tmp_path / "s")]) == 1
-    assert capsys.readouterr().err.strip() == f"error: input file not found: {missing}"
+    assert train_main(["--input", str(missing), "--vocab-size", "300", "--output-prefix", str(tmp_path / "s")]) == 2
+    assert capsys.readouterr().err.strip() == f"bam-train-tokenizer: error: input file not found: {missing}"

@@ -36,6 +36,7 @@ _EXPORTS = {
     "read_meta": "store",
     "resolve_checkpoint": "store",
     "save_checkpoint": "store",
+    "verify_checkpoint": "store",
     "load_model": "models",
 }
 

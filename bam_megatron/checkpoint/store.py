@@ -41,9 +41,9 @@ from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, ShardedTensorFactory
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
-from bam_megatron.checkpoint import megatron_lm
+from bam_megatron.checkpoint import integrity, megatron_lm
 from bam_megatron.checkpoint.meta import MEGATRON_LM, CheckpointError, CheckpointMeta
-from bam_megatron.platform import faults
+from bam_megatron.platform import disk, faults
 from bam_megatron.platform.atomic import write_atomically
 
 LATEST = "latest_checkpointed_iteration.txt"
@@ -230,40 +230,94 @@ def save_checkpoint(
     converters' layer-by-layer writer).
     """
     final, tmp = checkpoint_path(root, iteration), checkpoint_path(root, iteration) + ".tmp"
-    if dist.get_rank() == 0:
-        os.makedirs(root, exist_ok=True)
-        for name in os.listdir(root):  # saves that were killed midway
-            if name.startswith("iter_") and name.endswith(".tmp"):
-                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
-        os.makedirs(tmp)
-    dist.barrier()
-    state = _state(model, optimizer, with_rng=True, is_loading=False)
-    _collect_write_results_in_process()
-    meta.iteration = iteration
-    meta.layout = dataclasses.replace(meta.layout, **_layout())
-    meta.scheduler = scheduler.state_dict() if scheduler is not None else None
-    state["meta"] = meta.to_dict()
-    # What Megatron-LM's loader reads (args, checkpoint_version, iteration), where it builds the model;
-    # read_meta reads "meta" first, so this stays a bam-megatron checkpoint (docs/checkpoints.md).
-    state.update(megatron_lm.common_state(meta))
-    content = dict(megatron_lm.CONTENT_METADATA)  # how _state made the sharded state dicts
-    if optimizer is not None and meta.layout.distributed_optimizer:
-        content["distrib_optim_sharding_type"] = "fully_reshardable"
-    dist_checkpointing.save(state, tmp, sharded_strategy=sharded_strategy, content_metadata=content)
-    dist.barrier()
+    try:
+        if dist.get_rank() == 0:
+            os.makedirs(root, exist_ok=True)
+            for name in os.listdir(root):  # saves that were killed midway
+                if name.startswith("iter_") and name.endswith(".tmp"):
+                    shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+            os.makedirs(tmp)
+        dist.barrier()
+        state = _state(model, optimizer, with_rng=True, is_loading=False)
+        _collect_write_results_in_process()
+        meta.iteration = iteration
+        meta.layout = dataclasses.replace(meta.layout, **_layout())
+        meta.scheduler = scheduler.state_dict() if scheduler is not None else None
+        state["meta"] = meta.to_dict()
+        # What Megatron-LM's loader reads (args, checkpoint_version, iteration), where it builds the model;
+        # read_meta reads "meta" first, so this stays a bam-megatron checkpoint (docs/checkpoints.md).
+        state.update(megatron_lm.common_state(meta))
+        content = dict(megatron_lm.CONTENT_METADATA)  # how _state made the sharded state dicts
+        if optimizer is not None and meta.layout.distributed_optimizer:
+            content["distrib_optim_sharding_type"] = "fully_reshardable"
+        faults.reached("checkpoint-writing")
+        dist_checkpointing.save(state, tmp, sharded_strategy=sharded_strategy, content_metadata=content)
+        dist.barrier()
+        _record_integrity(tmp)
+        faults.reached("checkpoint-written")
+    except Exception as error:
+        if dist.get_rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if not disk.out_of_space(error, root):
+            raise
+        raise _save_error(root, iteration, error, "writing") from None
     faults.pause_before_publishing_checkpoint()
     if dist.get_rank() == 0:
-        if os.path.exists(final):  # the same iteration saved again: the old copy goes only once the new is in
-            replaced = final + REPLACED
-            shutil.rmtree(replaced, ignore_errors=True)
-            os.replace(final, replaced)
-            os.replace(tmp, final)
-            shutil.rmtree(replaced)
-        else:
-            os.replace(tmp, final)
-        write_atomically(os.path.join(root, LATEST), str(iteration))
+        try:
+            _publish(root, iteration, tmp, final)
+        except OSError as error:
+            if not disk.out_of_space(error, root):
+                raise
+            raise _save_error(root, iteration, error, "publishing") from None
     dist.barrier()
     return final
+
+
+def _publish(root: str, iteration: int, tmp: str, final: str) -> None:
+    """Rename ``tmp`` to ``final`` (moving a published copy of the same iteration aside first), then
+    point ``latest`` at it."""
+    if os.path.exists(final):  # the same iteration saved again: the old copy goes only once the new is in
+        replaced = final + REPLACED
+        shutil.rmtree(replaced, ignore_errors=True)
+        os.replace(final, replaced)
+        os.replace(tmp, final)
+        shutil.rmtree(replaced)
+    else:
+        os.replace(tmp, final)
+    faults.reached("checkpoint-renamed")
+    write_atomically(os.path.join(root, LATEST), str(iteration))
+
+
+def _record_integrity(tmp: str) -> None:
+    """Every rank's sizes and CRCs of the files it wrote, gathered into ``tmp``'s integrity record."""
+    entries = integrity.describe(tmp, integrity.files_of_rank(tmp, dist.get_rank()))
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, entries)
+    if dist.get_rank() == 0:
+        integrity.write_record(tmp, {name: entry for part in gathered for name, entry in part.items()})
+
+
+def _save_error(root: str, iteration: int, error: BaseException, doing: str) -> CheckpointError:
+    """The one line for a save that ran out of space: where, which iteration, and what survives."""
+    try:
+        previous = latest_iteration(root)
+    except CheckpointError:
+        previous = None
+    survivor = (
+        f"iteration {previous} is intact ({checkpoint_path(root, previous)})"
+        if previous is not None
+        else f"no earlier checkpoint was published in {root}"
+    )
+    return CheckpointError(
+        f"no space left on {disk.filesystem_of(root)} while {doing} iteration {iteration}; {survivor}"
+    )
+
+
+def verify_checkpoint(path: str) -> None:
+    """Check every file of checkpoint ``path`` against its integrity record (sizes, CRC-32, the byte
+    ranges its .metadata points at): what tools that read tensors themselves call first."""
+    integrity.check_files(path)
+    integrity.check_checksums(path)
 
 
 def read_meta(path: str) -> CheckpointMeta:
@@ -272,23 +326,35 @@ def read_meta(path: str) -> CheckpointMeta:
     megatron_lm.refuse_other_formats(path)
     if not os.path.isfile(os.path.join(path, "metadata.json")):
         raise CheckpointError(f"{path} is not a checkpoint (no metadata.json)")
-    backend = maybe_load_config(path)
+    try:
+        backend = maybe_load_config(path)
+    except (ValueError, KeyError, TypeError, AttributeError, CheckpointingException) as error:
+        raise CheckpointError(f"{os.path.join(path, 'metadata.json')} is damaged ({error})") from None
     if backend is not None and backend.sharded_backend != "torch_dist":
         raise CheckpointError(
             f"{path}: a dist_checkpointing checkpoint in the {backend.sharded_backend!r} format; "
             "bam-megatron reads torch_dist"
         )
+    integrity.check_files(path)
+    common_pt = os.path.join(path, "common.pt")
     try:
         common = dist_checkpointing.load_common_state_dict(path)
-    except pickle.UnpicklingError as error:  # torch.load(weights_only=True) met a class megatron-core does not allow
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"{os.path.join(path, 'common.pt')} cannot be read safely ({first})") from None
+    except pickle.UnpicklingError as error:
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+        if "Unsupported global" in str(error):  # torch.load(weights_only=True) met a class not allowed
+            raise CheckpointError(f"{common_pt} cannot be read safely ({lines[0]})") from None
+        detail = next((line for line in lines if line.startswith("Unsupported")), lines[0])  # torch's reason
+        raise CheckpointError(f"{common_pt} is damaged ({detail})") from None
     except (FileNotFoundError, CheckpointingException) as error:
         raise CheckpointError(f"{path} is not a bam-megatron checkpoint ({error})") from None
+    except Exception as error:  # noqa: BLE001 - torch's zip reader and unpickler raise assorted errors
+        raise (integrity.diagnose(path, error) or _damaged(common_pt, error)) from None
+    if not isinstance(common, dict):
+        raise CheckpointError(f"{common_pt} is damaged (it holds a {type(common).__name__}, not a dict)")
     if "meta" in common:
         return CheckpointMeta.from_dict(common["meta"], path)
     if megatron_lm.is_megatron_lm(common):
-        tensors = {key: tuple(t.global_shape) for key, t in dist_checkpointing.load_tensors_metadata(path).items()}
+        tensors = {key: tuple(t.global_shape) for key, t in _tensors_metadata(path).items()}
         return megatron_lm.meta_from_common(common, path, tensors)
     raise CheckpointError(f"{path} is neither a bam-megatron checkpoint ('meta') nor a Megatron-LM one ('args')")
 
@@ -312,7 +378,7 @@ def load_checkpoint(path: str, model, optimizer=None, scheduler=None, load_rng: 
     saved = dataclasses.asdict(meta.layout)
     same_layout = all(saved[key] == value for key, value in _layout().items())
     state = _state(model, optimizer, load_rng and same_layout, is_loading=True, stored_key=stored_key_names(meta))
-    loaded = dist_checkpointing.load(state, path)
+    loaded = _load(state, path)
     model.load_state_dict(loaded["model"])
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
@@ -340,8 +406,49 @@ def _load_megatron_lm_weights(path: str, model, meta: CheckpointMeta) -> None:
             wanted[value.key] = tuple(value.global_shape)
         elif isinstance(value, ShardedTensorFactory):
             wanted.setdefault(value.key, None)
-    stored = {key: tuple(t.global_shape) for key, t in dist_checkpointing.load_tensors_metadata(path).items()}
+    stored = {key: tuple(t.global_shape) for key, t in _tensors_metadata(path).items()}
     megatron_lm.check_model_keys(wanted, stored, path)
-    loaded = dist_checkpointing.load(state, path)
+    loaded = _load(state, path)
     loaded["model"].update(kept)
     model.load_state_dict(loaded["model"])
+
+
+def _damaged(file: str, error: BaseException) -> CheckpointError:
+    text = str(error).strip()
+    first = f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
+    return CheckpointError(f"{file} is damaged ({first})")
+
+
+def _tensors_metadata(path: str) -> dict:
+    """megatron-core's tensor metadata of ``path``; a damaged file is named."""
+    try:
+        return dist_checkpointing.load_tensors_metadata(path)
+    except Exception as error:  # noqa: BLE001
+        found = integrity.diagnose(path, error)
+        if found is None:
+            raise
+        raise found from None
+
+
+def _load(state: dict, path: str) -> dict:
+    """dist_checkpointing.load of ``state`` from ``path``, the shards' CRCs checked first (split over
+    the ranks); a damaged file is named on every rank instead of a traceback from the reader."""
+    names = integrity.shards(path)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    try:
+        integrity.check_checksums(path, names[rank::world])
+        problem = None
+    except CheckpointError as error:
+        problem = str(error)
+    problems: list[Any] = [None] * world
+    dist.all_gather_object(problems, problem)
+    found = next((p for p in problems if p), None)
+    if found:
+        raise CheckpointError(found)
+    try:
+        return dist_checkpointing.load(state, path)
+    except Exception as error:  # noqa: BLE001
+        diagnosed = integrity.diagnose(path, error)
+        if diagnosed is None:
+            raise
+        raise diagnosed from None

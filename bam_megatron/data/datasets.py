@@ -24,6 +24,7 @@ from megatron.core.datasets.utils import get_blend_from_list
 
 from bam_megatron.data.atomic_cache import atomic_index_caches
 from bam_megatron.data.errors import DataError
+from bam_megatron.data.index_check import IndexArrays, read_checked_index
 
 
 @dataclass(frozen=True)
@@ -58,22 +59,10 @@ def domain_name(prefix: str) -> str:
     return name[: -len("_text_document")] if name.endswith("_text_document") else name
 
 
-def check_indexed_dataset(prefix: str) -> None:
-    """Fail with a one-line error if PREFIX.idx/.bin are missing or the .bin is truncated."""
-    idx, bin_ = get_idx_path(prefix), get_bin_path(prefix)
-    for path in (idx, bin_):
-        if not os.path.isfile(path):
-            raise DataError(f"dataset file not found: {path} (from --data-path {prefix})")
-    try:
-        index = IndexedDataset(prefix, mmap=False).index
-    except Exception as error:  # megatron-core raises assorted errors on a damaged index
-        raise DataError(f"cannot read dataset index {idx}: {error}") from None
-    if len(index) == 0:
-        raise DataError(f"dataset {prefix} holds no sequences")
-    expected = int(index.sequence_pointers[-1]) + int(index.sequence_lengths[-1]) * index.dtype_size
-    actual = os.path.getsize(bin_)
-    if actual < expected:
-        raise DataError(f"dataset file {bin_} is truncated: {actual} bytes, its index expects {expected}")
+def check_indexed_dataset(prefix: str) -> IndexArrays:
+    """PREFIX.idx/.bin present, and the index consistent over all its entries and with the .bin size
+    (`index_check`); a one-line `DataError` otherwise. Returns the checked index."""
+    return read_checked_index(prefix)
 
 
 def check_token_ids(prefix: str, vocab_size: int) -> None:
@@ -83,9 +72,8 @@ def check_token_ids(prefix: str, vocab_size: int) -> None:
     would train on wrong tokens without a word. One vectorised pass over the whole .bin file
     (memory-mapped, a few GB/s), before the first step.
     """
-    check_indexed_dataset(prefix)
-    index = IndexedDataset(prefix, mmap=False).index
-    end = int(index.sequence_pointers[-1]) // index.dtype_size + int(index.sequence_lengths[-1])
+    index = check_indexed_dataset(prefix)
+    end = index.tokens
     tokens = numpy.memmap(get_bin_path(prefix), dtype=index.dtype, mode="r", shape=(end,))
     largest = int(tokens.max()) if end else -1
     if largest >= vocab_size:

@@ -17,6 +17,7 @@ import numpy
 from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder, get_bin_path, get_idx_path
 
 from bam_megatron.data.files import fsync_path, remove_quietly
+from bam_megatron.platform import faults
 
 
 def token_dtype(vocab_size: int) -> numpy.dtype:
@@ -70,6 +71,7 @@ def publish(writers: Sequence[AtomicDatasetWriter]) -> None:
         remove_quietly(get_idx_path(writer.prefix))
     for writer in writers:
         os.replace(writer.bin_tmp, get_bin_path(writer.prefix))
+    faults.reached("dataset-publishing")
     for writer in writers:
         os.replace(writer.idx_tmp, get_idx_path(writer.prefix))
     for directory in {os.path.dirname(os.path.abspath(w.prefix)) for w in writers}:

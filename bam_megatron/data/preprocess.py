@@ -28,9 +28,11 @@ from typing import TYPE_CHECKING, TextIO
 
 from bam_megatron.data.encoder import Chunk, ChunkEncoder, ChunkResult, EncodeSettings, encode_in_worker, init_worker
 from bam_megatron.data.errors import DataError
-from bam_megatron.data.files import require_file
+from bam_megatron.data.files import output_directory, remove_stale_temporaries, require_file
 from bam_megatron.data.jsonl import STDIN, display_name, iter_chunks, open_input
 from bam_megatron.data.tokenizer import TOKENIZER_TYPES, load_tokenizer
+from bam_megatron.errors import run_tool
+from bam_megatron.platform import disk, faults
 
 if TYPE_CHECKING:
     from bam_megatron.data.indexed_writer import AtomicDatasetWriter
@@ -167,34 +169,46 @@ def preprocess(args: argparse.Namespace, log: TextIO | None = None) -> Preproces
     start = time.perf_counter()
     writers: list[AtomicDatasetWriter] = []
     published = False
-    try:
-        with open_input(args.input) as stream:
-            os.makedirs(os.path.dirname(os.path.abspath(args.output_prefix)), exist_ok=True)
-            for prefix in stats.prefixes:  # one by one: a failure on the second still discards the first
-                writers.append(AtomicDatasetWriter(prefix, dtype))
-            next_log = args.log_interval
-            with _encoded(iter_chunks(stream, CHUNK_BYTES), settings, args.workers) as results:
-                for result in results:
-                    _consume(result, writers, stats, args.skip_invalid_lines, name, log)
-                    if stats.documents >= next_log:
-                        next_log = (stats.documents // args.log_interval + 1) * args.log_interval
-                        elapsed = time.perf_counter() - start
-                        print(f"processed {stats.documents} documents ({stats.rates(elapsed)})", file=log)
-        for k, writer in enumerate(writers):
-            if writer.tokens == 0:
-                raise DataError(
-                    f"no tokens for key {keys[k]!r} in {name} ({stats.documents} documents, {stats.empty[k]} empty, "
-                    f"{stats.invalid} invalid lines skipped): refusing to write an empty dataset, "
-                    "which megatron-core cannot sample from"
-                )
-        for writer in writers:
-            writer.finalize()
-        publish(writers)
-        published = True
-    finally:
-        if not published:
+    out_dir = os.path.dirname(os.path.abspath(args.output_prefix))
+    with output_directory(out_dir):
+        try:
+            with open_input(args.input) as stream:
+                for prefix in stats.prefixes:  # one by one: a failure on the second still discards the first
+                    remove_stale_temporaries(out_dir, os.path.basename(prefix) + ".")
+                    writers.append(AtomicDatasetWriter(prefix, dtype))
+                next_log = args.log_interval
+                with _encoded(iter_chunks(stream, CHUNK_BYTES), settings, args.workers) as results:
+                    for result in results:
+                        _consume(result, writers, stats, args.skip_invalid_lines, name, log)
+                        faults.reached("dataset-writing")
+                        if stats.documents >= next_log:
+                            next_log = (stats.documents // args.log_interval + 1) * args.log_interval
+                            elapsed = time.perf_counter() - start
+                            print(f"processed {stats.documents} documents ({stats.rates(elapsed)})", file=log)
+            for k, writer in enumerate(writers):
+                if writer.tokens == 0:
+                    raise DataError(
+                        f"no tokens for key {keys[k]!r} in {name} ({stats.documents} documents, {stats.empty[k]} "
+                        f"empty, {stats.invalid} invalid lines skipped): refusing to write an empty dataset, "
+                        "which megatron-core cannot sample from"
+                    )
             for writer in writers:
-                writer.discard()
+                writer.finalize()
+            publish(writers)
+            published = True
+        except DataError:  # MissingFileError is an OSError too
+            raise
+        except OSError as error:  # a full disk, a directory that cannot be written, ...
+            if disk.out_of_space(error, out_dir):
+                raise DataError(
+                    f"no space left on {disk.filesystem_of(out_dir)} while writing {args.output_prefix}; "
+                    "nothing was published"
+                ) from None
+            raise DataError(f"{error.filename or args.output_prefix}: {error.strerror or error}") from None
+        finally:
+            if not published:
+                for writer in writers:
+                    writer.discard()
     stats.seconds = time.perf_counter() - start
     return stats
 
@@ -252,14 +266,18 @@ def _consume(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Console entry point; returns the exit status (1 with a one-line message on bad input)."""
+    """Console entry point; returns the exit status (2, one line ``bam-preprocess-data: error: ...``: bad input)."""
     args = build_parser().parse_args(argv)
-    try:
-        stats = preprocess(args)
-    except (DataError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    for key, prefix, docs, tokens in zip(stats.keys, stats.prefixes, stats.written, stats.tokens):
-        print(f"wrote {prefix}.bin/.idx: {docs} documents, {tokens} tokens (key {key!r})")
-    print(stats.summary())
-    return 0
+
+    def body() -> None:
+        try:
+            stats = preprocess(args)
+        except DataError:  # MissingFileError is an OSError too
+            raise
+        except OSError as error:  # reading the input or the tokenizer
+            raise DataError(f"{error.filename or args.input}: {error.strerror or error}") from None
+        for key, prefix, docs, tokens in zip(stats.keys, stats.prefixes, stats.written, stats.tokens):
+            print(f"wrote {prefix}.bin/.idx: {docs} documents, {tokens} tokens (key {key!r})")
+        print(stats.summary())
+
+    return run_tool("bam-preprocess-data", body)

@@ -31,9 +31,11 @@ from typing import TextIO
 import sentencepiece
 
 from bam_megatron.data.errors import DataError
-from bam_megatron.data.files import fsync_path, require_file
+from bam_megatron.data.files import fsync_path, output_directory, require_file
 from bam_megatron.data.jsonl import InvalidLine, is_blank, parse_line
 from bam_megatron.data.tokenizer import SPECIAL_IDS
+from bam_megatron.errors import run_tool
+from bam_megatron.platform import disk
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 
@@ -175,21 +177,29 @@ def train(args: argparse.Namespace, log: TextIO | None = None) -> str:
         raise DataError(f"empty corpus: no text in --input {' '.join(args.input)}") from None
 
     out_dir, name = os.path.split(os.path.abspath(args.output_prefix))
-    os.makedirs(out_dir, exist_ok=True)
-    tmp_dir = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=out_dir)
-    try:
-        print(f"training a {args.model_type} model, vocab {args.vocab_size}, seed {args.seed}", file=log)
-        start = time.perf_counter()
-        proto = _train_sentencepiece(args, _chain(first, sentences), reader)
-        print(f"trained in {time.perf_counter() - start:.1f} s", file=log)
-        _write_model_files(proto, os.path.join(tmp_dir, name))
-        for suffix in (".vocab", ".model"):  # the .model last: it is what consumers look for
-            fsync_path(os.path.join(tmp_dir, name + suffix))
-            os.replace(os.path.join(tmp_dir, name + suffix), args.output_prefix + suffix)
-        fsync_path(out_dir)
-        model = args.output_prefix + ".model"
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
+    with output_directory(out_dir):
+        tmp_dir = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=out_dir)
+        try:
+            print(f"training a {args.model_type} model, vocab {args.vocab_size}, seed {args.seed}", file=log)
+            start = time.perf_counter()
+            proto = _train_sentencepiece(args, _chain(first, sentences), reader)
+            print(f"trained in {time.perf_counter() - start:.1f} s", file=log)
+            _write_model_files(proto, os.path.join(tmp_dir, name))
+            for suffix in (".vocab", ".model"):  # the .model last: it is what consumers look for
+                fsync_path(os.path.join(tmp_dir, name + suffix))
+                os.replace(os.path.join(tmp_dir, name + suffix), args.output_prefix + suffix)
+            fsync_path(out_dir)
+            model = args.output_prefix + ".model"
+        except DataError:  # MissingFileError is an OSError too
+            raise
+        except OSError as error:
+            if disk.out_of_space(error, out_dir):
+                raise DataError(
+                    f"no space left on {disk.filesystem_of(out_dir)} while writing {args.output_prefix}.model"
+                ) from None
+            raise DataError(f"{error.filename or args.output_prefix}: {error.strerror or error}") from None
+        finally:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
     return model
 
 
@@ -271,12 +281,16 @@ def _decode(raw: bytes) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Console entry point; returns the exit status (1 with a one-line message on bad input)."""
+    """Console entry point; returns the exit status (2, one line ``bam-train-tokenizer: error: ...``: bad input)."""
     args = build_parser().parse_args(argv)
-    try:
-        model = train(args)
-    except (DataError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    print(f"wrote {model} and {args.output_prefix}.vocab")
-    return 0
+
+    def body() -> None:
+        try:
+            model = train(args)
+        except DataError:  # MissingFileError is an OSError too
+            raise
+        except OSError as error:  # reading an input
+            raise DataError(f"{error.filename or ' '.join(args.input)}: {error.strerror or error}") from None
+        print(f"wrote {model} and {args.output_prefix}.vocab")
+
+    return run_tool("bam-train-tokenizer", body)

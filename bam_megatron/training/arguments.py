@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
@@ -273,23 +274,65 @@ def validate(args: argparse.Namespace) -> None:
         raise ConfigError("--data-path needs --tokenizer-model")
     if args.instruct_data_path is not None and (args.tokenizer_model is None or args.data_path or args.mock_data):
         raise ConfigError("--instruct-data-path needs --tokenizer-model and replaces --data-path / --mock-data")
-    if args.peft and (args.freeze_parameters or args.train_only_parameters):
-        raise ConfigError("--peft freezes the base model itself: drop --freeze-parameters/--train-only-parameters")
+    if args.peft and (args.freeze_parameters or args.train_only_parameters or args.freeze_old_experts):
+        raise ConfigError(
+            "--peft freezes the base model itself: drop --freeze-parameters, --train-only-parameters "
+            "and --freeze-old-experts"
+        )
     if args.mock_data and args.tokenizer_model is None and args.vocab_size is None:
         raise ConfigError("--mock-data needs --vocab-size or --tokenizer-model")
-    for flag in ("num_experts", "moe_router_topk", "attention_router_topk", "seq_length"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    _check_ranges(args)
     if args.finetune and args.load is None:
         raise ConfigError("--finetune needs --load")
     if args.save_interval is not None and args.save is None:
         raise ConfigError("--save-interval needs --save")
-    for flag in ("micro_batch_size", "log_interval", "eval_interval"):
-        if getattr(args, flag) < 1:
-            raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1")
     if args.freeze_parameters and args.train_only_parameters:
         raise ConfigError("use either --freeze-parameters or --train-only-parameters, not both")
+
+
+# Flags with a lower bound: a value below it names the flag (not a bare assertion deep in megatron-core).
+_AT_LEAST_ONE = (
+    "train_iters",
+    "train_samples",
+    "num_experts",
+    "moe_router_topk",
+    "attention_router_topk",
+    "seq_length",
+    "vocab_size",
+    "micro_batch_size",
+    "global_batch_size",
+    "log_interval",
+    "eval_interval",
+    "save_interval",
+    "exit_interval",
+    "lr_decay_iters",
+    "max_skipped_iterations",
+    "make_vocab_size_divisible_by",
+    "peft_num_experts",
+    "lora_rank",
+)
+_AT_LEAST_ZERO = ("eval_iters", "lr_warmup_iters", "lr", "min_lr", "weight_decay", "clip_grad", "init_method_std")
+_PROBABILITIES = ("hidden_dropout", "attention_dropout")
+
+
+def _check_ranges(args: argparse.Namespace) -> None:
+    """Every numeric flag within its range, and --save/--load/--pretrained-checkpoint not naming a file."""
+    for flag in _AT_LEAST_ONE:
+        value = getattr(args, flag, None)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    for flag in _AT_LEAST_ZERO:
+        value = getattr(args, flag, None)
+        if value is not None and value < 0:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be >= 0, got {value}")
+    for flag in _PROBABILITIES:
+        value = getattr(args, flag)
+        if not 0 <= value < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be in [0, 1), got {value}")
+    for flag in ("save", "load", "pretrained_checkpoint", "tensorboard_dir", "data_cache_path"):
+        path = getattr(args, flag, None)
+        if path and os.path.exists(path) and not os.path.isdir(path):
+            raise ConfigError(f"--{flag.replace('_', '-')} {path} is a file, not a directory")
 
 
 def given_architecture(args: argparse.Namespace) -> dict:

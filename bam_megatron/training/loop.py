@@ -363,8 +363,6 @@ class Trainer:
         """
         args = self.args
         self.weights_only = args.finetune
-        if args.load and os.path.exists(args.load) and not os.path.isdir(args.load):
-            raise ConfigError(f"--load {args.load} is a file, not a checkpoint directory")
         if args.load and os.path.isfile(os.path.join(args.load, "metadata.json")):  # an iter_* directory itself
             path = checkpoint.resolve_checkpoint(args.load)
             return path, checkpoint.read_meta(path)

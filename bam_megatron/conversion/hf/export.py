@@ -29,6 +29,7 @@ from bam_megatron.conversion.hf import formats, hf_files, hf_tokenizer
 from bam_megatron.conversion.hf.errors import ConversionError
 from bam_megatron.conversion.hf.target import TOP, Target
 from bam_megatron.model.architecture import Architecture
+from bam_megatron.platform import faults
 
 FORMATS = ("auto", *formats.TARGETS)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -295,6 +296,7 @@ def export_checkpoint(
                     for name, tensor in _mapped(target, unit, weights, a, config).items():
                         writer.write(name, tensor.to(DTYPES[dtype]))
                 del weights
+                faults.reached("export-writing")
             files = writer.finish()
         finally:
             writer.abort()

@@ -12,6 +12,8 @@ from typing import Any, Optional
 import torch
 
 from bam_megatron.conversion.hf.errors import ConversionError
+from bam_megatron.data.files import remove_stale_temporaries
+from bam_megatron.platform import faults
 
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
@@ -289,10 +291,12 @@ def atomic_directory(final: str) -> Iterator[str]:
         raise ConversionError(f"the parent of {final} is not a directory")
     os.makedirs(parent, exist_ok=True)
     tmp = f"{final}.tmp-{os.getpid()}"
+    remove_stale_temporaries(parent, os.path.basename(final))  # left by a run that was killed
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     try:
         yield tmp
+        faults.reached("directory-publishing")
         os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

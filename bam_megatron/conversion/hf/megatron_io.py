@@ -22,7 +22,9 @@ def read_checkpoint(path: str) -> tuple[str, CheckpointMeta]:
     """A --save directory or an iter_* directory -> (iteration directory, its meta)."""
     try:
         resolved = checkpoint.resolve_checkpoint(path)
-        return resolved, checkpoint.read_meta(resolved)
+        meta = checkpoint.read_meta(resolved)
+        checkpoint.verify_checkpoint(resolved)  # its tensors are read layer by layer, past store's checks
+        return resolved, meta
     except CheckpointError as error:
         raise ConversionError(str(error)) from None
 

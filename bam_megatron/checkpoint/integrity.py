@@ -1,0 +1,163 @@
+"""What a checkpoint directory must hold, checked before megatron-core reads it, so that a damaged
+file is named instead of surfacing as a PyTorch traceback from deep inside a load.
+
+- At save time every rank records the size and CRC-32 of the files it wrote (``__RANK_*.distcp``;
+  rank 0 also ``common.pt`` and the metadata files) into ``integrity.json`` beside them, before
+  the checkpoint is published. The cost is one read of the just-written (page-cached) bytes at
+  zlib's CRC speed (about 1 GB/s per rank).
+- `check_files` (every read of a checkpoint, cheap): each recorded file is present with its
+  recorded size, the small files match their CRC, and every byte range ``.metadata`` points at
+  lies inside its ``.distcp`` file: that last check needs no record, so a truncated shard of a
+  checkpoint without one (older versions, Megatron-LM's) is named too.
+- `check_checksums` (before a load reads the tensors): the CRC of every recorded file.
+- `diagnose`: after a read failed anyway, the file at fault if the checks find it, else the
+  checkpoint and the library's first line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import struct
+import zipfile
+import zlib
+from collections.abc import Iterable, Sequence
+from typing import Optional
+
+from bam_megatron.checkpoint.meta import CheckpointError
+from bam_megatron.platform.atomic import write_atomically
+
+RECORD = "integrity.json"
+_SMALL = 4 << 20  # files up to this size are CRC-checked on every read (common.pt, the metadata)
+_CHUNK = 16 << 20
+_RANK_FILE = re.compile(r"^__(\d+)_\d+\.distcp$")
+
+
+def crc32(path: str) -> str:
+    """CRC-32 of a file's bytes, as 8 hex digits."""
+    value = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            value = zlib.crc32(chunk, value)
+    return f"{value:08x}"
+
+
+def files_of_rank(directory: str, rank: int) -> list[str]:
+    """The files of a just-written checkpoint that ``rank`` records: its own shards; rank 0 also the rest."""
+    names = []
+    for name in sorted(os.listdir(directory)):
+        match = _RANK_FILE.match(name)
+        if name == RECORD or not os.path.isfile(os.path.join(directory, name)):
+            continue
+        if (match and int(match.group(1)) == rank) or (match is None and rank == 0):
+            names.append(name)
+    return names
+
+
+def describe(directory: str, names: Iterable[str]) -> dict[str, dict]:
+    """{name: {"size", "crc32"}} of the given files of ``directory``."""
+    return {
+        name: {"size": os.path.getsize(os.path.join(directory, name)), "crc32": crc32(os.path.join(directory, name))}
+        for name in names
+    }
+
+
+def write_record(directory: str, entries: dict[str, dict]) -> None:
+    """Write ``directory``'s integrity record (all ranks' entries, gathered on rank 0)."""
+    write_atomically(os.path.join(directory, RECORD), json.dumps({"files": entries}, indent=1, sort_keys=True))
+
+
+def read_record(path: str) -> Optional[dict[str, dict]]:
+    """The recorded {name: {"size", "crc32"}} of checkpoint ``path``, or None if it has no record."""
+    record = os.path.join(path, RECORD)
+    if not os.path.isfile(record):
+        return None
+    try:
+        with open(record) as f:
+            return dict(json.load(f)["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise CheckpointError(f"{record} is damaged: it is not the JSON record the save wrote") from None
+
+
+def _extents(path: str) -> dict[str, int]:
+    """{.distcp file: the end of the last byte range .metadata points at in it}."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        metadata = FileSystemReader(path).read_metadata()
+    except Exception as error:  # noqa: BLE001 - torch raises assorted errors on a damaged pickle
+        raise CheckpointError(f"{os.path.join(path, '.metadata')} cannot be read ({_first_line(error)})") from None
+    ends: dict[str, int] = {}
+    for info in (getattr(metadata, "storage_data", None) or {}).values():
+        ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
+    return ends
+
+
+def check_files(path: str) -> None:
+    """Cheap checks of checkpoint ``path`` before reading it (see the module docstring); names the bad file."""
+    record = read_record(path) or {}
+    for name, entry in sorted(record.items()):
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            raise CheckpointError(f"{file} is missing (the checkpoint recorded it at save time)")
+        size = os.path.getsize(file)
+        if size != entry["size"]:
+            raise CheckpointError(f"{file} is damaged: {size} bytes, {entry['size']} when it was saved")
+        if size <= _SMALL and crc32(file) != entry["crc32"]:
+            raise CheckpointError(f"{file} is corrupted: its CRC-32 differs from the one recorded at save time")
+    if not os.path.isfile(os.path.join(path, ".metadata")):
+        raise CheckpointError(f"{os.path.join(path, '.metadata')} is missing")
+    for name, end in sorted(_extents(path).items()):
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            raise CheckpointError(f"{file} is missing (the checkpoint's .metadata points into it)")
+        size = os.path.getsize(file)
+        if size < end:
+            raise CheckpointError(f"{file} is truncated: {size} bytes, the checkpoint's .metadata reads up to {end}")
+
+
+def check_checksums(path: str, names: Optional[Sequence[str]] = None) -> None:
+    """The CRC-32 of the recorded files ``names`` (all of them by default) against the record."""
+    record = read_record(path)
+    if record is None:
+        return
+    for name in sorted(record) if names is None else names:
+        file = os.path.join(path, name)
+        if name in record and crc32(file) != record[name]["crc32"]:
+            raise CheckpointError(f"{file} is corrupted: its CRC-32 differs from the one recorded at save time")
+
+
+def shards(path: str) -> list[str]:
+    """The recorded files of checkpoint ``path`` too large for `check_files`' CRC (its tensor shards)."""
+    record = read_record(path) or {}
+    return sorted(name for name, entry in record.items() if entry["size"] > _SMALL)
+
+
+# What a damaged file makes torch's readers raise (a bug raises something else, and keeps its traceback).
+_READ_ERRORS = (EOFError, pickle.UnpicklingError, UnicodeDecodeError, zipfile.BadZipFile, OSError, struct.error)
+_READ_MESSAGES = ("PytorchStreamReader", "zip archive", "unexpected EOF", "Invalid magic", "invalid load key")
+
+
+def diagnose(path: str, error: BaseException) -> Optional[CheckpointError]:
+    """The error to raise after reading checkpoint ``path`` failed with ``error``: the file at fault
+    when the size and CRC checks find it; else, for an error a damaged file causes, the checkpoint
+    with the library's first line; else None (not a damaged file: the caller re-raises)."""
+    try:
+        check_files(path)
+        check_checksums(path)
+    except CheckpointError as found:
+        return found
+    chain, current = [], error
+    while current is not None and len(chain) < 10:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    if any(isinstance(e, _READ_ERRORS) or any(m in str(e) for m in _READ_MESSAGES) for e in chain):
+        return CheckpointError(f"checkpoint {path} cannot be read ({_first_line(error)})")
+    return None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
