@@ -1,0 +1,102 @@
+"""What the reproduction compares: the upcycled mixtures (``Init``) and their training runs (``Arm``).
+
+Every arm is trained once per mixture seed (``--seeds``): seed ``s`` initialises the upcycled
+routers (``bam-upcycle --seed s``) and orders the training data (``pretrain_bam.py --seed s``), so
+the runs of one seed see the same batches in every arm (the t-tests pair them by seed). The dense
+seed and experts are shared by all arms (one run each).
+
+- Table 1: BTX, BAM (expert KV) and BAM shared-KV, data-matched (DM: the same tokens) and
+  compute-matched (CM: BAM gets BTX's training FLOPs, so fewer tokens; FLOPs per token from
+  model_stats.py, i.e. bam-stats' counting).
+- Table 4: BTX with more FFN experts (copies of the seed) to match BAM's total parameters.
+- Table 5: BTX with 6 experts, top-3 (the paper's active-parameter match).
+- Table 6: BAM with soft MoA, top-2 and top-1 MoA (``bam-upcycle --attention-router-topk``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+SOURCES = ("seed", "code", "law", "math")
+"""The dense models, in expert order (the demo's ``Pipeline.sources``)."""
+
+
+@dataclass(frozen=True)
+class Init:
+    """One upcycled mixture: bam-upcycle's method, FFN experts (beyond four: copies of the seed) and routing."""
+
+    key: str
+    method: str
+    experts: int = 4
+    ffn_topk: int = 1
+    attention_topk: Optional[int] = None
+    stats: str = ""  # its row in model_stats.py's output
+
+    def source_names(self) -> list[str]:
+        """Expert names in order: the four sources, then seed2, seed3, ... (the extra copies of the seed)."""
+        return [*SOURCES, *(f"seed{i}" for i in range(2, self.experts - len(SOURCES) + 2))]
+
+    def upcycle_flags(self) -> list[str]:
+        """bam-upcycle flags beyond --expert, --method and --save."""
+        flags = ["--moe-router-topk", str(self.ffn_topk), "--report-batches", "0"]
+        if self.attention_topk is not None:
+            flags += ["--attention-router-topk", str(self.attention_topk)]
+        return flags
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One training recipe: an upcycled ``init`` trained for ``iters`` iterations (each seed)."""
+
+    key: str
+    label: str
+    init: Init
+    iters: int
+
+
+def total_matched_btx(stats: dict[str, dict]) -> str:
+    """The BTX (more FFN experts, top-1) whose total parameters are closest to BAM's."""
+    candidates = [name for name in stats if name.startswith("btx-e") and name[5:].isdigit()]
+    target = stats["bam"]["total_params"]
+    return min(candidates, key=lambda name: (abs(stats[name]["total_params"] - target), name))
+
+
+def compute_matched_iters(iters: int, stats: dict[str, dict], variant: str) -> int:
+    """Iterations that give ``variant`` the training FLOPs of BTX's ``iters`` (same tokens per iteration)."""
+    ratio = stats["btx"]["training_flops_per_token"] / stats[variant]["training_flops_per_token"]
+    return max(1, round(iters * ratio))
+
+
+def build_arms(iters: int, stats: dict[str, dict]) -> list[Arm]:
+    """Every arm, for a data-matched budget of ``iters`` iterations."""
+    btx_total = total_matched_btx(stats)
+    inits = {
+        "btx": Init("btx", "btx", stats="btx"),
+        "bam": Init("bam", "bam", stats="bam"),
+        "bam-shared-kv": Init("bam-shared-kv", "bam-shared-kv", stats="bam-shared-kv"),
+        btx_total: Init(btx_total, "btx", experts=int(btx_total[5:]), stats=btx_total),
+        "btx-e6-top3": Init("btx-e6-top3", "btx", experts=6, ffn_topk=3, stats="btx-e6-top3"),
+        "bam-top2": Init("bam-top2", "bam", attention_topk=2, stats="bam"),
+        "bam-top1": Init("bam-top1", "bam", attention_topk=1, stats="bam"),
+    }
+    cm = {v: compute_matched_iters(iters, stats, v) for v in ("bam", "bam-shared-kv")}
+    return [
+        Arm("btx", "BTX", inits["btx"], iters),
+        Arm("bam", "BAM (expert KV)", inits["bam"], iters),
+        Arm("bam-shared-kv", "BAM (shared KV)", inits["bam-shared-kv"], iters),
+        Arm("bam-cm", "BAM (expert KV), compute-matched", inits["bam"], cm["bam"]),
+        Arm("bam-shared-kv-cm", "BAM (shared KV), compute-matched", inits["bam-shared-kv"], cm["bam-shared-kv"]),
+        Arm("btx-total", f"BTX, {inits[btx_total].experts} FFN experts (total params)", inits[btx_total], iters),
+        Arm("btx-e6-top3", "BTX, 6 FFN experts, top-3 (active params)", inits["btx-e6-top3"], iters),
+        Arm("bam-top2", "BAM, top-2 MoA", inits["bam-top2"], iters),
+        Arm("bam-top1", "BAM, top-1 MoA", inits["bam-top1"], iters),
+    ]
+
+
+def inits_of(arms: list[Arm]) -> list[Init]:
+    """The distinct upcycled mixtures the arms start from, in order."""
+    seen: dict[str, Init] = {}
+    for arm in arms:
+        seen.setdefault(arm.init.key, arm.init)
+    return list(seen.values())

@@ -1,0 +1,189 @@
+"""The reproduction's stages: the demo's dense phases, then every arm upcycled, trained and evaluated per seed.
+
+Stages 1-6 are the demo's (``bam_demo.pipeline.Pipeline``: data, tokenizer, preprocess, seed,
+branch, experts); then
+
+ 7. stats      model_stats.py: parameters and FLOPs per token of every arm (sizes the CM and
+               parameter-matched arms, arms.py)
+ 8. upcycle    tools/upcycle.py for every upcycled mixture and seed (router seed = mixture seed)
+ 9. mixtures   pretrain_bam.py for every arm and seed (data order seed = mixture seed), seed-major
+               so that an interrupted run has whole seeds
+10. evaluate   tools/eval.py per arm (its seeds together; BTX and BAM also at step 0, for the
+               routing at initialisation), and the dense models once
+
+Everything is skipped when done and current (the demo's stamps under WORKDIR/.stages).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+
+from bam_demo.pipeline import EXPERTS, Pipeline, Settings
+from bam_demo.runner import Console, Job, TrainingFilter, Unit, file_hash, python, torchrun
+
+from .arms import Arm, Init, build_arms, inits_of
+
+STAGES = 10
+STEP0_ARMS = ("btx", "bam")
+"""Arms whose upcycled checkpoints are evaluated too: routing at step 0 against after training."""
+
+
+class ReproducePipeline(Pipeline):
+    """The demo's pipeline, then every arm of arms.py for each of ``seeds``."""
+
+    def __init__(
+        self, workdir: str, settings: Settings, nproc: int, jobs: int, console: Console, seeds: Sequence[int]
+    ) -> None:
+        super().__init__(workdir, settings, nproc, jobs, console)
+        self.seeds = list(seeds)
+        self.arms: list[Arm] = []
+
+    def run(self) -> None:
+        """Every stage in order; a finished one is skipped."""
+        for stage in (
+            self.data,
+            self.tokenizer,
+            self.preprocess,
+            self.seed,
+            self.branch,
+            self.experts,
+            self.stats,
+            self.upcycle_all,
+            self.train_all,
+            self.evaluate_all,
+        ):
+            stage()
+
+    def training(self, key: str, out: str, flags: list[str], iters: int) -> Callable[[], Job]:
+        """The demo's training job, showing a few iteration lines (the metrics file keeps them all)."""
+        make = super().training(key, out, flags, iters)
+
+        def job() -> Job:
+            made = make()
+            made.show = TrainingFilter(self.every(iters) * max(1, self.s.log_lines // 2))
+            return made
+
+        return job
+
+    # ----- paths
+
+    def stats_file(self) -> str:
+        """model_stats.py's output."""
+        return self.path("stats.json")
+
+    def init_dir(self, init: Init, seed: int) -> str:
+        """The upcycled checkpoint of ``init`` with router seed ``seed``."""
+        return self.path("inits", f"{init.key}-s{seed}")
+
+    def run_dir(self, arm: Arm, seed: int) -> str:
+        """The trained mixture of ``arm`` and ``seed`` (with its metrics.jsonl)."""
+        return self.path("runs", f"{arm.key}-s{seed}")
+
+    def eval_dir(self, name: str) -> str:
+        """tools/eval.py's output for ``name`` (an arm key, or 'dense')."""
+        return self.path("eval", name)
+
+    # ----- stages
+
+    def stats(self) -> None:
+        """Stage 7: parameters and FLOPs per token of every configuration; then the arms are known."""
+        out = self.stats_file()
+        argv = python("examples/reproduce/model_stats.py", "--seed-checkpoint", self.path("seed"), "--output", out)
+        params = {"source": file_hash("examples/reproduce/model_stats.py")}
+        self.stage(
+            "stats",
+            "model sizes: parameters and training FLOPs per token of every arm (bam-stats' counting)",
+            [Unit("stats", [out], params, ["seed"], job=lambda: Job("stats", argv, self.log("stats")))],
+        )
+        with open(out) as f:
+            self.arms = build_arms(self.s.mix_iters, json.load(f))
+
+    def upcycle_all(self) -> None:
+        """Stage 8: every upcycled mixture, once per seed (extra FFN experts are copies of the seed)."""
+        dense, units = self.sources(), []
+        for seed in self.seeds:
+            for init in inits_of(self.arms):
+                sources = {name: dense.get(name, dense["seed"]) for name in init.source_names()}
+                out = self.init_dir(init, seed)
+                argv = self.upcycle_argv(init.method, sources, out, *init.upcycle_flags(), "--seed", str(seed))
+                key = f"init-{init.key}-s{seed}"
+                units.append(
+                    Unit(
+                        key,
+                        [out],
+                        {"argv": self._rel(argv[1:])},
+                        ["seed", *[f"expert-{e}" for e in EXPERTS]],
+                        job=lambda key=key, argv=argv: Job(key, argv, self.log(key)),
+                    )
+                )
+        self.stage(
+            "upcycle",
+            f"phase 3: upcycle {len(inits_of(self.arms))} mixtures x {len(self.seeds)} router seeds",
+            units,
+            parallel=self.jobs,
+        )
+
+    def train_all(self) -> None:
+        """Stage 9: every arm trained on the equal mixture, once per seed (seed-major)."""
+        units = []
+        for seed in self.seeds:
+            for arm in self.arms:
+                out = self.run_dir(arm, seed)
+                flags = [*self.mixture_flags(self.init_dir(arm.init, seed), arm.iters), "--seed", str(seed)]
+                key = f"{arm.key}-s{seed}"
+                units.append(
+                    Unit(
+                        key,
+                        [out],
+                        {"flags": self._rel(flags)},
+                        [f"init-{arm.init.key}-s{seed}"],
+                        job=self.training(key, out, flags, arm.iters),
+                    )
+                )
+        self.stage(
+            "mixtures",
+            f"phase 3: train {len(self.arms)} arms x {len(self.seeds)} seeds on the equal mixture",
+            units,
+            parallel=self.jobs,
+        )
+
+    def _eval_unit(self, name: str, models: dict[str, str], expert_names: Sequence[str], deps: list[str]) -> Unit:
+        out = self.eval_dir(name)
+        args = self.eval_args(models, expert_names, out + ".tmp")
+        return Unit(
+            f"eval-{name}",
+            [out],
+            {"args": self._rel(args)},
+            deps,
+            job=lambda: Job(
+                f"eval-{name}",
+                self.eval_command(args),
+                self.log(f"eval-{name}"),
+                on_success=lambda: os.replace(out + ".tmp", out),
+            ),
+        )
+
+    def eval_command(self, args: list[str]) -> list[str]:
+        """tools/eval.py with ``args`` on this pipeline's ranks."""
+        return torchrun(self.nproc, "tools/eval.py", *args)
+
+    def evaluate_all(self) -> None:
+        """Stage 10: per-domain perplexity of the dense models and of every arm's seeds."""
+        units = [
+            self._eval_unit("dense", self.sources(), list(self.sources()), ["seed", *[f"expert-{e}" for e in EXPERTS]])
+        ]
+        for arm in self.arms:
+            models = {f"s{s}": self.run_dir(arm, s) for s in self.seeds}
+            deps = [f"{arm.key}-s{s}" for s in self.seeds]
+            if arm.key in STEP0_ARMS:
+                models.update({f"s{s}-step0": self.init_dir(arm.init, s) for s in self.seeds})
+                deps += [f"init-{arm.init.key}-s{s}" for s in self.seeds]
+            units.append(self._eval_unit(arm.key, models, arm.init.source_names(), deps))
+        self.stage(
+            "evaluate",
+            "evaluate: per-domain perplexity of the dense models and every arm, routing of the mixtures",
+            units,
+            parallel=self.jobs,
+        )

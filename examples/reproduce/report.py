@@ -1,0 +1,407 @@
+"""REPORT.md: the reproduction's tables in the paper's layout, with seeds, error bars and t-tests.
+
+Read from the pipeline's outputs only: WORKDIR/eval/*/perplexity.json and routing.json (tools/eval.py),
+WORKDIR/runs/*/metrics.jsonl (pretrain_bam.py) and WORKDIR/stats.json (model_stats.py). The paper's
+own numbers are not in this repository's docs (docs/, DESIGN.md), so no cell shows one: each table is
+compared with the paper by the ordering it claims, and the report says where that claim is stated.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from bam_demo.pipeline import DOMAINS, EXPERTS
+
+from .arms import Arm
+from .significance import Paired, mean_std, one_sample_test, paired_test
+
+COLUMNS = (*DOMAINS, "average")
+
+
+@dataclass
+class Results:
+    """Perplexities by arm and seed (None where a run or its evaluation is missing), dense models, routing."""
+
+    arms: list[Arm]
+    seeds: list[int]
+    stats: dict[str, dict]
+    tokens_per_iter: int
+    ppl: dict[str, dict[int, dict[str, float]]]  # arm -> seed -> column -> perplexity
+    dense: dict[str, dict[str, float]]  # seed/code/law/math -> column -> perplexity
+    routing: dict[str, dict[str, Any]]  # arm -> tools/eval.py's routing.json "models"
+    curves: dict[str, dict[int, list[dict]]]  # arm -> seed -> train records
+
+    def arm(self, key: str) -> Arm:
+        return next(a for a in self.arms if a.key == key)
+
+    def values(self, key: str, column: str = "average") -> list[float]:
+        """The per-seed values of an arm (seeds with results only)."""
+        return [self.ppl[key][s][column] for s in self.seeds if s in self.ppl.get(key, {})]
+
+    def paired(self, a: str, b: str) -> Optional[Paired]:
+        """Paired test of arm ``a`` against arm ``b`` over the seeds both have."""
+        common = [s for s in self.seeds if s in self.ppl.get(a, {}) and s in self.ppl.get(b, {})]
+        if len(common) < 2:
+            return None
+        return paired_test([self.ppl[a][s]["average"] for s in common], [self.ppl[b][s]["average"] for s in common])
+
+
+def _read_json(path: str) -> Optional[dict]:
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def collect(pipeline) -> Results:
+    """Everything the report needs from ``pipeline``'s work directory (a ReproducePipeline after its run)."""
+    with open(pipeline.stats_file()) as f:
+        stats = json.load(f)
+    ppl: dict[str, dict[int, dict[str, float]]] = {}
+    routing: dict[str, dict[str, Any]] = {}
+    curves: dict[str, dict[int, list[dict]]] = {}
+    for arm in pipeline.arms:
+        result = _read_json(os.path.join(pipeline.eval_dir(arm.key), "perplexity.json"))
+        ppl[arm.key] = {}
+        for seed in pipeline.seeds:
+            if result and f"s{seed}" in result["models"]:
+                ppl[arm.key][seed] = result["models"][f"s{seed}"]["perplexity"]
+        route = _read_json(os.path.join(pipeline.eval_dir(arm.key), "routing.json"))
+        routing[arm.key] = route["models"] if route else {}
+        curves[arm.key] = {}
+        for seed in pipeline.seeds:
+            path = os.path.join(pipeline.run_dir(arm, seed), "metrics.jsonl")
+            if os.path.exists(path):
+                with open(path) as f:
+                    records = [json.loads(line) for line in f if line.strip()]
+                curves[arm.key][seed] = [r for r in records if r.get("kind") == "train"]
+    dense_result = _read_json(os.path.join(pipeline.eval_dir("dense"), "perplexity.json"))
+    dense = {name: m["perplexity"] for name, m in dense_result["models"].items()} if dense_result else {}
+    s = pipeline.s
+    tokens = s.micro_batch_size * pipeline.nproc * s.seq_length
+    return Results(pipeline.arms, pipeline.seeds, stats, tokens, ppl, dense, routing, curves)
+
+
+# ---------------------------------------------------------------------------------------------
+# tables
+
+
+def _cell(values: Sequence[float]) -> str:
+    if not values:
+        return "–"
+    mean, std = mean_std(values)
+    return f"{mean:.2f} ± {std:.2f}" if len(values) > 1 else f"{mean:.2f}"
+
+
+def _header(extra: Sequence[str]) -> list[str]:
+    cols = [*extra, *COLUMNS]
+    return ["| model | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+
+
+def _arm_row(r: Results, key: str, extra: Sequence[str], label: Optional[str] = None) -> str:
+    cells = [_cell(r.values(key, c)) for c in COLUMNS]
+    return f"| {label or r.arm(key).label} | " + " | ".join([*extra, *cells]) + " |"
+
+
+def _dense_row(r: Results, name: str, extra: Sequence[str], label: str) -> str:
+    cells = [f"{r.dense[name][c]:.2f}" if name in r.dense else "–" for c in COLUMNS]
+    return f"| {label} | " + " | ".join([*extra, *cells]) + " |"
+
+
+def _compute(r: Results, key: str) -> tuple[str, str, str]:
+    """Iterations, tokens (M) and training compute (TFLOP, transformer layers) of an arm's run."""
+    arm = r.arm(key)
+    tokens = arm.iters * r.tokens_per_iter
+    flops = tokens * r.stats[arm.init.stats]["training_flops_per_token"]
+    return str(arm.iters), f"{tokens / 1e6:.2f}", f"{flops / 1e12:.2f}"
+
+
+def _params(r: Results, stats_key: str) -> tuple[str, str, str]:
+    row = r.stats[stats_key]
+    experts = str(row["num_experts"] or 1) + (f" (top-{row['moe_router_topk']})" if row["moe_router_topk"] > 1 else "")
+    return experts, f"{row['total_params'] / 1e6:.3f} M", f"{row['active_params'] / 1e6:.3f} M"
+
+
+def _test_lines(r: Results, pairs: Sequence[tuple[str, str]]) -> list[str]:
+    lines = []
+    for a, b in pairs:
+        test = r.paired(a, b)
+        if test is None:
+            lines.append(f"- {r.arm(a).label} vs {r.arm(b).label}: fewer than 2 seeds with results, no test")
+        else:
+            lines.append("- " + test.sentence(r.arm(a).label, r.arm(b).label))
+    return lines
+
+
+def table1(r: Results) -> list[str]:
+    """Table 1: the dense models, then BTX / BAM / BAM shared-KV data-matched and compute-matched."""
+    lines = ["## Table 1: dense models and mixtures, data-matched (DM) and compute-matched (CM)", ""]
+    lines += _header(["iterations", "tokens (M)", "training compute (TFLOP)"])
+    lines.append(_dense_row(r, "seed", ["", "", ""], "Seed (dense, one run)"))
+    for e in EXPERTS:
+        lines.append(_dense_row(r, e, ["", "", ""], f"{e.capitalize()} expert (dense, one run)"))
+    lines.append("| **data-matched** |" + " |" * (len(COLUMNS) + 3))
+    for key in ("btx", "bam", "bam-shared-kv"):
+        lines.append(_arm_row(r, key, _compute(r, key)))
+    lines.append("| **compute-matched** (BTX's compute) |" + " |" * (len(COLUMNS) + 3))
+    for key in ("btx", "bam-cm", "bam-shared-kv-cm"):
+        lines.append(_arm_row(r, key, _compute(r, key)))
+    lines += ["", "Average perplexity, paired by seed (A − B < 0: A is better):", ""]
+    lines += _test_lines(
+        r,
+        [
+            ("bam", "btx"),
+            ("bam-shared-kv", "btx"),
+            ("bam", "bam-shared-kv"),
+            ("bam-cm", "btx"),
+            ("bam-shared-kv-cm", "btx"),
+        ],
+    )
+    if "seed" in r.dense:
+        for key in ("btx", "bam"):
+            values = r.values(key)
+            if len(values) > 1:
+                test = one_sample_test(values, r.dense["seed"]["average"])
+                lines.append("- " + test.sentence(r.arm(key).label, "the dense seed (one run; one-sample t-test)"))
+    return lines + [""]
+
+
+def table_params(r: Results, title: str, btx_key: str) -> list[str]:
+    """Tables 4 and 5: BAM against a BTX with more parameters."""
+    lines = [title, ""]
+    lines += _header(["FFN experts", "total params", "active params"])
+    for key in ("btx", btx_key, "bam"):
+        lines.append(_arm_row(r, key, _params(r, r.arm(key).init.stats)))
+    lines += ["", "Average perplexity, paired by seed:", ""]
+    return lines + _test_lines(r, [("bam", btx_key), (btx_key, "btx")]) + [""]
+
+
+def table6(r: Results) -> list[str]:
+    """Table 6: soft MoA against top-2 and top-1 MoA."""
+    lines = ["## Table 6: soft mixture of attention vs top-k MoA", ""]
+    lines += _header(["attention experts per token"])
+    for key, k in (("bam", "all 4 (soft)"), ("bam-top2", "2"), ("bam-top1", "1")):
+        lines.append(_arm_row(r, key, [k]))
+    lines += ["", "Average perplexity, paired by seed:", ""]
+    return lines + _test_lines(r, [("bam", "bam-top2"), ("bam", "bam-top1"), ("bam-top2", "bam-top1")]) + [""]
+
+
+CLAIMS = (
+    # (claim, arm that should be lower, arm it should beat, where the paper's claim is stated)
+    ("BAM beats BTX, data-matched (Table 1)", "bam", "btx", "the paper's Table 1; issue 17"),
+    ("BAM beats BTX, compute-matched (Table 1)", "bam-cm", "btx", "the paper's Table 1; issue 17"),
+    ("BAM shared-KV beats BTX, data-matched (Table 1)", "bam-shared-kv", "btx", "the paper's Table 1"),
+    ("expert KV beats shared KV (Table 1)", "bam", "bam-shared-kv", "DESIGN.md §1: expert KV 'best quality'"),
+    ("BAM beats BTX with BAM's total parameters (Table 4)", "bam", "btx-total", "the paper's Table 4; issue 17"),
+    ("BAM beats BTX 6 experts top-3 (Table 5)", "bam", "btx-e6-top3", "the paper's Table 5; issue 17"),
+    ("soft MoA beats top-2 MoA (Table 6)", "bam", "bam-top2", "the paper's Table 6; DESIGN.md §1 (ablation)"),
+    ("soft MoA beats top-1 MoA (Table 6)", "bam", "bam-top1", "the paper's Table 6; DESIGN.md §1 (ablation)"),
+)
+
+
+def orderings(r: Results) -> list[str]:
+    """The claimed orderings against ours: holds (significant or not) or does not."""
+    lines = [
+        "## The paper's orderings against ours",
+        "",
+        "| claim | stated in | ours (average perplexity, mean over seeds) | holds? |",
+        "|---|---|---|---|",
+    ]
+    for claim, lower, higher, source in CLAIMS:
+        test = r.paired(lower, higher)
+        a, b = r.values(lower), r.values(higher)
+        if test is None or not a or not b:
+            lines.append(f"| {claim} | {source} | not enough seeds | – |")
+            continue
+        ours = f"{mean_std(a)[0]:.2f} vs {mean_std(b)[0]:.2f}"
+        if test.mean_diff < 0:
+            verdict = f"yes (p = {test.p:.3f}{'' if test.p < 0.05 else ', not significant'})"
+        else:
+            verdict = f"**no** (p = {test.p:.3f}{'' if test.p < 0.05 else ', not significant'})"
+        lines.append(f"| {claim} | {source} | {ours} | {verdict} |")
+    return lines + [""]
+
+
+# ---------------------------------------------------------------------------------------------
+# routing
+
+
+def _shares(entry: dict, layer: int) -> Optional[list[float]]:
+    """FFN share of tokens per expert at ``layer``, averaged over the domains."""
+    per_domain = entry.get("ffn_selection")
+    if not per_domain:
+        return None
+    rows = [per_domain[d][layer] for d in DOMAINS if d in per_domain]
+    return [sum(col) / len(rows) for col in zip(*rows)]
+
+
+def routing_section(r: Results) -> list[str]:
+    """The FFN routing of BTX and BAM at step 0 and after training, per seed and layer, and what it says."""
+    lines = ["## FFN routing at step 0 and after training", ""]
+    found = False
+    for key in ("btx", "bam"):
+        models = r.routing.get(key, {})
+        if not models:
+            continue
+        names = next(iter(models.values())).get("expert_names", [])
+        layers = next(iter(models.values()))["num_layers"]
+        lines += [
+            f"**{r.arm(key).label}**: share of tokens whose top-1 FFN expert is each expert (mean over the four "
+            "domains; a balanced router gives 0.25 each), and where the code domain's tokens go.",
+            "",
+            "| seed | model | layer | " + " | ".join(names) + " | least used | code tokens' top expert |",
+            "|---|---|---:|" + "---:|" * len(names) + "---|---|",
+        ]
+        for seed in r.seeds:
+            for state, name in (("step 0", f"s{seed}-step0"), ("trained", f"s{seed}")):
+                if name not in models:
+                    continue
+                for layer in range(layers):
+                    shares = _shares(models[name], layer)
+                    if shares is None:
+                        continue
+                    found = True
+                    code = models[name]["ffn_selection"]["code"][layer]
+                    least = names[min(range(len(shares)), key=shares.__getitem__)]
+                    top = max(range(len(code)), key=code.__getitem__)
+                    cells = " | ".join(f"{v:.2f}" for v in shares)
+                    lines.append(f"| {seed} | {state} | {layer} | {cells} | {least} | {names[top]} ({code[top]:.2f}) |")
+        lines.append("")
+    return lines if found else []
+
+
+# ---------------------------------------------------------------------------------------------
+# figures
+
+
+def bar_figure(r: Results, path: str) -> None:
+    """Average perplexity of every arm, mean with the standard deviation over seeds as error bars."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    groups = [
+        ("Table 1 (DM / CM)", ["btx", "bam", "bam-shared-kv", "bam-cm", "bam-shared-kv-cm"]),
+        ("Tables 4-5 (params)", ["btx", "btx-total", "btx-e6-top3", "bam"]),
+        ("Table 6 (MoA)", ["bam", "bam-top2", "bam-top1"]),
+    ]
+    figure = Figure(figsize=(13, 4.2), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(1, len(groups), sharey=True)
+    for ax, (title, keys) in zip(axes, groups):
+        stats = [mean_std(r.values(k)) if r.values(k) else (0.0, 0.0) for k in keys]
+        ax.bar(range(len(keys)), [m for m, _ in stats], yerr=[s for _, s in stats], capsize=4, color="tab:blue")
+        for i, k in enumerate(keys):  # the seeds themselves
+            values = r.values(k)
+            ax.plot([i] * len(values), values, "k.", markersize=4)
+        if "seed" in r.dense:
+            ax.axhline(r.dense["seed"]["average"], color="gray", linestyle="--", linewidth=1, label="dense seed")
+            ax.legend(fontsize=8, loc="lower right")
+        ax.set_xticks(range(len(keys)), keys, rotation=30, ha="right", fontsize=8)
+        ax.set_title(title, fontsize=10)
+        all_values = [v for k in keys for v in r.values(k)]
+        if all_values:
+            span = max(all_values) - min(all_values)
+            ax.set_ylim(min(all_values) - span - 0.5, max(all_values) + span + 0.5)
+    axes[0].set_ylabel("average validation perplexity (mean ± std over seeds)")
+    figure.savefig(path, dpi=100)
+
+
+def curve_figure(r: Results, path: str) -> None:
+    """Training LM loss and load-balancing loss against tokens, mean over seeds, one line per arm."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(12, 4.2), layout="constrained")
+    FigureCanvasAgg(figure)
+    loss_ax, lb_ax = figure.subplots(1, 2)
+    for arm in r.arms:
+        runs = [records for records in r.curves.get(arm.key, {}).values() if records]
+        if not runs:
+            continue
+        length = min(len(records) for records in runs)
+        x = [
+            runs[0][i]["consumed_samples"] * r.tokens_per_iter / runs[0][i]["global_batch_size"] / 1e6
+            for i in range(length)
+        ]
+        loss = [sum(records[i]["lm_loss"] for records in runs) / len(runs) for i in range(length)]
+        (line,) = loss_ax.plot(x, loss, label=arm.key, linewidth=1)
+        lb = [
+            sum(records[i].get("router_losses", {}).get("load_balancing_loss", float("nan")) for records in runs)
+            / len(runs)
+            for i in range(length)
+        ]
+        lb_ax.plot(x, lb, color=line.get_color(), label=arm.key, linewidth=1)
+    loss_ax.set_xlabel("training tokens (M)")
+    loss_ax.set_ylabel("training LM loss (mean over seeds)")
+    lb_ax.set_xlabel("training tokens (M)")
+    lb_ax.set_ylabel("Switch load-balancing loss (1 = balanced)")
+    loss_ax.legend(fontsize=7)
+    figure.savefig(path, dpi=100)
+
+
+# ---------------------------------------------------------------------------------------------
+# the report
+
+
+def write_report(pipeline, out_dir: str, command: str, times: Sequence[tuple[str, float, bool]]) -> str:
+    """Write REPORT.md and its figures under ``out_dir``; return the headline (Table 1) as markdown."""
+    r = collect(pipeline)
+    figures = os.path.join(out_dir, "figures")
+    os.makedirs(figures, exist_ok=True)
+    bar_figure(r, os.path.join(figures, "perplexity_bars.png"))
+    curve_figure(r, os.path.join(figures, "loss_curves.png"))
+    s = pipeline.s
+    t1 = table1(r)
+    lines = [
+        "# Reproducing the BAM paper's comparisons at laptop scale",
+        "",
+        f"Generated by `{command}` (examples/reproduce/). Four domains (general, code, law, math: "
+        "examples/bam_demo/corpora.py), a dense seed "
+        f"({s.num_layers} layers, d={s.hidden_size}, FFN {s.ffn_hidden_size}, {s.num_attention_heads} heads, "
+        f"context {s.seq_length}) trained {s.seed_iters} iterations, three dense experts "
+        f"{s.expert_iters} iterations each (shared by every arm, one run each), then every mixture trained "
+        f"{s.mix_iters} iterations (data-matched) at LR {s.mix_lr} with {r.tokens_per_iter} tokens per "
+        f"iteration, once per mixture seed ({', '.join(map(str, r.seeds))}): the seed sets the upcycled "
+        "routers' initialisation and the data order. Perplexity: tools/eval.py on the whole validation "
+        "split of each domain; `average` is the unweighted mean over domains. Cells are mean ± standard "
+        "deviation over seeds. Compute: bam-stats' training FLOPs per token (transformer layers, the "
+        "paper's Table 7 convention) × tokens. Significance: two-sided paired t-test over seeds (the runs "
+        "of one seed share data order and router seed), 5% level; with 3 seeds it has little power.",
+        "",
+        "The paper's numbers are not summarised in this repository's docs (docs/, /work/shared/DESIGN.md), "
+        "so no cell shows one: each table is compared with the paper by the ordering it claims (last "
+        "section but one), not by value. At this scale (sub-million-parameter experts, minutes of "
+        "training) the absolute numbers mean nothing for the paper's; only orderings can be compared.",
+        "",
+        *t1,
+        *table_params(
+            r, "## Table 4: BTX with BAM's total parameters (extra FFN experts copied from the seed)", "btx-total"
+        ),
+        *table_params(
+            r, "## Table 5: BTX with 6 FFN experts, top-3 (the paper's active-parameter match)", "btx-e6-top3"
+        ),
+        *table6(r),
+        *orderings(r),
+        *routing_section(r),
+        "## Figures",
+        "",
+        "![average perplexity per arm](figures/perplexity_bars.png)",
+        "",
+        "![training loss and load-balancing loss](figures/loss_curves.png)",
+        "",
+        "## Stage times",
+        "",
+        ", ".join(
+            f"{name} {seconds / 60:.1f} min" + (" (skipped)" if skipped else "") for name, seconds, skipped in times
+        ),
+        "",
+    ]
+    path = os.path.join(out_dir, "REPORT.md")
+    with open(path + ".tmp", "w") as f:
+        f.write("\n".join(lines))
+    os.replace(path + ".tmp", path)
+    return "\n".join(t1)
