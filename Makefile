@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo reproduce test lint bench clean
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,9 @@ $(STAMP): setup.py
 
 demo: $(STAMP)
 	$(PY) examples/bam_demo/run.py
+
+reproduce: $(STAMP)  # the paper's comparisons with seeds and error bars -> examples/reproduce/REPORT.md
+	$(PY) examples/reproduce/run.py --report-dir examples/reproduce
 
 test: $(STAMP) lint
 	@bash tools/ci/install_slurm.sh  # Slurm + MUNGE for tests/test_slurm.py, where it can
