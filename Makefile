@@ -24,6 +24,7 @@ reproduce: $(STAMP)  # the paper's comparisons with seeds and error bars -> exam
 
 test: $(STAMP) lint
 	@bash tools/ci/install_slurm.sh  # Slurm + MUNGE for tests/test_slurm.py, where it can
+	@bash tools/ci/install_docker.sh  # docker.io + debootstrap for tests/test_docker.py, where it can
 	$(PY) -m pytest tests
 
 lint: $(STAMP)  # one style, configured in ruff.toml: `ruff format .` fixes what this reports
