@@ -11,7 +11,7 @@ transformer layer (two while writing: the next unit is filled as the current one
 - Writing: ``StreamingSaveStrategy`` is a dist_checkpointing save strategy for the ``torch_dist``
   format. Megatron-core plans the save from the meta model exactly as it would for a real one
   (same keys, shapes and chunks, so ``dist_checkpointing.load`` reads it like any checkpoint);
-  the tensor data is produced unit by unit while PyTorch's checkpoint writer streams it to disk.
+  the tensor data is produced unit by unit while `direct_io.DirectWriter` streams it to disk.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from __future__ import annotations
 import contextlib
 import io
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import torch
 from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace, nested_values
@@ -38,11 +38,13 @@ from megatron.core.dist_checkpointing.strategies.torch import (
     _replace_state_dict_keys_with_sharded_keys,
     mcore_to_pyt_state_dict,
 )
-from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint import DefaultLoadPlanner
 from torch.distributed.checkpoint import load as dcp_load
 from torch.distributed.checkpoint import save as dcp_save
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
 from torch.distributed.checkpoint.planner import WriteItem, WriteItemType
+
+from bam_megatron.checkpoint.direct_io import DirectReader, DirectWriter
 
 # read_unit reads without collectives, on purpose; torch warns about that on every call.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
@@ -135,8 +137,22 @@ class _PartialLoadPlanner(DefaultLoadPlanner):
         return self.state_dict[index.fqn].chunks[tuple(index.offset)]
 
 
+def _merged_in_place(factory: ShardedTensorFactory, built) -> bool:
+    """The chunks ``factory`` built are views that together cover its tensor (SwiGLU's fc1 halves):
+    read into, the tensor already holds the merged value, and the merge (a concatenation) is a copy."""
+    storage = factory.data.untyped_storage().data_ptr()
+    chunks = list(nested_values(built))
+    return all(isinstance(c, ShardedTensor) and c.data.untyped_storage().data_ptr() == storage for c in chunks) and (
+        sum(c.data.numel() for c in chunks) == factory.data.numel()
+    )
+
+
 def read_unit(
-    model, unit: Unit, checkpoint_dir: str, stored_key: Callable[[str], str] = lambda key: key
+    model,
+    unit: Unit,
+    checkpoint_dir: str,
+    stored_key: Callable[[str], str] = lambda key: key,
+    into: Optional[Mapping[str, torch.Tensor]] = None,
 ) -> dict[str, torch.Tensor]:
     """One unit's parameters of the ``torch_dist`` checkpoint at ``checkpoint_dir``, by name.
 
@@ -145,21 +161,31 @@ def read_unit(
     which chunk of which stored tensor each parameter is; PyTorch's checkpoint reader reads just
     those (megatron-core's own loader assumes every layer of a stacked tensor is requested).
     ``stored_key`` maps a key to the one the checkpoint stored it under (`store.stored_key_names`).
+    ``into``: destinations (same shape and dtype) for some of the parameters, read straight into
+    (no copy) and returned as they are.
     """
     with materialised(model, unit) as params, torch.no_grad():  # reads into parameters: no autograd
+        for name, destination in (into or {}).items():
+            if params[name].shape != destination.shape or params[name].dtype != destination.dtype:
+                raise ValueError(f"{name}: cannot read {params[name].shape} into {destination.shape}")
+            params[name].data = destination.detach()
         wanted = {k: v for k, v in model.sharded_state_dict().items() if _has_storage(v)}
         factories = {k: v for k, v in wanted.items() if isinstance(v, ShardedTensorFactory)}
         apply_factories(wanted)  # e.g. SwiGLU's fc1: stored as two halves
+        in_place = {k for k, f in factories.items() if _merged_in_place(f, wanted[k])}
         requests: dict[str, _Chunks] = {}
         for value in nested_values(wanted):
             chunks = requests.setdefault(stored_key(value.key), _Chunks(value.global_shape))
             shape = (1,) * value.prepend_axis_num + tuple(value.local_shape)
             chunks.chunks[tuple(value.global_offset)] = value.data.view(shape)
         # no_dist: each process reads what it asks for (no collectives; safe on a helper thread)
-        dcp_load(requests, storage_reader=FileSystemReader(checkpoint_dir), planner=_PartialLoadPlanner(), no_dist=True)
-        dict_list_map_inplace(lambda sharded: sharded.data, wanted)
+        dcp_load(requests, storage_reader=DirectReader(checkpoint_dir), planner=_PartialLoadPlanner(), no_dist=True)
+        for key in in_place:
+            wanted[key] = factories.pop(key).data
+        dict_list_map_inplace(lambda sharded: sharded.data if isinstance(sharded, ShardedTensor) else sharded, wanted)
         apply_factory_merges(wanted, factories)
-        return {name: wanted[name].detach() for name in params}
+        into = into or {}
+        return {name: into[name] if name in into else wanted[name].detach() for name in params}
 
 
 def _chunk_unit(key: str, offset: tuple) -> Unit:
@@ -235,7 +261,6 @@ class StreamingSaveStrategy(SaveShardedStrategy):
         self._current: _PreparedUnit | None = None
         self._next: Future | None = None
         self._pool: ThreadPoolExecutor | None = None
-        self._handed: torch.Tensor | None = None
 
     @property
     def can_handle_sharded_objects(self) -> bool:
@@ -245,21 +270,8 @@ class StreamingSaveStrategy(SaveShardedStrategy):
         return self._pool.submit(_PreparedUnit, self.model, unit, self.fill)
 
     def _produce(self, key: str, offset: tuple) -> torch.Tensor:
-        """The chunk the writer asks for next; the one handed before has been written by then.
-
-        torch 2.13's writer keeps the last tensor it wrote under each key until its file is
-        complete: with one file, the embeddings and the previous layer (layers share their stacked
-        keys) would stay alive. So the storage of the chunk handed before is emptied now, and a
-        chunk that is a view into a larger tensor (SwiGLU's fc1 halves) is handed over as a copy
-        of its own, since the rest of that tensor is still to be written.
-        """
-        if self._handed is not None:
-            self._handed.untyped_storage().resize_(0)
-        chunk = self._chunk(key, offset)
-        if chunk.untyped_storage().nbytes() != chunk.nbytes:
-            chunk = chunk.clone()
-        self._handed = chunk
-        return chunk
+        """The chunk the writer asks for next (`DirectWriter` keeps none once written)."""
+        return self._chunk(key, offset)
 
     def _chunk(self, key: str, offset: tuple) -> torch.Tensor:
         unit = _chunk_unit(key, offset)
@@ -282,11 +294,7 @@ class StreamingSaveStrategy(SaveShardedStrategy):
     def save(self, sharded_state_dict, checkpoint_dir: Union[str, Path]) -> None:
         """Plan from the (meta) sharded state dict; write with data produced per unit."""
         state, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, keep_only_main_replica=True)
-        # per_thread_copy_ahead=0: on a CUDA machine torch's writer would otherwise load items through
-        # its overlapping loader, sorted by size and several ahead, out of the planned unit order.
-        writer = FileSystemWriter(
-            str(checkpoint_dir), single_file_per_rank=True, thread_count=1, per_thread_copy_ahead=0
-        )
+        writer = DirectWriter(str(checkpoint_dir))
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bam-fill")
         try:
             dcp_save(
@@ -299,4 +307,4 @@ class StreamingSaveStrategy(SaveShardedStrategy):
                     pending = pending.result() if not pending.cancelled() and pending.exception() is None else None
                 if pending is not None:
                     pending.release()
-            self._current = self._next = self._pool = self._handed = None
+            self._current = self._next = self._pool = None
