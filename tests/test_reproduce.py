@@ -17,7 +17,7 @@ from bam_demo.pipeline import DOMAINS, Settings  # noqa: E402
 from bam_demo.runner import Console  # noqa: E402
 from reproduce import arms, significance  # noqa: E402
 from reproduce.model_stats import shapes  # noqa: E402
-from reproduce.pipeline import STAGES, ReproducePipeline  # noqa: E402
+from reproduce.pipeline import ReproducePipeline, stages  # noqa: E402
 from reproduce.report import write_report  # noqa: E402
 
 
@@ -95,34 +95,34 @@ def _ppl(base: float) -> dict:
 def test_the_report_has_every_table_the_orderings_and_the_figures(tmp_path):
     workdir = str(tmp_path / "work")
     stats = fake_stats()
-    pipeline = ReproducePipeline(workdir, Settings(mix_iters=200), 1, 1, Console(STAGES), [1, 2, 3])
+    pipeline = ReproducePipeline(workdir, Settings(mix_iters=200), 1, 1, Console(stages(3)), [1, 2, 3])
     _write(pipeline.stats_file(), stats)
     pipeline.arms = arms.build_arms(200, stats)
     # made-up results: BAM below BTX in every seed; top-1 MoA above soft MoA; shared KV missing seed 3
     level = {"btx": 20.0, "bam": 18.0, "bam-top1": 19.0, "btx-total": 19.5}
+    evals: dict[str, dict] = {}
     for arm in pipeline.arms:
-        models = {}
         for seed in pipeline.seeds:
             if arm.key == "bam-shared-kv" and seed == 3:
                 continue
-            models[f"s{seed}"] = _ppl(level.get(arm.key, 18.5) + 0.1 * seed + (0.05 if seed == 2 else 0))
+            models = evals.setdefault(pipeline.eval_name(arm, seed), {})
+            models[arm.key] = _ppl(level.get(arm.key, 18.5) + 0.1 * seed + (0.05 if seed == 2 else 0))
             records = [
                 {"kind": "train", "iteration": i, "consumed_samples": 16 * i, "global_batch_size": 16}
                 | {"lm_loss": 6.0 - 0.01 * i, "router_losses": {"load_balancing_loss": 1.0 + 0.1 / i}}
                 for i in range(10, arm.iters + 1, 10)
             ]
             _write(os.path.join(pipeline.run_dir(arm, seed), "metrics.jsonl"), "\n".join(map(json.dumps, records)))
-        _write(os.path.join(pipeline.eval_dir(arm.key), "perplexity.json"), {"models": models})
-    routing = {
-        f"s{seed}{suffix}": {
-            "num_layers": 2,
-            "expert_names": list(arms.SOURCES),
-            "ffn_selection": {d: [[0.25] * 4, [0.5, 0.02, 0.2, 0.28]] for d in DOMAINS},
-        }
-        for seed in (1, 2, 3)
-        for suffix in ("", "-step0")
+    for name, models in evals.items():
+        _write(os.path.join(pipeline.eval_dir(name), "perplexity.json"), {"models": models})
+    entry = {
+        "num_layers": 2,
+        "expert_names": list(arms.SOURCES),
+        "ffn_selection": {d: [[0.25] * 4, [0.5, 0.02, 0.2, 0.28]] for d in DOMAINS},
     }
-    _write(os.path.join(pipeline.eval_dir("btx"), "routing.json"), {"models": routing})
+    for seed in pipeline.seeds:
+        routing = {"btx": entry, "btx-step0": entry}
+        _write(os.path.join(pipeline.eval_dir(f"s{seed}-e4"), "routing.json"), {"models": routing})
     _write(
         os.path.join(pipeline.eval_dir("dense"), "perplexity.json"),
         {"models": {"seed": _ppl(25.0), **{e: _ppl(24.0) for e in ("code", "law", "math")}}},

@@ -3,13 +3,14 @@
 Stages 1-6 are the demo's (``bam_demo.pipeline.Pipeline``: data, tokenizer, preprocess, seed,
 branch, experts); then
 
- 7. stats      model_stats.py: parameters and FLOPs per token of every arm (sizes the CM and
-               parameter-matched arms, arms.py)
- 8. upcycle    tools/upcycle.py for every upcycled mixture and seed (router seed = mixture seed)
- 9. mixtures   pretrain_bam.py for every arm and seed (data order seed = mixture seed), seed-major
-               so that an interrupted run has whole seeds
-10. evaluate   tools/eval.py per arm (its seeds together; BTX and BAM also at step 0, for the
-               routing at initialisation), and the dense models once
+  7. stats      model_stats.py: parameters and FLOPs per token of every arm (sizes the CM and
+                parameter-matched arms, arms.py)
+  8. dense      tools/eval.py on the seed and the three experts
+  then for each mixture seed s, so that an interrupted run leaves whole seeds:
+  9. upcycle    tools/upcycle.py for every upcycled mixture (router seed s)
+ 10. mixtures   pretrain_bam.py for every arm (data order seed s)
+ 11. evaluate   tools/eval.py on every arm of seed s (one call per FFN expert count; BTX and BAM
+                also at step 0, for the routing at initialisation)
 
 Everything is skipped when done and current (the demo's stamps under WORKDIR/.stages).
 """
@@ -21,11 +22,16 @@ import os
 from collections.abc import Callable, Sequence
 
 from bam_demo.pipeline import EXPERTS, Pipeline, Settings
-from bam_demo.runner import Console, Job, TrainingFilter, Unit, file_hash, python, torchrun
+from bam_demo.runner import Console, EvalFilter, Job, TrainingFilter, Unit, file_hash, python, torchrun
 
 from .arms import Arm, Init, build_arms, inits_of
 
-STAGES = 10
+
+def stages(seeds: int) -> int:
+    """How many stages a run with ``seeds`` mixture seeds has (for the console's [n/N])."""
+    return 8 + 3 * seeds
+
+
 STEP0_ARMS = ("btx", "bam")
 """Arms whose upcycled checkpoints are evaluated too: routing at step 0 against after training."""
 
@@ -50,11 +56,13 @@ class ReproducePipeline(Pipeline):
             self.branch,
             self.experts,
             self.stats,
-            self.upcycle_all,
-            self.train_all,
-            self.evaluate_all,
+            self.evaluate_dense,
         ):
             stage()
+        for seed in self.seeds:
+            self.upcycle_seed(seed)
+            self.train_seed(seed)
+            self.evaluate_seed(seed)
 
     def training(self, key: str, out: str, flags: list[str], iters: int) -> Callable[[], Job]:
         """The demo's training job, showing a few iteration lines (the metrics file keeps them all)."""
@@ -100,53 +108,48 @@ class ReproducePipeline(Pipeline):
         with open(out) as f:
             self.arms = build_arms(self.s.mix_iters, json.load(f))
 
-    def upcycle_all(self) -> None:
-        """Stage 8: every upcycled mixture, once per seed (extra FFN experts are copies of the seed)."""
+    def upcycle_seed(self, seed: int) -> None:
+        """Every upcycled mixture with router seed ``seed`` (extra FFN experts are copies of the seed)."""
         dense, units = self.sources(), []
-        for seed in self.seeds:
-            for init in inits_of(self.arms):
-                sources = {name: dense.get(name, dense["seed"]) for name in init.source_names()}
-                out = self.init_dir(init, seed)
-                argv = self.upcycle_argv(init.method, sources, out, *init.upcycle_flags(), "--seed", str(seed))
-                key = f"init-{init.key}-s{seed}"
-                units.append(
-                    Unit(
-                        key,
-                        [out],
-                        {"argv": self._rel(argv[1:])},
-                        ["seed", *[f"expert-{e}" for e in EXPERTS]],
-                        job=lambda key=key, argv=argv: Job(key, argv, self.log(key)),
-                    )
+        for init in inits_of(self.arms):
+            sources = {name: dense.get(name, dense["seed"]) for name in init.source_names()}
+            out = self.init_dir(init, seed)
+            argv = self.upcycle_argv(init.method, sources, out, *init.upcycle_flags(), "--seed", str(seed))
+            key = f"init-{init.key}-s{seed}"
+            units.append(
+                Unit(
+                    key,
+                    [out],
+                    {"argv": self._rel(argv[1:])},
+                    ["seed", *[f"expert-{e}" for e in EXPERTS]],
+                    job=lambda key=key, argv=argv: Job(key, argv, self.log(key)),
                 )
+            )
         self.stage(
-            "upcycle",
-            f"phase 3: upcycle {len(inits_of(self.arms))} mixtures x {len(self.seeds)} router seeds",
+            f"upcycle-s{seed}",
+            f"seed {seed}: upcycle {len(units)} mixtures (router seed {seed})",
             units,
             parallel=self.jobs,
         )
 
-    def train_all(self) -> None:
-        """Stage 9: every arm trained on the equal mixture, once per seed (seed-major)."""
+    def train_seed(self, seed: int) -> None:
+        """Every arm trained on the equal mixture with data seed ``seed``."""
         units = []
-        for seed in self.seeds:
-            for arm in self.arms:
-                out = self.run_dir(arm, seed)
-                flags = [*self.mixture_flags(self.init_dir(arm.init, seed), arm.iters), "--seed", str(seed)]
-                key = f"{arm.key}-s{seed}"
-                units.append(
-                    Unit(
-                        key,
-                        [out],
-                        {"flags": self._rel(flags)},
-                        [f"init-{arm.init.key}-s{seed}"],
-                        job=self.training(key, out, flags, arm.iters),
-                    )
+        for arm in self.arms:
+            out = self.run_dir(arm, seed)
+            flags = [*self.mixture_flags(self.init_dir(arm.init, seed), arm.iters), "--seed", str(seed)]
+            key = f"{arm.key}-s{seed}"
+            units.append(
+                Unit(
+                    key,
+                    [out],
+                    {"flags": self._rel(flags)},
+                    [f"init-{arm.init.key}-s{seed}"],
+                    job=self.training(key, out, flags, arm.iters),
                 )
+            )
         self.stage(
-            "mixtures",
-            f"phase 3: train {len(self.arms)} arms x {len(self.seeds)} seeds on the equal mixture",
-            units,
-            parallel=self.jobs,
+            f"mixtures-s{seed}", f"seed {seed}: train {len(units)} arms on the equal mixture", units, parallel=self.jobs
         )
 
     def _eval_unit(self, name: str, models: dict[str, str], expert_names: Sequence[str], deps: list[str]) -> Unit:
@@ -159,31 +162,44 @@ class ReproducePipeline(Pipeline):
             deps,
             job=lambda: Job(
                 f"eval-{name}",
-                self.eval_command(args),
+                torchrun(self.nproc, "tools/eval.py", *args),
                 self.log(f"eval-{name}"),
+                EvalFilter(),
                 on_success=lambda: os.replace(out + ".tmp", out),
             ),
         )
 
-    def eval_command(self, args: list[str]) -> list[str]:
-        """tools/eval.py with ``args`` on this pipeline's ranks."""
-        return torchrun(self.nproc, "tools/eval.py", *args)
-
-    def evaluate_all(self) -> None:
-        """Stage 10: per-domain perplexity of the dense models and of every arm's seeds."""
-        units = [
-            self._eval_unit("dense", self.sources(), list(self.sources()), ["seed", *[f"expert-{e}" for e in EXPERTS]])
-        ]
-        for arm in self.arms:
-            models = {f"s{s}": self.run_dir(arm, s) for s in self.seeds}
-            deps = [f"{arm.key}-s{s}" for s in self.seeds]
-            if arm.key in STEP0_ARMS:
-                models.update({f"s{s}-step0": self.init_dir(arm.init, s) for s in self.seeds})
-                deps += [f"init-{arm.init.key}-s{s}" for s in self.seeds]
-            units.append(self._eval_unit(arm.key, models, arm.init.source_names(), deps))
+    def evaluate_dense(self) -> None:
+        """Per-domain perplexity of the seed and the experts (shared by every arm)."""
+        deps = ["seed", *[f"expert-{e}" for e in EXPERTS]]
         self.stage(
-            "evaluate",
-            "evaluate: per-domain perplexity of the dense models and every arm, routing of the mixtures",
-            units,
-            parallel=self.jobs,
+            "evaluate-dense",
+            "evaluate the dense seed and experts",
+            [self._eval_unit("dense", self.sources(), list(self.sources()), deps)],
+        )
+
+    def eval_groups(self) -> dict[str, list[Arm]]:
+        """Arms evaluated together (tools/eval.py takes one list of expert names): by FFN expert count."""
+        groups: dict[str, list[Arm]] = {}
+        for arm in self.arms:
+            groups.setdefault(f"e{arm.init.experts}", []).append(arm)
+        return groups
+
+    def eval_name(self, arm: Arm, seed: int) -> str:
+        """The evaluation that holds ``arm``'s run of ``seed``."""
+        return f"s{seed}-e{arm.init.experts}"
+
+    def evaluate_seed(self, seed: int) -> None:
+        """Per-domain perplexity and routing of every arm of ``seed`` (BTX and BAM also at step 0)."""
+        units = []
+        for group, members in self.eval_groups().items():
+            models = {arm.key: self.run_dir(arm, seed) for arm in members}
+            deps = [f"{arm.key}-s{seed}" for arm in members]
+            for arm in members:
+                if arm.key in STEP0_ARMS:
+                    models[f"{arm.key}-step0"] = self.init_dir(arm.init, seed)
+                    deps.append(f"init-{arm.init.key}-s{seed}")
+            units.append(self._eval_unit(f"s{seed}-{group}", models, members[0].init.source_names(), deps))
+        self.stage(
+            f"evaluate-s{seed}", f"seed {seed}: evaluate every arm, routing of the mixtures", units, parallel=self.jobs
         )

@@ -32,7 +32,7 @@ class Results:
     tokens_per_iter: int
     ppl: dict[str, dict[int, dict[str, float]]]  # arm -> seed -> column -> perplexity
     dense: dict[str, dict[str, float]]  # seed/code/law/math -> column -> perplexity
-    routing: dict[str, dict[str, Any]]  # arm -> tools/eval.py's routing.json "models"
+    routing: dict[str, dict[tuple[int, str], Any]]  # arm -> (seed, "step 0" | "trained") -> routing.json entry
     curves: dict[str, dict[int, list[dict]]]  # arm -> seed -> train records
 
     def arm(self, key: str) -> Arm:
@@ -62,18 +62,19 @@ def collect(pipeline) -> Results:
     with open(pipeline.stats_file()) as f:
         stats = json.load(f)
     ppl: dict[str, dict[int, dict[str, float]]] = {}
-    routing: dict[str, dict[str, Any]] = {}
+    routing: dict[str, dict[tuple[int, str], Any]] = {}
     curves: dict[str, dict[int, list[dict]]] = {}
     for arm in pipeline.arms:
-        result = _read_json(os.path.join(pipeline.eval_dir(arm.key), "perplexity.json"))
-        ppl[arm.key] = {}
+        ppl[arm.key], routing[arm.key], curves[arm.key] = {}, {}, {}
         for seed in pipeline.seeds:
-            if result and f"s{seed}" in result["models"]:
-                ppl[arm.key][seed] = result["models"][f"s{seed}"]["perplexity"]
-        route = _read_json(os.path.join(pipeline.eval_dir(arm.key), "routing.json"))
-        routing[arm.key] = route["models"] if route else {}
-        curves[arm.key] = {}
-        for seed in pipeline.seeds:
+            name = pipeline.eval_name(arm, seed)
+            result = _read_json(os.path.join(pipeline.eval_dir(name), "perplexity.json"))
+            if result and arm.key in result["models"]:
+                ppl[arm.key][seed] = result["models"][arm.key]["perplexity"]
+            route = _read_json(os.path.join(pipeline.eval_dir(name), "routing.json"))
+            for state, model in (("trained", arm.key), ("step 0", f"{arm.key}-step0")):
+                if route and model in route["models"]:
+                    routing[arm.key][(seed, state)] = route["models"][model]
             path = os.path.join(pipeline.run_dir(arm, seed), "metrics.jsonl")
             if os.path.exists(path):
                 with open(path) as f:
@@ -257,15 +258,15 @@ def routing_section(r: Results) -> list[str]:
             "|---|---|---:|" + "---:|" * len(names) + "---|---|",
         ]
         for seed in r.seeds:
-            for state, name in (("step 0", f"s{seed}-step0"), ("trained", f"s{seed}")):
-                if name not in models:
+            for state in ("step 0", "trained"):
+                if (seed, state) not in models:
                     continue
                 for layer in range(layers):
-                    shares = _shares(models[name], layer)
+                    shares = _shares(models[(seed, state)], layer)
                     if shares is None:
                         continue
                     found = True
-                    code = models[name]["ffn_selection"]["code"][layer]
+                    code = models[(seed, state)]["ffn_selection"]["code"][layer]
                     least = names[min(range(len(shares)), key=shares.__getitem__)]
                     top = max(range(len(code)), key=code.__getitem__)
                     cells = " | ".join(f"{v:.2f}" for v in shares)

@@ -29,12 +29,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from bam_demo.pipeline import QUICK, Settings
 from bam_demo.runner import Console, StageFailed, fmt, lock_workdir, stop_on_signals
 
-from reproduce.pipeline import STAGES, ReproducePipeline
+from reproduce.pipeline import ReproducePipeline, stages
 from reproduce.report import write_report
 
 TOKENS_PER_ITERATION_BATCH = 16
 """Sequences per iteration (the demo's 8 x 2 ranks), whatever --nproc is."""
-FULL = dict(seed_iters=800, expert_iters=300, mix_iters=200, log_lines=20)
+FULL = dict(seed_iters=600, expert_iters=250, mix_iters=160, log_lines=16)
 """Sized for about an hour on 2 CPU cores (the demo's model and data; fewer iterations per run)."""
 
 
@@ -70,7 +70,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if lock is None:
         print(f"reproduce: error: another run is using {workdir}", file=sys.stderr)
         return 1
-    console = Console(STAGES)
+    console = Console(stages(args.seeds))
     seeds = list(range(1, args.seeds + 1))
     print(
         f"BAM reproduction{' --quick' if args.quick else ''}: work directory {workdir}; seeds {seeds}; "
