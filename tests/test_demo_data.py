@@ -9,6 +9,7 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
 
+from bam_demo import bio
 from bam_demo import corpora as demo_corpora
 
 
@@ -80,3 +81,17 @@ def test_split_documents_bounds():
     docs = demo_corpora.split_documents(text)
     assert all(len(d.encode()) <= demo_corpora.DOC_MAX_BYTES for d in docs)
     assert "".join(docs).replace("\n", "").count("x") == 5000
+
+
+def test_synthetic_genes_translate_to_what_their_records_say():
+    docs = bio.bio_documents(20_000)
+    assert docs == bio.bio_documents(20_000)  # deterministic
+    assert all(bio.DOC_MIN_BYTES <= len(d) <= bio.DOC_MAX_BYTES for d in docs[:-1])
+    for record in "\n\n".join(docs).split("\n\n"):
+        lines = record.splitlines()
+        dna = "".join(lines[1:-2])
+        protein = lines[-2].removeprefix("translation: ")
+        assert protein == bio.translate(dna) and protein.startswith("M") and protein.endswith("*")
+        assert protein.count("*") == 1 and f"| {len(dna)} bp | {len(protein) - 1} aa" in lines[0]
+        assert lines[-1] == f"GC content: {100 * sum(b in 'GC' for b in dna) / len(dna):.1f}%"
+    assert bio.translate("ATGTGGTAA") == "MW*"  # the standard code, by hand

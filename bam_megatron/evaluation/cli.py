@@ -24,7 +24,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from bam_megatron.checkpoint import CheckpointError
+from bam_megatron.checkpoint import CheckpointError, lineage
 from bam_megatron.data.datasets import Domain, TokenIds, parse_data_path
 from bam_megatron.data.tokenizer import TOKENIZER_TYPES, load_tokenizer
 from bam_megatron.errors import ConfigError, run_tool
@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=None,
         metavar="NAME",
-        help="names of the experts in routing reports (default: expert0 .. expertN-1)",
+        help="names of the experts in routing reports (default: the names each mixture's checkpoint records, "
+        "from bam-upcycle's --expert NAME=DIR and every --extend)",
     )
     g = p.add_argument_group("data (defaults: the first model's training flags)")
     g.add_argument(
@@ -278,7 +279,7 @@ def render(plan: Plan, args: argparse.Namespace, results: dict[str, Any]) -> dic
         for model in plan.models:
             if model.name not in routing:
                 continue
-            names = plan.expert_names or [f"expert{i}" for i in range(model.num_experts)]
+            names = plan.expert_names or lineage.expert_names(model.meta)
             entry = dict(routing[model.name], expert_names=names, figure=report.figure_name(model.name))
             summary["models"][model.name] = entry
             files[entry["figure"]] = report.routing_heatmap_png(model.name, entry, domains, names)

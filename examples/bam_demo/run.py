@@ -17,6 +17,10 @@ Stages (each a subprocess of the project's own entry points; everything goes und
  8. mixtures    pretrain_bam.py --variant bam / btx on the equal mixture (same data, steps and LR)
  9. evaluate    tools/eval.py: per-domain perplexity of all six models, routing heatmaps
 
+With --grow, six more stages (examples/bam_demo/grow.py) grow the trained BAM mixture by a fifth
+domain, bio: its data, a branch of the seed, its expert, bam-upcycle --extend, a short re-training
+with the old experts frozen, and a five-domain evaluation of the mixture before and after.
+
 A stage is skipped when its outputs exist and were made with the same settings from the same
 inputs (stamps under WORKDIR/.stages), so a demo that was interrupted continues where it stopped:
 each stage writes under a temporary name and renames it once it succeeded (tools/branch.py and
@@ -43,16 +47,22 @@ from typing import Optional
 # examples/ on the path: the demo imports as the bam_demo package, without installing it
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bam_demo.grow import GROW_STAGES, GrowPipeline, grow_report
 from bam_demo.pipeline import QUICK, STAGES, Pipeline, Settings, report
 from bam_demo.runner import Console, StageFailed, fmt, lock_workdir, stop_on_signals
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    """The demo's flags: --workdir, --fresh, --quick, --nproc, --jobs."""
+    """The demo's flags: --workdir, --fresh, --quick, --grow, --nproc, --jobs."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", default="runs/demo", help="where everything goes (default: runs/demo)")
     p.add_argument("--fresh", action="store_true", help="delete the work directory first")
     p.add_argument("--quick", action="store_true", help="a few iterations per phase: a smoke test of the pipeline")
+    p.add_argument(
+        "--grow",
+        action="store_true",
+        help="then grow the trained BAM mixture by a fifth domain (bio) and compare it before and after",
+    )
     p.add_argument("--nproc", type=int, default=2, help="data-parallel ranks per training run (default: 2)")
     p.add_argument(
         "--jobs", type=int, default=3, help="training runs at once in phases 2 and 3 (default: 3; they share the cores)"
@@ -72,13 +82,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if lock is None:
         print(f"bam_demo: error: another demo is running in {workdir}", file=sys.stderr)
         return 1
-    console = Console(STAGES)
+    console = Console(STAGES + (GROW_STAGES if args.grow else 0))
     print(
         f"BAM demo{' --quick' if args.quick else ''}: work directory {workdir}; {args.nproc} ranks per training "
         f"run, up to {args.jobs} runs at once"
     )
     print("settings: " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(settings).items()))
-    pipeline = Pipeline(workdir, settings, args.nproc, args.jobs, console)
+    pipeline = (GrowPipeline if args.grow else Pipeline)(workdir, settings, args.nproc, args.jobs, console)
     stop_on_signals()
     try:
         pipeline.run()
@@ -89,6 +99,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("\nbam_demo: interrupted; run the same command again to continue", file=sys.stderr, flush=True)
         return 130
     report(workdir)
+    if args.grow:
+        grow_report(workdir)
     total = time.perf_counter() - console.start
     print(
         "Stage times: "
