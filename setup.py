@@ -18,6 +18,7 @@ INSTALL_REQUIRES = [
     "psutil==7.2.2",  # dist_checkpointing's filesystem writer
     "tensorboard==2.21.0",  # torch.utils.tensorboard
     "matplotlib==3.11.2",  # bam-eval's routing heatmaps
+    "isal==1.9.1",  # checkpoint integrity: zlib's CRC-32 at several GB/s
 ]
 
 EXTRAS_REQUIRE = {

@@ -3,8 +3,8 @@ file is named instead of surfacing as a PyTorch traceback from deep inside a loa
 
 - At save time every rank records the size and CRC-32 of the files it wrote (``__RANK_*.distcp``;
   rank 0 also ``common.pt`` and the metadata files) into ``integrity.json`` beside them, before
-  the checkpoint is published. The cost is one read of the just-written (page-cached) bytes at
-  zlib's CRC speed (about 1 GB/s per rank).
+  the checkpoint is published. The cost is one pass over the just-written files:
+  a CRC-32 over a memory map of the (page-cached) bytes, several GB/s with ISA-L (`crc32`).
 - `check_files` (every read of a checkpoint, cheap): each recorded file is present with its
   recorded size, the small files match their CRC, and every byte range ``.metadata`` points at
   lies inside its ``.distcp`` file: that last check needs no record, so a truncated shard of a
@@ -17,6 +17,7 @@ file is named instead of surfacing as a PyTorch traceback from deep inside a loa
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import pickle
 import re
@@ -31,17 +32,26 @@ from bam_megatron.platform.atomic import write_atomically
 
 RECORD = "integrity.json"
 _SMALL = 4 << 20  # files up to this size are CRC-checked on every read (common.pt, the metadata)
-_CHUNK = 16 << 20
+
+try:  # the same CRC-32 as zlib's, several times faster (PCLMULQDQ)
+    from isal.isal_zlib import crc32 as _crc32
+except ImportError:  # pragma: no cover - isal is a dependency; zlib gives the same values
+    _crc32 = zlib.crc32
 _RANK_FILE = re.compile(r"^__(\d+)_\d+\.distcp$")
 
 
 def crc32(path: str) -> str:
-    """CRC-32 of a file's bytes, as 8 hex digits."""
-    value = 0
+    """CRC-32 of a file's bytes, as 8 hex digits.
+
+    Over a memory map of the file (no copy out of the page cache), with ISA-L's CRC-32 (the same
+    checksum as zlib's, several times faster) when installed: checkpoints are checked at disk speed.
+    """
     with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            value = zlib.crc32(chunk, value)
-    return f"{value:08x}"
+        if os.fstat(f.fileno()).st_size == 0:
+            return f"{0:08x}"
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            mapped.madvise(mmap.MADV_SEQUENTIAL)
+            return f"{_crc32(mapped):08x}"
 
 
 def files_of_rank(directory: str, rank: int) -> list[str]:
