@@ -34,7 +34,7 @@ from reproduce.report import write_report
 
 TOKENS_PER_ITERATION_BATCH = 16
 """Sequences per iteration (the demo's 8 x 2 ranks), whatever --nproc is."""
-FULL = dict(seed_iters=600, expert_iters=250, mix_iters=160, log_lines=16)
+FULL = dict(seed_iters=600, expert_iters=250, mix_iters=120, log_lines=12)
 """Sized for about an hour on 2 CPU cores (the demo's model and data; fewer iterations per run)."""
 
 
