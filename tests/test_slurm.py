@@ -1,14 +1,18 @@
-"""The Slurm scripts of examples/slurm on a real single-node Slurm cluster.
+"""The Slurm scripts of examples/slurm on a real two-node Slurm cluster on this machine.
 
-A module fixture starts Debian's munged, slurmctld and slurmd, configured in a temporary directory
-on loopback (CPU only, plugins that need no cgroups, own ports and MUNGE socket), then the tests
+A module fixture starts Debian's munged, slurmctld and two slurmd (Slurm's multiple-slurmd mode:
+nodes bam1 and bam2, each its own daemon, port and spool), configured in a temporary directory on
+loopback (CPU only, plugins that need no cgroups, own ports and MUNGE socket), then the tests
 submit the real sbatch scripts with a tiny model and check checkpoints and logs:
 
-- phase 1 on 2 ranks (gloo), preempted by SIGUSR1 to the batch shell: it saves, requeues itself,
-  and the second run resumes from the saved iteration to the end (every iteration trained once);
-- phase 2 as a job array over two experts branched from that seed, one of them cancelled while
-  it trains (SIGTERM: it saves and stays cancelled);
-- phase 3: upcycle (one task) then the BAM mixture;
+- phase 1 on 2 ranks (gloo), on one node and again on two nodes (one rank each), each preempted by
+  SIGUSR1 to the batch shell: it saves, requeues itself, and the second run resumes from the saved
+  iteration to the end (every iteration trained once); the two-node run's losses and gradient
+  norms equal the one-node run's, bit for bit;
+- phase 2 as a job array over two experts branched from that seed, one exclusive node per task
+  (both nodes at once), one of them cancelled while it trains (SIGTERM: it saves and stays
+  cancelled);
+- phase 3 on two nodes: upcycle (one task on one node) then the BAM mixture on both;
 - the container and error paths, shellcheck on every script, and the Docker image's
   requirements (setup.py's pins without the image's torch).
 
@@ -41,6 +45,9 @@ SBIN_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "squeue", "scancel", "sinfo")
 # Sizes for a 2-core CPU machine; the scripts' own defaults ask for 8 GPUs per node.
 CPU_JOB = ["--gpus-per-node=0", "--time=15"]
+NODES = ("bam1", "bam2")  # two slurmd on this machine
+ONE_NODE = ["--nodes=1", "--ntasks-per-node=2"]  # 2 ranks on one node
+TWO_NODES = ["--nodes=2", "--ntasks-per-node=1"]  # 2 ranks, one on each node
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 
 
@@ -58,11 +65,17 @@ def _missing_reason() -> str | None:
 
 
 class LocalSlurm:
-    """munged + slurmctld + slurmd for one node (this machine, on 127.0.0.1), all under ``root``."""
+    """munged + slurmctld + one slurmd per node, all on this machine (127.0.0.1) and under ``root``.
 
-    def __init__(self, root: Path) -> None:
+    The nodes are Slurm's multiple-slurmd mode (Debian builds Slurm with it): NODES names, each a
+    slurmd of its own (``slurmd -N NAME``) on its own port, spool, log and PID file, all with
+    NodeAddr 127.0.0.1, so a job's traffic between its nodes never leaves loopback.
+    """
+
+    def __init__(self, root: Path, nodes: tuple[str, ...] = NODES) -> None:
         self.root = root
         self.host = socket.gethostname().split(".")[0]
+        self.nodes = nodes
         self.conf = root / "slurm.conf"
         self.env = dict(os.environ, SLURM_CONF=str(self.conf), PATH=SBIN_PATH)
         self.procs: list[subprocess.Popen] = []
@@ -97,14 +110,19 @@ class LocalSlurm:
             (self.root / sub).mkdir()
         r = self.root
         ports = set()
-        while len(ports) < 2:
+        while len(ports) < 1 + len(self.nodes):
             ports.add(free_port())
-        ctld_port, slurmd_port = sorted(ports)
+        ctld_port, *node_ports = sorted(ports)
+        cpus = max(4, int(hardware.get("CPUs", 2)))
+        nodes = "\n".join(
+            f"NodeName={name} NodeHostname={self.host} NodeAddr=127.0.0.1 Port={port} CPUs={cpus} RealMemory=1000"
+            " State=UNKNOWN"
+            for name, port in zip(self.nodes, node_ports)
+        )
         self.conf.write_text(f"""\
 ClusterName=bamtest
 SlurmctldHost={self.host}(127.0.0.1)
 SlurmctldPort={ctld_port}
-SlurmdPort={slurmd_port}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -112,11 +130,11 @@ CredType=cred/munge
 # cred_expire also sets how long a requeued job waits before it may start again (default 120 s)
 AuthInfo=socket={self.socket},cred_expire=10
 StateSaveLocation={r}/state
-SlurmdSpoolDir={r}/spool
+SlurmdSpoolDir={r}/spool/%n
 SlurmctldPidFile={r}/slurmctld.pid
-SlurmdPidFile={r}/slurmd.pid
+SlurmdPidFile={r}/slurmd-%n.pid
 SlurmctldLogFile={r}/log/slurmctld.log
-SlurmdLogFile={r}/log/slurmd.log
+SlurmdLogFile={r}/log/slurmd-%n.log
 PlugStackConfig={r}/plugstack.conf
 ProctrackType=proctrack/pgid
 TaskPlugin=task/none
@@ -132,35 +150,35 @@ JobRequeue=1
 KillWait=60
 MinJobAge=600
 SchedulerParameters=sched_interval=1,bf_interval=1
-NodeName={self.host} NodeAddr=127.0.0.1 CPUs={max(4, int(hardware.get("CPUs", 2)))} RealMemory=1000 State=UNKNOWN
-PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
+{nodes}
+PartitionName=debug Nodes={",".join(self.nodes)} Default=YES MaxTime=INFINITE State=UP
 """)
         (self.root / "plugstack.conf").write_text("")
 
     def start(self) -> None:
-        """Start the daemons and wait until the node is idle."""
+        """Start the daemons and wait until every node is idle."""
         self._munge()
         self._write_conf()
-        for argv in (["slurmctld", "-D", "-c", "-i"], ["slurmd", "-D", "-N", self.host]):
-            log = open(self.root / "log" / f"{argv[0]}.stderr", "w")
+        daemons = {"slurmctld": ["slurmctld", "-D", "-c", "-i"]}
+        daemons.update({f"slurmd-{name}": ["slurmd", "-D", "-N", name] for name in self.nodes})
+        for name, argv in daemons.items():
+            log = open(self.root / "log" / f"{name}.stderr", "w")
             self.procs.append(subprocess.Popen(argv, env=self.env, stdout=log, stderr=subprocess.STDOUT))
         deadline = time.time() + 60
         while time.time() < deadline:
-            state = self.run(["sinfo", "-h", "-N", "-o", "%T"], check=False).stdout.strip()
-            if state == "idle":
+            state = self.run(["sinfo", "-h", "-N", "-o", "%N=%T"], check=False).stdout.split()
+            if sorted(state) == [f"{name}=idle" for name in sorted(self.nodes)]:
                 return
             if any(p.poll() is not None for p in self.procs):
                 break
             time.sleep(0.5)
-        raise RuntimeError(f"the Slurm node did not come up (state {state!r}):\n{self.logs()}")
+        raise RuntimeError(f"the Slurm nodes did not come up (states {state!r}):\n{self.logs()}")
 
     def logs(self) -> str:
         """The daemons' log tails, for failure messages."""
         out = []
-        for name in ("slurmctld.log", "slurmd.log", "slurmctld.stderr", "slurmd.stderr"):
-            path = self.root / "log" / name
-            if path.exists():
-                out.append(f"--- {name}\n" + "\n".join(path.read_text().splitlines()[-15:]))
+        for path in sorted((self.root / "log").glob("*")):
+            out.append(f"--- {path.name}\n" + "\n".join(path.read_text().splitlines()[-15:]))
         return "\n".join(out)
 
     def run(self, argv: list[str], check: bool = True, **kwargs) -> subprocess.CompletedProcess:
@@ -191,7 +209,7 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
 
     def stop(self) -> None:
         """Cancel every job, wait for them to go, stop the daemons, remove the directory."""
-        if len(self.procs) == 2 and all(p.poll() is None for p in self.procs):
+        if len(self.procs) == 1 + len(self.nodes) and all(p.poll() is None for p in self.procs):
             self.run(["scancel", "--full", f"--user={pwd.getpwuid(os.getuid()).pw_name}"], check=False)
             deadline = time.time() + 30
             while time.time() < deadline and self.run(["squeue", "-h"], check=False).stdout.strip():
@@ -206,7 +224,12 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
         pid_file = self.root / "munge" / "munged.pid"
         if pid_file.exists():
             try:
-                os.kill(int(pid_file.read_text().strip()), 15)
+                pid = int(pid_file.read_text().strip())
+                os.kill(pid, 15)
+                deadline = time.time() + 10
+                while time.time() < deadline:  # munged writes its seed file as it exits
+                    os.kill(pid, 0)
+                    time.sleep(0.1)
             except (ProcessLookupError, ValueError):
                 pass
         shutil.rmtree(self.root, ignore_errors=True)
@@ -283,13 +306,21 @@ def test_scripts_pass_shellcheck():
 
 
 SEED_ITERS = 60
+# Phase 1 twice, the same 2 ranks (same global batch) laid out two ways: sbatch flags, seed directory.
+LAYOUTS = {"one node": (ONE_NODE, "seed"), "two nodes": (TWO_NODES, "seed-two-nodes")}
 
 
-@pytest.fixture(scope="module")
-def seed(slurm, work, corpus):
-    """Phase 1 on 2 ranks, SIGUSR1 once it trains, requeued, run to the end: (job id, job, iteration saved)."""
-    env = bam_env(corpus, BAM_TRAIN_ITERS=str(SEED_ITERS), BAM_DATA_PATH=f"0.5 {corpus['law']} 0.5 {corpus['code']}")
-    job_id = slurm.sbatch("phase1_seed.sbatch", *CPU_JOB, "--ntasks-per-node=2", env=env, cwd=work)
+def preempted_seed(slurm, work: Path, corpus, layout: str) -> tuple[str, dict, int]:
+    """Phase 1 on 2 ranks laid out as ``layout``, SIGUSR1 once it trains, requeued, run to the end:
+    (job id, job, iteration saved)."""
+    flags, seed_dir = LAYOUTS[layout]
+    env = bam_env(
+        corpus,
+        BAM_TRAIN_ITERS=str(SEED_ITERS),
+        BAM_DATA_PATH=f"0.5 {corpus['law']} 0.5 {corpus['code']}",
+        BAM_SEED_DIR=str(work / "runs" / seed_dir),
+    )
+    job_id = slurm.sbatch("phase1_seed.sbatch", *CPU_JOB, *flags, env=env, cwd=work)
     rank0 = rank_logs(work, "bam-seed", job_id, 0) / "rank0.log"
     deadline = time.time() + 300
     while iteration_reached(rank0) < 3:
@@ -304,32 +335,80 @@ def seed(slurm, work, corpus):
     return job_id, job, int(saved.group(1))
 
 
-def test_phase1_preempted_saves_requeues_and_resumes(seed, work):
-    job_id, job, saved = seed
+@pytest.fixture(scope="module")
+def seed(slurm, work, corpus):
+    """Phase 1 on one node (2 ranks), preempted and requeued: the seed that phases 2 and 3 build on."""
+    return preempted_seed(slurm, work, corpus, "one node")
+
+
+@pytest.fixture(scope="module")
+def seed_two_nodes(slurm, work, corpus):
+    """Phase 1 on two nodes (one rank each), preempted and requeued, into its own seed directory."""
+    return preempted_seed(slurm, work, corpus, "two nodes")
+
+
+def nodes_of_ranks(log_dir: Path) -> list[str]:
+    """The node each rank of a run names in the first line of its log (launch.sh writes it), by rank."""
+    found = []
+    for rank, log in enumerate(sorted(log_dir.glob("rank*.log"))):
+        first = read(log).splitlines()[0]
+        match = re.fullmatch(rf"\[bam\] rank {rank} of \d+ \(local rank \d+\) on node (\S+)", first)
+        assert match, f"{log}: {first}"
+        found.append(match.group(1))
+    return found
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_phase1_preempted_saves_requeues_and_resumes(layout, request, slurm, work):
+    job_id, job, saved = request.getfixturevalue("seed" if layout == "one node" else "seed_two_nodes")
+    seed_dir = work / "runs" / LAYOUTS[layout][1]
+    nodes, per_node = (1, 2) if layout == "one node" else (2, 1)
     out = read(work / f"bam-seed-{job_id}.out")
     assert (job["JobState"], job["ExitCode"], job["Restarts"]) == ("COMPLETED", "0:0", "1"), out
     assert 3 <= saved < SEED_ITERS
-    # The job's own log (appended across runs): rendezvous, preemption, requeue, second run.
-    assert re.search(r"run 0: 1 node\(s\) x 2 task\(s\), 0 GPU\(s\) per node, \d+ CPU\(s\) per task, world size 2", out)
+    allocated = slurm.run(["scontrol", "show", "hostnames", job["NodeList"]]).stdout.split()
+    assert len(allocated) == nodes and set(allocated) <= set(NODES), job["NodeList"]
+    # The job's own log (appended across runs): rendezvous, preemption, requeue, second run. The
+    # rendezvous address is the first node's NodeAddr (the node names do not resolve here).
+    layout_line = rf"{nodes} node\(s\) x {per_node} task\(s\), 0 GPU\(s\) per node, \d+ CPU\(s\) per task, world size 2"
+    for run in (0, 1):
+        assert re.search(rf"run {run}: {layout_line}, rendezvous 127\.0\.0\.1:\d+\n", out), out
     assert "SIGUSR1: asking the training to save and stop" in out and "pretrain_bam.py exited with code 3" in out
-    assert f"requeued job {job_id} (restart 1)" in out and "SIGTERM" not in out  # the requeue's own TERM is quiet
-    assert "run 1: 1 node(s) x 2 task(s)" in out and "pretrain_bam.py exited with code 0" in out
-    # Per-rank logs of each run.
+    assert f"requeueing job {job_id} (restart 1)" in out and "SIGTERM" not in out  # the requeue's own TERM is quiet
+    assert "pretrain_bam.py exited with code 0" in out
+    # Per-rank logs of each run: the ranks ran on the allocated nodes, per_node of them on each.
     first, second = rank_logs(work, "bam-seed", job_id, 0), rank_logs(work, "bam-seed", job_id, 1)
     assert (
         sorted(p.name for p in first.iterdir())
         == sorted(p.name for p in second.iterdir())
         == ["rank0.log", "rank1.log"]
     )
-    assert f"saved checkpoint {work}/runs/seed/iter_{saved:07d}" in read(first / "rank0.log")
+    for run_logs in (first, second):
+        placed = nodes_of_ranks(run_logs)
+        assert sorted(placed) == sorted(allocated * per_node), (placed, allocated)
+    assert f"saved checkpoint {seed_dir}/iter_{saved:07d}" in read(first / "rank0.log")
     resumed = read(second / "rank0.log")
-    assert f"resumed from {work}/runs/seed/iter_{saved:07d} at iteration {saved}" in resumed, resumed
+    assert f"resumed from {seed_dir}/iter_{saved:07d} at iteration {saved}" in resumed, resumed
     # Checkpoints: the preemption's and the last; every iteration trained exactly once.
-    seed_dir = work / "runs" / "seed"
     assert store.latest_iteration(str(seed_dir)) == SEED_ITERS
     assert (seed_dir / f"iter_{saved:07d}").is_dir()
     records = [json.loads(line) for line in open(seed_dir / "metrics.jsonl")]
     assert [r["iteration"] for r in records if r["kind"] == "train"] == list(range(1, SEED_ITERS + 1))
+
+
+def train_metrics(run_dir: Path, *keys: str) -> list[tuple]:
+    """(iteration, *keys) of every training record in a run's metrics.jsonl."""
+    records = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    return [(r["iteration"], *(r[k] for k in keys)) for r in records if r["kind"] == "train"]
+
+
+def test_two_nodes_train_the_losses_of_one_node(seed, seed_two_nodes, work):
+    """The same 2 ranks and global batch on two nodes as on one, each preempted at its own
+    iteration and resumed: every loss equal, bit for bit (resuming is bit-exact)."""
+    one, two = work / "runs" / "seed", work / "runs" / "seed-two-nodes"
+    train = train_metrics(one, "lm_loss", "grad_norm")
+    assert len(train) == SEED_ITERS and len({loss for _, loss, _ in train}) > 1
+    assert train_metrics(two, "lm_loss", "grad_norm") == train
 
 
 EXPERT_ITERS = 100
@@ -337,8 +416,9 @@ EXPERT_ITERS = 100
 
 @pytest.fixture(scope="module")
 def experts(slurm, work, corpus, seed):
-    """tools/branch.py on the seed, then phase 2 as a 2-task array whose second task is cancelled
-    (SIGTERM) while it trains: (array job id, its tasks' records, the iteration task 1 saved)."""
+    """tools/branch.py on the seed, then phase 2 as a 2-task array, one node per task (the script's
+    --exclusive), whose second task is cancelled (SIGTERM) while it trains: (array job id, its
+    tasks' records, the iteration task 1 saved)."""
     from bam_megatron.cli.branch import main as branch_main
 
     argv = [
@@ -357,9 +437,8 @@ def experts(slurm, work, corpus, seed):
     ]
     assert branch_main(argv) == 0
     env = bam_env(corpus, BAM_TRAIN_ITERS=str(EXPERT_ITERS))
-    # --oversubscribe lifts the script's --exclusive: both tasks share the node.
     job_id = slurm.sbatch(
-        "phase2_experts.sbatch", *CPU_JOB, "--array=0-1", "--ntasks-per-node=1", "--oversubscribe", env=env, cwd=work
+        "phase2_experts.sbatch", *CPU_JOB, "--array=0-1", "--nodes=1", "--ntasks-per-node=1", env=env, cwd=work
     )
     math_log = rank_logs(work, "bam-experts", f"{job_id}_1", 0) / "rank0.log"
     deadline = time.time() + 300
@@ -376,9 +455,14 @@ def experts(slurm, work, corpus, seed):
 def test_phase2_array_trains_one_expert_per_task(experts, work):
     job_id, jobs, math_saved = experts
     outs = [read(work / f"bam-experts-{job_id}_{i}.out") for i in range(2)]
+    # Spread over both nodes, one exclusive node per task, at the same time.
+    assert sorted(job["NodeList"] for job in jobs) == sorted(NODES), [job["NodeList"] for job in jobs]
+    assert jobs[0]["StartTime"] <= jobs[1]["EndTime"] and jobs[1]["StartTime"] <= jobs[0]["EndTime"], jobs
     for index, name in enumerate(("code", "math")):
         assert f"expert {name}: {work}/runs/experts/{name} (latest checkpoint: none)" in outs[index]
-        log = read(rank_logs(work, "bam-experts", f"{job_id}_{index}", 0) / "rank0.log")
+        logs = rank_logs(work, "bam-experts", f"{job_id}_{index}", 0)
+        assert nodes_of_ranks(logs) == [jobs[index]["NodeList"]]
+        log = read(logs / "rank0.log")
         init = store.resolve_checkpoint(str(work / "runs" / "experts" / name / "init"))
         assert f"loaded weights from {init}" in log, log
     assert (jobs[0]["JobState"], jobs[0]["ExitCode"]) == ("COMPLETED", "0:0"), outs[0]
@@ -388,21 +472,24 @@ def test_phase2_array_trains_one_expert_per_task(experts, work):
     assert 2 <= math_saved < EXPERT_ITERS
     assert store.latest_iteration(str(work / "runs" / "experts" / "math" / "ckpt")) == math_saved
     assert "SIGTERM: the job is cancelled or out of time" in outs[1] and "not requeued" in outs[1], outs[1]
-    assert "requeued job" not in outs[1]
+    assert "requeueing job" not in outs[1]
 
 
 def test_phase3_upcycles_then_trains_the_mixture(slurm, work, corpus, experts):
     prefixes = " ".join(f"0.33 {corpus[d]}" for d in ("law", "code", "math"))
     env = bam_env(corpus, BAM_TRAIN_ITERS="2", BAM_DATA_PATH=prefixes, BAM_VARIANT="bam")
-    job_id = slurm.sbatch("phase3_mix.sbatch", *CPU_JOB, "--ntasks-per-node=2", env=env, cwd=work)
+    job_id = slurm.sbatch("phase3_mix.sbatch", *CPU_JOB, *TWO_NODES, env=env, cwd=work)
     job = slurm.wait(job_id)
     out = read(work / f"bam-mix-{job_id}.out")
     logs = rank_logs(work, "bam-mix", job_id, 0)
     assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), out + read(logs / "upcycle.log")
-    # Upcycling runs as a one-task step (a world of one) inside the 2-task allocation.
+    # Upcycling runs as a one-task step (a world of one) on one node of the 2-node allocation,
+    # then the mixture trains on both.
     manifest = json.loads((work / "runs" / "bam-init" / "upcycle_manifest.json").read_text())
     assert manifest["method"] == "bam" and len(manifest["sources"]) == 3, manifest
     assert sorted(p.name for p in logs.iterdir()) == ["rank0.log", "rank1.log", "upcycle.log"]
+    assert read(logs / "upcycle.log").startswith("[bam] rank 0 of 1 (local rank 0) on node ")
+    assert sorted(nodes_of_ranks(logs)) == sorted(NODES)
     log = read(logs / "rank0.log")
     assert f"loaded weights from {work}/runs/bam-init/iter_0000000" in log, log
     assert store.latest_iteration(str(work / "runs" / "bam")) == 2

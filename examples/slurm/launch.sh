@@ -3,8 +3,9 @@
 # phase3_mix.sbatch source it inside their batch job (it is not run on its own).
 #
 # Rendezvous: one Slurm task per GPU (per CPU rank without GPUs), no torchrun. This file exports
-#   MASTER_ADDR  the first node of the allocation (scontrol show hostnames "$SLURM_JOB_NODELIST"),
-#                or BAM_MASTER_ADDR (e.g. that node's name on a faster network)
+#   MASTER_ADDR  the address of the allocation's first node (its NodeAddr, which is its name
+#                unless slurm.conf says otherwise), or BAM_MASTER_ADDR (e.g. that node's name on
+#                a faster network)
 #   MASTER_PORT  15000 + job id mod 15000 (BAM_MASTER_PORT to choose another)
 # and every task of a step sets RANK=SLURM_PROCID, LOCAL_RANK=SLURM_LOCALID and
 # WORLD_SIZE=SLURM_NTASKS (the step's) before exec'ing pretrain_bam.py, which starts
@@ -84,6 +85,7 @@ BAM_FORWARD_USR1=0    # 1 while the training runs: SIGUSR1 goes on to its tasks
 BAM_USR1=0            # SIGUSR1 received: requeue once the current step is done
 BAM_TERMINATED=0      # SIGTERM received: never requeue
 BAM_REQUEUEING=0      # scontrol requeue called: its SIGTERM is expected
+BAM_REQUEUE_TERM=0    # that SIGTERM came: the job is requeued (whatever scontrol's own status)
 
 bam_log() {
     printf '[bam %(%F %T)T] %s\n' -1 "$*" # bash's own clock: no subprocess to lose to a signal
@@ -92,6 +94,15 @@ bam_log() {
 bam_die() {
     bam_log "error: $*" >&2
     exit 2
+}
+
+# The address of the allocation's first node: its NodeAddr in slurm.conf (what slurmctld itself
+# reaches it by; Slurm's default is the node name), or the name where scontrol does not say.
+bam_first_node_addr() {
+    local first addr
+    first=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+    addr=$(scontrol -o show node "$first" 2>/dev/null | sed -n 's/.* NodeAddr=\([^ ]*\).*/\1/p')
+    echo "${addr:-$first}"
 }
 
 # Nodes, tasks and GPUs of the allocation; MASTER_ADDR/PORT for every task.
@@ -103,7 +114,7 @@ bam_rendezvous() {
     # Each task's share of the node's CPUs: srun would otherwise give (and bind) one CPU per task.
     local share=$((${SLURM_CPUS_ON_NODE:-1} / per_node))
     BAM_CPUS_PER_TASK=${BAM_CPUS_PER_TASK:-${SLURM_CPUS_PER_TASK:-$((share > 0 ? share : 1))}}
-    MASTER_ADDR=${BAM_MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}
+    MASTER_ADDR=${BAM_MASTER_ADDR:-$(bam_first_node_addr)}
     export MASTER_ADDR MASTER_PORT=$BAM_MASTER_PORT
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}} PYTHONUNBUFFERED=1
     if ((gpus > 0 && per_node > gpus)); then
@@ -144,6 +155,7 @@ _bam_on_term() {
     # Slurm signals the tasks itself (they save and exit 3 within KillWait); srun must not get
     # another SIGTERM, which would make it SIGKILL them.
     if ((BAM_REQUEUEING)); then
+        BAM_REQUEUE_TERM=1
         return # our own requeue ends this run
     fi
     BAM_TERMINATED=1
@@ -156,6 +168,7 @@ trap _bam_on_term TERM
 # Run one job step: bam_step LOG_NAME [srun flags...] -- COMMAND [ARGS...]
 # Every task gets RANK/LOCAL_RANK from Slurm; its output goes to LOG_NAME in the job's log
 # directory (%t in LOG_NAME is the task id). Returns the step's exit code.
+# shellcheck disable=SC2016  # the task command is expanded by each task's shell
 bam_step() {
     local log_dir
     log_dir=$(bam_job_log_dir)
@@ -176,8 +189,11 @@ bam_step() {
     local extra=()
     read -r -a extra <<<"$BAM_SRUN_ARGS"
     cmd+=("${extra[@]}")
-    # shellcheck disable=SC2016  # expanded by each task's shell, not here
-    cmd+=(bash -c 'export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS; exec "$@"' bam-task "$@")
+    # Each task's shell (not this one) expands $task; it first names its rank and node in its log.
+    local task='export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS'
+    task+='; echo "[bam] rank $RANK of $WORLD_SIZE (local rank $LOCAL_RANK) on node ${SLURMD_NODENAME:-$HOSTNAME}"'
+    task+='; exec "$@"'
+    cmd+=(bash -c "$task" bam-task "$@")
     bam_log "step (log ${log//%t/R}): ${cmd[*]@Q}"
     if [[ $BAM_DRY_RUN == 1 ]]; then
         return 0
@@ -208,8 +224,10 @@ bam_requeue() {
         bam_log "requeued $restarts times already (BAM_MAX_REQUEUES=$BAM_MAX_REQUEUES): not requeued"
     else
         BAM_REQUEUEING=1
-        if scontrol requeue "$SLURM_JOB_ID"; then
-            bam_log "requeued job $SLURM_JOB_ID (restart $((restarts + 1))): it resumes from the latest checkpoint"
+        # Said first: the requeue ends this run at once (SIGTERM, then SIGKILL, to the batch shell and
+        # its children), often before scontrol returns; scontrol itself may die of that SIGTERM.
+        bam_log "requeueing job $SLURM_JOB_ID (restart $((restarts + 1))): it resumes from the latest checkpoint"
+        if scontrol requeue "$SLURM_JOB_ID" || ((BAM_REQUEUE_TERM)); then
             exit 0
         fi
         BAM_REQUEUEING=0
