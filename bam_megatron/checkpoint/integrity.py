@@ -150,10 +150,11 @@ _READ_ERRORS = (EOFError, pickle.UnpicklingError, UnicodeDecodeError, zipfile.Ba
 _READ_MESSAGES = ("PytorchStreamReader", "zip archive", "unexpected EOF", "Invalid magic", "invalid load key")
 
 
-def diagnose(path: str, error: BaseException) -> Optional[CheckpointError]:
+def diagnose(path: str, error: BaseException, reading: Optional[str] = None) -> Optional[CheckpointError]:
     """The error to raise after reading checkpoint ``path`` failed with ``error``: the file at fault
-    when the size and CRC checks find it; else, for an error a damaged file causes, the checkpoint
-    with the library's first line; else None (not a damaged file: the caller re-raises)."""
+    when the size and CRC checks find it; else, for an error a damaged file causes, the file being
+    read (``reading``) or the checkpoint, with the library's first line; else None (not a damaged
+    file: the caller re-raises)."""
     try:
         check_files(path)
         check_checksums(path)
@@ -164,10 +165,14 @@ def diagnose(path: str, error: BaseException) -> Optional[CheckpointError]:
         chain.append(current)
         current = current.__cause__ or current.__context__
     if any(isinstance(e, _READ_ERRORS) or any(m in str(e) for m in _READ_MESSAGES) for e in chain):
+        if reading is not None:
+            return CheckpointError(f"{reading} is damaged ({_first_line(error)})")
         return CheckpointError(f"checkpoint {path} cannot be read ({_first_line(error)})")
     return None
 
 
 def _first_line(error: BaseException) -> str:
+    """The error's type and first sentence (torch's messages go on for a paragraph)."""
     text = str(error).strip()
-    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
+    first = text.splitlines()[0].split(". ")[0].rstrip(".") if text else ""
+    return f"{type(error).__name__}: {first}" if first else type(error).__name__

@@ -22,14 +22,16 @@ described and loaded (weights only) by the same functions; `megatron_lm` knows t
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
+import logging
 import os
 import pickle
 import queue
 import random
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Optional
 
 import numpy
@@ -251,14 +253,15 @@ def save_checkpoint(
         if optimizer is not None and meta.layout.distributed_optimizer:
             content["distrib_optim_sharding_type"] = "fully_reshardable"
         faults.reached("checkpoint-writing")
-        dist_checkpointing.save(state, tmp, sharded_strategy=sharded_strategy, content_metadata=content)
+        with _writer_errors_not_logged():  # raised as well: our error (or the traceback) says it once
+            dist_checkpointing.save(state, tmp, sharded_strategy=sharded_strategy, content_metadata=content)
         dist.barrier()
         _record_integrity(tmp)
         faults.reached("checkpoint-written")
-    except Exception as error:
+    except BaseException as error:  # torch's CheckpointException is a BaseException
         if dist.get_rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-        if not disk.out_of_space(error, root):
+        if isinstance(error, (KeyboardInterrupt, SystemExit)) or not disk.out_of_space(error, root):
             raise
         raise _save_error(root, iteration, error, "writing") from None
     faults.pause_before_publishing_checkpoint()
@@ -271,6 +274,19 @@ def save_checkpoint(
             raise _save_error(root, iteration, error, "publishing") from None
     dist.barrier()
     return final
+
+
+@contextlib.contextmanager
+def _writer_errors_not_logged() -> Iterator[None]:
+    """Keep megatron-core's writer from logging a worker's error ("Local process 0 encountered an
+    error: ...") that it also raises."""
+    logger = logging.getLogger("megatron.core.dist_checkpointing.strategies.filesystem_async")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _publish(root: str, iteration: int, tmp: str, final: str) -> None:
@@ -348,7 +364,7 @@ def read_meta(path: str) -> CheckpointMeta:
     except (FileNotFoundError, CheckpointingException) as error:
         raise CheckpointError(f"{path} is not a bam-megatron checkpoint ({error})") from None
     except Exception as error:  # noqa: BLE001 - torch's zip reader and unpickler raise assorted errors
-        raise (integrity.diagnose(path, error) or _damaged(common_pt, error)) from None
+        raise (integrity.diagnose(path, error, reading=common_pt) or error) from None
     if not isinstance(common, dict):
         raise CheckpointError(f"{common_pt} is damaged (it holds a {type(common).__name__}, not a dict)")
     if "meta" in common:
@@ -411,12 +427,6 @@ def _load_megatron_lm_weights(path: str, model, meta: CheckpointMeta) -> None:
     loaded = _load(state, path)
     loaded["model"].update(kept)
     model.load_state_dict(loaded["model"])
-
-
-def _damaged(file: str, error: BaseException) -> CheckpointError:
-    text = str(error).strip()
-    first = f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
-    return CheckpointError(f"{file} is damaged ({first})")
 
 
 def _tensors_metadata(path: str) -> dict:
