@@ -107,11 +107,21 @@ def _check(sources: list[str], upcycled: str, trained: str, vocab: int) -> dict:
     return out
 
 
-def test_ffn_expert_k_is_source_k_and_the_report_counts_its_tokens(tmp_path, corpus):
-    (sources,) = run_distributed(_write_sources, 1, args=(str(tmp_path), corpus["tokenizer"]))
-    upcycled = str(tmp_path / "bam-init")
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory, corpus) -> list[str]:
+    root = str(tmp_path_factory.mktemp("sources"))
+    (paths,) = run_distributed(_write_sources, 1, args=(root, corpus["tokenizer"]))
+    return paths
+
+
+def _upcycle(sources: list[str], out: str, method: str, *extra: str) -> str:
     experts = [f for name, path in zip(NAMES, sources) for f in ("--expert", f"{name}={path}")]
-    assert run_distributed(_upcycle_in_rank, 1, args=([*experts, "--method", "bam", "--save", upcycled],)) == [0]
+    assert run_distributed(_upcycle_in_rank, 1, args=([*experts, "--method", method, "--save", out, *extra],)) == [0]
+    return out
+
+
+def test_ffn_expert_k_is_source_k_and_the_report_counts_its_tokens(tmp_path, corpus, sources):
+    upcycled = _upcycle(sources, str(tmp_path / "bam-init"), "bam")
     trained = str(tmp_path / "bam")
     flags = [
         "--pretrained-checkpoint",
@@ -148,3 +158,30 @@ def test_ffn_expert_k_is_source_k_and_the_report_counts_its_tokens(tmp_path, cor
         assert sum(counted[layer]) == pytest.approx(1.0)
     # the check would see a permutation: the experts do not all get the same share
     assert any(len(set(row)) > 1 for row in counted), counted
+
+
+def _routers(paths: list[str]) -> list[dict]:
+    """Rank body: the FFN router weights of each checkpoint."""
+    from bam_megatron.checkpoint.models import load_model
+    from bam_megatron.checkpoint.store import resolve_checkpoint
+    from bam_megatron.platform.distributed import initialize
+
+    initialize(ParallelSizes())
+    out = []
+    for path in paths:
+        params = load_model(resolve_checkpoint(path)).named_parameters()
+        out.append({name: p.detach().clone() for name, p in params if name.endswith("mlp.router.weight")})
+    return out
+
+
+def test_bam_and_btx_of_one_seed_start_from_the_same_ffn_router(tmp_path, sources):
+    """Why the demo's BAM and BTX starve the same FFN expert: the router is drawn from --seed and the
+    parameter's name, so both methods start with the same FFN router (and another seed draws another)."""
+    bam = _upcycle(sources, str(tmp_path / "bam"), "bam", "--report-batches", "0")
+    btx = _upcycle(sources, str(tmp_path / "btx"), "btx", "--report-batches", "0")
+    other = _upcycle(sources, str(tmp_path / "btx-seed7"), "btx", "--report-batches", "0", "--seed", "7")
+    (routers,) = run_distributed(_routers, 1, args=([bam, btx, other],))
+    assert routers[0].keys() == routers[1].keys() and len(routers[0]) == 2
+    for name in routers[0]:
+        assert torch.equal(routers[0][name], routers[1][name]), name
+        assert not torch.equal(routers[1][name], routers[2][name]), name
