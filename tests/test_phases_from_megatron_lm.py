@@ -62,6 +62,26 @@ def test_a_megatron_lm_checkpoint_seeds_the_three_phases(tmp_path, corpus):
     expert = store.read_meta(store.resolve_checkpoint(os.path.join(experts, "code", "ckpt")))
     assert expert.lineage["root"]["hash"] == store.checkpoint_hash(store.resolve_checkpoint(seed))
 
+    # growth: the trained mixture gains a fourth expert read straight from the Megatron-LM files (the seed
+    # itself, its own root), then trains with the three old experts frozen
+    grown, regrown = str(tmp_path / "btx-grown-init"), str(tmp_path / "btx-grown")
+    argv = ["--extend", mix, "--expert", f"general={seed}", "--save", grown, "--report-batches", "0"]
+    assert run_distributed(_upcycle_in_rank, 1, args=(argv,)) == [0]
+    assert store.read_meta(store.resolve_checkpoint(grown)).architecture.num_experts == 4
+    flags = [
+        *data,
+        *TRAIN,
+        "--pretrained-checkpoint",
+        grown,
+        "--freeze-old-experts",
+        "--load",
+        regrown,
+        "--save",
+        regrown,
+    ]
+    codes, log = run(tmp_path, "grown", flags)
+    assert codes == [0, 0] and "froze experts seed, code, law" in log, log
+
     # evaluation of the Megatron-LM seed itself beside the mixture (the first model gives the defaults)
     out = str(tmp_path / "eval")
     models = ["--model", f"btx={mix}", "--model", f"megatron-seed={seed}"]
