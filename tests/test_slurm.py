@@ -358,7 +358,7 @@ def nodes_of_ranks(log_dir: Path) -> list[str]:
     return found
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("layout", [pytest.param("one node"), pytest.param("two nodes", marks=pytest.mark.e2e)])
 def test_phase1_preempted_saves_requeues_and_resumes(layout, request, slurm, work):
     job_id, job, saved = request.getfixturevalue("seed" if layout == "one node" else "seed_two_nodes")
     seed_dir = work / "runs" / LAYOUTS[layout][1]
@@ -402,6 +402,7 @@ def train_metrics(run_dir: Path, *keys: str) -> list[tuple]:
     return [(r["iteration"], *(r[k] for k in keys)) for r in records if r["kind"] == "train"]
 
 
+@pytest.mark.e2e
 def test_two_nodes_train_the_losses_of_one_node(seed, seed_two_nodes, work):
     """The same 2 ranks and global batch on two nodes as on one, each preempted at its own
     iteration and resumed: every loss equal, bit for bit (resuming is bit-exact)."""
