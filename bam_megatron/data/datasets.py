@@ -19,7 +19,7 @@ import numpy
 from megatron.core.datasets.blended_dataset import BlendedDataset
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
-from megatron.core.datasets.indexed_dataset import IndexedDataset, get_bin_path, get_idx_path
+from megatron.core.datasets.indexed_dataset import get_bin_path, get_idx_path
 from megatron.core.datasets.utils import get_blend_from_list
 
 from bam_megatron.data.atomic_cache import atomic_index_caches
@@ -132,7 +132,7 @@ def _config(seq_length: int, seed: int, split: str, tokens, cache: Optional[str]
 def _check_splits_have_documents(domains: Sequence[Domain], split_matrix, split: str) -> None:
     """megatron-core's sample-index builder loops forever on a split without documents."""
     for d in domains:
-        documents = len(IndexedDataset(d.prefix, mmap=False).document_indices) - 1
+        documents = len(check_indexed_dataset(d.prefix).document_indices) - 1
         for name, bounds in zip(("train", "validation"), split_matrix[:2]):
             if bounds is not None and int(bounds[1] * documents) - int(bounds[0] * documents) == 0:
                 raise DataError(
