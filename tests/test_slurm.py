@@ -172,7 +172,10 @@ PartitionName=debug Nodes={",".join(self.nodes)} Default=YES MaxTime=INFINITE St
             if any(p.poll() is not None for p in self.procs):
                 break
             time.sleep(0.5)
-        raise RuntimeError(f"the Slurm nodes did not come up (states {state!r}):\n{self.logs()}")
+        raise RuntimeError(
+            f"the Slurm nodes did not come up (states {state!r}; several slurmd on one host need a Slurm built"
+            f" with --enable-multiple-slurmd, as Debian's is):\n{self.logs()}"
+        )
 
     def logs(self) -> str:
         """The daemons' log tails, for failure messages."""
