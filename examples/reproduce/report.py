@@ -343,7 +343,7 @@ def bar_figure(r: Results, path: str) -> None:
     ]
     figure = Figure(figsize=(13, 4.2), layout="constrained")
     FigureCanvasAgg(figure)
-    axes = figure.subplots(1, len(groups), sharey=True)
+    axes = figure.subplots(1, len(groups))  # each panel its own range (the axes do not start at 0)
     for ax, (title, keys) in zip(axes, groups):
         stats = [mean_std(r.values(k)) if r.values(k) else (0.0, 0.0) for k in keys]
         ax.bar(range(len(keys)), [m for m, _ in stats], yerr=[s for _, s in stats], capsize=4, color="tab:blue")
@@ -359,7 +359,7 @@ def bar_figure(r: Results, path: str) -> None:
         if all_values:
             span = max(all_values) - min(all_values)
             ax.set_ylim(min(all_values) - span - 0.5, max(all_values) + span + 0.5)
-    axes[0].set_ylabel("average validation perplexity (mean ± std over seeds)")
+    axes[0].set_ylabel("average validation perplexity\n(mean ± std over seeds; dots: seeds)")
     figure.savefig(path, dpi=100)
 
 

@@ -34,7 +34,7 @@ from reproduce.report import write_report
 
 TOKENS_PER_ITERATION_BATCH = 16
 """Sequences per iteration (the demo's 8 x 2 ranks), whatever --nproc is."""
-FULL = dict(seed_iters=600, expert_iters=250, mix_iters=120, log_lines=12)
+FULL = dict(seed_iters=600, expert_iters=250, mix_iters=80, log_lines=8)
 """Sized for about an hour on 2 CPU cores (the demo's model and data; fewer iterations per run)."""
 
 
@@ -48,6 +48,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="a few iterations per phase: a smoke test")
     p.add_argument("--nproc", type=int, default=1, help="data-parallel ranks per run (default: 1)")
     p.add_argument("--jobs", type=int, default=2, help="runs at once (default: 2, one per core)")
+    p.add_argument(
+        "--mix-iters",
+        type=int,
+        default=None,
+        help=f"data-matched mixture iterations (default: {FULL['mix_iters']}; the demo's 500 on an idle machine)",
+    )
     args = p.parse_args(argv)
     if args.seeds is None:
         args.seeds = 2 if args.quick else 3
@@ -89,6 +95,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 130
     report_dir = os.path.abspath(args.report_dir or os.path.join(workdir, "report"))
     command = "python examples/reproduce/run.py" + (" --quick" if args.quick else "") + f" --seeds {args.seeds}"
+    command += f" --mix-iters {args.mix_iters}" if args.mix_iters is not None else ""
     headline = write_report(pipeline, report_dir, command, pipeline.times)
     print("\n" + headline)
     print(f"\nReport: {os.path.join(report_dir, 'REPORT.md')}")
