@@ -30,11 +30,12 @@ from typing import Any, Optional, Union
 import torch
 from megatron.core import parallel_state
 from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
-from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.attention import SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
 from bam_megatron.model.config import BAMConfig
+from bam_megatron.model.rope_cache import RotatedCacheSelfAttention
 from bam_megatron.model.router import AttentionRouter
 
 
@@ -71,7 +72,7 @@ def head_to_expert(config: BAMConfig) -> torch.Tensor:
     return wide_head_sources(config)[:, 0]
 
 
-class SoftMoASelfAttention(SelfAttention):
+class SoftMoASelfAttention(RotatedCacheSelfAttention):
     """Soft MoA self-attention (docs/design.md §1). Takes the per-expert BAMConfig."""
 
     def __init__(
@@ -124,20 +125,13 @@ class SoftMoASelfAttention(SelfAttention):
         attn_mask_type = self.attn_mask_type
         cp_group = self.pg_collection.cp
         if inference_context is not None:
-            if rotary_pos_emb is not None:
-                # RoPE at this step's positions before caching: the cache holds rotated keys, so
-                # a step rotates its own query and key only, not every cached key again (what
-                # megatron-core's flash-decode and dynamic-batching paths do too).
-                offset, q_emb, k_emb = inference_context.sequence_len_offset, *rotary_pos_emb
-                q_emb, k_emb = q_emb[offset : offset + query.shape[0]], k_emb[offset : offset + key.shape[0]]
-                query = apply_rotary_pos_emb(query, q_emb, config=self.config, cp_group=cp_group)
-                key = apply_rotary_pos_emb(key, k_emb, config=self.config, cp_group=cp_group)
-            # megatron-core's static KV cache: store this step's K/V (its N·H_kv or H_kv groups) and
-            # return the keys and values of every position so far; past the prompt, no mask.
-            query, key, value, _, attn_mask_type, _ = self._adjust_key_value_for_inference(
-                inference_context, query, key, value, None
+            # megatron-core's static KV cache: store this step's K/V (its N·H_kv or H_kv groups),
+            # rotated first (`RotatedCacheSelfAttention`), and return the keys and values of every
+            # position so far; past the prompt, no mask.
+            query, key, value, rotary_pos_emb, attn_mask_type, _ = self._adjust_key_value_for_inference(
+                inference_context, query, key, value, rotary_pos_emb
             )
-        elif rotary_pos_emb is not None:
+        if rotary_pos_emb is not None:
             q_emb, k_emb = rotary_pos_emb
             query = apply_rotary_pos_emb(query, q_emb, config=self.config, cp_group=cp_group)
             key = apply_rotary_pos_emb(key, k_emb, config=self.config, cp_group=cp_group)

@@ -12,7 +12,7 @@ from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.models.backends import LocalSpecProvider
 from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec_for_backend
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
-from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.attention import SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
@@ -24,6 +24,7 @@ from bam_megatron.model.config import BAMConfig
 from bam_megatron.model.gpt import block_spec
 from bam_megatron.model.norm import TorchNorm
 from bam_megatron.model.parallel_block import ParallelTransformerLayer, PartialSumRowParallelLinear
+from bam_megatron.model.rope_cache import RotatedCacheSelfAttention
 from bam_megatron.model.sdpa_attention import SDPAttention
 from bam_megatron.model.soft_moa import SoftMoASelfAttention, SoftMoASelfAttentionSubmodules
 
@@ -86,7 +87,8 @@ def _norm(config: BAMConfig, backend: str) -> type:
 def get_bam_layer_spec(config: BAMConfig, backend: str = "auto") -> ModuleSpec:
     """The transformer layer described by ``config``.
 
-    - attention: soft MoA (``num_attention_experts > 1``) or megatron-core's SelfAttention;
+    - attention: soft MoA (``num_attention_experts > 1``) or megatron-core's SelfAttention, both
+      caching keys after RoPE when decoding (`rope_cache`);
     - FFN: megatron-core's MoELayer (``num_moe_experts``) or a dense SwiGLU/GELU MLP;
     - block: `ParallelTransformerLayer` or megatron-core's sequential TransformerLayer.
       A parallel block with a dense FFN reduces once over TP (`PartialSumRowParallelLinear`;
@@ -109,7 +111,7 @@ def get_bam_layer_spec(config: BAMConfig, backend: str = "auto") -> ModuleSpec:
         )
     else:
         attention = ModuleSpec(
-            module=SelfAttention,
+            module=RotatedCacheSelfAttention,
             params={"attn_mask_type": AttnMaskType.causal},
             submodules=SelfAttentionSubmodules(
                 linear_qkv=m["column"],
