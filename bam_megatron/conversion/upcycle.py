@@ -32,16 +32,20 @@ import sys
 import time
 import zlib
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from bam_megatron import checkpoint
-from bam_megatron.checkpoint import CheckpointError, CheckpointMeta, check_same_architecture, lineage
-from bam_megatron.errors import ConfigError, UserError, run_tool
-from bam_megatron.model.architecture import Architecture, padded_vocab_size
-from bam_megatron.model.variants import DEFAULT_NUM_EXPERTS, VARIANTS
+from bam_megatron.platform.lazy_compile import compile_on_first_call
+
+with compile_on_first_call():  # megatron-core's fused kernels never run here: TorchDynamo stays unimported
+    from bam_megatron import checkpoint
+    from bam_megatron.checkpoint import CheckpointError, CheckpointMeta, check_same_architecture, lineage
+    from bam_megatron.errors import ConfigError, UserError, run_tool
+    from bam_megatron.model.architecture import Architecture, padded_vocab_size
+    from bam_megatron.model.variants import DEFAULT_NUM_EXPERTS, VARIANTS
 
 METHODS = (*(v for v in VARIANTS if v != "dense"), "sparse")
 """What bam-upcycle builds; each is a model variant except ``sparse``, which builds a ``btx`` model."""
@@ -155,7 +159,6 @@ def read_sources(specs: Sequence[str]) -> list[Source]:
         try:
             resolved = checkpoint.resolve_checkpoint(path)
             meta = checkpoint.read_meta(resolved)
-            checkpoint.verify_checkpoint(resolved)  # its tensors are read layer by layer, past store's checks
         except CheckpointError as error:
             raise UpcycleError(f"source {name}: {error}") from None
         sources.append(Source(name, resolved, meta))
@@ -180,6 +183,9 @@ def validate(sources: Sequence[Source], args: argparse.Namespace) -> Architectur
             raise UpcycleError(f"{error}: sources must share one architecture") from None
         if s.meta.tokenizer_fingerprint != first.meta.tokenizer_fingerprint:
             raise UpcycleError(f"source {s.name} was trained with another tokenizer than {first.name}")
+    for flag in ("num_experts", *(ours[2:].replace("-", "_") for ours in TARGET_FLAGS.values())):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise UpcycleError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.method == "sparse":
         if len(sources) != 1:
             raise UpcycleError("--method sparse copies one source: give exactly one --expert")
@@ -426,13 +432,40 @@ def upcycle(args: argparse.Namespace) -> dict:
     return _publish(args, target, strategy, meta, manifest, sources, start)
 
 
+class _Verification:
+    """Every source's files checked against its integrity record (`store.verify_checkpoint`: sizes,
+    CRC-32) on a helper thread while the layers are read: the upcycler reads the tensors itself,
+    past store's checks, and a second pass before it would cost as much as the reading."""
+
+    def __init__(self, sources: Sequence[Source]):
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bam-verify")
+        self._checks = [(s, self._pool.submit(checkpoint.verify_checkpoint, s.path)) for s in sources]
+        self._pool.shutdown(wait=False)
+
+    def result(self) -> None:
+        """Wait for the checks; the first damaged source is an `UpcycleError` naming it and its file."""
+        for source, check in self._checks:
+            try:
+                check.result()
+            except CheckpointError as error:
+                raise UpcycleError(f"source {source.name}: {error}") from None
+
+
 def _publish(args, model, strategy, meta: CheckpointMeta, manifest: dict, compare_to: Sequence[Source], start) -> dict:
     """Write the model under SAVE.tmp with ``strategy``, report its step-0 distance to ``compare_to``,
-    write the manifest, and rename SAVE.tmp to SAVE; on any failure nothing is left."""
+    write the manifest, and rename SAVE.tmp to SAVE; on any failure nothing is left. The sources
+    are verified meanwhile (`_Verification`); a damaged one fails the upcycle, naming its file,
+    whatever error reading it gave."""
     tmp = args.save.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
+    verification = _Verification(compare_to)
     try:
-        checkpoint.save_checkpoint(tmp, 0, model, None, None, meta, sharded_strategy=strategy)
+        try:
+            checkpoint.save_checkpoint(tmp, 0, model, None, None, meta, sharded_strategy=strategy)
+        except BaseException:
+            verification.result()  # a damaged source is the cause: say which file
+            raise
+        verification.result()
         manifest["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
         manifest["seconds"] = round(time.time() - start, 2)
         if args.report_batches:
