@@ -109,6 +109,8 @@ def branch(args: argparse.Namespace, as_flags: FlagWriter) -> list[str]:
         raise BranchError(f"--seed-checkpoint {seed} is a {meta.architecture.variant} model; the seed must be dense")
     if not 0 < args.general_fraction < 1:
         raise BranchError(f"--general-fraction must be in (0, 1), got {args.general_fraction}")
+    if not args.lr_scale > 0:
+        raise BranchError(f"--lr-scale must be > 0, got {args.lr_scale}")
     domains = dict(spec.split("=", 1) for spec in args.domain_data if "=" in spec)
     missing = [n for n in args.experts if n not in domains]
     if missing or len(domains) != len(args.domain_data):
