@@ -28,11 +28,10 @@ from collections.abc import Iterable, Sequence
 from typing import Optional
 
 from bam_megatron.checkpoint.meta import CheckpointError
-from bam_megatron.platform.atomic import write_atomically
 
 RECORD = "integrity.json"
 _SMALL = 4 << 20  # files up to this size are CRC-checked on every read (common.pt, the metadata)
-
+_WINDOW = 64 << 20  # a multiple of mmap.ALLOCATIONGRANULARITY
 try:  # the same CRC-32 as zlib's, several times faster (PCLMULQDQ)
     from isal.isal_zlib import crc32 as _crc32
 except ImportError:  # pragma: no cover - isal is a dependency; zlib gives the same values
@@ -43,15 +42,18 @@ _RANK_FILE = re.compile(r"^__(\d+)_\d+\.distcp$")
 def crc32(path: str) -> str:
     """CRC-32 of a file's bytes, as 8 hex digits.
 
-    Over a memory map of the file (no copy out of the page cache), with ISA-L's CRC-32 (the same
-    checksum as zlib's, several times faster) when installed: checkpoints are checked at disk speed.
+    Over memory maps of the file (no copy out of the page cache), a window at a time (mapped pages
+    count as the process's memory while mapped), with ISA-L's CRC-32 (the same checksum as zlib's,
+    several times faster) when installed: checkpoints are checked at disk speed.
     """
+    value = 0
     with open(path, "rb") as f:
-        if os.fstat(f.fileno()).st_size == 0:
-            return f"{0:08x}"
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-            mapped.madvise(mmap.MADV_SEQUENTIAL)
-            return f"{_crc32(mapped):08x}"
+        size = os.fstat(f.fileno()).st_size
+        for start in range(0, size, _WINDOW):
+            with mmap.mmap(f.fileno(), min(_WINDOW, size - start), access=mmap.ACCESS_READ, offset=start) as window:
+                window.madvise(mmap.MADV_SEQUENTIAL)
+                value = _crc32(window, value)
+    return f"{value:08x}"
 
 
 def files_of_rank(directory: str, rank: int) -> list[str]:
@@ -75,8 +77,12 @@ def describe(directory: str, names: Iterable[str]) -> dict[str, dict]:
 
 
 def write_record(directory: str, entries: dict[str, dict]) -> None:
-    """Write ``directory``'s integrity record (all ranks' entries, gathered on rank 0)."""
-    write_atomically(os.path.join(directory, RECORD), json.dumps({"files": entries}, indent=1, sort_keys=True))
+    """Write the integrity record (all ranks' entries, gathered on rank 0) into ``directory``, a
+    checkpoint's temporary directory: its rename publishes the record with the rest."""
+    with open(os.path.join(directory, RECORD), "w") as f:
+        json.dump({"files": entries}, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def read_record(path: str) -> Optional[dict[str, dict]]:
