@@ -224,8 +224,8 @@ bam_requeue() {
         bam_log "requeued $restarts times already (BAM_MAX_REQUEUES=$BAM_MAX_REQUEUES): not requeued"
     else
         BAM_REQUEUEING=1
-        # Said first: the requeue ends this run at once (SIGTERM, then SIGKILL, to the batch shell and
-        # its children), often before scontrol returns; scontrol itself may die of that SIGTERM.
+        # Said first: the requeue ends this run at once and can do so before scontrol returns (the
+        # batch shell is gone soon after its SIGTERM; scontrol itself may die of that SIGTERM).
         bam_log "requeueing job $SLURM_JOB_ID (restart $((restarts + 1))): it resumes from the latest checkpoint"
         if scontrol requeue "$SLURM_JOB_ID" || ((BAM_REQUEUE_TERM)); then
             exit 0
