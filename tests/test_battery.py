@@ -512,6 +512,13 @@ CASES = [
         ),
         "--general-fraction must be in (0, 1)",
     ),
+    Case(
+        "branch-lr-scale-negative",
+        "bam-branch",
+        ("--seed-checkpoint", "{seed}", "--output-dir", "{out}", "--experts", "code", "--domain-data", "code={code}")
+        + ("--general-data", "{law}", "--lr-scale", "-1"),
+        "--lr-scale must be > 0, got -1.0",
+    ),
     # bam-upcycle
     Case(
         "upcycle-corrupted-source",
@@ -556,6 +563,19 @@ CASES = [
         ),
         "--moe-router-topk",
     ),
+    Case(
+        "upcycle-num-experts-0",
+        "bam-upcycle",
+        ("--method", "sparse", "--expert", "a={seed}", "--num-experts", "0", "--save", "{out}"),
+        "--num-experts must be >= 1, got 0",
+    ),
+    Case(
+        "upcycle-target-tp-0",
+        "bam-upcycle",
+        ("--method", "btx", "--expert", "a={seed}", "--expert", "b={seed}", "--target-tensor-parallel-size", "0")
+        + ("--save", "{out}"),
+        "--target-tensor-parallel-size must be >= 1, got 0",
+    ),
     # bam-eval
     Case(
         "eval-truncated-common",
@@ -576,6 +596,12 @@ CASES = [
         "bam-eval",
         ("--model", "seed={seed}", "--data-path", "{d}/none", "--output-dir", "{out}"),
         "dataset file not found: {d}/none",
+    ),
+    Case(
+        "eval-model-without-a-name",
+        "bam-eval",
+        ("--model", "{seed}", "--data-path", "{code}", "--output-dir", "{out}"),
+        "argument --model: expected NAME=CHECKPOINT_DIR",
     ),
     # bam-convert-hf
     Case(
