@@ -32,13 +32,16 @@ EXTRAS_REQUIRE = {
         "ruff==0.17.5",
         "lm-eval==0.4.13",  # bam-eval harness (the eval extra)
         "accelerate==1.15.0",
+        "deepspeed==0.19.8",  # bam-stats --measure (the deepspeed extra)
     ],
     "hf": ["transformers==5.23.0", "safetensors==0.8.0", "protobuf==7.36.2"],
     # bam-eval harness: lm-evaluation-harness on the HF export (its hf model imports accelerate; torch stays ours)
     "eval": ["lm-eval==0.4.13", "accelerate==1.15.0", "transformers==5.23.0", "safetensors==0.8.0", "protobuf==7.36.2"],
     # NVIDIA's PyTorch container ships Transformer Engine and apex; this extra is for other GPU machines.
     "gpu": ["transformer-engine[pytorch]"],
-    "deepspeed": ["deepspeed"],
+    # DeepSpeed's FLOPs profiler for `bam-stats --measure`. A pure-Python wheel built from the sdist: torch is not
+    # importable in pip's isolated build, so no CUDA/C++ op is compiled (as with DS_BUILD_OPS=0); none is used here.
+    "deepspeed": ["deepspeed==0.19.8"],
 }
 
 setup(
