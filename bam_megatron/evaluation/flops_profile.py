@@ -20,7 +20,6 @@ side counts.
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
 import sys
 import types
@@ -42,13 +41,19 @@ _PATCHED_TORCH_FUNCTIONS = ("matmul", "mm", "bmm", "addmm", "baddbmm", "einsum",
 
 
 def load_profiler() -> types.ModuleType:
-    """deepspeed's flops_profiler.profiler, imported quietly (DeepSpeed logs to stdout), or a UserError."""
+    """deepspeed's flops_profiler.profiler, or a UserError saying how to install it.
+
+    DeepSpeed's logger writes to stdout; here it writes to stderr, so that ``bam-stats --json``
+    prints JSON only.
+    """
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.redirect_stdout(sys.stderr):  # its logger binds the stdout of its import
             from deepspeed.profiling.flops_profiler import profiler
     except ImportError as error:
         raise UserError(f"measuring FLOPs needs DeepSpeed ({error}): {DEEPSPEED_HINT}") from None
-    logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
+    for handler in logging.getLogger("DeepSpeed").handlers:
+        if isinstance(handler, logging.StreamHandler) and handler.stream is sys.stdout:
+            handler.setStream(sys.stderr)
     return profiler
 
 
@@ -114,15 +119,13 @@ def measure_forward_flops(
     model.eval()
     prof = profiler.FlopsProfiler(model)
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            prof.start_profile()
+        prof.start_profile()
         with _torch_views_see_the_profiler(), torch.no_grad():
             model(input_ids, positions, None)
         macs = {name: module.__macs__ for name, module in model.named_modules()}
         totals = {"deepspeed_flops": prof.get_total_flops(), "deepspeed_macs": prof.get_total_macs()}
     finally:
-        with contextlib.redirect_stdout(io.StringIO()):
-            prof.end_profile()
+        prof.end_profile()
         model.train(was_training)
 
     layers = config.num_layers
