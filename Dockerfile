@@ -8,16 +8,24 @@
 #       --vocab-size 512 --seq-length 64 --train-iters 20 --save runs/tiny-bam
 #
 # On Slurm with pyxis/enroot: docs/cluster.md (BAM_CONTAINER_IMAGE=... sbatch examples/slurm/...).
-# Any 25.xx or later tag works (Python 3.12); this image was not built in CI (no registry access).
+# Any 25.xx or later tag works (Python 3.12). BASE_IMAGE replaces the whole base: any image with
+# `python` and `pip` on PATH and torch installed. tests/test_docker.py builds this file on a local
+# CPU stand-in made by tools/ci/docker_base.sh (Debian, Python 3.11, CPU torch), from a wheelhouse:
+#   docker build --network host --build-arg BASE_IMAGE=bam-megatron-base:bookworm-torch2.13.0-r1 \
+#       --build-arg PIP_NO_INDEX=1 --build-arg PIP_FIND_LINKS=http://127.0.0.1:8000/ -t bam-megatron:cpu .
 ARG PYTORCH_TAG=25.04
-FROM nvcr.io/nvidia/pytorch:${PYTORCH_TAG}-py3
+ARG BASE_IMAGE=nvcr.io/nvidia/pytorch:${PYTORCH_TAG}-py3
+FROM ${BASE_IMAGE}
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 ENV PYTHONUNBUFFERED=1
 WORKDIR /workspace/bam-megatron
 
 # Dependencies first, in a layer that survives code changes: setup.py's pins except what the
-# image provides (torch, numpy, and everything its pip constraints file pins).
+# image provides (torch, numpy, and everything its pip constraints file pins). pip reads these
+# two from the environment where given (an offline build from a wheelhouse); unset otherwise.
+ARG PIP_NO_INDEX
+ARG PIP_FIND_LINKS
 COPY setup.py ./
 COPY tools/ci/image_requirements.py tools/ci/
 RUN python -c "import torch; print(torch.__version__)" > /tmp/torch-version \

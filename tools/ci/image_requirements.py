@@ -9,7 +9,9 @@ apex built against it) must not be replaced by the CPU-tested pin in setup.py:
 
 torch is always left out; so is every ``--keep NAME`` and every package the ``--constraints``
 file pins (NVIDIA's images list their own builds there) when the running Python already has it
-installed, so that the image's build stays.
+installed, so that the image's build stays. ``--base`` prints the other half instead: what a
+base image must already hold (the torch pin), for tools/ci/docker_base.sh's local stand-in for
+NVIDIA's image.
 """
 
 from __future__ import annotations
@@ -54,6 +56,11 @@ def constrained(path: Optional[str]) -> list[str]:
     return [_name(line) for line in lines if line and not line.startswith("-")]
 
 
+def base_requirements(setup_py: Path = SETUP) -> list[str]:
+    """What the base image must provide itself: setup.py's torch pin (the Dockerfile never installs torch)."""
+    return [req for req in install_requires(setup_py) if _name(req) == "torch"]
+
+
 def image_requirements(keep: Sequence[str] = (), setup_py: Path = SETUP) -> list[str]:
     """The requirements to pip install on top of the image."""
     kept = {_name(k) for k in keep}
@@ -77,7 +84,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         help="packages whose installed version (the image's) stays; torch always does",
     )
     p.add_argument("--constraints", metavar="FILE", help="also keep what this pip constraints file pins")
+    p.add_argument("--base", action="store_true", help="print what the base image must provide instead (torch)")
     args = p.parse_args(argv)
+    if args.base:
+        print("\n".join(base_requirements()))
+        return 0
     print("\n".join(image_requirements([*args.keep, *constrained(args.constraints)])))
     return 0
 
