@@ -70,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=FORMATS, default="auto", help="export format (bam-convert-hf's --format)")
     p.add_argument("--seed", type=int, default=1234, help="lm-eval's random, numpy, torch and few-shot seeds")
     p.add_argument("--log-samples", action="store_true", help="also write every document's inputs and outputs")
+    p.add_argument(
+        "--confirm-run-unsafe-code",
+        action="store_true",
+        help="let tasks that execute the model's output run it (humaneval, mbpp; also needs HF_ALLOW_CODE_EVAL=1)",
+    )
     p.add_argument("--tmp-dir", default=None, help="where the temporary exports go (default: the system's)")
     return p
 
@@ -135,7 +140,7 @@ def resolve_tasks(names: Sequence[str], include_paths: Sequence[str], builtin: b
     indexed only if a name is not found there (and ``builtin``). An unknown name is an error."""
     _, TaskManager = _lm_eval()
     dirs = local_task_dirs(include_paths)
-    manager = TaskManager(include_path=dirs, include_defaults=False)
+    manager = local = TaskManager(include_path=dirs, include_defaults=False)
     found = _matches(names, manager.all_tasks)
     missing = [name for name, hits in found.items() if not hits]
     if missing and builtin:
@@ -144,9 +149,9 @@ def resolve_tasks(names: Sequence[str], include_paths: Sequence[str], builtin: b
         found = _matches(names, manager.all_tasks)
         missing = [name for name, hits in found.items() if not hits]
     if missing:
-        where = "the local tasks" + ("" if builtin else " (--no-builtin-tasks)")
-        local = ", ".join(sorted(TaskManager(include_path=dirs, include_defaults=False).all_tasks))
-        raise ConfigError(f"unknown task {', '.join(missing)}: not in {where}; local tasks: {local}")
+        where = "the local tasks or lm-eval's" if builtin else "the local tasks (--no-builtin-tasks)"
+        names_here = ", ".join(sorted(local.all_tasks))
+        raise ConfigError(f"unknown task {', '.join(missing)}: not in {where}; local tasks: {names_here}")
     tasks = list(dict.fromkeys(hit for hits in found.values() for hit in hits))
     return manager, tasks
 
@@ -232,6 +237,7 @@ def run_harness(hf_dir: str, remote_code: bool, plan: Plan, args: argparse.Names
         numpy_random_seed=args.seed,
         torch_random_seed=args.seed,
         fewshot_random_seed=args.seed,
+        confirm_run_unsafe_code=args.confirm_run_unsafe_code,
     )
     keep = ("results", "groups", "group_subtasks", "n-shot", "n-samples", "higher_is_better", "versions")
     kept = {key: out[key] for key in keep if key in out}
