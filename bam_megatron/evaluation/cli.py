@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG,
         description="Per-domain perplexity table and MoE routing analysis.",
-        epilog="bam-eval plot RUN ...: loss curves from training metrics files (bam-eval plot --help)",
+        epilog="bam-eval plot RUN ...: loss curves from training metrics files (bam-eval plot --help); "
+        "bam-eval harness --load CKPT --tasks T1,T2 --out DIR: lm-evaluation-harness tasks (bam-eval harness --help)",
     )
     g = p.add_argument_group("models")
     g.add_argument(
