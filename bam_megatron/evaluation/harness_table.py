@@ -12,6 +12,8 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from bam_megatron.evaluation.report import file_safe
+
 STDERR = "_stderr"
 
 
@@ -87,9 +89,5 @@ def render(runs: Sequence[Any], tasks: Sequence[str], settings: Mapping[str, Any
     files["results.json"] = (json.dumps(summary, indent=2, default=str) + "\n").encode()
     for run in runs:
         for task, samples in run.output.get("samples", {}).items():
-            files[f"samples_{_safe(run.name)}_{_safe(task)}.jsonl"] = samples_jsonl(samples).encode()
+            files[f"samples_{file_safe(run.name)}_{file_safe(task)}.jsonl"] = samples_jsonl(samples).encode()
     return files
-
-
-def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)

@@ -35,10 +35,14 @@ def json_text(data: Any) -> str:
     return json.dumps(data, indent=2) + "\n"
 
 
+def file_safe(name: str) -> str:
+    """``name`` with every character but letters, digits and ``-_.`` replaced by ``_`` (for file names)."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
 def figure_name(model: str) -> str:
     """File name of a model's routing heatmap (the model name made file-safe)."""
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in model)
-    return f"routing_{safe}.png"
+    return f"routing_{file_safe(model)}.png"
 
 
 def routing_heatmap_png(
