@@ -9,7 +9,12 @@ two units while writing), so the peak is set by the largest two units, not by th
 should not grow from 1 to 3 layers, where a whole-model import would grow by two fp32 layers
 (2 x 0.81 GB) plus their bf16 sources.
 
-    python bench/hf_import_memory.py [--hidden 4096 --ffn 11008 --heads 32 --vocab 32000 --layers 1 3]
+Speed: each import, and an export of the imported checkpoint back to a Hugging Face directory
+(``--dtype float32``, the default), alternates with a copy of its input (then synced), ``--repeats``
+times; the ratio is copy seconds / conversion seconds (in the process; ``whole command``: with
+interpreter start). An import reads bf16 and writes fp32, twice the bytes a copy writes.
+
+    python bench/hf_import_memory.py [--hidden 4096 --ffn 11008 --heads 32 --vocab 32000 --layers 1 3 --repeats 2]
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -93,26 +99,43 @@ def write_llama(directory: str, hidden: int, ffn: int, heads: int, kv_heads: int
     return total
 
 
-# Run in a fresh interpreter: the import, then its peak RSS (the whole process: imports included).
+# Run in a fresh interpreter: the conversion, then its peak RSS (the whole process: imports included).
 _MEASURE = """
 import json, resource, sys, time
 start = time.perf_counter()
 from bam_megatron.conversion.hf.cli import main
-code = main(["import", "--load", sys.argv[1], "--save", sys.argv[2]])
+code = main([sys.argv[1], "--load", sys.argv[2], "--save", sys.argv[3]])
 print("RESULT " + json.dumps({"code": code, "seconds": round(time.perf_counter() - start, 2),
     "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}))
 """
 
 
-def measure_import(source: str, out: str) -> dict:
-    """Import ``source`` into ``out`` in a fresh process; its exit code, seconds and peak RSS (MB)."""
+def measure(command: str, source: str, out: str) -> dict:
+    """``bam-convert-hf COMMAND --load source --save out`` in a fresh process, synced; its exit code,
+    seconds (in the process; ``wall_s``: the whole command with interpreter start) and peak RSS (MB)."""
+    os.sync()
+    start = time.perf_counter()
     run = subprocess.run(
-        [sys.executable, "-c", _MEASURE, source, out], cwd=ROOT, capture_output=True, text=True, check=False
+        [sys.executable, "-c", _MEASURE, command, source, out], cwd=ROOT, capture_output=True, text=True, check=False
     )
+    os.sync()
+    wall = time.perf_counter() - start
     lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
     if run.returncode != 0 or not lines:
-        raise RuntimeError(f"import failed ({run.returncode}): {run.stdout[-2000:]} {run.stderr[-2000:]}")
-    return json.loads(lines[-1][len("RESULT ") :])
+        raise RuntimeError(f"{command} failed ({run.returncode}): {run.stdout[-2000:]} {run.stderr[-2000:]}")
+    return {**json.loads(lines[-1][len("RESULT ") :]), "wall_s": round(wall, 2)}
+
+
+def copy_seconds(source: str, target: str) -> float:
+    """Seconds to copy ``source`` to ``target`` and sync (the I/O reference)."""
+    shutil.rmtree(target, ignore_errors=True)
+    os.sync()
+    start = time.perf_counter()
+    shutil.copytree(source, target)
+    os.sync()
+    seconds = time.perf_counter() - start
+    shutil.rmtree(target)
+    return seconds
 
 
 def size_of(path: str) -> int:
@@ -120,30 +143,42 @@ def size_of(path: str) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
 
 
-def depth_runs(workdir: str, shape: dict, depths: list[int]) -> list[dict]:
-    """Write and import the model at each depth; source and output sizes, time and peak RSS."""
+def depth_runs(workdir: str, shape: dict, depths: list[int], repeats: int) -> list[dict]:
+    """Write the model at each depth; import it and export the import, each alternated with a copy
+    of its input (``repeats`` times, medians); sizes, GB/s, ratios to the copy and peak RSS."""
     runs = []
     for layers in depths:
         source, out = os.path.join(workdir, f"hf-{layers}"), os.path.join(workdir, f"seed-{layers}")
-        shutil.rmtree(source, ignore_errors=True)
-        shutil.rmtree(out, ignore_errors=True)
+        back, copy = os.path.join(workdir, f"hf-back-{layers}"), os.path.join(workdir, "copy")
         start = time.perf_counter()
         source_bytes = write_llama(source, layers=layers, **shape)
         written = time.perf_counter() - start
-        result = measure_import(source, out)
-        if result["code"] != 0:
-            raise RuntimeError(f"import of {source} exited {result['code']}")
-        runs.append(
-            {
-                "layers": layers,
-                "source_mb": round(source_bytes / 1e6, 1),
-                "output_mb": round(size_of(out) / 1e6, 1),
-                "write_source_s": round(written, 2),
-                **result,
+        run = {"layers": layers, "source_mb": round(source_bytes / 1e6, 1), "write_source_s": round(written, 2)}
+        for command, given, made in (("import", source, out), ("export", out, back)):
+            copies, results = [], []
+            for _ in range(repeats):
+                copies.append(copy_seconds(given, copy))
+                shutil.rmtree(made, ignore_errors=True)
+                results.append(measure(command, given, made))
+                if results[-1]["code"] != 0:
+                    raise RuntimeError(f"{command} of {given} exited {results[-1]['code']}")
+            gb, copy_s = size_of(given) / 1e9, statistics.median(copies)
+            work_s, wall_s = (statistics.median(r[k] for r in results) for k in ("seconds", "wall_s"))
+            run[command] = {
+                "input_mb": round(gb * 1e3, 1),
+                "output_mb": round(size_of(made) / 1e6, 1),
+                "copy_seconds": [round(c, 2) for c in copies],
+                "seconds": [r["seconds"] for r in results],
+                "wall_seconds": [r["wall_s"] for r in results],
+                "copy_gb_per_s": round(gb / copy_s, 3),
+                "gb_per_s": round(gb / work_s, 3),
+                "ratio_over_copy": round(copy_s / work_s, 3),
+                "ratio_command_over_copy": round(copy_s / wall_s, 3),
+                "peak_rss_mb": max(r["peak_rss_mb"] for r in results),
             }
-        )
-        shutil.rmtree(source, ignore_errors=True)
-        shutil.rmtree(out, ignore_errors=True)
+        for path in (source, out, back):
+            shutil.rmtree(path, ignore_errors=True)
+        runs.append(run)
     return runs
 
 
@@ -164,23 +199,31 @@ def main() -> None:
     parser.add_argument("--kv-heads", type=int, default=32)
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--layers", type=int, nargs="+", default=[1, 3])
+    parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--workdir", default="/tmp/bam-hf-import-bench")
     settings = parser.parse_args()
     shape = {k: getattr(settings, k) for k in ("hidden", "ffn", "heads", "kv_heads", "vocab")}
     shutil.rmtree(settings.workdir, ignore_errors=True)
     os.makedirs(settings.workdir)
     try:
-        runs = depth_runs(settings.workdir, shape, settings.layers)
+        runs = depth_runs(settings.workdir, shape, settings.layers, settings.repeats)
     finally:
         shutil.rmtree(settings.workdir, ignore_errors=True)
     units = unit_mb(shape)
     first, last = runs[0], runs[-1]
+    imp, exp = last["import"], last["export"]
     report(
         {"bench": "hf_import_memory", "config": vars(settings), "units": units, "runs": runs},
-        f"hf_import_memory: peak RSS {first['peak_rss_mb']:.0f} MB at {first['layers']} layer(s), "
-        f"{last['peak_rss_mb']:.0f} MB at {last['layers']} ({last['peak_rss_mb'] - first['peak_rss_mb']:+.0f} MB; "
-        f"one fp32 layer is {units['layer_mb']:.0f} MB, embeddings + output layer {units['top_mb']:.0f} MB); "
-        f"{last['source_mb']:.0f} MB bf16 in, {last['output_mb']:.0f} MB out in {last['seconds']:.1f} s",
+        f"hf_import_memory: import peak RSS {first['import']['peak_rss_mb']:.0f} MB at {first['layers']} layer(s), "
+        f"{imp['peak_rss_mb']:.0f} MB at {last['layers']} "
+        f"({imp['peak_rss_mb'] - first['import']['peak_rss_mb']:+.0f} MB; one fp32 layer is "
+        f"{units['layer_mb']:.0f} MB, embeddings + output layer {units['top_mb']:.0f} MB); at {last['layers']} "
+        f"layers: import {imp['input_mb']:.0f} MB bf16 -> {imp['output_mb']:.0f} MB at {imp['gb_per_s']:.3f} GB/s "
+        f"vs copy {imp['copy_gb_per_s']:.3f}: ratio {imp['ratio_over_copy']:.2f} "
+        f"({imp['ratio_command_over_copy']:.2f} whole command); export {exp['input_mb']:.0f} -> "
+        f"{exp['output_mb']:.0f} MB at {exp['gb_per_s']:.3f} GB/s vs copy {exp['copy_gb_per_s']:.3f}: ratio "
+        f"{exp['ratio_over_copy']:.2f} ({exp['ratio_command_over_copy']:.2f}), peak RSS {exp['peak_rss_mb']:.0f} MB "
+        f"at {last['layers']} layers, {first['export']['peak_rss_mb']:.0f} MB at {first['layers']}",
     )
 
 
