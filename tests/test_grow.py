@@ -335,3 +335,46 @@ def test_freeze_old_experts_needs_a_grown_mixture(tmp_path, mixtures):
     ((code, err),) = run_distributed(_pretrain, 1, args=(argv,))
     assert code == 2 and "--freeze-old-experts: checkpoint" in err and "is not a mixture grown" in err, err
     assert not os.path.exists(tmp_path / "out")
+
+
+def _logits_with_router_row_copied(
+    mixture: str, grown: str, copy_from: int, scale: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank body: logits of the mixture, and of the grown mixture whose new FFN router row is set to
+    ``scale`` x row ``copy_from`` (scale 1: the new expert ties with that one on every token), both
+    with top-1 routing renormalised over the chosen expert (weight 1)."""
+    from bam_megatron.checkpoint.models import load_model
+    from bam_megatron.platform.distributed import initialize
+
+    initialize(ParallelSizes())
+    tokens = torch.arange(2 * SEQ).view(2, -1) % 128
+    positions = torch.arange(SEQ).unsqueeze(0).expand_as(tokens)
+    out = []
+    for path in (mixture, grown):
+        model = load_model(store.resolve_checkpoint(path))
+        # Renormalised top-1 (bam-upcycle refuses it for training: the router would learn nothing);
+        # megatron-core's router reads the setting at every forward.
+        model.config.moe_router_pre_softmax = False
+        if path == grown:
+            with torch.no_grad():
+                for name, param in model.named_parameters():
+                    if name.endswith("mlp.router.weight"):
+                        param[-1] = scale * param[copy_from]
+        with torch.no_grad():
+            out.append(model(tokens, positions, None))
+    return out[0], out[1]
+
+
+def test_a_copy_of_an_expert_with_its_router_row_leaves_the_function_unchanged(tmp_path, family, mixtures):
+    """BTX, top-1 routing renormalised in the test: growing by a copy of source ``code`` whose router
+    row duplicates code's gives bit-identical logits, which fails if any tensor lands in another slot.
+    (Soft MoA cannot pass this: a duplicated gate of a bias-free softmax takes weight from the others;
+    nor can the paper's pre-softmax top-1, whose weight is the softmax probability.)"""
+    grown = str(tmp_path / "grown")
+    code, err = upcycle("--extend", mixtures["btx"], "--expert", f"code2={family['code']}", "--save", grown)
+    assert code == 0, err
+    ((before, after),) = run_distributed(_logits_with_router_row_copied, 1, args=(mixtures["btx"], grown, 1))
+    assert torch.equal(before, after)
+    # the control: the copy of code takes the tokens where twice the seed's logit wins, another function
+    ((_, moved),) = run_distributed(_logits_with_router_row_copied, 1, args=(mixtures["btx"], grown, 0, 2.0))
+    assert not torch.equal(before, moved)
