@@ -457,7 +457,8 @@ def write_report(pipeline, out_dir: str, command: str, times: Sequence[tuple[str
         "",
         ", ".join(
             f"{name} {seconds / 60:.1f} min" + (" (skipped)" if skipped else "") for name, seconds, skipped in times
-        ),
+        )
+        + (" (a skipped stage was done by an earlier launch in the same work directory)" if times else ""),
         "",
     ]
     path = os.path.join(out_dir, "REPORT.md")
