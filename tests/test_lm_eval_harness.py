@@ -6,7 +6,8 @@ local tasks (tag ``bam_local``). Then: the table's cells are lm-eval's numbers (
 lm-eval returned them, and its per-document records); every multiple-choice accuracy equals the
 one computed here from the choices' log-likelihoods with plain transformers on a standalone export
 of the same checkpoint; greedy generations equal transformers' ``generate``; the temporary exports
-are gone. Bad input (unknown task, missing checkpoint, --out a file) is one line, exit 2, no output.
+are gone, also when lm-eval fails. Bad input (unknown task, missing checkpoint, --out a file) is one
+line, exit 2, no output.
 """
 
 from __future__ import annotations
@@ -206,6 +207,30 @@ def test_bad_input_is_one_line_and_writes_nothing(harness, tmp_path):
     out.write_text("a file")
     code, _, err = _harness("--load", checkpoint, "--tasks", "bam_mc", "--out", str(out))
     assert code == 2 and f"--out {out} is a file" in err
+
+
+def _fail_after_export(checkpoint: str, out: str, tmp: str) -> dict:
+    """Rank body: bam-eval harness whose lm-eval run fails after the export; what is left on disk."""
+    from bam_megatron.evaluation import harness
+
+    def fail(hf_dir, *_):
+        assert os.path.isfile(os.path.join(hf_dir, "config.json"))  # the export was there
+        raise RuntimeError("lm-eval failed on purpose")
+
+    harness.run_harness = fail
+    try:
+        harness.main(["--load", checkpoint, "--tasks", "bam_mc", "--out", out, "--tmp-dir", tmp, "--no-builtin-tasks"])
+    except RuntimeError as error:
+        return {"error": str(error), "out": os.path.exists(out), "tmp": os.listdir(tmp)}
+    return {"error": None}
+
+
+def test_a_failed_run_leaves_no_export_and_no_output(harness, tmp_path):
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    checkpoint = harness["paths"]["dense"]["checkpoint"]
+    (left,) = run_distributed(_fail_after_export, 1, args=(checkpoint, str(tmp_path / "out"), str(tmp)))
+    assert left == {"error": "lm-eval failed on purpose", "out": False, "tmp": []}
 
 
 @pytest.mark.e2e
