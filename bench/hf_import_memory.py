@@ -143,9 +143,12 @@ def size_of(path: str) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
 
 
-def depth_runs(workdir: str, shape: dict, depths: list[int], repeats: int) -> list[dict]:
-    """Write the model at each depth; import it and export the import, each alternated with a copy
-    of its input (``repeats`` times, medians); sizes, GB/s, ratios to the copy and peak RSS."""
+def depth_runs(workdir: str, shape: dict, depths: list[int], repeats: int = 0) -> list[dict]:
+    """Write the model at each depth and import it: sizes, seconds and peak RSS of the import.
+
+    ``repeats`` > 0: also the speed, import and then export of the import, each run ``repeats`` times
+    alternated with a copy of its input (medians): GB/s, ratios to the copy, peak RSS (``import``
+    and ``export`` entries)."""
     runs = []
     for layers in depths:
         source, out = os.path.join(workdir, f"hf-{layers}"), os.path.join(workdir, f"seed-{layers}")
@@ -154,14 +157,21 @@ def depth_runs(workdir: str, shape: dict, depths: list[int], repeats: int) -> li
         source_bytes = write_llama(source, layers=layers, **shape)
         written = time.perf_counter() - start
         run = {"layers": layers, "source_mb": round(source_bytes / 1e6, 1), "write_source_s": round(written, 2)}
-        for command, given, made in (("import", source, out), ("export", out, back)):
+        for command, given, made in (("import", source, out), ("export", out, back))[: 2 if repeats else 1]:
             copies, results = [], []
-            for _ in range(repeats):
-                copies.append(copy_seconds(given, copy))
+            for _ in range(max(repeats, 1)):
+                if repeats:
+                    copies.append(copy_seconds(given, copy))
                 shutil.rmtree(made, ignore_errors=True)
                 results.append(measure(command, given, made))
                 if results[-1]["code"] != 0:
                     raise RuntimeError(f"{command} of {given} exited {results[-1]['code']}")
+            if command == "import":  # the memory check's numbers
+                run.update(
+                    output_mb=round(size_of(made) / 1e6, 1), **{k: results[-1][k] for k in ("seconds", "peak_rss_mb")}
+                )
+            if not repeats:
+                break
             gb, copy_s = size_of(given) / 1e9, statistics.median(copies)
             work_s, wall_s = (statistics.median(r[k] for r in results) for k in ("seconds", "wall_s"))
             run[command] = {
@@ -199,9 +209,11 @@ def main() -> None:
     parser.add_argument("--kv-heads", type=int, default=32)
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--layers", type=int, nargs="+", default=[1, 3])
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2, help="speed runs of each conversion (>= 1)")
     parser.add_argument("--workdir", default="/tmp/bam-hf-import-bench")
     settings = parser.parse_args()
+    if settings.repeats < 1:
+        parser.error("--repeats must be >= 1")
     shape = {k: getattr(settings, k) for k in ("hidden", "ffn", "heads", "kv_heads", "vocab")}
     shutil.rmtree(settings.workdir, ignore_errors=True)
     os.makedirs(settings.workdir)
