@@ -43,6 +43,9 @@ if [[ ! -d $wheels ]]; then
     "$PYTHON" -m pip download --quiet --disable-pip-version-check --only-binary=:all: \
         --dest "$partial" "${wanted[@]}" >&2
     mv -T "$partial" "$wheels"
+    for stale in "$CACHE"/wheels-*; do # earlier requirement lists' wheelhouses
+        [[ $stale == "$wheels" || $stale == *.partial.* ]] || rm -rf "$stale"
+    done
 fi
 if [[ ${1:-} == --wheels ]]; then
     echo "$wheels"
