@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo reproduce test lint bench clean
+.PHONY: demo reproduce test test-quick lint bench clean
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,9 @@ test: $(STAMP) lint
 	@bash tools/ci/install_slurm.sh  # Slurm + MUNGE for tests/test_slurm.py, where it can
 	@bash tools/ci/install_docker.sh  # docker.io + debootstrap for tests/test_docker.py, where it can
 	$(PY) -m pytest tests
+
+test-quick: $(STAMP) lint  # while developing: everything but the long end-to-end tests (@pytest.mark.e2e)
+	$(PY) -m pytest tests -m "not e2e"
 
 lint: $(STAMP)  # one style, configured in ruff.toml: `ruff format .` fixes what this reports
 	$(VENV)/bin/ruff check .
