@@ -86,7 +86,7 @@ def test_split_documents_bounds():
 def test_synthetic_genes_translate_to_what_their_records_say():
     docs = bio.bio_documents(20_000)
     assert docs == bio.bio_documents(20_000)  # deterministic
-    assert all(bio.DOC_MIN_BYTES <= len(d) <= bio.DOC_MAX_BYTES for d in docs[:-1])
+    assert all(demo_corpora.DOC_MIN_BYTES <= len(d) <= demo_corpora.DOC_MAX_BYTES for d in docs[:-1])
     for record in "\n\n".join(docs).split("\n\n"):
         lines = record.splitlines()
         dna = "".join(lines[1:-2])

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import random
 
+from . import corpora
+
 BIO_SEED = 27182
-DOC_MIN_BYTES, DOC_MAX_BYTES = 1000, 2000
 
 # The standard genetic code: amino acid (one letter) -> its codons; '*' is the stop.
 CODONS = {
@@ -87,16 +88,4 @@ def gene_record(r: random.Random) -> str:
 def bio_documents(target_bytes: int, seed: int = BIO_SEED) -> list[str]:
     """Documents of 1-2 KB of gene records, until ``target_bytes`` of text."""
     r = random.Random(seed)
-    docs, total = [], 0
-    while total < target_bytes:
-        records, size = [], 0
-        while size < DOC_MIN_BYTES:
-            record = gene_record(r)
-            if records and size + len(record) + 2 > DOC_MAX_BYTES:
-                break
-            records.append(record)
-            size += len(record) + 2
-        doc = "\n\n".join(records)
-        docs.append(doc)
-        total += len(doc)
-    return docs
+    return corpora.generated_documents(lambda: gene_record(r), target_bytes)

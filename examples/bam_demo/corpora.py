@@ -592,16 +592,16 @@ _MATH_TEMPLATES: list[Callable[[random.Random], str]] = [
 ]
 
 
-def math_documents(target_bytes: int, seed: int = MATH_SEED) -> list[str]:
-    """Synthetic mathematics: documents of 1-2 KB, each several worked items, until target_bytes."""
-    r = random.Random(seed)
+def generated_documents(next_item: Callable[[], str], target_bytes: int) -> list[str]:
+    """Documents of 1-2 KB, each several items from ``next_item`` joined by blank lines, until
+    ``target_bytes`` of text: how the synthetic domains are cut into documents."""
     docs: list[str] = []
     total = 0
     while total < target_bytes:
         items: list[str] = []
         size = 0
         while size < DOC_MIN_BYTES:
-            item = r.choice(_MATH_TEMPLATES)(r)
+            item = next_item()
             if items and size + _nbytes(item) + 2 > DOC_MAX_BYTES:
                 break
             items.append(item)
@@ -610,6 +610,12 @@ def math_documents(target_bytes: int, seed: int = MATH_SEED) -> list[str]:
         docs.append(doc)
         total += _nbytes(doc)
     return docs
+
+
+def math_documents(target_bytes: int, seed: int = MATH_SEED) -> list[str]:
+    """Synthetic mathematics: documents of 1-2 KB, each several worked items, until target_bytes."""
+    r = random.Random(seed)
+    return generated_documents(lambda: r.choice(_MATH_TEMPLATES)(r), target_bytes)
 
 
 # ---------------------------------------------------------------------------------------------

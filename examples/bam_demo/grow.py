@@ -210,19 +210,7 @@ class GrowPipeline(Pipeline):
     def grow_evaluate(self) -> None:
         """Stage 15: perplexity of the mixture before and after growing, on five domains (tools/eval.py)."""
         out = self.path("grow", "eval")
-        args = [
-            *[x for n, p in self.grow_models().items() for x in ("--model", f"{n}={p}")],
-            "--data-path",
-            *self.all_domains().values(),
-            "--split",
-            self.s.split,
-            "--seq-length",
-            str(self.s.seq_length),
-            "--tokenizer-model",
-            self.spm(),
-            "--output-dir",
-            out + ".tmp",
-        ] + (["--eval-samples", str(self.s.eval_samples)] if self.s.eval_samples else [])
+        args = self.eval_args(self.grow_models(), None, out + ".tmp", list(self.all_domains().values()))
 
         def job() -> Job:
             return Job(

@@ -379,20 +379,26 @@ class Pipeline(Stages):
             parallel=self.jobs,
         )
 
-    def eval_args(self, models: dict[str, str], expert_names: Sequence[str], out: str) -> list[str]:
-        """tools/eval.py's flags: ``models`` (name -> checkpoint) on every domain's validation split into ``out``."""
+    def eval_args(
+        self,
+        models: dict[str, str],
+        expert_names: Optional[Sequence[str]],
+        out: str,
+        prefixes: Optional[Sequence[str]] = None,
+    ) -> list[str]:
+        """tools/eval.py's flags: ``models`` (name -> checkpoint) on the validation split of every domain
+        (or of the datasets ``prefixes``) into ``out``; without ``expert_names``, each mixture's own."""
         args = [
             *[x for n, p in models.items() for x in ("--model", f"{n}={p}")],
             "--data-path",
-            *map(self.prefix, DOMAINS),
+            *(prefixes or map(self.prefix, DOMAINS)),
             "--split",
             self.s.split,
             "--seq-length",
             str(self.s.seq_length),
             "--tokenizer-model",
             self.spm(),
-            "--expert-names",
-            *expert_names,
+            *(["--expert-names", *expert_names] if expert_names else []),
             "--output-dir",
             out,
         ]
