@@ -36,25 +36,24 @@ def _global_masks(model: torch.nn.Module, config: BAMConfig, frozen: Sequence[in
     """Per checkpoint key, a global tensor that is 1 on the weights of the ``frozen`` experts."""
     masks: dict[str, torch.Tensor] = {}
     soft_moa = getattr(config, "uses_soft_moa", False)
-    for sh in sharded_tensors(model):
-        shape = tuple(sh.global_shape)
-        if _FFN_EXPERTS in sh.key:  # [layers, experts, ...]
+    shapes = {sh.key: tuple(sh.global_shape) for sh in sharded_tensors(model)}
+    for key, shape in shapes.items():
+        if _FFN_EXPERTS in key:  # [layers, experts, ...]
             if shape[1] != config.num_moe_experts:
-                raise RuntimeError(f"{sh.key}: expected the expert axis second in {shape}")
+                raise RuntimeError(f"{key}: expected the expert axis second in {shape}")
             mask = torch.zeros(shape)
             mask[:, list(frozen)] = 1
-            masks[sh.key] = mask
-        elif soft_moa and sh.key.endswith(_ATTENTION) and sh.key not in masks:
-            masks.update(_attention_masks(sh.key, model, config, frozen))
+            masks[key] = mask
+        elif soft_moa and key.endswith(_ATTENTION) and key not in masks:
+            masks.update(_attention_masks(key, shapes, config, frozen))
     return masks
 
 
-def _attention_masks(key: str, model: torch.nn.Module, config: BAMConfig, frozen: Sequence[int]):
+def _attention_masks(key: str, shapes: dict[str, tuple], config: BAMConfig, frozen: Sequence[int]):
     """Global masks of one soft-MoA attention's (linear_qkv, linear_proj): the frozen experts' Q, O
     and (expert KV) K, V. Laid out by the same function that builds the wide attention."""
     prefix = key.rsplit(".self_attention.", 1)[0]
     qkv_key, proj_key = (prefix + suffix for suffix in _ATTENTION)
-    shapes = {sh.key: tuple(sh.global_shape) for sh in sharded_tensors(model) if sh.key in (qkv_key, proj_key)}
     layers, _, hidden = shapes[qkv_key]
     d, heads = config.kv_channels, config.num_attention_heads
     groups = config.num_query_groups or heads
