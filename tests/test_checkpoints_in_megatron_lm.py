@@ -27,7 +27,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bam_megatron.checkpoint import CheckpointError, CheckpointMeta, SavedLayout, megatron_lm, megatron_lm_flags, store
+from bam_megatron.checkpoint import (
+    CheckpointError,
+    CheckpointMeta,
+    SavedLayout,
+    integrity,
+    megatron_lm,
+    megatron_lm_flags,
+    store,
+)
 from bam_megatron.model.architecture import Architecture
 from bam_megatron.testing.distributed import run_distributed
 
@@ -429,6 +437,7 @@ def test_our_meta_and_megatron_lm_s_view_of_the_args_round_trip(saved, name, tmp
     shutil.copytree(path, copy)
     del common["meta"]
     torch.save(common, os.path.join(copy, "common.pt"))
+    os.remove(os.path.join(copy, integrity.RECORD))  # ours too: Megatron-LM writes no integrity record
     theirs = store.read_meta(copy)
     assert theirs.source == "megatron-lm" and theirs.stored_keys == {}
     assert theirs.architecture == ARCHITECTURES[name]
