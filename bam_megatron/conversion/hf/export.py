@@ -27,6 +27,7 @@ import torch
 
 from bam_megatron.conversion.hf import formats, hf_files, hf_tokenizer
 from bam_megatron.conversion.hf.errors import ConversionError
+from bam_megatron.conversion.hf.megatron_io import TrackedParams
 from bam_megatron.conversion.hf.target import TOP, Target
 from bam_megatron.model.architecture import Architecture
 from bam_megatron.platform import faults
@@ -92,18 +93,6 @@ def choose_target(
     return remote, [f"exported with --format bam (trust_remote_code) because {reason}"]
 
 
-class _Tracked(dict):
-    """A unit's parameters by name, remembering which ones the mapping read."""
-
-    def __init__(self, params: dict) -> None:
-        super().__init__(params)
-        self.touched: set[str] = set()
-
-    def __getitem__(self, name: str):
-        self.touched.add(name)
-        return super().__getitem__(name)
-
-
 def _meta_model(a: Architecture, seq_length: int):
     """Our model of ``a`` on the meta device (TP = PP = EP = 1, local spec: the names the mappings use)."""
     from bam_megatron.checkpoint.layerwise import meta_model
@@ -126,7 +115,7 @@ def _unit_params(model) -> dict[int, dict[str, torch.Tensor]]:
 
 def _mapped(target: Target, unit: int, params: dict, a: Architecture, config) -> dict[str, torch.Tensor]:
     """The target's tensors of one unit; every parameter of the unit must have gone into them."""
-    tracked = _Tracked(params)
+    tracked = TrackedParams(params)
     tensors = target.unit(unit, tracked, a, config)
     left = sorted(set(params) - tracked.touched)
     if left:

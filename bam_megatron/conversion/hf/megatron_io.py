@@ -51,8 +51,8 @@ def load_weights(path: str, meta: CheckpointMeta):
     return {name: p.detach().float().clone() for name, p in model.named_parameters()}, model.config
 
 
-class _Tracked(dict):
-    """A unit's parameters by name, remembering which ones a fill touched."""
+class TrackedParams(dict):
+    """A unit's parameters by name, remembering which ones were read (export) or filled (import)."""
 
     def __init__(self, params: dict) -> None:
         super().__init__(params)
@@ -83,7 +83,7 @@ def save_weights(root: str, meta: CheckpointMeta, fill: Callable[[int, dict], No
     model = meta_model(lambda: build_from_architecture(architecture, config, meta.seq_length, backend="local"))
 
     def checked(unit: int, params: dict) -> None:
-        tracked = _Tracked(params)
+        tracked = TrackedParams(params)
         fill(unit, tracked)
         untouched = sorted(set(params) - tracked.touched)
         if untouched:
