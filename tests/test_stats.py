@@ -169,11 +169,11 @@ def test_flops_formula_matches_flop_counter(measured, case):
     - routers and FFN: exactly the formula (MoE experts run each token through its top-k only);
     - QKV/O projections: the formula's attention minus its context term 2*n_ctx*d_attn per expert;
     - core attention (QK^T and AV as full masked SEQ x SEQ products): twice that context term,
-      since DESIGN's term counts the causal half.
+      since docs/design.md's term counts the causal half.
     """
     counts, formula, experts, d_attn = measured["counted"][case]
     tokens = BATCH * SEQ
-    context = experts * 2 * SEQ * d_attn  # DESIGN §6: 2*n_ctx*d_attn per attention expert
+    context = experts * 2 * SEQ * d_attn  # docs/design.md §6: 2*n_ctx*d_attn per attention expert
     routers = counts["attention_router"] + counts["ffn_router"]
 
     assert routers == tokens * formula["router"]

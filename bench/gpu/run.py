@@ -64,7 +64,8 @@ STEPS = ("install", *(step for group in GROUPS for step in group))
 MIN_START_S = 15
 """A step does not start with less time than this left in the run's budget."""
 PYTHON_TAG = "cp312"
-"""The lent machine's Python (KINDS.md: 3.12.3): wheels with compiled code must carry this tag."""
+"""The lent machine's Python (3.12.3; docs/benchmarks.md, "What the machine has"): wheels with
+compiled code must carry this tag."""
 
 
 def read_pins(path: str = WHEELS_TXT) -> list[tuple[str, str]]:

@@ -2,8 +2,9 @@
 
 Read from the pipeline's outputs only: WORKDIR/eval/*/perplexity.json and routing.json (tools/eval.py),
 WORKDIR/runs/*/metrics.jsonl (pretrain_bam.py) and WORKDIR/stats.json (model_stats.py). The paper's
-own numbers are not in this repository's docs (docs/, DESIGN.md), so no cell shows one: each table is
-compared with the paper by the ordering it claims, and the report says where that claim is stated.
+own numbers are not in this repository's docs (docs/, docs/design.md among them), so no cell shows one:
+each table is compared with the paper by the ordering it claims, and the report says where that claim
+is stated.
 """
 
 from __future__ import annotations
@@ -196,11 +197,11 @@ CLAIMS = (
     ("BAM beats BTX, data-matched (Table 1)", "bam", "btx", "the paper's Table 1; issue 17"),
     ("BAM beats BTX, compute-matched (Table 1)", "bam-cm", "btx", "the paper's Table 1; issue 17"),
     ("BAM shared-KV beats BTX, data-matched (Table 1)", "bam-shared-kv", "btx", "the paper's Table 1"),
-    ("expert KV beats shared KV (Table 1)", "bam", "bam-shared-kv", "DESIGN.md §1: expert KV 'best quality'"),
+    ("expert KV beats shared KV (Table 1)", "bam", "bam-shared-kv", "docs/design.md §1: expert KV 'the best quality'"),
     ("BAM beats BTX with BAM's total parameters (Table 4)", "bam", "btx-total", "the paper's Table 4; issue 17"),
     ("BAM beats BTX 6 experts top-3 (Table 5)", "bam", "btx-e6-top3", "the paper's Table 5; issue 17"),
-    ("soft MoA beats top-2 MoA (Table 6)", "bam", "bam-top2", "the paper's Table 6; DESIGN.md §1 (ablation)"),
-    ("soft MoA beats top-1 MoA (Table 6)", "bam", "bam-top1", "the paper's Table 6; DESIGN.md §1 (ablation)"),
+    ("soft MoA beats top-2 MoA (Table 6)", "bam", "bam-top2", "the paper's Table 6; docs/design.md §1 (ablation)"),
+    ("soft MoA beats top-1 MoA (Table 6)", "bam", "bam-top1", "the paper's Table 6; docs/design.md §1 (ablation)"),
 )
 
 
@@ -432,7 +433,7 @@ def write_report(pipeline, out_dir: str, command: str, times: Sequence[tuple[str
         "paper's Table 7 convention) × tokens. Significance: two-sided paired t-test over seeds (the runs "
         "of one seed share data order and router seed), 5% level; with 3 seeds it has little power.",
         "",
-        "The paper's numbers are not summarised in this repository's docs (docs/, /work/shared/DESIGN.md), "
+        "The paper's numbers are not summarised in this repository's docs (docs/, docs/design.md among them), "
         "so no cell shows one: each table is compared with the paper by the ordering it claims (last "
         "section but one), not by value. At this scale (sub-million-parameter experts, minutes of "
         "training) the absolute numbers mean nothing for the paper's; only orderings can be compared.",
