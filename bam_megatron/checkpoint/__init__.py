@@ -3,6 +3,8 @@
 - `meta`: `CheckpointMeta`, the typed, versioned record every checkpoint holds (architecture,
   layout, progress, fingerprints, lineage), its migration from older versions, and the
   compatibility check between two architectures.
+- `layout`: the directory layout (``iter_N``, saves in progress, the ``latest`` file, Megatron-LM's
+  ``release``): names, discovery of the latest iteration, its atomic publishing.
 - `store`: saving (published atomically), finding (``--save`` directory or ``iter_*``) and
   loading checkpoints with megatron-core's dist_checkpointing, resharding to any TP/PP/EP.
 - `models`: a checkpoint's model built for a parallel layout and loaded (evaluation, conversion).
@@ -28,10 +30,10 @@ _EXPORTS = {
     "CheckpointMeta": "meta",
     "SavedLayout": "meta",
     "check_same_architecture": "meta",
-    "LATEST": "store",
+    "LATEST": "layout",
     "checkpoint_hash": "store",
-    "checkpoint_path": "store",
-    "latest_iteration": "store",
+    "checkpoint_path": "layout",
+    "latest_iteration": "layout",
     "load_checkpoint": "store",
     "read_meta": "store",
     "resolve_checkpoint": "store",

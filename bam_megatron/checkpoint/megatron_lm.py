@@ -44,6 +44,7 @@ import os
 from collections.abc import Mapping
 from typing import Any, Optional
 
+from bam_megatron.checkpoint.layout import RELEASE, is_checkpoint
 from bam_megatron.checkpoint.meta import MEGATRON_LM, CheckpointError, CheckpointMeta, SavedLayout
 from bam_megatron.errors import UserError
 from bam_megatron.model.architecture import ARCHITECTURE_FIELDS, Architecture
@@ -51,8 +52,6 @@ from bam_megatron.model.architecture import ARCHITECTURE_FIELDS, Architecture
 CHECKPOINT_VERSION = 3.0
 """The ``checkpoint_version`` Megatron-LM writes into every checkpoint (torch_dist included)."""
 
-RELEASE = "release"
-"""The directory (and the word in latest_checkpointed_iteration.txt) of a Megatron-LM release checkpoint."""
 
 # Megatron-LM's --use-rope-scaling: its gpt_builder passes rope_scaling=True to GPTModel but never
 # --rope-scaling-factor, so the model always computes megatron-core's default factor.
@@ -139,7 +138,7 @@ def is_megatron_lm(common: Mapping[str, Any]) -> bool:
 def refuse_other_formats(path: str) -> None:
     """Raise a one-line `CheckpointError` if ``path`` is a Megatron-LM checkpoint in a format other
     than torch_dist (legacy ``--ckpt-format torch``, ``torch_dcp`` / ``fsdp_dtensor``)."""
-    if not os.path.isdir(path) or os.path.isfile(os.path.join(path, "metadata.json")):
+    if not os.path.isdir(path) or is_checkpoint(path):
         return
     names = os.listdir(path)
     legacy = sorted(n for n in names if n.startswith("mp_rank_") and os.path.isdir(os.path.join(path, n)))

@@ -12,10 +12,9 @@ import os
 import sys
 from typing import Optional
 
-from bam_megatron.checkpoint import store
+from bam_megatron.checkpoint import layout, store
 from bam_megatron.checkpoint.megatron_lm import (
     MEGATRON_LM,
-    RELEASE,
     REVISION,
     CheckpointError,
     no_megatron_lm_model,
@@ -44,9 +43,8 @@ def describe(path: str, tensor: Optional[int] = None, pipeline: Optional[int] = 
         f"# {found}: a {meta.architecture.variant} model, iteration {meta.iteration}, for Megatron-LM {REVISION}",
         f"# Megatron-LM reads the latest iteration of the --save directory {run}",
     ]
-    tracker = os.path.join(run, store.LATEST)
-    latest = open(tracker).read().strip() if os.path.isfile(tracker) else None
-    named = RELEASE if latest == RELEASE else f"iter_{int(latest):07d}" if latest and latest.isdigit() else None
+    tracker = os.path.join(run, layout.LATEST)
+    latest, named = layout.latest_text(run), layout.named_by_latest(run)
     if latest is None:
         lines.append(f"# (Megatron-LM finds no checkpoint there without {tracker} naming {os.path.basename(found)})")
     elif named != os.path.basename(found):

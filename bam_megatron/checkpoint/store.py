@@ -1,14 +1,9 @@
 """Checkpoints with megatron-core's dist_checkpointing, published atomically.
 
-Layout under ``--save DIR``::
-
-    DIR/iter_0000100/                  a complete dist_checkpointing checkpoint
-    DIR/iter_0000200.tmp/              a save in progress, or one killed midway (ignored;
-                                       the next save removes it)
-    DIR/latest_checkpointed_iteration.txt
-
-A save writes every rank's shards into ``iter_N.tmp``, and only when all ranks are done does
-rank 0 rename it to ``iter_N`` and then replace the ``latest`` file (temp file + fsync + rename).
+The directory layout under ``--save DIR`` (``iter_N``, ``iter_N.tmp``, the ``latest`` file) is
+`bam_megatron.checkpoint.layout`'s. A save writes every rank's shards into ``iter_N.tmp``, and only
+when all ranks are done does rank 0 rename it to ``iter_N`` and then replace the ``latest`` file
+(temp file + fsync + rename).
 A job killed at any moment leaves the previous checkpoint loadable and ``latest`` pointing at it.
 
 A checkpoint holds the model, the optimizer (distributed or not), the LR scheduler, every rank's
@@ -44,50 +39,21 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTenso
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
 from bam_megatron.checkpoint import integrity, megatron_lm
+from bam_megatron.checkpoint.layout import (
+    LATEST,
+    RELEASE,
+    REPLACED,
+    checkpoint_path,
+    in_progress_path,
+    is_checkpoint,
+    iteration_name,
+    latest_iteration,
+    latest_text,
+    remove_unfinished_saves,
+    write_latest,
+)
 from bam_megatron.checkpoint.meta import MEGATRON_LM, CheckpointError, CheckpointMeta
 from bam_megatron.platform import disk, faults
-from bam_megatron.platform.atomic import write_atomically
-
-LATEST = "latest_checkpointed_iteration.txt"
-REPLACED = ".replaced"  # iter_N.replaced: a published iteration while a new save of the same iteration takes its place
-
-
-def checkpoint_path(root: str, iteration: int) -> str:
-    """DIR/iter_0000100."""
-    return os.path.join(root, f"iter_{iteration:07d}")
-
-
-def _latest_text(root: str) -> Optional[str]:
-    """What ``root``'s latest file says (None if it has none)."""
-    path = os.path.join(root, LATEST)
-    if not os.path.isfile(path):
-        return None
-    return open(path).read().strip()
-
-
-def latest_iteration(root: str) -> Optional[int]:
-    """The last published iteration under ``root``, or None if there is none."""
-    text = _latest_text(root)
-    if text is None:
-        return None
-    path = os.path.join(root, LATEST)
-    if text == megatron_lm.RELEASE:
-        raise CheckpointError(
-            f"{path} says 'release': Megatron-LM's release checkpoint {os.path.join(root, megatron_lm.RELEASE)} "
-            "has weights only, to start from (--pretrained-checkpoint), not a run to resume"
-        )
-    if not text.isdigit():
-        raise CheckpointError(f"{path}: expected an iteration number or 'release', found {text!r}")
-    iteration = int(text)
-    final = checkpoint_path(root, iteration)
-    if not os.path.isdir(final):
-        if os.path.isdir(final + REPLACED):
-            raise CheckpointError(
-                f"{path} names iteration {iteration}, and a save that replaced it was interrupted: its previous "
-                f"copy is {final + REPLACED} (rename it to {final} to use it)"
-            )
-        raise CheckpointError(f"{path} names iteration {iteration}, but {final} is missing")
-    return iteration
 
 
 def resolve_checkpoint(path: str) -> str:
@@ -95,13 +61,13 @@ def resolve_checkpoint(path: str) -> str:
     directory (``iter_*``, ``release``) -> the checkpoint directory."""
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint not found: {path}")
-    if _latest_text(path) == megatron_lm.RELEASE:
-        found = os.path.join(path, megatron_lm.RELEASE)
+    if latest_text(path) == RELEASE:
+        found = os.path.join(path, RELEASE)
         if not os.path.isdir(found):
             raise CheckpointError(f"{os.path.join(path, LATEST)} says 'release', but {found} is missing")
-    elif _latest_text(path) is not None:
+    elif latest_text(path) is not None:
         found = checkpoint_path(path, latest_iteration(path))
-    elif os.path.isfile(os.path.join(path, "metadata.json")):
+    elif is_checkpoint(path):
         return path
     else:
         megatron_lm.refuse_other_formats(path)
@@ -231,13 +197,11 @@ def save_checkpoint(
     ``sharded_strategy``: a dist_checkpointing save strategy other than the default (the
     converters' layer-by-layer writer).
     """
-    final, tmp = checkpoint_path(root, iteration), checkpoint_path(root, iteration) + ".tmp"
+    final, tmp = checkpoint_path(root, iteration), in_progress_path(root, iteration)
     try:
         if dist.get_rank() == 0:
             os.makedirs(root, exist_ok=True)
-            for name in os.listdir(root):  # saves that were killed midway
-                if name.startswith("iter_") and name.endswith(".tmp"):
-                    shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+            remove_unfinished_saves(root)
             os.makedirs(tmp)
         dist.barrier()
         state = _state(model, optimizer, with_rng=True, is_loading=False)
@@ -301,7 +265,7 @@ def _publish(root: str, iteration: int, tmp: str, final: str) -> None:
     else:
         os.replace(tmp, final)
     faults.reached("checkpoint-renamed")
-    write_atomically(os.path.join(root, LATEST), str(iteration))
+    write_latest(root, iteration_name(iteration))
 
 
 def _record_integrity(tmp: str) -> None:
@@ -340,7 +304,7 @@ def read_meta(path: str) -> CheckpointMeta:
     """The `CheckpointMeta` of the checkpoint directory ``path`` (older versions migrated; a
     Megatron-LM checkpoint's derived from its ``args``)."""
     megatron_lm.refuse_other_formats(path)
-    if not os.path.isfile(os.path.join(path, "metadata.json")):
+    if not is_checkpoint(path):
         raise CheckpointError(f"{path} is not a checkpoint (no metadata.json)")
     try:
         backend = maybe_load_config(path)

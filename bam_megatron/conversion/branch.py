@@ -29,7 +29,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from bam_megatron import checkpoint
-from bam_megatron.checkpoint import CheckpointError, CheckpointMeta
+from bam_megatron.checkpoint import CheckpointError, CheckpointMeta, layout
 from bam_megatron.errors import UserError
 
 # Seed settings that phase 2 must not inherit: they name the seed's own run, data or length, or
@@ -136,10 +136,11 @@ def branch(args: argparse.Namespace, as_flags: FlagWriter) -> list[str]:
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             init = os.path.join(out, "init")
-            iteration_dir = os.path.basename(seed)
+            # the seed as the latest checkpoint of a --save directory (a Megatron-LM release stays one)
+            released = os.path.basename(os.path.normpath(seed)) == layout.RELEASE
+            iteration_dir = layout.RELEASE if released else layout.iteration_name(meta.iteration)
             _link_tree(seed, os.path.join(tmp, "init", iteration_dir))
-            with open(os.path.join(tmp, "init", checkpoint.LATEST), "w") as f:
-                f.write("release" if iteration_dir == "release" else str(meta.iteration))  # a Megatron-LM release
+            layout.write_latest(os.path.join(tmp, "init"), iteration_dir)
             flags = phase2_flags(meta, domains[name], args.general_data, args, out, init, as_flags)
             with open(os.path.join(tmp, "phase2.args"), "w") as f:
                 f.write("\n".join(flags) + "\n")

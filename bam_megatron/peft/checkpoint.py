@@ -21,7 +21,7 @@ from typing import Any, Optional
 
 import torch
 
-from bam_megatron.checkpoint import CheckpointError, CheckpointMeta, store
+from bam_megatron.checkpoint import CheckpointError, CheckpointMeta, layout, store
 from bam_megatron.peft.apply import is_adapter_name
 
 
@@ -80,8 +80,9 @@ def find_checkpoints(load: Optional[str], pretrained: Optional[str]) -> Checkpoi
     - otherwise ``--pretrained-checkpoint`` is the base, and the adapters start fresh.
     """
     found = Checkpoints()
-    if load and os.path.isdir(load) and store.latest_iteration(load) is not None:
-        path = store.checkpoint_path(load, store.latest_iteration(load))
+    iteration = layout.latest_iteration(load) if load and os.path.isdir(load) else None
+    if iteration is not None:
+        path = layout.checkpoint_path(load, iteration)
         meta = store.read_meta(path)
         if meta.peft is None:
             if pretrained:

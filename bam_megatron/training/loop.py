@@ -27,7 +27,14 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from bam_megatron import checkpoint
-from bam_megatron.checkpoint import CheckpointError, CheckpointMeta, SavedLayout, check_same_architecture, lineage
+from bam_megatron.checkpoint import (
+    CheckpointError,
+    CheckpointMeta,
+    SavedLayout,
+    check_same_architecture,
+    layout,
+    lineage,
+)
 from bam_megatron.checkpoint.meta import MEGATRON_LM
 from bam_megatron.data.datasets import TokenIds, build_datasets, build_mock_datasets, data_fingerprint, parse_data_path
 from bam_megatron.data.tokenizer import load_tokenizer
@@ -363,20 +370,20 @@ class Trainer:
         """
         args = self.args
         self.weights_only = args.finetune
-        if args.load and os.path.isfile(os.path.join(args.load, "metadata.json")):  # an iter_* directory itself
+        if args.load and layout.is_checkpoint(args.load):  # an iter_* directory itself
             path = checkpoint.resolve_checkpoint(args.load)
             return path, checkpoint.read_meta(path)
         if args.load:
-            iteration = checkpoint.latest_iteration(args.load) if os.path.isdir(args.load) else None
-            if iteration is None and os.path.isdir(args.load):
-                saved = sorted(n for n in os.listdir(args.load) if n.startswith("iter_") and not n.endswith(".tmp"))
+            iteration = layout.latest_iteration(args.load) if os.path.isdir(args.load) else None
+            if iteration is None:
+                saved = layout.saved_iterations(args.load)
                 if saved:
                     raise CheckpointError(
-                        f"--load {args.load} holds {', '.join(saved)} but no {checkpoint.LATEST}: pass the "
+                        f"--load {args.load} holds {', '.join(saved)} but no {layout.LATEST}: pass the "
                         "iter_* directory to resume from as --load"
                     )
             if iteration is not None:
-                path = checkpoint.checkpoint_path(args.load, iteration)
+                path = layout.checkpoint_path(args.load, iteration)
                 return path, checkpoint.read_meta(path)
             if args.finetune and not args.pretrained_checkpoint:
                 raise CheckpointError(f"--finetune: no checkpoint in {args.load}")
