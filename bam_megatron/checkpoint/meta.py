@@ -27,6 +27,7 @@ from typing import Any, Optional
 
 from bam_megatron.errors import UserError
 from bam_megatron.model.architecture import ARCHITECTURE_FIELDS, Architecture
+from bam_megatron.model.variants import SOFT_MOA_VARIANTS
 
 VERSION = 2
 
@@ -125,7 +126,7 @@ def _migrate_v1(record: Mapping[str, Any], path: str) -> dict[str, Any]:
     architecture.update({name: value for name, value in _V1_DEFAULTS.items() if name not in args})
     if architecture["variant"] == "dense":
         architecture["num_experts"] = None
-    elif architecture["variant"] not in ("bam", "bam-shared-kv"):
+    elif architecture["variant"] not in SOFT_MOA_VARIANTS:
         architecture["attention_router_topk"] = None
     layout = dict(record["layout"], distributed_optimizer=bool(args.get("use_distributed_optimizer")))
     lineage = {key: record[key] for key in ("upcycled", "imported") if record.get(key) is not None}

@@ -45,7 +45,7 @@ with compile_on_first_call():  # megatron-core's fused kernels never run here: T
     from bam_megatron.checkpoint import CheckpointError, CheckpointMeta, check_same_architecture, lineage
     from bam_megatron.errors import ConfigError, UserError, run_tool
     from bam_megatron.model.architecture import Architecture, padded_vocab_size
-    from bam_megatron.model.variants import DEFAULT_NUM_EXPERTS, VARIANTS
+    from bam_megatron.model.variants import DEFAULT_NUM_EXPERTS, SOFT_MOA_VARIANTS, VARIANTS
 
 METHODS = (*(v for v in VARIANTS if v != "dense"), "sparse")
 """What bam-upcycle builds; each is a model variant except ``sparse``, which builds a ``btx`` model."""
@@ -199,7 +199,7 @@ def validate(sources: Sequence[Source], args: argparse.Namespace) -> Architectur
     if args.method == "bam-shared-kv" and args.shared_kv_init not in ["average", *(s.name for s in sources)]:
         raise UpcycleError(f"--shared-kv-init {args.shared_kv_init!r}: 'average' or one of the source names")
     k = args.attention_router_topk
-    if k is not None and (args.method not in ("bam", "bam-shared-kv") or not 1 <= k <= experts):
+    if k is not None and (variant_of(args.method) not in SOFT_MOA_VARIANTS or not 1 <= k <= experts):
         raise UpcycleError(
             f"--attention-router-topk {k}: needs --method bam or bam-shared-kv and a value in [1, {experts}]"
         )
@@ -304,7 +304,7 @@ class _Mixer:
     def __init__(self, args: argparse.Namespace, sources: Sequence[Source], experts: int, config):
         self.args, self.sources, self.experts, self.config = args, sources, experts, config
         self.source_models = [_meta_model(s.meta.architecture, s.meta.seq_length)[0] for s in sources]
-        self.moa = args.method in ("bam", "bam-shared-kv")
+        self.moa = variant_of(args.method) in SOFT_MOA_VARIANTS
 
     def __call__(self, unit: int, params: dict) -> None:
         from bam_megatron.checkpoint.layerwise import TOP, read_unit, unit_of_parameter

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from megatron.core.models.gpt import GPTModel
 
 from bam_megatron.errors import ConfigError
-from bam_megatron.model.variants import PRESETS, VARIANTS
+from bam_megatron.model.variants import PRESETS, SOFT_MOA_VARIANTS, VARIANTS
 
 if TYPE_CHECKING:
     from bam_megatron.model.architecture import Architecture
@@ -75,7 +75,7 @@ def variant_config(
         )
     if variant != "dense":
         fields.update(_MOE, num_moe_experts=num_experts, moe_router_topk=moe_router_topk)
-    if variant in ("bam", "bam-shared-kv"):
+    if variant in SOFT_MOA_VARIANTS:
         fields.update(num_attention_experts=num_experts)
         fields.update(attention_kv_mode="shared" if variant == "bam-shared-kv" else "expert")
     fields.update(overrides)

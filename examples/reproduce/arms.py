@@ -18,6 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from bam_megatron.model.variants import SOFT_MOA_VARIANTS
+
 SOURCES = ("seed", "code", "law", "math")
 """The dense models, in expert order (the demo's ``Pipeline.sources``)."""
 
@@ -80,7 +82,7 @@ def build_arms(iters: int, stats: dict[str, dict]) -> list[Arm]:
         "bam-top2": Init("bam-top2", "bam", attention_topk=2, stats="bam"),
         "bam-top1": Init("bam-top1", "bam", attention_topk=1, stats="bam"),
     }
-    cm = {v: compute_matched_iters(iters, stats, v) for v in ("bam", "bam-shared-kv")}
+    cm = {v: compute_matched_iters(iters, stats, v) for v in SOFT_MOA_VARIANTS}
     return [
         Arm("btx", "BTX", inits["btx"], iters),
         Arm("bam", "BAM (expert KV)", inits["bam"], iters),
