@@ -1,4 +1,4 @@
-"""bam-megatron's checkpoints loaded the way Megatron-LM loads them (bam_megatron.checkpoint.megatron_lm).
+"""bam-megatron's checkpoints loaded the way Megatron-LM loads them (bam_megatron.checkpoint.megatron_lm_args).
 
 Every checkpoint bam-megatron writes of a model Megatron-LM builds (dense or btx on the sequential
 block) carries, beside our ``meta`` record, what Megatron-LM's loader reads: ``args``,
@@ -32,8 +32,9 @@ from bam_megatron.checkpoint import (
     CheckpointMeta,
     SavedLayout,
     integrity,
-    megatron_lm,
+    megatron_lm_args,
     megatron_lm_flags,
+    megatron_lm_reader,
     store,
 )
 from bam_megatron.model.architecture import Architecture
@@ -413,12 +414,14 @@ def test_what_megatron_lm_has_no_model_for_gets_no_args(saved):
     }
     for why, architecture in cases.items():
         meta = _meta(architecture)
-        assert megatron_lm.common_state(meta) == {}
-        assert megatron_lm.no_megatron_lm_model(meta).startswith(why)
+        assert megatron_lm_args.common_state(meta) == {}
+        assert megatron_lm_args.no_megatron_lm_model(meta).startswith(why)
         with pytest.raises(CheckpointError, match=why):
-            megatron_lm.megatron_lm_args(meta)
+            megatron_lm_args.megatron_lm_args(meta)
     adapters = dataclasses.replace(_meta(ARCHITECTURES["dense"]), peft={"method": "mov"})
-    assert megatron_lm.common_state(adapters) == {} and "adapter-only" in megatron_lm.no_megatron_lm_model(adapters)
+    assert megatron_lm_args.common_state(adapters) == {} and "adapter-only" in megatron_lm_args.no_megatron_lm_model(
+        adapters
+    )
 
 
 @pytest.mark.parametrize("name", list(ARCHITECTURES))
@@ -430,7 +433,7 @@ def test_our_meta_and_megatron_lm_s_view_of_the_args_round_trip(saved, name, tmp
     assert meta.source == "bam-megatron" and meta.architecture == ARCHITECTURES[name]
     assert (meta.iteration, meta.seq_length, meta.consumed_samples, meta.training) == (7, SEQ, 56, TRAINING)
     common = dist_checkpointing.load_common_state_dict(path)
-    assert megatron_lm.architecture_from_args(common["args"], path, {}) == ARCHITECTURES[name]
+    assert megatron_lm_reader.architecture_from_args(common["args"], path, {}) == ARCHITECTURES[name]
 
     # the same files as Megatron-LM sees them (its args, no meta): the same model
     copy = str(tmp_path / os.path.basename(path))
@@ -520,7 +523,7 @@ def test_the_printed_flags_give_megatron_lm_the_args_the_checkpoint_carries(save
     from megatron.core import dist_checkpointing
 
     args = dist_checkpointing.load_common_state_dict(saved[name]["path"])["args"]
-    flags = megatron_lm.pretrain_gpt_flags(args)
+    flags = megatron_lm_args.pretrain_gpt_flags(args)
     for field, value in _parse_flags(flags).items():
         if field in ("num_experts", "moe_ffn_hidden_size") or getattr(args, field) is not None:
             assert value == getattr(args, field), field
@@ -528,29 +531,29 @@ def test_the_printed_flags_give_megatron_lm_the_args_the_checkpoint_carries(save
         assert not any(flag.startswith("--moe") or flag.startswith("--num-experts") for flag in flags)
     # the padding: Megatron-LM pads the tokenizer's vocabulary (at most 128 ids) to a multiple of this x TP
     assert "--make-vocab-size-divisible-by 128" in flags
-    assert "--make-vocab-size-divisible-by 64" in megatron_lm.pretrain_gpt_flags(args, tensor=2)
-    assert "--tensor-model-parallel-size 2" in megatron_lm.pretrain_gpt_flags(args, tensor=2)
+    assert "--make-vocab-size-divisible-by 64" in megatron_lm_args.pretrain_gpt_flags(args, tensor=2)
+    assert "--tensor-model-parallel-size 2" in megatron_lm_args.pretrain_gpt_flags(args, tensor=2)
     with pytest.raises(CheckpointError, match="does not split over --tensor-model-parallel-size 3"):
-        megatron_lm.pretrain_gpt_flags(args, tensor=3)
+        megatron_lm_args.pretrain_gpt_flags(args, tensor=3)
 
 
 def test_the_args_record_the_layout_and_training_settings():
     meta = _meta(ARCHITECTURES["btx"])
     meta.layout = SavedLayout(world_size=16, tensor=2, pipeline=2, expert=2, distributed_optimizer=True)
     meta.training = {"hidden_dropout": 0.1, "bf16": True}
-    args = megatron_lm.megatron_lm_args(meta)
+    args = megatron_lm_args.megatron_lm_args(meta)
     sizes = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size")
     assert tuple(getattr(args, f) for f in sizes) == (2, 2, 2)
     assert (args.world_size, args.data_parallel_size, args.use_distributed_optimizer) == (16, 4, True)
     assert (args.hidden_dropout, args.bf16, args.moe_aux_loss_coeff) == (0.1, True, 1e-2)
     assert args.make_vocab_size_divisible_by == 64  # no setting recorded: 128 rows over TP 2
-    flags = megatron_lm.pretrain_gpt_flags(args)
+    flags = megatron_lm_args.pretrain_gpt_flags(args)
     assert "--expert-model-parallel-size 2" in flags and "--bf16" in flags
     mock = dataclasses.replace(_meta(ARCHITECTURES["dense"]), tokenizer_model=None, training={"vocab_size": 100})
-    mock_flags = megatron_lm.pretrain_gpt_flags(megatron_lm.megatron_lm_args(mock))
+    mock_flags = megatron_lm_args.pretrain_gpt_flags(megatron_lm_args.megatron_lm_args(mock))
     assert "--tokenizer-type NullTokenizer" in mock_flags and "--vocab-size 100" in mock_flags
     hf = dataclasses.replace(_meta(ARCHITECTURES["dense"]), tokenizer_type="HuggingFaceTokenizer")
-    assert megatron_lm.megatron_lm_args(hf).tokenizer_type == "HuggingFaceTokenizer"
+    assert megatron_lm_args.megatron_lm_args(hf).tokenizer_type == "HuggingFaceTokenizer"
 
 
 def test_the_command_line_prints_the_command(saved, capsys):

@@ -1,4 +1,4 @@
-"""Megatron-LM checkpoints, read with no conversion step (bam_megatron.checkpoint.megatron_lm).
+"""Megatron-LM checkpoints, read with no conversion step (bam_megatron.checkpoint.megatron_lm_reader).
 
 The checkpoints here are laid out exactly as Megatron-LM's ``pretrain_gpt.py --ckpt-format
 torch_dist`` writes them (read at Megatron-LM ``core_v0.16.1``, megatron/training/checkpointing.py):
@@ -32,7 +32,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bam_megatron.checkpoint import CheckpointError, megatron_lm, store
+from bam_megatron.checkpoint import CheckpointError, megatron_lm_reader, store
 from bam_megatron.model.architecture import Architecture
 from bam_megatron.testing.distributed import run_distributed
 
@@ -468,7 +468,9 @@ def test_older_args_names_and_tensors_that_do_not_fit(checkpoints, tmp_path):
     old_1p = _with_args(checkpoints, tmp_path, layernorm_zero_centered_gamma=_ABSENT, apply_layernorm_1p=True)
     with pytest.raises(CheckpointError, match=r"args\.apply_layernorm_1p=True \(--apply-layernorm-1p\)"):
         store.read_meta(old_1p)
-    mha = megatron_lm.architecture_from_args(megatron_lm_args(group_query_attention=False, num_query_groups=1), "x", {})
+    mha = megatron_lm_reader.architecture_from_args(
+        megatron_lm_args(group_query_attention=False, num_query_groups=1), "x", {}
+    )
     assert mha.num_query_groups == 4  # without --group-query-attention every head has its own K/V
     wrong = _with_args(checkpoints, tmp_path, ffn_hidden_size=128)
     with pytest.raises(CheckpointError, match=r"decoder\.layers\.mlp\.linear_fc1\.weight has shape \(2, 192, 64\)"):

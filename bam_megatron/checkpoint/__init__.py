@@ -10,8 +10,11 @@
 - `models`: a checkpoint's model built for a parallel layout and loaded (evaluation, conversion).
 - `layerwise`: reading one layer of a checkpoint and writing a model one layer at a time (the
   converters' streaming I/O).
-- `megatron_lm`: checkpoints Megatron-LM wrote (torch_dist), read as they are: their ``args`` as a
-  `CheckpointMeta`, the tensor names its specs store differently, the formats it cannot read.
+- `megatron_lm_reader`: checkpoints Megatron-LM wrote (torch_dist), read as they are: their ``args``
+  as a `CheckpointMeta`, the tensor names its specs store differently, the formats it cannot read.
+- `megatron_lm_args`: the other way, the ``args`` Megatron-LM's loader reads, written into our
+  checkpoints of models it builds, and the ``pretrain_gpt.py`` flags that load them
+  (`megatron_lm_flags` prints them for a checkpoint).
 
 Nothing here imports the training loop; training, conversion, evaluation and PEFT all build on it.
 docs/checkpoints.md describes the layout for users.

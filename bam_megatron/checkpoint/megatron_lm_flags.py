@@ -1,8 +1,8 @@
 """``python -m bam_megatron.checkpoint.megatron_lm_flags RUN``: the Megatron-LM ``pretrain_gpt.py``
-command that starts from a bam-megatron checkpoint (its ``args``, `megatron_lm.common_state`).
+command that starts from a bam-megatron checkpoint (its ``args``, `megatron_lm_args.common_state`).
 
-Apart from `bam_megatron.checkpoint.megatron_lm` because it reads checkpoints through `store`,
-which itself uses `megatron_lm` to read and write Megatron-LM's records.
+Apart from `bam_megatron.checkpoint.megatron_lm_args` because it reads checkpoints through `store`,
+which itself uses `megatron_lm_reader` and `megatron_lm_args` to read and write Megatron-LM's records.
 """
 
 from __future__ import annotations
@@ -13,13 +13,8 @@ import sys
 from typing import Optional
 
 from bam_megatron.checkpoint import layout, store
-from bam_megatron.checkpoint.megatron_lm import (
-    MEGATRON_LM,
-    REVISION,
-    CheckpointError,
-    no_megatron_lm_model,
-    pretrain_gpt_flags,
-)
+from bam_megatron.checkpoint.megatron_lm_args import REVISION, no_megatron_lm_model, pretrain_gpt_flags
+from bam_megatron.checkpoint.meta import MEGATRON_LM, CheckpointError
 
 
 def describe(path: str, tensor: Optional[int] = None, pipeline: Optional[int] = None, expert: Optional[int] = None):
@@ -62,7 +57,7 @@ def describe(path: str, tensor: Optional[int] = None, pipeline: Optional[int] = 
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    """``python -m bam_megatron.checkpoint.megatron_lm CHECKPOINT``: print the pretrain_gpt.py command."""
+    """``python -m bam_megatron.checkpoint.megatron_lm_flags CHECKPOINT``: print the pretrain_gpt.py command."""
     from bam_megatron.errors import run_tool
 
     parser = argparse.ArgumentParser(

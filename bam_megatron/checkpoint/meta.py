@@ -13,7 +13,7 @@ Versions:
 - 2: this layout.
 
 A checkpoint Megatron-LM's ``pretrain_gpt.py`` wrote (``--ckpt-format torch_dist``) has no such record:
-`bam_megatron.checkpoint.megatron_lm` derives one from its ``args``, with ``source`` set to
+`bam_megatron.checkpoint.megatron_lm_reader` derives one from its ``args``, with ``source`` set to
 ``megatron-lm`` and the tensor names it stores differently in ``stored_keys``. Neither is saved: a
 checkpoint bam-megatron writes is a bam-megatron checkpoint, whatever its weights came from.
 """

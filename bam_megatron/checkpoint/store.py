@@ -12,7 +12,7 @@ the data mixture and the tokenizer, lineage). Loading reshards model and optimiz
 layout; RNG states are restored only under the same layout.
 
 Checkpoints Megatron-LM wrote (``--ckpt-format torch_dist``, ``iter_*`` or ``release``) are found,
-described and loaded (weights only) by the same functions; `megatron_lm` knows their ``args``.
+described and loaded (weights only) by the same functions; `megatron_lm_reader` reads their ``args``.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, ShardedTensorFactory
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
-from bam_megatron.checkpoint import integrity, megatron_lm
+from bam_megatron.checkpoint import integrity, megatron_lm_args, megatron_lm_reader
 from bam_megatron.checkpoint.layout import (
     LATEST,
     RELEASE,
@@ -70,11 +70,11 @@ def resolve_checkpoint(path: str) -> str:
     elif is_checkpoint(path):
         return path
     else:
-        megatron_lm.refuse_other_formats(path)
+        megatron_lm_reader.refuse_other_formats(path)
         raise CheckpointError(
             f"no checkpoint at {path} (neither a --save directory nor an iter_* or release directory)"
         )
-    megatron_lm.refuse_other_formats(found)
+    megatron_lm_reader.refuse_other_formats(found)
     return found
 
 
@@ -193,7 +193,7 @@ def save_checkpoint(
     """Save and publish ``root/iter_N``; every rank calls it.
 
     ``meta`` is completed here with the iteration, the layout and the scheduler's state. A model
-    Megatron-LM builds also gets, beside ``meta``, the ``args`` its loader reads (`megatron_lm.common_state`).
+    Megatron-LM builds also gets, beside ``meta``, the ``args`` its loader reads (`megatron_lm_args.common_state`).
     ``sharded_strategy``: a dist_checkpointing save strategy other than the default (the
     converters' layer-by-layer writer).
     """
@@ -212,8 +212,8 @@ def save_checkpoint(
         state["meta"] = meta.to_dict()
         # What Megatron-LM's loader reads (args, checkpoint_version, iteration), where it builds the model;
         # read_meta reads "meta" first, so this stays a bam-megatron checkpoint (docs/checkpoints.md).
-        state.update(megatron_lm.common_state(meta))
-        content = dict(megatron_lm.CONTENT_METADATA)  # how _state made the sharded state dicts
+        state.update(megatron_lm_args.common_state(meta))
+        content = dict(megatron_lm_args.CONTENT_METADATA)  # how _state made the sharded state dicts
         if optimizer is not None and meta.layout.distributed_optimizer:
             content["distrib_optim_sharding_type"] = "fully_reshardable"
         faults.reached("checkpoint-writing")
@@ -303,7 +303,7 @@ def verify_checkpoint(path: str) -> None:
 def read_meta(path: str) -> CheckpointMeta:
     """The `CheckpointMeta` of the checkpoint directory ``path`` (older versions migrated; a
     Megatron-LM checkpoint's derived from its ``args``)."""
-    megatron_lm.refuse_other_formats(path)
+    megatron_lm_reader.refuse_other_formats(path)
     if not is_checkpoint(path):
         raise CheckpointError(f"{path} is not a checkpoint (no metadata.json)")
     try:
@@ -333,9 +333,9 @@ def read_meta(path: str) -> CheckpointMeta:
         raise CheckpointError(f"{common_pt} is damaged (it holds a {type(common).__name__}, not a dict)")
     if "meta" in common:
         return CheckpointMeta.from_dict(common["meta"], path)
-    if megatron_lm.is_megatron_lm(common):
+    if megatron_lm_reader.is_megatron_lm(common):
         tensors = {key: tuple(t.global_shape) for key, t in _tensors_metadata(path).items()}
-        return megatron_lm.meta_from_common(common, path, tensors)
+        return megatron_lm_reader.meta_from_common(common, path, tensors)
     raise CheckpointError(f"{path} is neither a bam-megatron checkpoint ('meta') nor a Megatron-LM one ('args')")
 
 
@@ -387,7 +387,7 @@ def _load_megatron_lm_weights(path: str, model, meta: CheckpointMeta) -> None:
         elif isinstance(value, ShardedTensorFactory):
             wanted.setdefault(value.key, None)
     stored = {key: tuple(t.global_shape) for key, t in _tensors_metadata(path).items()}
-    megatron_lm.check_model_keys(wanted, stored, path)
+    megatron_lm_reader.check_model_keys(wanted, stored, path)
     loaded = _load(state, path)
     loaded["model"].update(kept)
     model.load_state_dict(loaded["model"])
