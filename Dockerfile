@@ -9,7 +9,7 @@
 #
 # On Slurm with pyxis/enroot: docs/cluster.md (BAM_CONTAINER_IMAGE=... sbatch examples/slurm/...).
 # Any 25.xx or later tag works (Python 3.12). BASE_IMAGE replaces the whole base: any image with
-# `python` and `pip` on PATH and torch installed. tests/test_docker.py builds this file on a local
+# `python` and `pip` on PATH and torch installed. tests/e2e/test_docker.py builds this file on a local
 # CPU stand-in made by tools/ci/docker_base.sh (Debian, Python 3.11, CPU torch), from a wheelhouse:
 #   docker build --network host --build-arg BASE_IMAGE=bam-megatron-base:bookworm-torch2.13.0-r1 \
 #       --build-arg PIP_NO_INDEX=1 --build-arg PIP_FIND_LINKS=http://127.0.0.1:8000/ -t bam-megatron:cpu .

@@ -23,8 +23,8 @@ reproduce: $(STAMP)  # the paper's comparisons with seeds and error bars -> exam
 	$(PY) examples/reproduce/run.py --report-dir examples/reproduce
 
 test: $(STAMP) lint
-	@bash tools/ci/install_slurm.sh  # Slurm + MUNGE for tests/test_slurm.py, where it can
-	@bash tools/ci/install_docker.sh  # docker.io + debootstrap for tests/test_docker.py, where it can
+	@bash tools/ci/install_slurm.sh  # Slurm + MUNGE for tests/e2e/test_slurm.py, where it can
+	@bash tools/ci/install_docker.sh  # docker.io + debootstrap for tests/e2e/test_docker.py, where it can
 	$(PY) -m pytest tests
 
 test-quick: $(STAMP) lint  # while developing: everything but the long end-to-end tests (@pytest.mark.e2e)

@@ -19,8 +19,8 @@ atexit.register(shutil.rmtree, _HF_MODULES, True)
 
 import torch  # noqa: E402
 
-from tests.data_fixtures import text_corpus  # noqa: E402,F401  (session fixture: generated JSONL + tokenizer)
-from tests.training_fixtures import corpus  # noqa: E402,F401  (session fixture: tokenizer + domain datasets)
+from tests.support.corpus import corpus  # noqa: E402,F401  (session fixture: tokenizer + domain datasets)
+from tests.support.corpus_text import text_corpus  # noqa: E402,F401  (session fixture: generated JSONL + tokenizer)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -9,7 +9,7 @@ that would start with too little time left is skipped, with the reason):
 1. ``install``: the wheels pinned in bench/gpu/wheels.txt, from --wheels (default .whl/), with
    ``pip install --no-index --no-deps --target``; the project itself via PYTHONPATH. In a dry run
    nothing is installed: the record lists what would be.
-2. ``gpu_tests``: ``pytest -m gpu tests/test_gpu.py`` (in a dry run on a CPU: deselected).
+2. ``gpu_tests``: ``pytest -m gpu tests/platform/test_gpu.py`` (in a dry run on a CPU: deselected).
 3. bench/gpu/measure.py's parts (``env``, ``matmul_peak``, ``train_mfu``, ``soft_moa_vs_loop``,
    ``parallel_vs_sequential``), each in its own process on a GPU, all in one in a dry run.
 4. ``decode_latency``: bench/decode_latency.py when it exists (in a dry run only ``--help``).
@@ -248,12 +248,12 @@ def _brief(result: dict) -> dict:
 
 
 def step_gpu_tests(run: Run) -> None:
-    """pytest -m gpu tests/test_gpu.py: counts and each test's outcome (junit XML)."""
+    """pytest -m gpu tests/platform/test_gpu.py: counts and each test's outcome (junit XML)."""
     import tempfile
     import xml.etree.ElementTree as ElementTree
 
     junit = os.path.join(tempfile.mkdtemp(prefix="bam-gpu-tests-"), "junit.xml")
-    command = [sys.executable, "-m", "pytest", "-m", "gpu", "tests/test_gpu.py", "-p", "no:cacheprovider"]
+    command = [sys.executable, "-m", "pytest", "-m", "gpu", "tests/platform/test_gpu.py", "-p", "no:cacheprovider"]
     command += ["-q", f"--junitxml={junit}"]
     result = run_process(command, run.timeout(["gpu_tests"]), run.env)
     tests = []

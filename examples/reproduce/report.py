@@ -316,8 +316,9 @@ def routing_findings(r: Results) -> list[str]:
         )
     lines += [
         "",
-        "So the skew is not an order defect and not (only) what the experts learned. tests/test_routing_order.py "
-        "upcycles four dense sources with independent weights, trains and reloads the mixture, and checks that FFN "
+        "So the skew is not an order defect and not (only) what the experts learned. "
+        "tests/conversion/test_routing_order.py upcycles four dense sources with independent weights, trains and "
+        "reloads the mixture, and checks that FFN "
         "expert k is (nearest to) source k and that the report's share of expert k equals the tokens expert k's "
         "module computes; it also checks that BAM and BTX upcycled with one --seed start from the same FFN router "
         "(bam-upcycle draws each router from its parameter name and the seed), which is why the demo (one router "

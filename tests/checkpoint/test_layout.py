@@ -10,8 +10,9 @@ import pytest
 
 from bam_megatron.checkpoint import layout
 from bam_megatron.checkpoint.meta import CheckpointError
+from tests.support import paths
 
-PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "bam_megatron")
+PACKAGE = os.path.join(paths.REPO, "bam_megatron")
 
 
 def _published(root, iteration: int) -> str:

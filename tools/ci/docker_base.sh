@@ -1,6 +1,6 @@
 #!/bin/bash
 # docker_base.sh: a small local stand-in for NVIDIA's PyTorch image, for building the Dockerfile
-# where nvcr.io is out of reach (tests/test_docker.py; docs/cluster.md). It holds what the
+# where nvcr.io is out of reach (tests/e2e/test_docker.py; docs/cluster.md). It holds what the
 # Dockerfile relies on the base for: `python` and `pip` on PATH (a venv, /opt/venv) and setup.py's
 # torch pin, here the CPU build. Debian bookworm (Python 3.11) from Debian's packages with
 # debootstrap, then `docker import`. No CUDA, NCCL, Transformer Engine or apex.

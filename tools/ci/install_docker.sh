@@ -1,8 +1,8 @@
 #!/bin/bash
-# Install Debian's Docker engine and debootstrap for tests/test_docker.py: best effort, quiet,
+# Install Debian's Docker engine and debootstrap for tests/e2e/test_docker.py: best effort, quiet,
 # idempotent. `make test` runs it before pytest. Nothing to do when dockerd, docker and
 # debootstrap are already installed; where it cannot install, it says why and exits 0, and
-# tests/test_docker.py skips with the reason. The test starts its own dockerd.
+# tests/e2e/test_docker.py skips with the reason. The test starts its own dockerd.
 set -u
 export PATH=$PATH:/usr/sbin:/sbin
 

@@ -1,8 +1,8 @@
 #!/bin/bash
-# Install Debian's Slurm and MUNGE for tests/test_slurm.py: best effort, quiet, idempotent.
+# Install Debian's Slurm and MUNGE for tests/e2e/test_slurm.py: best effort, quiet, idempotent.
 # `make test` runs it before pytest. Nothing to do when slurmctld is already installed; where it
 # cannot install (no apt-get, not root and no passwordless sudo, no network) it says why and
-# exits 0, and tests/test_slurm.py skips its cluster tests with the reason. The test runs two
+# exits 0, and tests/e2e/test_slurm.py skips its cluster tests with the reason. The test runs two
 # nodes on this machine as two slurmd of Debian's build (which has multiple-slurmd support).
 set -u
 export PATH=$PATH:/usr/sbin:/sbin

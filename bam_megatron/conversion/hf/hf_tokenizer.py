@@ -9,7 +9,7 @@
   handling), the SentencePiece-backed classes decode byte pieces as ``<0x..>``. The built
   ``tokenizer.json`` carries the model's own normaliser (its precompiled charsmap), whitespace
   rules (dummy prefix, extra-whitespace removal, whitespace-only pieces) and pieces (BPE merges
-  ordered by piece score, or the unigram scores), with byte fallback; tests/test_hf_export.py
+  ordered by piece score, or the unigram scores), with byte fallback; tests/conversion/hf/test_hf_export.py
   checks it against SentencePiece on random text. The literal text of a control token (``</s>``)
   is that token for transformers and plain text for SentencePiece: the one difference.
 """

@@ -25,7 +25,7 @@ Tensor mapping, per layer (``model.layers.N.`` -> ``decoder.layers.N.``):
 
 plus ``model.embed_tokens``, ``model.norm``, ``lm_head`` -> ``embedding.word_embeddings``,
 ``decoder.final_layernorm``, ``output_layer``. The defaults are transformers 5.23's for a field
-config.json leaves out (tests/test_hf_import.py compares them with transformers' config classes).
+config.json leaves out (tests/conversion/hf/test_hf_import.py compares them with transformers' config classes).
 """
 
 from __future__ import annotations

@@ -1,0 +1,143 @@
+"""CPU mode: what it changes, that it undoes it, and that megatron-core's RNG semantics survive."""
+
+import megatron.core
+import pytest
+import torch
+import torch.distributed as dist
+
+from bam_megatron.platform import cpu_mode
+from bam_megatron.platform.distributed import ParallelSizes, initialize
+from bam_megatron.testing.distributed import run_distributed
+from tests.support.tiny_gpt import build, forward_backward
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU mode is for machines without CUDA")
+
+
+@pytest.fixture
+def cpu_mode_on():
+    assert cpu_mode.enable()
+    yield
+    cpu_mode.disable()
+
+
+def test_megatron_cuda_call_sites_run_on_cpu(cpu_mode_on):
+    from megatron.core.optimizer import clip_grads
+    from megatron.core.transformer.utils import get_default_causal_mask
+
+    # device="cuda" literals inside megatron-core modules
+    assert get_default_causal_mask(4).device.type == "cpu"
+    assert clip_grads.torch.zeros(1, dtype=torch.int, device="cuda").device.type == "cpu"
+    # torch.cuda.* and .cuda() wherever they are called
+    assert torch.empty(3, device=torch.cuda.current_device()).device.type == "cpu"
+    x = torch.ones(2)
+    assert x.cuda() is x
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        stream.wait_stream(torch.cuda.current_stream())
+    torch.cuda.synchronize()
+    assert torch.cuda.Event().query()
+    # The type-name check holds inside the optimizer's helpers only, not for user code.
+    assert x.type() == "torch.FloatTensor"
+    params = [torch.nn.Parameter(torch.ones(3))]
+    params[0].grad = torch.full((3,), 2.0)
+    clip_grads.clip_grad_by_total_norm_fp32(params, max_norm=1.0, total_norm=4.0)
+    assert torch.allclose(params[0].grad, torch.full((3,), 0.5), atol=1e-5)
+
+
+def test_user_code_is_not_remapped(cpu_mode_on):
+    with pytest.raises((RuntimeError, AssertionError)):
+        torch.zeros(1, device="cuda")
+
+
+def test_disable_restores_everything():
+    originals = {name: getattr(torch.cuda, name) for name in ("current_device", "synchronize", "Stream")}
+    from megatron.core.tensor_parallel import random as mrandom
+
+    set_state = mrandom._set_cuda_rng_state
+    assert cpu_mode.enable()
+    assert cpu_mode.is_active() and torch.cuda.synchronize is not originals["synchronize"]
+    cpu_mode.disable()
+    assert not cpu_mode.is_active()
+    assert {n: getattr(torch.cuda, n) for n in originals} == originals
+    assert mrandom._set_cuda_rng_state is set_state
+    from megatron.core.transformer import utils as transformer_utils
+
+    assert transformer_utils.torch is torch
+    assert "cuda" not in vars(torch.Tensor)
+    with pytest.raises((RuntimeError, AssertionError)):
+        torch.zeros(1).cuda()
+
+
+def test_refuses_an_untested_megatron_core(monkeypatch):
+    monkeypatch.setattr(megatron.core, "__version__", "0.99.0")
+    with pytest.raises(RuntimeError, match="0.99.0"):
+        cpu_mode.enable()
+    assert not cpu_mode.is_active()
+
+
+def test_never_active_where_cuda_is_available(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    synchronize = torch.cuda.synchronize
+    assert cpu_mode.enable() is False
+    assert not cpu_mode.is_active()
+    assert torch.cuda.synchronize is synchronize
+
+
+def rng_streams():
+    """Rank body (TP=2): draws from the default stream and from the tensor-parallel stream."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    initialize(ParallelSizes(tensor=2), seed=42)
+    tracker = get_cuda_rng_tracker()
+    first = torch.rand(4)
+    with tracker.fork():
+        forked = torch.rand(4)
+    after_fork = torch.rand(4)
+    parallel_state.destroy_model_parallel()
+    initialize(ParallelSizes(tensor=2), seed=42)  # the same seeds again, no fork this time
+    torch.rand(4)
+    unforked_next = torch.rand(4)
+    return {"first": first, "forked": forked, "after_fork": after_fork, "unforked_next": unforked_next}
+
+
+def test_rng_tracker_fork_semantics():
+    rank0, rank1 = run_distributed(rng_streams, 2)
+    # The default stream is shared by the tensor-parallel group; the forked stream is per rank.
+    assert torch.equal(rank0["first"], rank1["first"])
+    assert not torch.equal(rank0["forked"], rank1["forked"])
+    # Forking swaps the state out and back: the default stream continues as if it never happened.
+    for rank in (rank0, rank1):
+        assert torch.equal(rank["after_fork"], rank["unforked_next"])
+        assert not torch.equal(rank["forked"], rank["first"])
+
+
+def dropout_losses(seed: int):
+    """Rank body (TP=2): two training losses with dropout on."""
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    _, ddp = build(ParallelSizes(tensor=2), "gpt", dropout=0.2)
+    model_parallel_cuda_manual_seed(seed)
+    return [forward_backward(ddp, 1, seed=step) for step in range(2)]
+
+
+def test_dropout_is_reproducible():
+    same_a = run_distributed(dropout_losses, 2, args=(5,))
+    same_b = run_distributed(dropout_losses, 2, args=(5,))
+    other = run_distributed(dropout_losses, 2, args=(6,))
+    assert same_a == same_b
+    assert same_a[0] == same_a[1]  # both TP ranks see the same (all-reduced) loss
+    assert same_a[0] != other[0]
+
+
+def test_gloo_collectives_are_used():
+    """The harness really runs separate ranks on gloo (not a mocked world)."""
+
+    results = run_distributed(_backend_and_sum, 2)
+    assert results == [("gloo", 1), ("gloo", 1)]
+
+
+def _backend_and_sum():
+    t = torch.tensor([dist.get_rank()])
+    dist.all_reduce(t)
+    return dist.get_backend(), int(t.item())
