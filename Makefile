@@ -25,7 +25,7 @@ reproduce: $(STAMP)  # the paper's comparisons with seeds and error bars -> exam
 test: $(STAMP) lint
 	@bash tools/ci/install_slurm.sh  # Slurm + MUNGE for tests/e2e/test_slurm.py, where it can
 	@bash tools/ci/install_docker.sh  # docker.io + debootstrap for tests/e2e/test_docker.py, where it can
-	$(PY) -m pytest tests
+	BAM_TESTS_STRICT=1 $(PY) -m pytest tests
 
 test-quick: $(STAMP) lint  # while developing: everything but the long end-to-end tests (@pytest.mark.e2e)
 	$(PY) -m pytest tests -m "not e2e"

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from bam_megatron.testing.distributed import run_distributed
-from tests.support import paths
+from tests.support import paths, services
 from tests.support.tools import PROG, TINY, TOOLS, dense_train_flags, error_lines, run_main
 
 ROOT = paths.REPO
@@ -744,7 +744,7 @@ def small_tmpfs(path: str, size: str):
         ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", path], capture_output=True, text=True
     )
     if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip() or result.returncode}")
+        services.unavailable("a tmpfs", f"cannot mount one here: {result.stderr.strip() or result.returncode}")
     try:
         yield path
     finally:

@@ -36,7 +36,7 @@ import pytest
 
 from bam_megatron import stats as bam_stats
 from bam_megatron.checkpoint import store
-from tests.support import paths
+from tests.support import paths, services
 
 REPO = Path(paths.REPO)
 sys.path.insert(0, str(REPO / "tools" / "ci"))
@@ -141,13 +141,13 @@ class LocalDockerd:
 def dockerd():
     reason = _missing_reason()
     if reason:
-        pytest.skip(reason)
+        services.unavailable("Docker", reason)
     run_dir = Path(tempfile.mkdtemp(prefix="bam-dockerd-"))  # short: containerd's socket paths are limited
     daemon = LocalDockerd(run_dir)
     try:
         reason = daemon.start()
         if reason:
-            pytest.skip(f"dockerd cannot start here ({reason})")
+            services.unavailable("Docker", f"dockerd cannot start here ({reason})")
         yield daemon
     finally:
         daemon.stop()

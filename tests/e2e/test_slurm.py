@@ -38,7 +38,7 @@ import pytest
 
 from bam_megatron.checkpoint import store
 from bam_megatron.platform.distributed import free_port
-from tests.support import paths
+from tests.support import paths, services
 
 REPO = Path(paths.REPO)
 SLURM_DIR = REPO / "examples" / "slurm"
@@ -243,7 +243,7 @@ PartitionName=debug Nodes={",".join(self.nodes)} Default=YES MaxTime=INFINITE St
 def slurm():
     reason = _missing_reason()
     if reason:
-        pytest.skip(reason)
+        services.unavailable("Slurm", reason)
     # Not under pytest's tmp_path: munged wants every directory above its socket searchable by all.
     root = Path(tempfile.mkdtemp(prefix="bam-slurm-"))
     root.chmod(0o755)
