@@ -28,17 +28,20 @@ if TYPE_CHECKING:
     from bam_megatron.model.config import BAMConfig
 
 from bam_megatron.errors import ConfigError, run_tool
+from bam_megatron.model.architecture import add_architecture_flags, check_bounds, check_routing, field_default
 from bam_megatron.model.statistics import (
     FLOPS_CONVENTION,
     count_parameters,
     flops_per_token,
     training_flops_per_token,
 )
-from bam_megatron.model.variants import PRESETS, VARIANTS
+from bam_megatron.model.variants import DEFAULT_NUM_EXPERTS, PRESETS
 
 # torch and megatron-core are imported where needed, so that --help and input errors answer at once.
-DEFAULT_SEQ_LENGTH = 2048
-"""Context length n_ctx of the attention term when --seq-length is not given (every preset)."""
+FLOPS_CONTEXT_LENGTH = 2048
+"""The context length n_ctx at which FLOPs per token are reported when --seq-length is not given:
+the paper's, for every preset (docs/design.md §6). Not a training default: pretrain_bam.py trains
+at `bam_megatron.training.arguments.DEFAULT_SEQ_LENGTH` unless told otherwise."""
 
 
 @contextlib.contextmanager
@@ -101,9 +104,9 @@ def build_meta_model(config: BAMConfig, vocab_size: int, seq_length: int, untie_
 def model_stats(
     preset: str,
     variant: str,
-    num_experts: int = 4,
+    num_experts: int = DEFAULT_NUM_EXPERTS,
     moe_router_topk: int = 1,
-    seq_length: int = DEFAULT_SEQ_LENGTH,
+    seq_length: int = FLOPS_CONTEXT_LENGTH,
     measure: bool = False,
 ) -> dict[str, Any]:
     """Everything `bam-stats` reports, as one JSON-ready dict (counts on a meta model, FLOPs by
@@ -113,17 +116,15 @@ def model_stats(
     (one sequence of ``seq_length``), restated in the formula's convention, and ``flops_ratio``
     (measured / formula per part).
     """
-    if num_experts < 1:
-        raise ConfigError(f"--num-experts must be >= 1, got {num_experts}")
-    if not 1 <= moe_router_topk <= num_experts:
-        raise ConfigError(f"--moe-router-topk must be in [1, --num-experts {num_experts}], got {moe_router_topk}")
+    check_bounds({"num_experts": num_experts, "moe_router_topk": moe_router_topk})
+    check_routing("btx", num_experts, moe_router_topk)  # the FFN routing any mixture of these would have
     if seq_length < 1:
         raise ConfigError(f"--seq-length must be >= 1, got {seq_length}")
     if measure:
         from bam_megatron.evaluation.flops_profile import load_profiler
 
         load_profiler()  # DeepSpeed missing: say so before building anything
-    from bam_megatron.model.builder import variant_config  # megatron: after the checks
+    from bam_megatron.model.configs import variant_config  # megatron: after the checks
 
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
@@ -272,31 +273,18 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--preset", required=True, choices=tuple(PRESETS), help="model sizes (docs/design.md section 5)"
     )
-    parser.add_argument(
-        "--variant",
-        required=True,
-        choices=VARIANTS,
-        help="dense: one attention, dense FFN; bam: N attention experts (expert KV) + N FFN "
-        "experts; bam-shared-kv: as bam, one K/V shared by the attention experts; btx: one "
-        "attention + N FFN experts",
-    )
-    parser.add_argument(
-        "--num-experts",
-        type=int,
-        default=4,
-        help="experts N: attention experts (bam*) and FFN experts (default 4; dense ignores it)",
-    )
-    parser.add_argument(
-        "--moe-router-topk",
-        type=int,
-        default=1,
-        help="FFN experts k per token, 1 <= k <= N (default 1; dense ignores it)",
+    add_architecture_flags(
+        parser,
+        ("variant", "num_experts", "moe_router_topk"),
+        defaults={"num_experts": DEFAULT_NUM_EXPERTS, "moe_router_topk": field_default("moe_router_topk")},
+        required=("variant",),
+        notes={"num_experts": "N (dense ignores it)", "moe_router_topk": "k, 1 <= k <= N (dense ignores it)"},
     )
     parser.add_argument(
         "--seq-length",
         type=int,
-        default=DEFAULT_SEQ_LENGTH,
-        help=f"context length n_ctx of the attention FLOPs (default {DEFAULT_SEQ_LENGTH} for every preset)",
+        default=FLOPS_CONTEXT_LENGTH,
+        help=f"context length n_ctx of the attention FLOPs (default {FLOPS_CONTEXT_LENGTH} for every preset)",
     )
     parser.add_argument(
         "--measure",

@@ -26,7 +26,7 @@ def time_blocks(args: dict) -> dict:
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
     from megatron.core.transformer.spec_utils import build_module
 
-    from bam_megatron.model.builder import variant_config
+    from bam_megatron.model.configs import variant_config
     from bam_megatron.model.specs import get_bam_layer_spec
     from bam_megatron.platform.distributed import ParallelSizes, initialize
     from bench.common import forward_backward, interleaved_medians

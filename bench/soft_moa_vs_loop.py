@@ -18,7 +18,7 @@ from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEm
 from megatron.core.transformer.spec_utils import build_module  # noqa: E402
 
 import bam_megatron  # noqa: E402,F401
-from bam_megatron.model.builder import variant_config  # noqa: E402
+from bam_megatron.model.configs import variant_config  # noqa: E402
 from bam_megatron.model.specs import get_bam_layer_spec  # noqa: E402
 from bench.common import forward_backward, init_single_rank, interleaved_medians, report  # noqa: E402
 

@@ -19,6 +19,7 @@ from typing import Any, Optional
 
 from bam_megatron.checkpoint.megatron_lm_reader import CHECKPOINT_VERSION, ROPE_SCALING_FACTOR
 from bam_megatron.checkpoint.meta import CheckpointError, CheckpointMeta
+from bam_megatron.model.moe_defaults import MOE_TRAINING_DEFAULTS
 
 REVISION = "core_v0.16.1"
 """The Megatron-LM whose loader (megatron/training/checkpointing.py), arguments.py and gpt_builders.py
@@ -45,13 +46,14 @@ _MEGATRON_TOKENIZER_TYPES = {
 }
 
 # The router and loss settings: (what bam-megatron's mixtures are built with where a checkpoint's
-# training settings do not say (bam_megatron.model.builder), what Megatron-LM's dense runs save).
-_MOE_TRAINING = {
-    "moe_router_load_balancing_type": ("aux_loss", "aux_loss"),
-    "moe_aux_loss_coeff": (1e-2, 0.0),
-    "moe_z_loss_coeff": (1e-3, None),
-    "moe_token_dispatcher_type": ("alltoall", "allgather"),
+# training settings do not say (bam_megatron.model.moe_defaults), what Megatron-LM's dense runs save).
+_MEGATRON_LM_DENSE = {
+    "moe_router_load_balancing_type": "aux_loss",
+    "moe_aux_loss_coeff": 0.0,
+    "moe_z_loss_coeff": None,
+    "moe_token_dispatcher_type": "allgather",
 }
+_MOE_TRAINING = {name: (MOE_TRAINING_DEFAULTS[name], dense) for name, dense in _MEGATRON_LM_DENSE.items()}
 
 
 def no_megatron_lm_model(meta: CheckpointMeta) -> Optional[str]:

@@ -44,7 +44,14 @@ with compile_on_first_call():  # megatron-core's fused kernels never run here: T
     from bam_megatron import checkpoint
     from bam_megatron.checkpoint import CheckpointError, CheckpointMeta, check_same_architecture, lineage
     from bam_megatron.errors import ConfigError, UserError, run_tool
-    from bam_megatron.model.architecture import Architecture, padded_vocab_size
+    from bam_megatron.model.architecture import (
+        Architecture,
+        add_architecture_flags,
+        check_bounds,
+        check_routing,
+        field_default,
+        padded_vocab_size,
+    )
     from bam_megatron.model.variants import DEFAULT_NUM_EXPERTS, SOFT_MOA_VARIANTS, VARIANTS
 
 METHODS = (*(v for v in VARIANTS if v != "dense"), "sparse")
@@ -55,6 +62,16 @@ TARGET_FLAGS = {
     "--pipeline-model-parallel-size": "--target-pipeline-parallel-size",
     "--expert-model-parallel-size": "--target-expert-parallel-size",
 }
+
+
+ROUTING_FLAGS = (
+    "num_experts",
+    "moe_router_topk",
+    "moe_router_pre_softmax",
+    "moe_router_topk_scaling_factor",
+    "attention_router_topk",
+)
+"""The architecture fields bam-upcycle takes as flags: the new mixture's routing."""
 
 
 def variant_of(method: str) -> str:
@@ -107,30 +124,23 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         help="with --extend: add experts not branched from the mixture's seed (a warning instead of an error)",
     )
     p.add_argument("--save", required=True, help="output directory (must not exist)")
-    p.add_argument("--num-experts", type=int, default=None, help="sparse upcycling: number of FFN experts")
-    p.add_argument("--moe-router-topk", type=int, default=1)
-    p.add_argument(
-        "--moe-router-pre-softmax",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="FFN routing: softmax over all experts, then the top-k weights as they are (the paper's); "
-        "--no-moe-router-pre-softmax renormalises over the top-k, which makes --method sparse exactly "
-        "function-preserving at step 0 (identical experts, weights summing to 1)",
+    add_architecture_flags(
+        p,
+        ROUTING_FLAGS,
+        defaults={name: field_default(name) for name in ("moe_router_topk", "moe_router_pre_softmax")},
+        notes={
+            "num_experts": "--method sparse only (the other methods have one per source)",
+            "moe_router_pre_softmax": "--no-moe-router-pre-softmax makes --method sparse exactly function-preserving "
+            "at step 0 (identical experts, weights summing to 1)",
+            "attention_router_topk": "--method bam, bam-shared-kv",
+        },
     )
-    p.add_argument("--moe-router-topk-scaling-factor", type=float, default=None, help="multiplies the routing weights")
     p.add_argument(
         "--function-preserving",
         action="store_true",
         help="--method sparse: routing that makes the MoE exactly the dense source at step 0 (top-1: "
         "zero-initialised router and routing weights scaled by the number of experts; top-k > 1: "
         "renormalised top-k)",
-    )
-    p.add_argument(
-        "--attention-router-topk",
-        type=int,
-        default=None,
-        help="bam, bam-shared-kv: keep the k largest attention gates per token (the top-k MoA ablation); "
-        "default: soft MoA (every attention expert)",
     )
     p.add_argument("--shared-kv-init", default="average", help="bam-shared-kv: 'average' or a source NAME")
     p.add_argument("--router-init-std", type=float, default=0.02, help="new routers' weights ~ N(0, std); 0: zeros")
@@ -183,7 +193,11 @@ def validate(sources: Sequence[Source], args: argparse.Namespace) -> Architectur
             raise UpcycleError(f"{error}: sources must share one architecture") from None
         if s.meta.tokenizer_fingerprint != first.meta.tokenizer_fingerprint:
             raise UpcycleError(f"source {s.name} was trained with another tokenizer than {first.name}")
-    for flag in ("num_experts", *(ours[2:].replace("-", "_") for ours in TARGET_FLAGS.values())):
+    try:
+        check_bounds({name: getattr(args, name) for name in ROUTING_FLAGS})
+    except ConfigError as error:
+        raise UpcycleError(str(error)) from None
+    for flag in (ours[2:].replace("-", "_") for ours in TARGET_FLAGS.values()):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise UpcycleError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.method == "sparse":
@@ -198,19 +212,22 @@ def validate(sources: Sequence[Source], args: argparse.Namespace) -> Architectur
             raise UpcycleError(f"--method {args.method} needs at least 2 sources")
     if args.method == "bam-shared-kv" and args.shared_kv_init not in ["average", *(s.name for s in sources)]:
         raise UpcycleError(f"--shared-kv-init {args.shared_kv_init!r}: 'average' or one of the source names")
-    k = args.attention_router_topk
-    if k is not None and (variant_of(args.method) not in SOFT_MOA_VARIANTS or not 1 <= k <= experts):
-        raise UpcycleError(
-            f"--attention-router-topk {k}: needs --method bam or bam-shared-kv and a value in [1, {experts}]"
-        )
     if args.function_preserving:
         _choose_function_preserving_routing(args, experts)
     if args.router_init_std < 0:
         raise UpcycleError(f"--router-init-std must be >= 0, got {args.router_init_std}")
     if args.report_batches < 0:
         raise UpcycleError(f"--report-batches must be >= 0, got {args.report_batches}")
-    if not 1 <= args.moe_router_topk <= experts:
-        raise UpcycleError(f"--moe-router-topk {args.moe_router_topk} must be in [1, {experts}]")
+    try:
+        check_routing(
+            variant_of(args.method),
+            experts,
+            args.moe_router_topk,
+            args.attention_router_topk,
+            args.moe_router_pre_softmax,
+        )
+    except ConfigError as error:
+        raise UpcycleError(str(error)) from None
     target = target_architecture(sources, args, experts)
     _check_target_layout(target, args)
     return target

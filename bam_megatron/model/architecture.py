@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
 from bam_megatron.errors import ConfigError
+from bam_megatron.model.moe_defaults import MOE_ROUTER_PRE_SOFTMAX
 from bam_megatron.model.variants import (
     BLOCK_TYPES,
     DEFAULT_NUM_EXPERTS,
@@ -31,6 +32,41 @@ from bam_megatron.model.variants import (
 
 if TYPE_CHECKING:
     from bam_megatron.model.config import BAMConfig
+
+
+def _declare(
+    help: str,
+    *,
+    default: Any = dataclasses.MISSING,
+    unset: str = "",
+    minimum: Optional[float] = None,
+    above: Optional[float] = None,
+    choices: Optional[tuple[str, ...]] = None,
+    flag: bool = True,
+) -> Any:
+    """An `Architecture` field and its command-line flag (`FlagSpec`): ``help``; ``unset``, what a
+    run takes when neither the flag nor a checkpoint gives it; the range (``>= minimum``, ``> above``)
+    or ``choices``; ``flag=False`` for a field no tool takes as a flag."""
+    metadata = {"help": help, "unset": unset, "minimum": minimum, "above": above, "choices": choices, "flag": flag}
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+@dataclass(frozen=True)
+class FlagSpec:
+    """The command-line flag of one architecture field, as its declaration says."""
+
+    name: str
+    type: type
+    help: str
+    unset: str
+    minimum: Optional[float]
+    above: Optional[float]
+    choices: Optional[tuple[str, ...]]
+
+    @property
+    def flag(self) -> str:
+        """'--hidden-size'."""
+        return flag_name(self.name)
 
 
 @dataclass(frozen=True)
@@ -50,27 +86,71 @@ class Architecture:
     routing over E identical experts exactly the dense FFN (sparse upcycling's step 0).
     """
 
-    variant: str
-    num_layers: int
-    hidden_size: int
-    ffn_hidden_size: int
-    num_attention_heads: int
-    num_query_groups: int
-    padded_vocab_size: int
-    num_experts: Optional[int] = None
-    moe_router_topk: int = 1
-    attention_router_topk: Optional[int] = None
-    block_type: str = "parallel"
-    normalization: str = "RMSNorm"
-    rotary_base: float = 10000.0
-    untie_embeddings_and_output_weights: bool = True
-    kv_channels: Optional[int] = None
-    norm_epsilon: float = 1e-5
-    add_qkv_bias: bool = False
-    qk_layernorm: bool = False
-    rope_scaling_factor: Optional[float] = None
-    moe_router_pre_softmax: bool = True
-    moe_router_topk_scaling_factor: Optional[float] = None
+    variant: str = _declare(
+        "model family (docs/model.md): dense, one attention and a dense FFN; bam, N attention experts "
+        "(expert KV) + N FFN experts; bam-shared-kv, as bam with one K/V shared by the attention experts; "
+        "btx, one attention + N FFN experts",
+        unset="default: dense",
+        choices=VARIANTS,
+    )
+    num_layers: int = _declare("transformer layers", minimum=1)
+    hidden_size: int = _declare("d_model", minimum=1)
+    ffn_hidden_size: int = _declare("SwiGLU intermediate size (of one FFN expert)", minimum=1)
+    num_attention_heads: int = _declare("per attention expert", minimum=1)
+    num_query_groups: int = _declare("KV heads per attention expert (GQA)", unset="default: the heads", minimum=1)
+    padded_vocab_size: int = _declare("embedding rows", flag=False)
+    num_experts: Optional[int] = _declare(
+        "FFN experts and, for bam, attention experts",
+        default=None,
+        unset=f"default: {DEFAULT_NUM_EXPERTS}",
+        minimum=1,
+    )
+    moe_router_topk: int = _declare("FFN experts per token", default=1, unset="default: 1", minimum=1)
+    attention_router_topk: Optional[int] = _declare(
+        "keep the k largest attention gates per token (the top-k MoA ablation; soft-MoA variants only)",
+        default=None,
+        unset="default: soft MoA (every attention expert)",
+        minimum=1,
+    )
+    block_type: str = _declare(
+        "parallel: attention and FFN on one shared pre-norm; sequential: attention, then the FFN",
+        default="parallel",
+        unset="default: parallel",
+        choices=BLOCK_TYPES,
+    )
+    normalization: str = _declare(
+        "the block's pre-norm and the final norm; LayerNorm has no bias (Cohere's: what bam-convert-hf "
+        "exports to and imports from CohereForCausalLM)",
+        default="RMSNorm",
+        unset="default: RMSNorm",
+        choices=NORMALIZATIONS,
+    )
+    rotary_base: float = _declare("RoPE base (Hugging Face: rope_theta)", default=10000.0, unset="default: 1e4")
+    untie_embeddings_and_output_weights: bool = _declare(
+        "separate output layer and embedding; --no-... ties them",
+        default=True,
+        unset="default: as the preset says (untied if no preset)",
+    )
+    kv_channels: Optional[int] = _declare("head size", default=None, unset="default: hidden size / heads", minimum=1)
+    norm_epsilon: float = _declare("epsilon of every norm", default=1e-5, unset="default: 1e-5", above=0)
+    add_qkv_bias: bool = _declare("biases on Q, K, V (Qwen2)", default=False, unset="default: none")
+    qk_layernorm: bool = _declare("norms on each head's queries and keys (Qwen3)", default=False, unset="default: none")
+    rope_scaling_factor: Optional[float] = _declare(
+        "Llama-3 RoPE scaling (megatron-core's --use-rope-scaling: low/high frequency factors 1 and 4, "
+        "original context 8192)",
+        default=None,
+        unset="default: none",
+        minimum=1,
+    )
+    moe_router_pre_softmax: bool = _declare(
+        "softmax over all experts, then the top-k weights as they are; --no-...: softmax over the top-k "
+        "only (renormalised; needs --moe-router-topk > 1)",
+        default=MOE_ROUTER_PRE_SOFTMAX,
+        unset="default: pre-softmax",
+    )
+    moe_router_topk_scaling_factor: Optional[float] = _declare(
+        "multiplies the routing weights", default=None, unset="default: 1"
+    )
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -79,46 +159,25 @@ class Architecture:
             raise ConfigError(f"block_type must be one of {', '.join(BLOCK_TYPES)}, got {self.block_type!r}")
         if self.normalization not in NORMALIZATIONS:
             raise ConfigError(f"normalization must be one of {', '.join(NORMALIZATIONS)}, got {self.normalization!r}")
-        for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{flag_name(name)} must be >= 1, got {getattr(self, name)}")
+        check_bounds(self.to_dict())
         if self.num_attention_heads % self.num_query_groups:
             raise ConfigError(
                 f"--num-attention-heads {self.num_attention_heads} is not a multiple of "
                 f"--num-query-groups {self.num_query_groups}"
             )
-        if self.is_moe:
-            if self.num_experts is None or self.num_experts < 1:
-                raise ConfigError(f"--num-experts must be >= 1 for variant {self.variant}, got {self.num_experts}")
-            if not self.moe_router_pre_softmax and self.moe_router_topk == 1:
-                raise ConfigError(
-                    "--no-moe-router-pre-softmax needs --moe-router-topk > 1 (one renormalised weight is "
-                    "always 1: the router would learn nothing)"
-                )
-            if not 1 <= self.moe_router_topk <= self.num_experts:
-                raise ConfigError(
-                    f"--moe-router-topk must be in [1, --num-experts {self.num_experts}], got {self.moe_router_topk}"
-                )
-        elif self.num_experts is not None:
-            raise ConfigError(f"a dense model has no experts, got num_experts={self.num_experts}")
-        if self.kv_channels is not None and self.kv_channels < 1:
-            raise ConfigError(f"--kv-channels must be >= 1, got {self.kv_channels}")
-        if not self.norm_epsilon > 0:
-            raise ConfigError(f"--norm-epsilon must be > 0, got {self.norm_epsilon}")
-        if self.rope_scaling_factor is not None and not self.rope_scaling_factor >= 1:
-            raise ConfigError(f"--rope-scaling-factor must be >= 1, got {self.rope_scaling_factor}")
+        check_routing(
+            self.variant,
+            self.num_experts,
+            self.moe_router_topk,
+            self.attention_router_topk,
+            self.moe_router_pre_softmax,
+        )
         if self.has_soft_moa:
             # The soft mixture of attention is one wide attention over every expert's heads; it
             # does not yet carry per-expert Q/K norms or QKV biases (docs/model.md).
             for name in ("qk_layernorm", "add_qkv_bias"):
                 if getattr(self, name):
                     raise ConfigError(f"{flag_name(name)}: variant {self.variant} (soft MoA) does not support it yet")
-        k = self.attention_router_topk
-        if k is not None and not (self.has_soft_moa and 1 <= k <= self.num_experts):
-            raise ConfigError(
-                f"--attention-router-topk {k}: needs a soft-MoA variant ({', '.join(SOFT_MOA_VARIANTS)}) "
-                "and a value in [1, --num-experts]"
-            )
 
     @property
     def is_moe(self) -> bool:
@@ -168,7 +227,7 @@ class Architecture:
         megatron-core's and BAMConfig's own checks run here: a parallel layout that does not divide
         the heads, KV groups, experts or layers is a `ConfigError` naming the flag.
         """
-        from bam_megatron.model.builder import variant_config
+        from bam_megatron.model.configs import variant_config
 
         fields: dict[str, Any] = dict(
             num_layers=self.num_layers,
@@ -221,6 +280,119 @@ class Architecture:
 
 ARCHITECTURE_FIELDS = tuple(f.name for f in dataclasses.fields(Architecture))
 """The one list of architecture fields (checkpoints, compatibility checks, flag resolution)."""
+
+
+_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+def _flag_type(annotation: str) -> type:
+    """'Optional[int]' -> int (the annotations are strings: ``from __future__ import annotations``)."""
+    inner = annotation.removeprefix("Optional[").removesuffix("]")
+    return _TYPES[inner]
+
+
+ARCHITECTURE_FLAGS: dict[str, FlagSpec] = {
+    f.name: FlagSpec(
+        f.name,
+        _flag_type(f.type),
+        f.metadata["help"],
+        f.metadata["unset"],
+        f.metadata["minimum"],
+        f.metadata["above"],
+        f.metadata["choices"],
+    )
+    for f in dataclasses.fields(Architecture)
+    if f.metadata["flag"]
+}
+"""Every architecture field a tool takes as a flag (all but ``padded_vocab_size``), in field order."""
+
+
+def field_default(name: str) -> Any:
+    """The value an `Architecture` takes for field ``name`` when it is not given."""
+    default = {f.name: f.default for f in dataclasses.fields(Architecture)}[name]
+    if default is dataclasses.MISSING:
+        raise KeyError(f"architecture field {name} has no default")
+    return default
+
+
+def check_bounds(values: Mapping[str, Any]) -> None:
+    """Raise a `ConfigError` naming the flag for the first architecture value in ``values`` (field ->
+    value; None: not given) outside the range its field declares."""
+    for name, value in values.items():
+        spec = ARCHITECTURE_FLAGS.get(name)
+        if spec is None or value is None or isinstance(value, bool):
+            continue
+        if spec.minimum is not None and not value >= spec.minimum:
+            raise ConfigError(f"{spec.flag} must be >= {spec.minimum}, got {value}")
+        if spec.above is not None and not value > spec.above:
+            raise ConfigError(f"{spec.flag} must be > {spec.above}, got {value}")
+
+
+def check_routing(
+    variant: str,
+    num_experts: Optional[int],
+    moe_router_topk: int = 1,
+    attention_router_topk: Optional[int] = None,
+    moe_router_pre_softmax: bool = MOE_ROUTER_PRE_SOFTMAX,
+) -> None:
+    """The routing settings of a ``variant`` model with ``num_experts`` (None for dense) that fit
+    together; a `ConfigError` naming the flag otherwise (every tool that takes routing flags)."""
+    if variant != "dense":
+        if num_experts is None or num_experts < 1:
+            raise ConfigError(f"--num-experts must be >= 1 for variant {variant}, got {num_experts}")
+        if not moe_router_pre_softmax and moe_router_topk == 1:
+            raise ConfigError(
+                "--no-moe-router-pre-softmax needs --moe-router-topk > 1 (one renormalised weight is "
+                "always 1: the router would learn nothing)"
+            )
+        if not 1 <= moe_router_topk <= num_experts:
+            raise ConfigError(f"--moe-router-topk must be in [1, --num-experts {num_experts}], got {moe_router_topk}")
+    elif num_experts is not None:
+        raise ConfigError(f"a dense model has no experts, got num_experts={num_experts}")
+    k = attention_router_topk
+    if k is not None and not (variant in SOFT_MOA_VARIANTS and 1 <= k <= num_experts):
+        raise ConfigError(
+            f"--attention-router-topk {k}: needs a soft-MoA variant ({', '.join(SOFT_MOA_VARIANTS)}) "
+            "and a value in [1, --num-experts]"
+        )
+
+
+def add_architecture_flags(
+    parser: Any,
+    names: Optional[Sequence[str]] = None,
+    defaults: Optional[Mapping[str, Any]] = None,
+    required: Sequence[str] = (),
+    notes: Optional[Mapping[str, str]] = None,
+) -> None:
+    """Add the flags of the architecture fields ``names`` (default: all) to an argparse parser or
+    group, as the fields declare them (name, type, choices, help).
+
+    A flag's default is None (not given: the checkpoint's, the preset's or the field's ``unset``
+    value decides) unless ``defaults`` names one; ``required`` flags must be given; ``notes`` adds a
+    tool's own words to a flag's help. Ranges are checked by `check_bounds` once parsed.
+    """
+    import argparse
+
+    defaults, notes = dict(defaults or {}), dict(notes or {})
+    for name in names or tuple(ARCHITECTURE_FLAGS):
+        spec = ARCHITECTURE_FLAGS[name]
+        default = defaults.get(name)
+        words = [notes[name]] if name in notes else []
+        words.append(spec.help)
+        if name in defaults:
+            words.append(f"default: {default}")
+        elif spec.unset and name not in required:
+            words.append(spec.unset)
+        kwargs: dict[str, Any] = {"default": default, "help": "; ".join(words)}
+        if spec.type is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = spec.type
+        if spec.choices:
+            kwargs["choices"] = spec.choices
+        if name in required:
+            kwargs["required"] = True
+        parser.add_argument(spec.flag, **kwargs)
 
 
 def flag_name(field: str) -> str:

@@ -9,8 +9,9 @@ from typing import Any, Optional
 
 from bam_megatron.data.tokenizer import TOKENIZER_TYPES
 from bam_megatron.errors import ConfigError
-from bam_megatron.model.architecture import ARCHITECTURE_FIELDS
-from bam_megatron.model.variants import BLOCK_TYPES, DEFAULT_NUM_EXPERTS, NORMALIZATIONS, PRESETS, VARIANTS
+from bam_megatron.model.architecture import ARCHITECTURE_FLAGS, add_architecture_flags, check_bounds
+from bam_megatron.model.moe_defaults import MOE_TRAINING_DEFAULTS
+from bam_megatron.model.variants import PRESETS
 from bam_megatron.platform.distributed import ParallelSizes
 
 DEFAULT_SEQ_LENGTH = 256
@@ -31,64 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
         "checkpoint's: these flags may be left out, and one that contradicts it is an error. "
         "Without one, the flags, then --preset, then the defaults named below decide.",
     )
-    g.add_argument("--variant", choices=VARIANTS, default=None, help="model family (docs/model.md); default: dense")
+    add_architecture_flags(g, ["variant"])
     g.add_argument("--preset", choices=sorted(PRESETS), default=None, help="architecture sizes; flags below override")
-    g.add_argument("--num-layers", type=int)
-    g.add_argument("--hidden-size", type=int)
-    g.add_argument("--ffn-hidden-size", type=int)
-    g.add_argument("--num-attention-heads", type=int, help="per attention expert")
-    g.add_argument("--num-query-groups", type=int, help="KV heads per attention expert (GQA); default: the heads")
-    g.add_argument(
-        "--num-experts",
-        type=int,
-        default=None,
-        help=f"FFN experts and, for bam, attention experts; default: {DEFAULT_NUM_EXPERTS}",
-    )
-    g.add_argument("--moe-router-topk", type=int, default=None, help="FFN experts per token; default: 1")
-    g.add_argument(
-        "--moe-router-pre-softmax",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="softmax over all experts, then the top-k weights as they are; --no-...: softmax over the "
-        "top-k only (renormalised); default: pre-softmax",
-    )
-    g.add_argument(
-        "--moe-router-topk-scaling-factor", type=float, default=None, help="multiplies the routing weights; default: 1"
-    )
-    g.add_argument("--attention-router-topk", type=int, default=None, help="top-k MoA ablation; default: soft MoA")
-    g.add_argument("--block-type", choices=BLOCK_TYPES, default=None, help="default: parallel")
-    g.add_argument(
-        "--normalization",
-        choices=NORMALIZATIONS,
-        default=None,
-        help="the block's pre-norm and the final norm; LayerNorm has no bias (Cohere's: "
-        "what bam-convert-hf exports to and imports from CohereForCausalLM); default: RMSNorm",
-    )
-    g.add_argument("--rotary-base", type=float, default=None, help="RoPE base (Hugging Face: rope_theta); default: 1e4")
-    g.add_argument(
-        "--untie-embeddings-and-output-weights",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="default: as the preset says (untied if no preset); --no-... ties them",
-    )
-    g.add_argument("--kv-channels", type=int, default=None, help="head size; default: hidden size / heads")
-    g.add_argument("--norm-epsilon", type=float, default=None, help="epsilon of every norm; default: 1e-5")
-    g.add_argument(
-        "--add-qkv-bias", action=argparse.BooleanOptionalAction, default=None, help="biases on Q, K, V (Qwen2)"
-    )
-    g.add_argument(
-        "--qk-layernorm",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="norms on each head's queries and keys (Qwen3)",
-    )
-    g.add_argument(
-        "--rope-scaling-factor",
-        type=float,
-        default=None,
-        help="Llama-3 RoPE scaling (megatron-core's --use-rope-scaling: low/high frequency factors 1 and 4, "
-        "original context 8192); default: none",
-    )
+    add_architecture_flags(g, [name for name in ARCHITECTURE_FLAGS if name != "variant"])
     g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
     g.add_argument("--vocab-size", type=int, default=None, help="only without --tokenizer-model (mock data)")
 
@@ -99,8 +45,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help=f"default: the checkpoint's, else {DEFAULT_SEQ_LENGTH}",
     )
-    g.add_argument("--moe-aux-loss-coeff", type=float, default=1e-2, help="Switch load-balancing loss")
-    g.add_argument("--moe-z-loss-coeff", type=float, default=1e-3, help="router z-loss")
+    g.add_argument(
+        "--moe-aux-loss-coeff",
+        type=float,
+        default=MOE_TRAINING_DEFAULTS["moe_aux_loss_coeff"],
+        help="Switch load-balancing loss",
+    )
+    g.add_argument(
+        "--moe-z-loss-coeff", type=float, default=MOE_TRAINING_DEFAULTS["moe_z_loss_coeff"], help="router z-loss"
+    )
     g.add_argument("--hidden-dropout", type=float, default=0.0)
     g.add_argument("--attention-dropout", type=float, default=0.0)
     g.add_argument("--init-method-std", type=float, default=0.02)
@@ -291,12 +244,10 @@ def validate(args: argparse.Namespace) -> None:
 
 
 # Flags with a lower bound: a value below it names the flag (not a bare assertion deep in megatron-core).
+# The architecture flags' bounds are their fields' (`check_bounds`).
 _AT_LEAST_ONE = (
     "train_iters",
     "train_samples",
-    "num_experts",
-    "moe_router_topk",
-    "attention_router_topk",
     "seq_length",
     "vocab_size",
     "micro_batch_size",
@@ -317,6 +268,7 @@ _PROBABILITIES = ("hidden_dropout", "attention_dropout")
 
 def _check_ranges(args: argparse.Namespace) -> None:
     """Every numeric flag within its range, and --save/--load/--pretrained-checkpoint not naming a file."""
+    check_bounds(given_architecture(args))  # the ranges the architecture fields declare
     for flag in _AT_LEAST_ONE:
         value = getattr(args, flag, None)
         if value is not None and value < 1:
@@ -337,7 +289,7 @@ def _check_ranges(args: argparse.Namespace) -> None:
 
 def given_architecture(args: argparse.Namespace) -> dict:
     """The architecture fields set on the command line (None where a flag was not given)."""
-    return {name: getattr(args, name, None) for name in ARCHITECTURE_FIELDS if name != "padded_vocab_size"}
+    return {name: getattr(args, name, None) for name in ARCHITECTURE_FLAGS}
 
 
 def as_flags(values: Mapping[str, Any]) -> list[str]:

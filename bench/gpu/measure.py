@@ -21,7 +21,7 @@ layers, output layer excluded), reported as is (``mfu_layers_only``) and with th
 compare with other MFUs).
 
 ``--dry-run`` runs every part's code on the CPU at tiny shapes (preset tiny, sequence 64, fp32,
-1 timed step): what tests/test_gpu_bench.py checks.
+1 timed step): what tests/bench/test_gpu_bench.py checks.
 
     python bench/gpu/measure.py env matmul_peak train_mfu --records /tmp/records.jsonl [--dry-run]
 """
@@ -618,7 +618,7 @@ def part_train_mfu(settings: Settings, context: dict, emit: Emitter) -> None:
 def _layer_config(settings: Settings, variant: str, **overrides: Any):
     import torch
 
-    from bam_megatron.model.builder import variant_config
+    from bam_megatron.model.configs import variant_config
     from bam_megatron.model.variants import PRESETS
 
     p = PRESETS[settings.preset]

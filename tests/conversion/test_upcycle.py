@@ -235,7 +235,7 @@ def test_sources_saved_at_tp2_give_the_same_logits_at_any_target_layout(tmp_path
         ("not-dense", "is a bam model; sources must be dense"),
         ("ep", "--num-experts 2 is not divisible by --target-expert-parallel-size 3"),
         ("tp", "4 heads are not divisible by --target-tensor-parallel-size 3"),
-        ("topk", "--moe-router-topk 3 must be in [1, 2]"),
+        ("topk", "--moe-router-topk must be in [1, --num-experts 2], got 3"),
         ("function-preserving", "--function-preserving: --method bam mixes different experts"),
         ("architecture", "hidden_size differs: 128 in source code"),
     ],
