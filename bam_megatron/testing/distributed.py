@@ -37,7 +37,8 @@ class DistributedTestError(AssertionError):
     """A rank failed; the message holds its traceback."""
 
 
-def _context() -> mp.context.BaseContext:
+def forkserver_context() -> mp.context.BaseContext:
+    """The forkserver whose children start with torch and megatron-core imported (ranks and launched scripts)."""
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(_PRELOAD)
     return ctx
@@ -87,7 +88,7 @@ def run_distributed(
 
     ``fn`` must be importable (a module-level function) because ranks are separate processes.
     """
-    ctx = _context()
+    ctx = forkserver_context()
     results: mp.Queue = ctx.Queue()
     with tempfile.TemporaryDirectory(prefix="bam-dist-") as tmp:
         store = os.path.join(tmp, "store")
