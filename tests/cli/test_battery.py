@@ -112,6 +112,8 @@ def index_damage(kind: str) -> Callable[[dict, str], dict]:
         open(idx, "wb").write(bytes(data))
         if kind == "bin-cut":
             os.truncate(prefix + ".bin", os.path.getsize(prefix + ".bin") // 2)
+        elif kind == "bin-removed":
+            os.remove(prefix + ".bin")
         return {"data": prefix}
 
     return damage
@@ -153,7 +155,7 @@ def existing_output(w: dict, d: str) -> dict:
 @dataclass(frozen=True)
 class Case:
     """One kind of bad input or fault: run ``tool`` with ``argv`` after ``prepare``; expect ``code``,
-    one error line holding ``expect``, and none of ``absent``. Placeholders: {tok} {code} {law} {seed}
+    one error line holding ``expect``, and none of ``absent``. Placeholders: {tok} {other_tok} {code} {law} {seed}
     {jsonl} {out} {d} and what ``prepare`` returns."""
 
     id: str
@@ -269,6 +271,54 @@ CASES = [
         ("@train", "{data}", "--train-iters", "1", "--save", "{out}"),
         "{data}.bin is truncated",
         index_damage("bin-cut"),
+    ),
+    Case(
+        "bin-missing",
+        "pretrain_bam.py",
+        ("@train", "{data}", "--train-iters", "1", "--save", "{out}"),
+        "dataset file not found: {data}.bin",
+        index_damage("bin-removed"),
+    ),
+    Case(
+        "no-train-iters-nor-samples",
+        "pretrain_bam.py",
+        MOE,
+        "give exactly one of --train-iters and --train-samples",
+    ),
+    Case(
+        "tp-does-not-divide-world",
+        "pretrain_bam.py",
+        ("@train", "{code}", "--train-iters", "1", "--save", "{out}", "--tensor-model-parallel-size", "2"),
+        "world size 1 is not divisible by --tensor-model-parallel-size (2)",
+    ),
+    # pretrain_bam.py: resuming with what contradicts the checkpoint
+    Case(
+        "resume-with-another-hidden-size",
+        "pretrain_bam.py",
+        ("@train", "{code}", "--train-iters", "2", "--load", "{seed}", "--hidden-size", "128"),
+        "--hidden-size gives hidden_size=128, but checkpoint {seed}/iter_0000001 was saved with hidden_size=64",
+        absent=(),
+    ),
+    Case(
+        "resume-with-another-tokenizer",
+        "pretrain_bam.py",
+        (
+            "--variant",
+            "dense",
+            "--preset",
+            "tiny",
+            *TINY,
+            "--tokenizer-model",
+            "{other_tok}",
+            "--data-path",
+            "{code}",
+            "--train-iters",
+            "2",
+            "--load",
+            "{seed}",
+        ),
+        "another tokenizer",
+        absent=(),
     ),
     Case(
         "data-of-another-vocabulary",
@@ -692,7 +742,8 @@ def _battery(root: str, world: dict, ids: list[str]) -> dict:
 @pytest.fixture(scope="module")
 def battery(tmp_path_factory, corpus):
     root = str(tmp_path_factory.mktemp("battery"))
-    world = {"tok": corpus["tokenizer"], "code": corpus["code"], "law": corpus["law"]}
+    world = {"tok": corpus["tokenizer"], "other_tok": corpus["other_tokenizer"], "code": corpus["code"]}
+    world["law"] = corpus["law"]
     (results,) = run_distributed(_battery, 1, args=(root, world, [c.id for c in CASES]), timeout=600)
     return results
 
