@@ -16,9 +16,15 @@ numerically the forward pass bam-megatron trains (megatron-core GPTModel with th
 Norms are RMSNorm or bias-free LayerNorm. RoPE is megatron-core's (non-interleaved halves, base
 ``rope_theta``, optionally Llama-3's frequency scaling); attention is causal with scale
 1/sqrt(head_dim); optional q/k/v biases and per-head q/k norms (before RoPE), no other biases. A
-dense model is N = 1 attention expert and no FFN experts. Generation uses transformers'
-DynamicCache (one K/V cache of the wide attention; with shared K/V it holds H_kv heads for all
-experts).
+dense model is N = 1 attention expert and no FFN experts.
+
+Serving: the wide attention is one call through transformers' attention interface
+(``ALL_ATTENTION_FUNCTIONS``: ``eager``, ``sdpa``, ``flex_attention``, ``flash_attention_2``... as
+``attn_implementation`` picks) with N·H query heads and N·H_kv (expert K/V) or H_kv (shared K/V)
+K/V heads, grouped-query style; masks come from ``transformers.masking_utils.create_causal_mask``
+(left padding, static caches), the cache is any transformers ``Cache`` (``DynamicCache``,
+``StaticCache`` via ``generate(cache_implementation="static")``: one layer cache of the wide
+attention's K/V heads), and the forward pass compiles with ``torch.compile(fullgraph=True)``.
 """
 
 from __future__ import annotations
@@ -31,7 +37,11 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
+from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_bam import BamConfig
 
@@ -102,11 +112,17 @@ class BamSwiGLU(nn.Module):
 
 
 class BamMoE(nn.Module):
-    """Top-k FFN experts with megatron-core's router (softmax score, no capacity limit: dropless)."""
+    """Top-k FFN experts with megatron-core's router (softmax score, no capacity limit: dropless).
+
+    Eager: each expert runs on the tokens routed to it (data-dependent shapes). Under
+    ``torch.compile`` (static shapes, one graph) every expert runs on every token and the routing
+    weights, zero for the experts a token was not routed to, combine them: the same sum.
+    """
 
     def __init__(self, config: BamConfig) -> None:
         super().__init__()
         self.topk = config.num_experts_per_tok
+        self.num_experts = config.num_experts
         self.pre_softmax = config.moe_router_pre_softmax
         self.scale = getattr(config, "moe_router_topk_scaling_factor", None)
         self.router = nn.Linear(config.hidden_size, config.num_experts, bias=False)
@@ -132,6 +148,12 @@ class BamMoE(nn.Module):
         x = hidden_states.reshape(-1, shape[-1])
         probs, index = self.route(x)
         out = torch.zeros_like(x)
+        if torch.compiler.is_compiling():  # static shapes: weights [T, E], zero where not routed
+            weights = torch.zeros(x.shape[0], self.num_experts, dtype=x.dtype, device=x.device)
+            weights = weights.scatter(1, index, probs)
+            for e, expert in enumerate(self.experts):
+                out = out + expert(x) * weights[:, e, None]
+            return out.view(shape)
         for e, expert in enumerate(self.experts):
             token, slot = torch.where(index == e)
             if token.numel():
@@ -139,22 +161,63 @@ class BamMoE(nn.Module):
         return out.view(shape)
 
 
+def _repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """[b, kv heads, s, d] -> [b, kv heads · n_rep, s, d], each K/V head repeated for its query group."""
+    b, heads, s, d = hidden_states.shape
+    if n_rep == 1:
+        return hidden_states
+    return hidden_states[:, :, None].expand(b, heads, n_rep, s, d).reshape(b, heads * n_rep, s, d)
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Optional[torch.Tensor],
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' eager attention (as Llama's): softmax(q kᵀ · scaling + mask) v -> [b, t, heads, d]."""
+    key = _repeat_kv(key, module.num_key_value_groups)
+    value = _repeat_kv(value, module.num_key_value_groups)
+    weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        weights = weights + attention_mask[:, :, :, : key.shape[-2]]
+    weights = torch.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = F.dropout(weights, p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+
 class BamAttention(nn.Module):
     """Soft mixture of N attention experts as one causal attention with N·H query heads.
 
-    Each head's output is scaled by its expert's gate before the one output projection. N = 1 is
-    plain (grouped-query) attention without a router, optionally with q/k/v biases and per-head
-    q/k norms (megatron-core's ``add_qkv_bias``, ``qk_layernorm``).
+    One call of transformers' attention interface over all N·H heads (K/V heads: N·H_kv with
+    expert K/V, H_kv shared), then each head's output scaled by its expert's gate, then one output
+    projection. N = 1 is plain (grouped-query) attention without a router, optionally with q/k/v
+    biases and per-head q/k norms (megatron-core's ``add_qkv_bias``, ``qk_layernorm``).
     """
 
     def __init__(self, config: BamConfig, layer_idx: int) -> None:
         super().__init__()
+        self.config = config
         self.layer_idx = layer_idx
+        self.is_causal = True
         self.head_dim = config.head_dim
-        self.num_heads = config.num_attention_heads * config.num_attention_experts
-        self.num_kv_heads = config.attention_kv_groups
         self.num_experts = config.num_attention_experts
+        self.num_heads = config.num_attention_heads * self.num_experts
+        self.num_kv_heads = config.attention_kv_groups
+        self.num_key_value_groups = self.num_heads // self.num_kv_heads  # query heads per K/V head
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = 0.0
         self.topk = config.attention_router_topk
+        # Head i of the wide attention = (a, expert, c) in a [A, N, C] grid (row-major): expert K/V is
+        # expert-major (A = 1, C = H); shared K/V is K/V-group-major, each expert's H / H_kv heads of a
+        # group in turn (A = H_kv, C = H / H_kv); BamConfig.head_experts lists the same order.
+        shared = config.attention_kv_mode == "shared"
+        heads, groups = config.num_attention_heads, config.num_key_value_heads
+        self.head_grid = (groups, heads // groups) if shared else (1, heads)
         h, d, bias = config.hidden_size, self.head_dim, bool(getattr(config, "qkv_bias", False))
         self.q_proj = nn.Linear(h, self.num_heads * d, bias=bias)
         self.k_proj = nn.Linear(h, self.num_kv_heads * d, bias=bias)
@@ -165,7 +228,6 @@ class BamAttention(nn.Module):
             self.q_norm, self.k_norm = _norm(config, d), _norm(config, d)
         if self.num_experts > 1:
             self.router = nn.Linear(h, self.num_experts, bias=False)
-            self.head_expert = config.head_experts()  # a list, not a buffer (see BamRotaryEmbedding)
 
     def gates(self, x: torch.Tensor) -> torch.Tensor:
         """g(x̂) = softmax(W_r x̂) in fp32 [b, t, N]; top-k MoA keeps the k largest, renormalised."""
@@ -177,35 +239,37 @@ class BamAttention(nn.Module):
 
     def forward(
         self,
-        x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor],
-        mask: Optional[torch.Tensor],
-        past_key_values: Optional[Cache],
-    ) -> torch.Tensor:
-        b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: Optional[torch.Tensor] = None,
+        past_key_values: Optional[Cache] = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        b, t, _ = hidden_states.shape
+        q = self.q_proj(hidden_states).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(hidden_states).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(hidden_states).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if self.qk_norm:  # per head, before RoPE (megatron-core's q_layernorm / k_layernorm)
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = _apply_rope(q, *rope), _apply_rope(k, *rope)
-        if past_key_values is not None:
+        q, k = _apply_rope(q, *position_embeddings), _apply_rope(k, *position_embeddings)
+        if past_key_values is not None:  # keys cached after RoPE
             k, v = past_key_values.update(k, v, self.layer_idx)
-        causal = mask is None and t > 1  # no cache, no padding: the plain causal kernel, as in training
-        heads = F.scaled_dot_product_attention(
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+        heads, weights = attention(
+            self,
             q,
             k,
             v,
-            attn_mask=mask,
-            is_causal=causal,
-            scale=self.head_dim**-0.5,
-            enable_gqa=self.num_kv_heads != self.num_heads,
-        )  # [b, N·H, t, d]; query head i uses K/V head i // (N·H / kv heads), megatron-core's grouping
-        heads = heads.transpose(1, 2)  # [b, t, N·H, d]
-        if self.num_experts > 1:
-            head_expert = torch.tensor(self.head_expert, device=x.device)
-            heads = heads * self.gates(x)[..., head_expert].to(heads.dtype).unsqueeze(-1)
-        return self.o_proj(heads.reshape(b, t, -1))
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            **kwargs,
+        )  # [b, t, N·H, d]; query head i uses K/V head i // (N·H / K/V heads), megatron-core's grouping
+        if self.num_experts > 1:  # each expert's heads times its gate, before the one output projection
+            a, c = self.head_grid
+            gates = self.gates(hidden_states).to(heads.dtype).view(b, t, 1, self.num_experts, 1, 1)
+            heads = (heads.reshape(b, t, a, self.num_experts, c, self.head_dim) * gates).reshape(b, t, -1)
+        return self.o_proj(heads.reshape(b, t, -1)), weights
 
 
 class BamDecoderLayer(nn.Module):
@@ -220,22 +284,36 @@ class BamDecoderLayer(nn.Module):
             self.post_attention_layernorm = _norm(config)
         self.mlp = BamMoE(config) if config.num_experts else BamSwiGLU(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x, rope, mask, past_key_values):
-        normed = self.input_layernorm(x)
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: Optional[torch.Tensor] = None,
+        past_key_values: Optional[Cache] = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        normed = self.input_layernorm(hidden_states)
+        attn, _ = self.self_attn(normed, position_embeddings, attention_mask, past_key_values, **kwargs)
         if self.sequential:
-            x = x + self.self_attn(normed, rope, mask, past_key_values)
-            return x + self.mlp(self.post_attention_layernorm(x))
-        return x + self.self_attn(normed, rope, mask, past_key_values) + self.mlp(normed)
+            hidden_states = hidden_states + attn
+            return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        return hidden_states + attn + self.mlp(normed)
 
 
 class BamPreTrainedModel(PreTrainedModel):
-    """Weights initialisation and loading glue."""
+    """Weights initialisation, loading glue and what transformers (and serving stacks) may use."""
 
     config_class = BamConfig
     config: BamConfig
     base_model_prefix = "model"
     _no_split_modules = ["BamDecoderLayer"]
-    _supports_cache_class = True
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _can_compile_fullgraph = True
+    _supports_attention_backend = True
+    _can_record_outputs = {"hidden_states": BamDecoderLayer, "attentions": BamAttention}
 
     def _init_weights(self, module: nn.Module) -> None:
         std = getattr(self.config, "initializer_range", 0.02)
@@ -245,30 +323,6 @@ class BamPreTrainedModel(PreTrainedModel):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
             nn.init.ones_(module.weight)
-
-
-def _attention_mask(
-    attention_mask: Optional[torch.Tensor],
-    query_length: int,
-    past_length: int,
-    dtype: torch.dtype,
-    device: torch.device,
-) -> Optional[torch.Tensor]:
-    """Additive mask [b, 1, t, past + t]: causal, with padded keys (attention_mask == 0) masked.
-
-    None where SDPA needs no mask: a fresh unpadded sequence (its causal kernel, as in training)
-    or one new token, which sees every cached key.
-    """
-    padded = attention_mask is not None and not bool(attention_mask.all())
-    if not padded and (past_length == 0 or query_length == 1):
-        return None
-    total = past_length + query_length
-    keys = torch.arange(total, device=device)
-    queries = past_length + torch.arange(query_length, device=device)
-    allowed = (keys[None, :] <= queries[:, None])[None, None]
-    if padded:
-        allowed = allowed & attention_mask[:, None, None, -total:].bool().to(device)
-    return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
 class BamModel(BamPreTrainedModel):
@@ -282,6 +336,8 @@ class BamModel(BamPreTrainedModel):
         self.rotary_emb = BamRotaryEmbedding(config)
         self.post_init()
 
+    @merge_with_config_defaults
+    @capture_outputs
     def forward(
         self,
         input_ids: Optional[torch.LongTensor] = None,
@@ -292,20 +348,26 @@ class BamModel(BamPreTrainedModel):
         use_cache: Optional[bool] = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
+        """Llama's contract: causal mask from ``attention_mask`` (left padding) and the cache, positions
+        from ``position_ids`` (``generate`` derives them from the mask) or the cache's length."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
         hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and past_key_values is None:
-            past_key_values = DynamicCache()
-        past = past_key_values.get_seq_length() if past_key_values is not None else 0
-        t = hidden.shape[1]
+            past_key_values = DynamicCache(config=self.config)
         if position_ids is None:
-            position_ids = (past + torch.arange(t, device=hidden.device)).unsqueeze(0).expand(hidden.shape[0], -1)
+            past = past_key_values.get_seq_length() if past_key_values is not None else 0
+            position_ids = (torch.arange(hidden.shape[1], device=hidden.device) + past).unsqueeze(0)
+        mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=hidden,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            position_ids=position_ids,
+        )
         rope = self.rotary_emb(position_ids)
-        mask = _attention_mask(attention_mask, t, past, hidden.dtype, hidden.device)
         for layer in self.layers:
-            hidden = layer(hidden, rope, mask, past_key_values if use_cache else None)
+            hidden = layer(hidden, rope, mask, past_key_values if use_cache else None, **kwargs)
         return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden), past_key_values=past_key_values)
 
 
@@ -326,6 +388,15 @@ class BamForCausalLM(BamPreTrainedModel, GenerationMixin):
     def get_output_embeddings(self) -> nn.Module:
         return self.lm_head
 
+    def _get_static_cache_init_shape(self):
+        """(K/V heads, head size) of the wide attention, for a StaticCache allocated before its first update:
+        N·H_kv with expert K/V (``num_key_value_heads`` is per attention expert), H_kv shared."""
+        if hasattr(self, "hf_device_map") and len(set(self.hf_device_map.values())) > 1:
+            return None
+        if (getattr(self, "_tp_size", None) or 1) > 1:
+            return None
+        return self.config.attention_kv_groups, self.config.head_dim
+
     def forward(
         self,
         input_ids: Optional[torch.LongTensor] = None,
@@ -335,13 +406,27 @@ class BamForCausalLM(BamPreTrainedModel, GenerationMixin):
         inputs_embeds: Optional[torch.Tensor] = None,
         labels: Optional[torch.LongTensor] = None,
         use_cache: Optional[bool] = None,
-        logits_to_keep: int = 0,
+        logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
-        out = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache)
-        hidden = out.last_hidden_state
-        logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
+        """Logits (of the last ``logits_to_keep`` positions; 0: all) and, with ``labels``, the next-token loss."""
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        logits = self.lm_head(slice_logits_to_keep(out.last_hidden_state, logits_to_keep))
         loss = None
         if labels is not None:  # next-token loss; -100 ignored
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=out.past_key_values,
+            hidden_states=out.hidden_states,
+            attentions=out.attentions,
+        )
