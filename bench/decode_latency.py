@@ -6,8 +6,10 @@ every variant). A prompt of 256 random tokens and 16 greedy new tokens, batch 1 
 `bam_megatron.inference.generate.Decoder` (bam-generate's loop over megatron-core's
 StaticInferenceContext) and through the remote-code Hugging Face export (`modeling_bam`'s
 BamForCausalLM with the weights and config.json `bam_format.to_bam` makes, as
-`bam-convert-hf export` does; stepped as its ``generate`` steps it, with its DynamicCache; at batch
-1 its own ``generate`` is also run and must give the same tokens), side by side in one process.
+`bam-convert-hf export` does; stepped as ``generate(cache_implementation="static")`` steps it: a
+transformers StaticCache of prompt + new tokens positions, ``--hf-attn`` attention (default sdpa);
+``--hf-cache dynamic`` for the DynamicCache; at batch 1 its own ``generate`` is also run and must
+give the same tokens), side by side in one process.
 Every model is resident; after one prefill each, the decode steps alternate between all of them,
 step by step (``--rounds`` times over, rewinding to the prefill). All models share one embedding
 and output layer (same shapes; saves memory, not work).
@@ -65,7 +67,7 @@ def architecture(variant: str, layers: int, experts: int):
     )
 
 
-def build_pair(variant: str, layers: int, experts: int, shared: dict, seq_length: int, device: str):
+def build_pair(variant: str, layers: int, experts: int, shared: dict, seq_length: int, device: str, attn: str):
     """(our GPTModel, the HF remote-code model holding the same tensors, the architecture, our config)."""
     from bam_megatron.checkpoint import CheckpointMeta
     from bam_megatron.conversion.hf import bam_format
@@ -89,7 +91,7 @@ def build_pair(variant: str, layers: int, experts: int, shared: dict, seq_length
     tensors, hf_config = bam_format.to_bam(weights, config, CheckpointMeta(arch, seq_length=seq_length), {})
     hf_config = {k: v for k, v in hf_config.items() if k not in ("architectures", "auto_map", "model_type")}
     with torch.device("meta"):
-        hf = BamForCausalLM(BamConfig(**hf_config))
+        hf = BamForCausalLM(BamConfig(**hf_config, attn_implementation=attn))
     hf.load_state_dict({k: v.contiguous() for k, v in tensors.items()}, strict=True, assign=True)
     return model, hf.eval().to(device), arch, config
 
@@ -125,10 +127,12 @@ def flops_per_token(model, config, context: float) -> float:
 
 class HuggingFaceDecoder:
     """The HF export's KV-cached greedy decoding, one step per call, as its ``generate`` runs the
-    model: the prompt once (``logits_to_keep=1``), then the last token with the DynamicCache."""
+    model: the prompt once (``logits_to_keep=1``), then the last token with the cache
+    (``static``: a StaticCache of prompt + new tokens positions, as ``generate(cache_implementation=
+    "static")`` allocates it; ``dynamic``: the DynamicCache the model makes)."""
 
-    def __init__(self, hf, prompts: torch.Tensor, new_tokens: int) -> None:
-        self.hf, self.prompts, self.new_tokens = hf, prompts, new_tokens
+    def __init__(self, hf, prompts: torch.Tensor, new_tokens: int, cache: str = "static") -> None:
+        self.hf, self.prompts, self.new_tokens, self.kind = hf, prompts, new_tokens, cache
         self.cache, self.tokens, self.step_seconds, self.prefill_seconds = None, [], [], 0.0
 
     @property
@@ -141,7 +145,13 @@ class HuggingFaceDecoder:
         clock = time.perf_counter()
         with torch.no_grad():
             if self.cache is None:
-                out = self.hf(self.prompts, use_cache=True, logits_to_keep=1)
+                cache = None
+                if self.kind == "static":
+                    from transformers import StaticCache
+
+                    length = self.prompts.shape[1] + self.new_tokens
+                    cache = StaticCache(config=self.hf.config, max_cache_len=length)
+                out = self.hf(self.prompts, past_key_values=cache, use_cache=True, logits_to_keep=1)
             else:
                 out = self.hf(self.tokens[-1][:, None], past_key_values=self.cache, use_cache=True, logits_to_keep=1)
             self.cache = out.past_key_values
@@ -155,8 +165,12 @@ class HuggingFaceDecoder:
             self.step_seconds.append(elapsed)
 
     def restart_decoding(self) -> None:
-        """Back to just after the prefill (the cache keeps the prompt and the first new token's slot)."""
-        self.cache.crop(self.prompts.shape[1] - self.cache.get_seq_length())  # keep the prompt's positions
+        """Back to just after the prefill (the cache keeps the prompt's positions)."""
+        if self.kind == "static":  # rewind the write position; later slots are rewritten before a query sees them
+            for layer in self.cache.layers:
+                layer.cumulative_length.fill_(self.prompts.shape[1])
+        else:
+            self.cache.crop(self.prompts.shape[1] - self.cache.get_seq_length())
         self.tokens, self.step_seconds = self.tokens[:1], []
 
     def new(self) -> list[list[int]]:
@@ -164,11 +178,12 @@ class HuggingFaceDecoder:
         return torch.stack(self.tokens, dim=1).tolist()
 
 
-def hf_generate_tokens(hf, prompts: torch.Tensor, new_tokens: int) -> list[list[int]]:
+def hf_generate_tokens(hf, prompts: torch.Tensor, new_tokens: int, cache: str) -> list[list[int]]:
     """Greedy tokens of the export's own ``generate`` (a check that the step loop is what it does)."""
     with torch.no_grad():
         out = hf.generate(
             prompts,
+            cache_implementation="static" if cache == "static" else None,
             attention_mask=torch.ones_like(prompts),
             do_sample=False,
             max_new_tokens=new_tokens,
@@ -215,6 +230,14 @@ def main() -> None:
         help="where the models run (default: cuda when there is a GPU)",
     )
     parser.add_argument(
+        "--hf-cache", choices=("static", "dynamic"), default="static", help="the HF export's KV cache (transformers')"
+    )
+    parser.add_argument(
+        "--hf-attn",
+        default="sdpa",
+        help="the HF export's attn_implementation (eager, sdpa, flex_attention, ...: transformers' interface)",
+    )
+    parser.add_argument(
         "--profile",
         choices=VARIANTS,
         default=None,
@@ -237,7 +260,9 @@ def main() -> None:
         for name in ("embedding.word_embeddings.weight", "output_layer.weight")
     }
     variants = [args.profile] if args.profile else args.variants
-    models = {v: build_pair(v, args.layers, args.experts, shared, seq_length, args.device) for v in variants}
+    models = {
+        v: build_pair(v, args.layers, args.experts, shared, seq_length, args.device, args.hf_attn) for v in variants
+    }
     built_s = time.perf_counter() - clock
     if args.profile:
         from bam_megatron.inference.generate import Decoder
@@ -247,7 +272,7 @@ def main() -> None:
         print(f"bam-generate, {args.profile}, batch {args.batch[0]}:")
         print(profile(Decoder(model, prompts.tolist(), args.new_tokens)))
         print(f"HF export, {args.profile}, batch {args.batch[0]}:")
-        print(profile(HuggingFaceDecoder(hf, prompts, args.new_tokens)))
+        print(profile(HuggingFaceDecoder(hf, prompts, args.new_tokens, args.hf_cache)))
         return
 
     from bam_megatron.inference.generate import Decoder
@@ -259,7 +284,7 @@ def main() -> None:
         for variant in variants:
             model, hf, _, _ = models[variant]
             decoders[(variant, "bam_generate")] = Decoder(model, prompts.tolist(), args.new_tokens)
-            decoders[(variant, "hf_export")] = HuggingFaceDecoder(hf, prompts, args.new_tokens)
+            decoders[(variant, "hf_export")] = HuggingFaceDecoder(hf, prompts, args.new_tokens, args.hf_cache)
         order = list(decoders)
         for decoder in decoders.values():
             decoder.step()  # prefill
@@ -280,7 +305,7 @@ def main() -> None:
         if batch == 1:  # the export's own generate: the same tokens as its step loop
             for variant in variants:
                 runs[(batch, variant, "hf_export")]["generate_tokens"] = hf_generate_tokens(
-                    models[variant][1], prompts, args.new_tokens
+                    models[variant][1], prompts, args.new_tokens, args.hf_cache
                 )
         del decoders
 
