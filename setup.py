@@ -64,7 +64,7 @@ setup(
             "bam-branch=bam_megatron.cli.branch:main",
             "bam-train-tokenizer=bam_megatron.data.train_tokenizer:main",
             "bam-preprocess-data=bam_megatron.data.preprocess:main",
-            "bam-eval=bam_megatron.evaluation.cli:main",
+            "bam-eval=bam_megatron.cli.eval:main",
             "bam-convert-hf=bam_megatron.conversion.hf.cli:main",
             "bam-generate=bam_megatron.inference.cli:main",
         ]

@@ -9,7 +9,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bam_megatron.evaluation.cli import main  # noqa: E402
+from bam_megatron.cli.eval import main  # noqa: E402
 
 if __name__ == "__main__":
     raise SystemExit(main())

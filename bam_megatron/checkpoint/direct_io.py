@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import io
 import os
+from typing import Any
 
 import torch
 import torch.utils.serialization
-from torch.distributed._shard._utils import narrow_tensor_by_index
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
-from torch.distributed.checkpoint.filesystem import DEFAULT_SUFFIX, _create_file_view, _StorageInfo
+from torch.distributed.checkpoint.filesystem import DEFAULT_SUFFIX
 from torch.distributed.checkpoint.planner import (
     LoadItemType,
     LoadPlan,
@@ -41,6 +41,8 @@ from torch.distributed.checkpoint.planner import (
 )
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
+
+from bam_megatron.platform import internals
 
 _WRITE_BUFFER = 1 << 20  # coalesces a record's small header writes; tensor data goes past it
 
@@ -91,7 +93,7 @@ class DirectWriter(FileSystemWriter):
                         torch.save(_standalone(data.detach().contiguous()), stream)
                     del data  # (nothing written stays referenced)
                     length = stream.tell() - offset
-                    info = _StorageInfo(file_name, offset, length)
+                    info = internals.StorageInfo(file_name, offset, length)
                     results.append(WriteResult(index=item.index, size_in_bytes=length, storage_data=info))
             stream.flush()
             if self.sync_files:
@@ -104,15 +106,15 @@ class DirectWriter(FileSystemWriter):
 class _Record:
     """Where a stored chunk's tensor bytes are, and how they are laid out."""
 
-    def __init__(self, file: io.BufferedReader, info: _StorageInfo):
-        view = _create_file_view(file, info.offset, info.length)
+    def __init__(self, file: io.BufferedReader, info: Any):
+        view = internals.create_file_view(file, info.offset, info.length)
         skeleton = torch.load(view, map_location="meta", weights_only=True)
         view.seek(0)
-        storages = [r for r in torch._C.PyTorchFileReader(view).get_all_records() if r.startswith("data/")]
+        records, record_offset = internals.torch_save_records(view)
+        storages = [r for r in records if r.startswith("data/")]
         if not isinstance(skeleton, torch.Tensor) or len(storages) != 1:
             raise ValueError(f"{info.relative_path} at byte {info.offset}: not one tensor's torch.save record")
-        view.seek(0)
-        self.data_offset = info.offset + torch._C.PyTorchFileReader(view).get_record_offset(storages[0])
+        self.data_offset = info.offset + record_offset(storages[0])
         self.skeleton = skeleton
         self.nbytes = skeleton.untyped_storage().nbytes()
 
@@ -144,12 +146,14 @@ class DirectReader(FileSystemReader):
         records: dict[tuple[str, int], _Record] = {}
         try:
             for request in sorted(plan.items, key=self._position):
-                info: _StorageInfo = self.storage_data[request.storage_index]
+                info: Any = self.storage_data[request.storage_index]
                 if info.relative_path not in files:
                     files[info.relative_path] = open(os.path.join(self.path, info.relative_path), "rb")
                 file = files[info.relative_path]
                 if request.type == LoadItemType.BYTE_IO:
-                    planner.load_bytes(request, io.BytesIO(_create_file_view(file, info.offset, info.length).read()))
+                    planner.load_bytes(
+                        request, io.BytesIO(internals.create_file_view(file, info.offset, info.length).read())
+                    )
                     continue
                 key = (info.relative_path, info.offset)
                 if key not in records:
@@ -182,7 +186,7 @@ class DirectReader(FileSystemReader):
             buffer = torch.empty(record.nbytes, dtype=torch.uint8)
             _read_into(file.fileno(), _bytes_of(buffer), record.data_offset, path)
             tensor = buffer.view(stored.dtype).as_strided(stored.shape, stored.stride(), stored.storage_offset())
-            tensor = narrow_tensor_by_index(tensor, request.storage_offsets, request.lengths)
+            tensor = internals.narrow_tensor_by_index(tensor, request.storage_offsets, request.lengths)
             if target.size() != tensor.size():
                 raise ValueError(
                     f"{path}: chunk {request.storage_index.fqn} is {tuple(tensor.shape)}, "

@@ -35,7 +35,6 @@ from megatron.core.dist_checkpointing.mapping import (
 from megatron.core.dist_checkpointing.strategies.base import SaveShardedStrategy
 from megatron.core.dist_checkpointing.strategies.torch import (
     MCoreSavePlanner,
-    _replace_state_dict_keys_with_sharded_keys,
     mcore_to_pyt_state_dict,
 )
 from torch.distributed.checkpoint import DefaultLoadPlanner
@@ -45,6 +44,7 @@ from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
 from torch.distributed.checkpoint.planner import WriteItem, WriteItemType
 
 from bam_megatron.checkpoint.direct_io import DirectReader, DirectWriter
+from bam_megatron.platform import internals
 
 # read_unit reads without collectives, on purpose; torch warns about that on every call.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
@@ -293,7 +293,9 @@ class StreamingSaveStrategy(SaveShardedStrategy):
 
     def save(self, sharded_state_dict, checkpoint_dir: Union[str, Path]) -> None:
         """Plan from the (meta) sharded state dict; write with data produced per unit."""
-        state, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, keep_only_main_replica=True)
+        state, _, _ = internals.replace_state_dict_keys_with_sharded_keys(
+            sharded_state_dict, keep_only_main_replica=True
+        )
         writer = DirectWriter(str(checkpoint_dir))
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bam-fill")
         try:

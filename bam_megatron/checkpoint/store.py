@@ -23,7 +23,6 @@ import hashlib
 import logging
 import os
 import pickle
-import queue
 import random
 import shutil
 from collections.abc import Callable, Iterator
@@ -53,7 +52,7 @@ from bam_megatron.checkpoint.layout import (
     write_latest,
 )
 from bam_megatron.checkpoint.meta import MEGATRON_LM, CheckpointError, CheckpointMeta
-from bam_megatron.platform import disk, faults
+from bam_megatron.platform import disk, faults, internals
 
 
 def resolve_checkpoint(path: str) -> str:
@@ -172,21 +171,6 @@ def _state(
     return state
 
 
-def _collect_write_results_in_process() -> None:
-    """Let megatron-core's checkpoint writer report to a plain queue instead of a Manager's.
-
-    Its writer collects write results through a ``multiprocessing`` Manager queue, started (once
-    per process) in a *spawned* process, which re-imports ``__main__`` (torch, megatron-core):
-    seconds at the first save and again at exit, on every rank. Our saves are synchronous, so
-    the results are put and taken in this very process and a ``queue.Queue`` does the job.
-    (An asynchronous save would need the Manager; we do not make any.)
-    """
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-
-    if filesystem_async._results_queue is None:
-        filesystem_async._results_queue = queue.Queue()
-
-
 def save_checkpoint(
     root: str, iteration: int, model, optimizer, scheduler, meta: CheckpointMeta, sharded_strategy=None
 ) -> str:
@@ -205,7 +189,7 @@ def save_checkpoint(
             os.makedirs(tmp)
         dist.barrier()
         state = _state(model, optimizer, with_rng=True, is_loading=False)
-        _collect_write_results_in_process()
+        internals.collect_checkpoint_write_results_in_process()  # no Manager process per save
         meta.iteration = iteration
         meta.layout = dataclasses.replace(meta.layout, **_layout())
         meta.scheduler = scheduler.state_dict() if scheduler is not None else None

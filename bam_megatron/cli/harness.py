@@ -15,6 +15,9 @@ Tasks come from ``bam_megatron/evaluation/tasks`` (``bam_mc``, ``bam_legal``, ``
 ``bam_local``: offline), any ``--include-path`` directory, then lm-eval's built-in tasks (indexed
 only when a name is not found locally: about a minute; their datasets come from the Hugging Face
 Hub).
+
+It lives in `bam_megatron.cli` because it joins two layers of equal rank: evaluation (the tasks,
+the table) and conversion (the Hugging Face export).
 """
 
 from __future__ import annotations

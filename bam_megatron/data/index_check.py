@@ -15,11 +15,12 @@ import struct
 from dataclasses import dataclass
 
 import numpy
-from megatron.core.datasets.indexed_dataset import _INDEX_HEADER, DType, get_bin_path, get_idx_path
+from megatron.core.datasets.indexed_dataset import DType, get_bin_path, get_idx_path
 
 from bam_megatron.data.errors import DataError
+from bam_megatron.platform import internals
 
-_PREAMBLE = len(_INDEX_HEADER) + 8 + 1 + 8 + 8  # header, version, dtype code, sequence and document counts
+_COUNTS = 8 + 1 + 8 + 8  # after the header: version, dtype code, sequence and document counts
 
 
 @dataclass(frozen=True)
@@ -48,27 +49,29 @@ def read_checked_index(prefix: str) -> IndexArrays:
         if not os.path.isfile(path):
             raise DataError(f"dataset file not found: {path} (from --data-path {prefix})")
     size = os.path.getsize(idx)
+    header = internals.indexed_dataset_header()
     with open(idx, "rb") as f:
-        preamble = f.read(_PREAMBLE)
-    if len(preamble) < _PREAMBLE or preamble[: len(_INDEX_HEADER)] != _INDEX_HEADER:
+        preamble = f.read(len(header) + _COUNTS)
+    if len(preamble) < len(header) + _COUNTS or preamble[: len(header)] != header:
         raise DataError(f"dataset index {idx} is not a megatron-core index (bad header)")
-    version, code, sequences, documents = struct.unpack("<QBQQ", preamble[len(_INDEX_HEADER) :])
+    version, code, sequences, documents = struct.unpack("<QBQQ", preamble[len(header) :])
+    start = len(preamble)  # the arrays follow the preamble
     if version != 1:
         raise DataError(f"dataset index {idx}: version {version}, megatron-core reads version 1")
     try:
         dtype = DType.dtype_from_code(code)
     except (KeyError, ValueError):
         raise DataError(f"dataset index {idx}: unknown token dtype code {code}") from None
-    needed = _PREAMBLE + sequences * (4 + 8) + documents * 8
+    needed = start + sequences * (4 + 8) + documents * 8
     if size < needed:
         raise DataError(
             f"dataset index {idx} is truncated: {size} bytes, its {sequences} sequences and "
             f"{documents} document boundaries need {needed}"
         )
     buffer = numpy.memmap(idx, mode="r", dtype=numpy.uint8)
-    lengths = numpy.frombuffer(buffer, numpy.int32, sequences, _PREAMBLE)
-    pointers = numpy.frombuffer(buffer, numpy.int64, sequences, _PREAMBLE + 4 * sequences)
-    document_indices = numpy.frombuffer(buffer, numpy.int64, documents, _PREAMBLE + 12 * sequences)
+    lengths = numpy.frombuffer(buffer, numpy.int32, sequences, start)
+    pointers = numpy.frombuffer(buffer, numpy.int64, sequences, start + 4 * sequences)
+    document_indices = numpy.frombuffer(buffer, numpy.int64, documents, start + 12 * sequences)
     index = IndexArrays(dtype, lengths, pointers, document_indices)
     _check_consistent(index, prefix, idx, bin_)
     return index

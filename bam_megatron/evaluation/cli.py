@@ -307,18 +307,11 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point; returns the exit code (2 for bad input)."""
+    """``bam-eval``'s perplexity table (`bam_megatron.cli.eval` dispatches the sub-commands); returns
+    the exit code (2 for bad input)."""
     import bam_megatron  # noqa: F401  (quiet megatron-core's import-time warnings)
 
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["plot"]:  # `bam-eval plot`: loss curves from metrics files (evaluation/plot.py)
-        from bam_megatron.evaluation.plot import main as plot_main
-
-        return plot_main(argv[1:])
-    if argv[:1] == ["harness"]:  # `bam-eval harness`: lm-evaluation-harness tasks on the HF export (harness.py)
-        from bam_megatron.evaluation.harness import main as harness_main
-
-        return harness_main(argv[1:])
     args = build_parser().parse_args(argv)
     started_here = not dist.is_initialized()
     try:

@@ -5,7 +5,8 @@ key again at every decode step (``Attention.forward`` applies ``k_pos_emb[:seque
 whole cache): O(context) extra work per step and layer, 5-15% of a CPU decode step at the
 paper-590m shapes (docs/benchmarks.md). Its flash-decode and dynamic-batching paths already cache
 rotated keys. `RotatedCacheSelfAttention` does the same on the static path, at the one seam where
-the cache is written: ``_adjust_key_value_for_inference`` rotates this step's query and key at
+the cache is written (`AttentionSeams.adjust_key_value_for_inference`, megatron-core's
+``_adjust_key_value_for_inference``) rotates this step's query and key at
 their positions, stores the key, and hands ``forward`` no RoPE to apply. Training and prefill-free
 forwards (no inference context) are megatron-core's own code, unchanged; so is the checkpoint.
 """
@@ -17,11 +18,14 @@ from typing import Any
 from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
 from megatron.core.transformer.attention import SelfAttention
 
+from bam_megatron.platform.internals import AttentionSeams
 
-class RotatedCacheSelfAttention(SelfAttention):
+
+class RotatedCacheSelfAttention(AttentionSeams, SelfAttention):
     """SelfAttention whose static KV cache holds rotated keys, so a decode step rotates only its own."""
 
-    def _adjust_key_value_for_inference(self, inference_context, query, key, value, rotary_pos_emb, *args, **kwargs):
+    def adjust_key_value_for_inference(self, inference_context, query, key, value, rotary_pos_emb, *args, **kwargs):
+        """megatron-core's KV-cache step, with this step's query and key rotated before the key is cached."""
         if (
             inference_context is not None
             and inference_context.is_static_batching()
@@ -30,7 +34,7 @@ class RotatedCacheSelfAttention(SelfAttention):
         ):
             query, key = self.rotate_at_positions(query, key, rotary_pos_emb, inference_context.sequence_len_offset)
             rotary_pos_emb = None
-        return super()._adjust_key_value_for_inference(
+        return super().adjust_key_value_for_inference(
             inference_context, query, key, value, rotary_pos_emb, *args, **kwargs
         )
 

@@ -128,7 +128,7 @@ class SoftMoASelfAttention(RotatedCacheSelfAttention):
             # megatron-core's static KV cache: store this step's K/V (its N·H_kv or H_kv groups),
             # rotated first (`RotatedCacheSelfAttention`), and return the keys and values of every
             # position so far; past the prompt, no mask.
-            query, key, value, rotary_pos_emb, attn_mask_type, _ = self._adjust_key_value_for_inference(
+            query, key, value, rotary_pos_emb, attn_mask_type, _ = self.adjust_key_value_for_inference(
                 inference_context, query, key, value, rotary_pos_emb
             )
         if rotary_pos_emb is not None:
@@ -137,7 +137,7 @@ class SoftMoASelfAttention(RotatedCacheSelfAttention):
             key = apply_rotary_pos_emb(key, k_emb, config=self.config, cp_group=cp_group)
 
         if self.checkpoint_core_attention and self.training:
-            heads = self._checkpointed_attention_forward(
+            heads = self.checkpointed_attention_forward(
                 query,
                 key,
                 value,

@@ -33,6 +33,8 @@ from megatron.core.tensor_parallel.mappings import (
     reduce_scatter_to_sequence_parallel_region,
 )
 
+from bam_megatron.platform import internals
+
 
 @dataclass(frozen=True)
 class LinearInfo:
@@ -97,7 +99,7 @@ def describe_linear(linear: torch.nn.Module, name: str) -> LinearInfo:
     elif te_column and isinstance(linear, te_column + te_row):
         kind = "column" if isinstance(linear, te_column) else "row"
         # TE builds expert linears that communicate explicitly with parallel_mode=None
-        tp_group, partial = linear._tp_group, linear.parallel_mode is None
+        tp_group, partial = internals.tensor_parallel_group(linear), linear.parallel_mode is None
         sequence_parallel = bool(linear.sequence_parallel) and not partial
         is_expert = bool(getattr(linear, "is_expert", partial))
     else:

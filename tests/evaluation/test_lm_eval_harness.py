@@ -185,7 +185,7 @@ def _harness(*argv: str) -> tuple[int, str, str]:
     import contextlib
     import io
 
-    from bam_megatron.evaluation.cli import main
+    from bam_megatron.cli.eval import main
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -212,7 +212,7 @@ def test_bad_input_is_one_line_and_writes_nothing(harness, tmp_path):
 
 def _fail_after_export(checkpoint: str, out: str, tmp: str) -> dict:
     """Rank body: bam-eval harness whose lm-eval run fails after the export; what is left on disk."""
-    from bam_megatron.evaluation import harness
+    from bam_megatron.cli import harness
 
     def fail(hf_dir, *_):
         assert os.path.isfile(os.path.join(hf_dir, "config.json"))  # the export was there
@@ -237,7 +237,7 @@ def test_a_failed_run_leaves_no_export_and_no_output(harness, tmp_path):
 @pytest.mark.e2e
 def test_builtin_task_names_resolve():
     """The names docs/evaluation.md gives resolve in lm-eval's own index (about a minute to build)."""
-    from bam_megatron.evaluation.harness import resolve_tasks
+    from bam_megatron.cli.harness import resolve_tasks
 
     names = ["arc_easy", "arc_challenge", "hellaswag", "mmlu", "gsm8k", "legalbench", "humaneval", "bam_mc"]
     _, tasks = resolve_tasks(names, [], builtin=True)

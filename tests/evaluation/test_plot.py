@@ -8,8 +8,8 @@ import os
 import pytest
 from matplotlib.image import imread
 
+from bam_megatron.cli.eval import main as bam_eval
 from bam_megatron.errors import UserError
-from bam_megatron.evaluation.cli import main as bam_eval
 from bam_megatron.evaluation.plot import loss_figure, read_metrics
 from bam_megatron.training.metrics import MetricsWriter
 

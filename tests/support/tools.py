@@ -19,7 +19,7 @@ TOOLS = {
     "bam-preprocess-data": "bam_megatron.data.preprocess",
     "bam-branch": "bam_megatron.cli.branch",
     "bam-upcycle": "bam_megatron.conversion.upcycle",
-    "bam-eval": "bam_megatron.evaluation.cli",
+    "bam-eval": "bam_megatron.cli.eval",
     "bam-convert-hf": "bam_megatron.conversion.hf.cli",
     "bam-stats": "bam_megatron.stats",
     "bam-generate": "bam_megatron.inference.cli",
