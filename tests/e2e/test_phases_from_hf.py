@@ -51,6 +51,7 @@ def llama(tmp_path_factory) -> dict[str, str]:
     return made
 
 
+@pytest.mark.e2e
 def test_a_hugging_face_llama_goes_through_the_three_phases(tmp_path, llama, monkeypatch):
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
     runs = tmp_path / "runs"

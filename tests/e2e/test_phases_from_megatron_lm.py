@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 from bam_megatron.checkpoint import store
 from bam_megatron.cli.branch import main as branch_main
 from bam_megatron.testing.distributed import run_distributed
@@ -15,6 +17,7 @@ from tests.support.training import run
 TRAIN = ["--train-iters", "2", "--micro-batch-size", "2", "--eval-iters", "1", "--eval-interval", "2"]
 
 
+@pytest.mark.e2e
 def test_a_megatron_lm_checkpoint_seeds_the_three_phases(tmp_path, corpus):
     seed = str(tmp_path / "megatron-seed")
     args = megatron_lm_args(
