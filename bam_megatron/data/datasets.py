@@ -151,7 +151,8 @@ def build_datasets(
     tokens,
     cache: Optional[str] = None,
 ):
-    """(train dataset over the blend, {domain name: its validation dataset}).
+    """(train dataset over the blend, {domain name: its validation dataset}; {} where ``split``
+    has no validation part).
 
     One builder call: the validation datasets are the per-domain parts of the blended
     validation split, sized so that the smallest-weight domain still has enough samples.
@@ -171,8 +172,10 @@ def build_datasets(
             lambda: True,
             config,  # every rank reads the files
         ).build()
-    if train is None or valid is None:
-        raise DataError(f"--split {split} leaves no training or no validation data")
+    if train is None:
+        raise DataError(f"--split {split} leaves no training data")
+    if valid is None:  # e.g. --split 1,0,0: no validation part (training skips validation)
+        return train, {}
     parts = valid.datasets if isinstance(valid, BlendedDataset) else [valid]
     return train, {d.name: part for d, part in zip(domains, parts)}
 

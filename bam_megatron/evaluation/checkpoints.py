@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -70,23 +70,38 @@ def find_models(flags: Sequence[tuple[str, str]]) -> list[EvalModel]:
     return models
 
 
-def check_same_tokenizer(models: Sequence[EvalModel]) -> str:
+def check_same_tokenizer(models: Sequence[EvalModel], given: Optional[Any] = None, flag: str = "") -> str:
     """Perplexities are comparable only over one tokenization: every model must have been trained
-    with the first model's tokenizer (same fingerprint). Returns that fingerprint."""
-    reference = models[0]
+    with the first model's tokenizer (same fingerprint). Returns that fingerprint.
+
+    A checkpoint that records no tokenizer (trained on token ids: Megatron-LM's NullTokenizer, or
+    --mock-data) takes ``given``, the tokenizer ``flag`` names as the one that made its data, if its
+    vocabulary fits the checkpoint's padded vocabulary.
+    """
+    fingerprints = []
     for model in models:
         saved = model.meta.tokenizer_fingerprint
         if saved is None:
-            raise CheckpointError(
-                f"model {model.name} ({model.path}) was trained without a tokenizer (--mock-data); "
-                "it cannot be evaluated on tokenized datasets"
-            )
-        if saved != reference.meta.tokenizer_fingerprint:
+            if given is None:
+                raise CheckpointError(
+                    f"model {model.name} ({model.path}) records no tokenizer (it was trained on token ids: "
+                    "Megatron-LM's NullTokenizer, --mock-data, or a tokenizer not found here); "
+                    "give --tokenizer-model, the tokenizer that made its data"
+                )
+            padded = model.meta.architecture.padded_vocab_size
+            if given.vocab_size > padded:
+                raise ConfigError(
+                    f"{flag} has {given.vocab_size} tokens, more than the {padded} rows of model {model.name}'s "
+                    f"padded vocabulary ({model.path})"
+                )
+            saved = given.fingerprint
+        if fingerprints and saved != fingerprints[0]:
             raise CheckpointError(
                 f"model {model.name} ({model.path}) was trained with another tokenizer than "
-                f"model {reference.name}; all models must share one tokenizer"
+                f"model {models[0].name}; all models must share one tokenizer"
             )
-    return reference.meta.tokenizer_fingerprint
+        fingerprints.append(saved)
+    return fingerprints[0]
 
 
 def load_model(model: EvalModel, sizes: ParallelSizes, seq_length: int) -> torch.nn.Module:

@@ -18,7 +18,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
@@ -34,6 +34,11 @@ from bam_megatron.platform.atomic import write_atomically
 from bam_megatron.platform.distributed import ParallelSizes
 
 PROG = "bam-eval"
+
+UNRECORDED_DEFAULTS = {"seed": 1234, "split": "969,30,1", "micro_batch_size": 4}
+"""The data settings of a checkpoint that records none (imported from Hugging Face or read from
+Megatron-LM): Megatron-LM's --seed 1234 and its legacy --split, pretrain_bam.py's --micro-batch-size
+(the same defaults pretrain_bam.py has)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,9 +73,18 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PREFIX",
         help="Megatron syntax ([W1] PREFIX1 [W2] PREFIX2 ...); a domain is named after its file",
     )
-    g.add_argument("--split", default=None, help="train,valid,test proportions; the valid part is evaluated")
+    g.add_argument(
+        "--split",
+        default=None,
+        help="train,valid,test proportions; the valid part is evaluated (default: the first model's, else 969,30,1)",
+    )
     g.add_argument("--seq-length", type=int, default=None)
-    g.add_argument("--seed", type=int, default=None, help="the dataset shuffling seed")
+    g.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="the dataset shuffling seed (default: the first model's, else Megatron-LM's 1234)",
+    )
     g.add_argument(
         "--tokenizer-model",
         default=None,
@@ -87,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--eval-samples", type=int, default=None, help="samples per domain (default: the whole validation split)"
     )
-    g.add_argument("--micro-batch-size", type=int, default=None)
+    g.add_argument("--micro-batch-size", type=int, default=None, help="default: the first model's, else 4")
     ParallelSizes.add_flags(p.add_argument_group("parallelism"))
     g = p.add_argument_group("output")
     g.add_argument("--output-dir", default="eval", help="perplexity.md/.json, routing.json, routing_*.png")
@@ -106,26 +120,39 @@ class Plan:
     seed: int
     micro_batch_size: int
     expert_names: Optional[list[str]]
+    notes: list[str] = field(default_factory=list)
+    """Info lines rank 0 prints once the process group is up (the defaults taken)."""
 
 
-def _recorded(model: EvalModel, setting: str) -> Any:
-    """A setting of the run that trained ``model`` (the evaluation's default), or an error naming the flag."""
-    value = model.training.get(setting)
-    if value is None:
-        flag = "--" + setting.replace("_", "-")
-        raise ConfigError(
-            f"model {model.name} ({model.path}) records no {setting} (it was not trained here): give {flag}"
-        )
-    return value
+def _data_settings(args: argparse.Namespace, model: EvalModel) -> tuple[dict[str, Any], Optional[str]]:
+    """{setting: value} of --split, --seed, --micro-batch-size: the flag, else what the run that
+    trained ``model`` used, else `UNRECORDED_DEFAULTS`; and the info line naming the defaults taken."""
+    settings, defaulted = {}, []
+    for setting, default in UNRECORDED_DEFAULTS.items():
+        value = getattr(args, setting)
+        if value is None:
+            value = model.training.get(setting)
+        if value is None:
+            value = default
+            defaulted.append(f"--{setting.replace('_', '-')} {default}")
+        settings[setting] = value
+    if not defaulted:
+        return settings, None
+    return settings, (
+        f"model {model.name} records no {', '.join(d.split()[0] for d in defaulted)} (it was not trained here): "
+        f"using {', '.join(defaulted)} (pretrain_bam.py's defaults; the seed and split are Megatron-LM's too)"
+    )
 
 
 def prepare(args: argparse.Namespace) -> Plan:
     """Resolve checkpoints and datasets and check that they fit together (no process group needed)."""
     models = find_models(args.model)
-    fingerprint = check_same_tokenizer(models)
     first = models[0]
+    tokenizer_type = args.tokenizer_type or first.meta.tokenizer_type
+    given = load_tokenizer(args.tokenizer_model, tokenizer_type) if args.tokenizer_model else None
+    fingerprint = check_same_tokenizer(models, given, f"--tokenizer-model {args.tokenizer_model}")
     tokenizer_path = args.tokenizer_model or first.meta.tokenizer_model
-    tokenizer = load_tokenizer(tokenizer_path, args.tokenizer_type or first.meta.tokenizer_type)
+    tokenizer = given or load_tokenizer(tokenizer_path, tokenizer_type)
     if tokenizer.fingerprint != fingerprint:
         raise CheckpointError(f"tokenizer {tokenizer_path} is not the one model {models[0].name} was trained with")
     for flag in ("eval_samples", "micro_batch_size", "seq_length"):
@@ -142,15 +169,17 @@ def prepare(args: argparse.Namespace) -> Plan:
                 )
     if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
         raise ConfigError(f"--output-dir {args.output_dir} is a file")
+    settings, note = _data_settings(args, first)
     return Plan(
         models=models,
         domains=parse_data_path(args.data_path),
         tokens=TokenIds.of(tokenizer),
-        split=args.split or _recorded(first, "split"),
+        split=settings["split"],
         seq_length=args.seq_length or first.meta.seq_length,
-        seed=_recorded(first, "seed") if args.seed is None else args.seed,
-        micro_batch_size=args.micro_batch_size or _recorded(first, "micro_batch_size"),
+        seed=settings["seed"],
+        micro_batch_size=settings["micro_batch_size"],
         expert_names=args.expert_names,
+        notes=[note] if note else [],
     )
 
 
@@ -291,6 +320,8 @@ def render(plan: Plan, args: argparse.Namespace, results: dict[str, Any]) -> dic
 def _run(args: argparse.Namespace) -> int:
     plan = prepare(args)
     sizes = _start_distributed(args, plan.seed)
+    for note in plan.notes:
+        _say(note)
     results = evaluate(plan, args, sizes)
     if dist.get_rank() != 0:
         return 0

@@ -342,6 +342,8 @@ class Trainer:
                 args.data_cache_path or os.path.join(os.path.dirname(self.domains[0].prefix), "cache"),
             )
             self.data_fingerprint = data_fingerprint(self.domains, args.split, args.seq_length, args.seed)
+            if not self.valid_ds and args.eval_iters > 0:
+                _say(f"--split {args.split} leaves no validation data: validation is skipped (as with --eval-iters 0)")
 
     def _meta(self) -> CheckpointMeta:
         """What a checkpoint of this run records besides its tensors (store.save_checkpoint adds the rest)."""
@@ -564,7 +566,7 @@ class Trainer:
                 elapsed = time.perf_counter() - interval_start
                 self._log(loss, grad_norm, elapsed / interval_iters, interval_iters, router)
                 interval_start, interval_iters = time.perf_counter(), 0
-            if args.eval_iters > 0 and p.iteration % args.eval_interval == 0:
+            if args.eval_iters > 0 and self.valid_ds and p.iteration % args.eval_interval == 0:
                 losses = self.evaluate()
                 if self.writer is not None:
                     self.writer.validation(p.iteration, losses)

@@ -131,6 +131,15 @@ def other_vocabulary(w: dict, d: str) -> dict:
     return {"data": prefix}
 
 
+def megatron_lm_on_token_ids(w: dict, d: str) -> dict:
+    """A Megatron-LM checkpoint trained on pre-tokenized data (NullTokenizer), 320 padded vocabulary rows."""
+    from tests.support.megatron_lm import megatron_lm_args, save_as_megatron_lm
+
+    save = os.path.join(d, "megatron-lm")
+    args = megatron_lm_args(tokenizer_type="NullTokenizer", tokenizer_model=None, vocab_size=319, padded_vocab_size=320)
+    return {"mlm": save_as_megatron_lm(save, args, 3)}
+
+
 def a_file(w: dict, d: str) -> dict:
     path = os.path.join(d, "a_file")
     open(path, "w").write("not a directory\n")
@@ -631,6 +640,20 @@ CASES = [
         "bam-eval",
         ("--model", "{seed}", "--data-path", "{code}", "--output-dir", "{out}"),
         "argument --model: expected NAME=CHECKPOINT_DIR",
+    ),
+    Case(
+        "eval-token-ids-without-tokenizer",
+        "bam-eval",
+        ("--model", "mlm={mlm}", "--data-path", "{code}", "--output-dir", "{out}"),
+        "model mlm ({mlm}) records no tokenizer",
+        megatron_lm_on_token_ids,
+    ),
+    Case(
+        "eval-token-ids-tokenizer-too-big",
+        "bam-eval",
+        ("--model", "mlm={mlm}", "--data-path", "{code}", "--tokenizer-model", "{other_tok}", "--output-dir", "{out}"),
+        "--tokenizer-model {other_tok} has 330 tokens, more than the 320 rows of model mlm's padded vocabulary",
+        megatron_lm_on_token_ids,
     ),
     # bam-convert-hf
     Case(

@@ -23,6 +23,7 @@ from bam_megatron.evaluation.cli import main
 from bam_megatron.testing.distributed import run_distributed
 from bam_megatron.testing.launch import launch
 from tests.support import paths
+from tests.support.megatron_lm import megatron_lm_args, save_as_megatron_lm
 from tests.support.training import SCRIPT, base_args
 
 ROOT = paths.REPO
@@ -235,6 +236,40 @@ def test_tensor_and_sequence_parallel_run_matches_one_rank(evaluated, corpus, ch
             torch.testing.assert_close(
                 torch.tensor(routing[kind][d]), torch.tensor(evaluated["routing"]["models"]["bam"][kind][d])
             )
+
+
+def _evaluate_megatron_lm_null_tokenizer(save: str, argv: list[str]) -> tuple[int, str]:
+    """Rank body: a Megatron-LM checkpoint trained on pre-tokenized data (NullTokenizer, 320 padded
+    rows), then bam-eval of it without --seed, --split or --micro-batch-size: (exit code, stdout)."""
+    import contextlib
+    import io
+
+    from megatron.core import parallel_state
+
+    args = megatron_lm_args(tokenizer_type="NullTokenizer", tokenizer_model=None, vocab_size=319, padded_vocab_size=320)
+    save_as_megatron_lm(save, args, 3)
+    parallel_state.destroy_model_parallel()
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(argv)
+    return code, out.getvalue()
+
+
+def test_megatron_lm_checkpoint_on_token_ids_evaluates_with_the_tokenizer_given(corpus, tmp_path):
+    """NullTokenizer + --tokenizer-model that fits: accepted; no recorded seed: Megatron-LM's 1234, said once."""
+    save, output_dir = str(tmp_path / "megatron-lm"), tmp_path / "out"
+    argv = ["--model", f"mlm={save}", "--data-path", corpus["code"], "--tokenizer-model", corpus["tokenizer"]]
+    argv += ["--eval-samples", "2", "--output-dir", str(output_dir)]
+    ((code, out),) = run_distributed(_evaluate_megatron_lm_null_tokenizer, 1, args=(save, argv))
+    assert code == 0, out
+    note = (
+        "model mlm records no --seed, --split, --micro-batch-size (it was not trained here): "
+        "using --seed 1234, --split 969,30,1, --micro-batch-size 4"
+    )
+    assert out.count(note) == 1, out
+    data = json.loads((output_dir / "perplexity.json").read_text())
+    assert (data["seed"], data["split"], data["samples"]) == (1234, "969,30,1", {"code": 2})
+    assert 1.0 < data["models"]["mlm"]["perplexity"]["code"] < 1000.0
 
 
 @pytest.mark.parametrize("case", ["other-tokenizer", "missing-checkpoint", "missing-dataset", "expert-names"])

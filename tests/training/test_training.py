@@ -7,6 +7,7 @@ exit codes and PIDs are visible to the test.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -134,6 +135,21 @@ def test_resuming_with_another_mixture_is_refused_unless_overridden(tmp_path, co
     assert "another data configuration" in out and "--override-data-fingerprint" in out
     codes, out = run(tmp_path, "overridden", other + ["--override-data-fingerprint"], world=1)
     assert codes == [0], out
+
+
+def test_split_without_validation_trains_and_skips_validation(tmp_path, corpus):
+    """--split 1,0,0: trained as with --eval-iters 0, said once; metrics and checkpoint meta intact."""
+    ckpt = tmp_path / "ckpt"
+    argv = base_args(corpus, "--train-iters", "2", "--split", "1,0,0", "--save", str(ckpt))
+    argv[argv.index("--eval-interval") + 1] = "1"  # validation would be due at every iteration
+    codes, out = run(tmp_path, "no-valid", argv, world=1)
+    assert codes == [0], out
+    assert out.count("--split 1,0,0 leaves no validation data: validation is skipped") == 1, out
+    assert "validation at iteration" not in out
+    kinds = [json.loads(line)["kind"] for line in (ckpt / "metrics.jsonl").read_text().splitlines()]
+    assert kinds == ["train", "train"]
+    meta = store.read_meta(store.resolve_checkpoint(str(ckpt)))
+    assert meta.iteration == 2 and meta.training["split"] == "1,0,0"
 
 
 @pytest.mark.parametrize(
