@@ -117,6 +117,10 @@ def test_greedy_tokens_are_identical_across_implementations_and_caches(exports, 
         runs[(attn, "dynamic")] = _greedy(model, prompts)
         runs[(attn, "static")] = _greedy(model, prompts, cache_implementation="static")
     runs[("sdpa", "none")] = _greedy(model, prompts, use_cache=False)
+    # a static cache allocated before the first step (chunked prefill): sized by the wide K/V heads
+    runs[("sdpa", "static, prefill in chunks")] = _greedy(
+        model, prompts, cache_implementation="static", prefill_chunk_size=4
+    )
     # flex: the dynamic cache (transformers 5.23's generate calls .contiguous() on flex's BlockMask with a
     # static one; its own Llama too); one shape a step, each a trace of flex's reference kernel
     runs[("flex_attention", "dynamic")] = _greedy(_load(exports[name]["dir"], "flex_attention"), prompts)
