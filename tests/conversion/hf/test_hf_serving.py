@@ -44,6 +44,16 @@ def _export(root: str) -> dict:
     return out
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: tiny matrices, and a second OpenMP thread on a shared 2-core machine spins
+    at every op's barrier (a 64-wide linear took 14 ms instead of 0.1 ms under load)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory):
     (out,) = run_distributed(_export, 1, args=(str(tmp_path_factory.mktemp("hf_serving")),))
