@@ -73,8 +73,10 @@ class BamTarget(Target):
             "intermediate_size": a.ffn_hidden_size,
             "moe_intermediate_size": config.moe_ffn_hidden_size if experts else None,
             "num_hidden_layers": a.num_layers,
-            "num_attention_heads": a.num_attention_heads,
-            "num_key_value_heads": a.num_query_groups,
+            "num_attention_heads": n * a.num_attention_heads,  # the wide attention's, as serving stacks read them
+            "num_key_value_heads": config.attention_kv_groups,
+            "attention_heads_per_expert": a.num_attention_heads,
+            "key_value_heads_per_expert": a.num_query_groups,
             "head_dim": config.kv_channels,
             "num_attention_experts": n,
             "attention_kv_mode": config.attention_kv_mode,

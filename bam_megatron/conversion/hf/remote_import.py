@@ -41,6 +41,8 @@ class BamImporter(Importer):
         "block_type": "parallel",
         "moe_intermediate_size": None,
         "num_key_value_heads": None,
+        "attention_heads_per_expert": None,
+        "key_value_heads_per_expert": None,
         "head_dim": None,
         "num_attention_experts": 1,
         "attention_kv_mode": "expert",
@@ -74,7 +76,11 @@ class BamImporter(Importer):
             raise ConversionError(f"variant={variant} with num_attention_experts={n}: only bam variants have several")
         if (variant == "dense") != (experts == 0):
             raise ConversionError(f"variant={variant} with num_experts={experts}")
-        hidden, heads = self.get("hidden_size"), self.get("num_attention_heads")
+        # each expert's heads: their own fields, or (exports written before them) the standard ones
+        per_expert = self.get("attention_heads_per_expert") is not None
+        hidden = self.get("hidden_size")
+        heads = self.get("attention_heads_per_expert" if per_expert else "num_attention_heads")
+        groups = self.get("key_value_heads_per_expert" if per_expert else "num_key_value_heads") or heads
         head_dim = self.get("head_dim") or hidden // heads
         ffn = self.get("moe_intermediate_size") if experts else None
         try:
@@ -84,7 +90,7 @@ class BamImporter(Importer):
                 hidden_size=hidden,
                 ffn_hidden_size=ffn or self.get("intermediate_size"),
                 num_attention_heads=heads,
-                num_query_groups=self.get("num_key_value_heads") or heads,
+                num_query_groups=groups,
                 padded_vocab_size=self.get("vocab_size"),
                 num_experts=experts or None,
                 moe_router_topk=self.get("num_experts_per_tok") if experts else 1,
@@ -106,6 +112,12 @@ class BamImporter(Importer):
         self.head_dim, self.experts = head_dim, n
         self.wide_heads = n * heads
         self.kv_heads = architecture.num_query_groups * (n if _KV_MODE.get(variant) == "expert" else 1)
+        wide = (self.get("num_attention_heads"), self.get("num_key_value_heads"))
+        if per_expert and wide != (self.wide_heads, self.kv_heads):
+            raise ConversionError(
+                f"num_attention_heads={wide[0]}, num_key_value_heads={wide[1]}: the wide attention of {n} experts "
+                f"of {heads} heads ({groups} K/V) has {self.wide_heads} query and {self.kv_heads} K/V heads"
+            )
         return architecture
 
     def record(self) -> dict[str, Any]:

@@ -13,7 +13,9 @@ replaces.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -22,14 +24,26 @@ from bam_megatron.testing.distributed import run_distributed
 from tests.support.hf import RTOL, TOKENS, architecture, convert, our_logits, relative_error, save_random_checkpoint
 
 SERVED = ["bam-parallel", "bam-sequential", "bam-shared-kv-parallel", "bam-shared-kv-sequential"]
+OLDER = ["bam-parallel", "bam-shared-kv-sequential"]  # also as exports before the per-expert fields
 PROMPTS = [TOKENS[0, :5], TOKENS[1, :11], TOKENS[0, 7:15]]  # different lengths, left-padded into one batch
 PAD = 0
 NEW = 8  # greedy new tokens
 
 
+def _older(directory: str, older: str) -> None:
+    """``directory`` as exports wrote it before config.json gave the wide attention's head counts: each
+    expert's counts in num_attention_heads / num_key_value_heads, no per-expert fields."""
+    shutil.copytree(directory, older)
+    config = json.load(open(os.path.join(older, "config.json")))
+    config["num_attention_heads"] = config.pop("attention_heads_per_expert")
+    config["num_key_value_heads"] = config.pop("key_value_heads_per_expert")
+    json.dump(config, open(os.path.join(older, "config.json"), "w"), indent=2)
+
+
 def _export(root: str) -> dict:
     """Rank body: each served case saved, exported (--format auto: remote code), and our logits on TOKENS
-    and on each prompt alone."""
+    and on each prompt alone; for OLDER, that export in the older config format imported and exported
+    again."""
     out = {}
     for i, name in enumerate(SERVED):
         checkpoint = save_random_checkpoint(os.path.join(root, name), architecture(name), 10 + i)
@@ -41,6 +55,13 @@ def _export(root: str) -> dict:
             "logits": our_logits(checkpoint, TOKENS),
             "prompt_logits": [our_logits(checkpoint, p[None]) for p in PROMPTS],
         }
+        if name in OLDER:
+            older, seed, again = (os.path.join(root, f"{name}-{x}") for x in ("older", "seed", "again"))
+            _older(directory, older)
+            out[name]["older"] = older
+            out[name]["import"] = convert("import", "--load", older, "--save", seed)
+            out[name]["export"] = convert("export", "--load", seed, "--save", again)
+            out[name]["again"] = again
     return out
 
 
@@ -200,14 +221,18 @@ def test_a_left_padded_batch_decodes_each_prompt_as_alone(exports, name):
 def test_soft_moa_is_one_attention_call_of_all_heads_through_the_interface(exports, name):
     """What a serving stack's kernel sees: per layer one call with N·H query heads and the wide K/V heads,
     and the cache holds exactly those K/V heads (N·H_kv with expert K/V, H_kv shared)."""
-    import json
-
     from transformers import AttentionInterface, StaticCache
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     config = json.load(open(os.path.join(exports[name]["dir"], "config.json")))
-    n, h, kv = config["num_attention_experts"], config["num_attention_heads"], config["num_key_value_heads"]
+    n, h, kv = (
+        config["num_attention_experts"],
+        config["attention_heads_per_expert"],
+        config["key_value_heads_per_expert"],
+    )
     wide_kv = n * kv if config["attention_kv_mode"] == "expert" else kv
+    # config.json's standard head counts are the wide attention's: what caches and serving stacks size by
+    assert (config["num_attention_heads"], config["num_key_value_heads"]) == (n * h, wide_kv), config
     calls = []
 
     def counting(module, query, key, value, attention_mask, **kwargs):
@@ -224,3 +249,17 @@ def test_soft_moa_is_one_attention_call_of_all_heads_through_the_interface(expor
     for layer in cache.layers:
         assert layer.keys.shape == (2, wide_kv, TOKENS.shape[1], config["head_dim"]), layer.keys.shape
     assert model._get_static_cache_init_shape() == (wide_kv, config["head_dim"])
+
+
+@pytest.mark.parametrize("name", OLDER)
+def test_exports_written_before_the_wide_head_counts_still_load_and_import(exports, name):
+    """An older config.json (per-expert counts in num_attention_heads / num_key_value_heads) loads with
+    the same logits, and bam-convert-hf import reads it: exported again, it is today's export."""
+    older = exports[name]["older"]
+    with torch.no_grad():
+        theirs = _load(older, "sdpa")(TOKENS).logits
+    assert relative_error(theirs, exports[name]["logits"]) < RTOL
+    assert exports[name]["import"][0] == 0 and exports[name]["export"][0] == 0, exports[name]
+    for file in ("config.json", "model.safetensors"):
+        first = open(os.path.join(exports[name]["dir"], file), "rb").read()
+        assert first == open(os.path.join(exports[name]["again"], file), "rb").read(), file

@@ -20,11 +20,15 @@ BLOCK_TYPES = ("parallel", "sequential")
 class BamConfig(PretrainedConfig):
     """Sizes and routing settings of a BAM / BTX / dense model, parallel or sequential block.
 
-    Attention sizes are per attention expert (as in the dense models the experts came from):
-    ``num_attention_heads`` query heads and ``num_key_value_heads`` K/V heads each, of ``head_dim``
-    channels (default hidden / heads). The soft mixture is one attention with
-    ``num_attention_experts * num_attention_heads`` query heads in megatron-core's order (see
-    ``head_experts``). ``qkv_bias``: biases on q/k/v (Qwen2's); ``qk_norm``: a per-head norm of q
+    The soft mixture of ``num_attention_experts`` (N) attentions is one attention module, and
+    ``num_attention_heads`` / ``num_key_value_heads`` are its head counts, as transformers and serving
+    stacks read them (cache sizes, attention kernels): N·H query heads and N·H_kv K/V heads (expert
+    K/V) or H_kv (shared K/V), of ``head_dim`` channels, in megatron-core's order (see
+    ``head_experts``). Each expert's own counts (as in the dense models the experts came from) are
+    ``attention_heads_per_expert`` (H) and ``key_value_heads_per_expert`` (H_kv). A config without
+    them (written before they existed, or built by hand) gives per-expert counts in
+    ``num_attention_heads`` / ``num_key_value_heads``; they are widened here.
+    ``qkv_bias``: biases on q/k/v (Qwen2's); ``qk_norm``: a per-head norm of q
     and k before RoPE (Qwen3's). ``rope_scaling_factor``: Llama-3's RoPE scaling as megatron-core
     computes it (low/high frequency factors 1 and 4, original context 8192).
     ``moe_router_topk_scaling_factor`` multiplies the FFN routing weights.
@@ -47,6 +51,8 @@ class BamConfig(PretrainedConfig):
         head_dim=None,
         num_attention_experts=1,
         attention_kv_mode="expert",
+        attention_heads_per_expert=None,
+        key_value_heads_per_expert=None,
         attention_router_topk=None,
         qkv_bias=False,
         qk_norm=False,
@@ -78,9 +84,17 @@ class BamConfig(PretrainedConfig):
         self.intermediate_size = intermediate_size
         self.moe_intermediate_size = moe_intermediate_size or intermediate_size
         self.num_hidden_layers = num_hidden_layers
+        if attention_heads_per_expert is None:  # per-expert counts in the standard fields: widen them
+            attention_heads_per_expert = num_attention_heads
+            key_value_heads_per_expert = num_key_value_heads or num_attention_heads
+            num_attention_heads = num_attention_experts * attention_heads_per_expert
+            kv_experts = num_attention_experts if attention_kv_mode == "expert" else 1
+            num_key_value_heads = kv_experts * key_value_heads_per_expert
+        self.attention_heads_per_expert = attention_heads_per_expert
+        self.key_value_heads_per_expert = key_value_heads_per_expert or attention_heads_per_expert
         self.num_attention_heads = num_attention_heads
-        self.num_key_value_heads = num_key_value_heads or num_attention_heads
-        self.head_dim = head_dim or hidden_size // num_attention_heads
+        self.num_key_value_heads = num_key_value_heads
+        self.head_dim = head_dim or hidden_size // attention_heads_per_expert
         self.num_attention_experts = num_attention_experts
         self.attention_kv_mode = attention_kv_mode
         self.attention_router_topk = attention_router_topk
@@ -101,8 +115,7 @@ class BamConfig(PretrainedConfig):
     @property
     def attention_kv_groups(self):
         """K/V heads of the one wide attention: N x H_kv (expert K/V) or H_kv (shared K/V)."""
-        experts = self.num_attention_experts if self.attention_kv_mode == "expert" else 1
-        return self.num_key_value_heads * experts
+        return self.num_key_value_heads
 
     def head_experts(self):
         """The attention expert of each of the N x H query heads, in the wide attention's order.
@@ -110,7 +123,7 @@ class BamConfig(PretrainedConfig):
         Expert K/V: expert-major (head i belongs to expert i // H). Shared K/V: K/V-group-major;
         within group g, each expert in turn contributes its H / H_kv heads of that group.
         """
-        n, heads, groups = self.num_attention_experts, self.num_attention_heads, self.num_key_value_heads
+        n, heads, groups = self.num_attention_experts, self.attention_heads_per_expert, self.key_value_heads_per_expert
         if self.attention_kv_mode == "expert":
             return [i // heads for i in range(n * heads)]
         per_group, per_expert_group = n * heads // groups, heads // groups

@@ -206,8 +206,8 @@ class BamAttention(nn.Module):
         self.is_causal = True
         self.head_dim = config.head_dim
         self.num_experts = config.num_attention_experts
-        self.num_heads = config.num_attention_heads * self.num_experts
-        self.num_kv_heads = config.attention_kv_groups
+        self.num_heads = config.num_attention_heads  # N·H: the wide attention's
+        self.num_kv_heads = config.num_key_value_heads  # N·H_kv (expert K/V) or H_kv (shared)
         self.num_key_value_groups = self.num_heads // self.num_kv_heads  # query heads per K/V head
         self.scaling = self.head_dim**-0.5
         self.attention_dropout = 0.0
@@ -216,7 +216,7 @@ class BamAttention(nn.Module):
         # expert-major (A = 1, C = H); shared K/V is K/V-group-major, each expert's H / H_kv heads of a
         # group in turn (A = H_kv, C = H / H_kv); BamConfig.head_experts lists the same order.
         shared = config.attention_kv_mode == "shared"
-        heads, groups = config.num_attention_heads, config.num_key_value_heads
+        heads, groups = config.attention_heads_per_expert, config.key_value_heads_per_expert
         self.head_grid = (groups, heads // groups) if shared else (1, heads)
         h, d, bias = config.hidden_size, self.head_dim, bool(getattr(config, "qkv_bias", False))
         self.q_proj = nn.Linear(h, self.num_heads * d, bias=bias)
@@ -390,7 +390,7 @@ class BamForCausalLM(BamPreTrainedModel, GenerationMixin):
 
     def _get_static_cache_init_shape(self):
         """(K/V heads, head size) of the wide attention, for a StaticCache allocated before its first update:
-        N·H_kv with expert K/V (``num_key_value_heads`` is per attention expert), H_kv shared."""
+        N·H_kv with expert K/V, H_kv shared (also read from per-expert configs of older exports)."""
         if hasattr(self, "hf_device_map") and len(set(self.hf_device_map.values())) > 1:
             return None
         if (getattr(self, "_tp_size", None) or 1) > 1:
