@@ -70,6 +70,20 @@ def compute_matched_iters(iters: int, stats: dict[str, dict], variant: str) -> i
     return max(1, round(iters * ratio))
 
 
+ARM_KEYS = (
+    "btx",
+    "bam",
+    "bam-shared-kv",
+    "bam-cm",
+    "bam-shared-kv-cm",
+    "btx-total",
+    "btx-e6-top3",
+    "bam-top2",
+    "bam-top1",
+)
+"""Every arm's key, in the report's order (build_arms makes them)."""
+
+
 def build_arms(iters: int, stats: dict[str, dict]) -> list[Arm]:
     """Every arm, for a data-matched budget of ``iters`` iterations."""
     btx_total = total_matched_btx(stats)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Sequence
+from typing import Optional
 
 from bam_demo.pipeline import EXPERTS, Pipeline, Settings
 from bam_demo.runner import Console, EvalFilter, Job, TrainingFilter, Unit, file_hash, python, torchrun
@@ -40,11 +41,23 @@ class ReproducePipeline(Pipeline):
     """The demo's pipeline, then every arm of arms.py for each of ``seeds``."""
 
     def __init__(
-        self, workdir: str, settings: Settings, nproc: int, jobs: int, console: Console, seeds: Sequence[int]
+        self,
+        workdir: str,
+        settings: Settings,
+        nproc: int,
+        jobs: int,
+        console: Console,
+        seeds: Sequence[int],
+        only: Optional[Sequence[str]] = None,
     ) -> None:
         super().__init__(workdir, settings, nproc, jobs, console)
         self.seeds = list(seeds)
-        self.arms: list[Arm] = []
+        self.arms: list[Arm] = []  # every arm (the report's rows)
+        self.only = set(only) if only else None  # the arms this run trains and evaluates (None: all)
+
+    def active_arms(self) -> list[Arm]:
+        """The arms this run trains and evaluates (--arms), in order."""
+        return [arm for arm in self.arms if self.only is None or arm.key in self.only]
 
     def run(self) -> None:
         """Every stage in order; a finished one is skipped."""
@@ -111,7 +124,7 @@ class ReproducePipeline(Pipeline):
     def upcycle_seed(self, seed: int) -> None:
         """Every upcycled mixture with router seed ``seed`` (extra FFN experts are copies of the seed)."""
         dense, units = self.sources(), []
-        for init in inits_of(self.arms):
+        for init in inits_of(self.active_arms()):
             sources = {name: dense.get(name, dense["seed"]) for name in init.source_names()}
             out = self.init_dir(init, seed)
             argv = self.upcycle_argv(init.method, sources, out, *init.upcycle_flags(), "--seed", str(seed))
@@ -135,7 +148,7 @@ class ReproducePipeline(Pipeline):
     def train_seed(self, seed: int) -> None:
         """Every arm trained on the equal mixture with data seed ``seed``."""
         units = []
-        for arm in self.arms:
+        for arm in self.active_arms():
             out = self.run_dir(arm, seed)
             flags = [*self.mixture_flags(self.init_dir(arm.init, seed), arm.iters), "--seed", str(seed)]
             key = f"{arm.key}-s{seed}"
@@ -181,7 +194,7 @@ class ReproducePipeline(Pipeline):
     def eval_groups(self) -> dict[str, list[Arm]]:
         """Arms evaluated together (tools/eval.py takes one list of expert names): by FFN expert count."""
         groups: dict[str, list[Arm]] = {}
-        for arm in self.arms:
+        for arm in self.active_arms():
             groups.setdefault(f"e{arm.init.experts}", []).append(arm)
         return groups
 

@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from bam_demo.pipeline import QUICK, Settings
 from bam_demo.runner import Console, StageFailed, fmt, lock_workdir, stop_on_signals
 
+from reproduce.arms import ARM_KEYS
 from reproduce.pipeline import ReproducePipeline, stages
 from reproduce.report import write_report
 
@@ -54,7 +55,18 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         default=None,
         help=f"data-matched mixture iterations (default: {FULL['mix_iters']}; the demo's 500 on an idle machine)",
     )
+    p.add_argument(
+        "--arms",
+        type=lambda text: [key.strip() for key in text.split(",") if key.strip()],
+        default=None,
+        metavar="KEY,...",
+        help="train and evaluate only these arms (default: all: " + ", ".join(ARM_KEYS) + "); the report "
+        "shows the others as missing, and a later run without --arms adds them",
+    )
     args = p.parse_args(argv)
+    unknown = sorted(set(args.arms or []) - set(ARM_KEYS))
+    if unknown:
+        p.error(f"--arms: unknown arm {', '.join(unknown)} (known: {', '.join(ARM_KEYS)})")
     if args.seeds is None:
         args.seeds = 2 if args.quick else 3
     if args.seeds < 2:
@@ -83,7 +95,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         f"{args.nproc} rank(s) per run, {args.jobs} runs at once"
     )
     print("settings: " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(settings).items()))
-    pipeline = ReproducePipeline(workdir, settings, args.nproc, args.jobs, console, seeds)
+    pipeline = ReproducePipeline(workdir, settings, args.nproc, args.jobs, console, seeds, only=args.arms)
     stop_on_signals()
     try:
         pipeline.run()
@@ -96,6 +108,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     report_dir = os.path.abspath(args.report_dir or os.path.join(workdir, "report"))
     command = "python examples/reproduce/run.py" + (" --quick" if args.quick else "") + f" --seeds {args.seeds}"
     command += f" --mix-iters {args.mix_iters}" if args.mix_iters is not None else ""
+    command += f" --arms {','.join(args.arms)}" if args.arms else ""
     headline = write_report(pipeline, report_dir, command, pipeline.times)
     print("\n" + headline)
     print(f"\nReport: {os.path.join(report_dir, 'REPORT.md')}")

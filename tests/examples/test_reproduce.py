@@ -65,6 +65,7 @@ def test_arms_are_sized_from_the_counts():
     stats = fake_stats()
     assert arms.total_matched_btx(stats) == "btx-e6"  # BAM: 16 + 24 = 40; BTX-6: 4 + 36 = 40
     by_key = {a.key: a for a in arms.build_arms(200, stats)}
+    assert tuple(by_key) == arms.ARM_KEYS  # --arms names them
     assert set(by_key) == {
         "btx",
         "bam",
@@ -155,14 +156,32 @@ def test_the_report_has_every_table_the_orderings_and_the_figures(tmp_path):
 
 @pytest.mark.e2e
 def test_quick_reproduction_end_to_end(tmp_path):
-    """`run.py --quick`: every stage with the real tools, 2 seeds; then a second run skips every stage."""
+    """`run.py --quick --arms btx,bam,bam-top1`: every stage with the real tools, 2 seeds, the arms that
+    exercise BTX, soft MoA and top-k MoA upcycling (the others' flags: test_arms_are_sized_from_the_counts);
+    then a second run skips every stage, and the report shows the arms not run as missing."""
     argv = [sys.executable, os.path.join(REPO, "examples", "reproduce", "run.py"), "--quick"]
-    argv += ["--workdir", str(tmp_path / "work"), "--report-dir", str(tmp_path / "report")]
+    argv += [
+        "--arms",
+        "btx,bam,bam-top1",
+        "--workdir",
+        str(tmp_path / "work"),
+        "--report-dir",
+        str(tmp_path / "report"),
+    ]
     done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=2400)
     assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-3000:]
     report = (tmp_path / "report" / "REPORT.md").read_text()
-    assert "Table 1" in report and "Table 6" in report
-    assert "–" not in report.split("## Table 1")[1].split("## Figures")[0].replace(" – ", ""), report
+    assert "Table 1" in report and "Table 6" in report and "--arms btx,bam,bam-top1" in report
+    rows = {line.split("|")[1].strip(): line for line in report.split("## Table 1")[1].splitlines() if "|" in line}
+    for label in ("BTX", "BAM (expert KV)"):
+        assert re.search(r"\d+\.\d+ ± \d+\.\d+", rows[label]), rows[label]
+    assert "±" not in rows["BAM (shared KV)"], rows["BAM (shared KV)"]  # not run: missing, not made up
+    assert re.search(r"\| soft MoA beats top-1 MoA \(Table 6\) \|[^|]*\| [\d.]+ vs [\d.]+ \|", report), report
+    runs = sorted(os.listdir(tmp_path / "work" / "runs"))
+    assert {r.rsplit("-s", 1)[0] for r in runs if "-s" in r} >= {"btx", "bam", "bam-top1"}
+    assert not any(r.startswith(("bam-shared-kv", "btx-e6")) for r in runs), runs
     again = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "skipped" in again.stdout
     assert "stage done" not in again.stdout, again.stdout[-3000:]
+    bad = subprocess.run([*argv[:2], "--arms", "btx,nope"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--arms: unknown arm nope" in bad.stderr, bad.stderr
