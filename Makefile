@@ -5,8 +5,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-# pytest-xdist: one worker per core (at most 4, tests/conftest.py), each taking whole test files
-PYTEST_PARALLEL ?= -n auto --dist loadfile
+# pytest-xdist: one worker per core (at most 4, tests/conftest.py), each taking whole test files, in the
+# order tests/conftest.py sorts them (longest first)
+PYTEST_PARALLEL ?= -n auto --dist loadfile --no-loadscope-reorder
 
 .PHONY: demo reproduce test test-quick lint bench clean
 

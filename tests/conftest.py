@@ -10,8 +10,9 @@
 - ``gpu``: needs CUDA (Transformer Engine, bf16 numerics). Deselected, and reported as such,
   on machines without a GPU.
 
-The suite runs on pytest-xdist workers, whole files each (``--dist loadfile``), the files with
-end-to-end tests handed out first so that the longest work starts at once.
+The suite runs on pytest-xdist workers, whole files each (``--dist loadfile --no-loadscope-reorder``),
+the longest files handed out first (`LONGEST_FIRST`, then the other end-to-end files) so that the longest
+work starts at once.
 """
 
 import atexit
@@ -33,6 +34,13 @@ from tests.support.corpus_text import text_corpus  # noqa: E402,F401  (session f
 from tests.support.paths import REPO  # noqa: E402
 
 _TIER_CACHE_KEY = "bam/megatron_core_tier_passed"
+# Files by their time on 2 cores, longest first (`make test` prints the slowest tests: keep this in step).
+LONGEST_FIRST = [
+    "tests/e2e/test_demo.py",
+    "tests/examples/test_reproduce.py",
+    "tests/e2e/test_slurm.py",
+    "tests/e2e/test_docker.py",
+]
 MAX_WORKERS = 4  # each worker holds a forkserver with torch and megatron-core (about 0.4 GB) and its ranks
 
 
@@ -77,9 +85,17 @@ def pytest_collection_modifyitems(config, items):
     if config.getoption("--megatron-core-tier") == "changed" and config.cache is not None:
         if config.cache.get(_TIER_CACHE_KEY, None) == _platform_fingerprint():
             _deselect(config, items, lambda item: not item.get_closest_marker("megatron_core"))
-    # Files with end-to-end tests first (xdist hands out files in this order), the rest as collected.
-    e2e_files = {item.path for item in items if item.get_closest_marker("e2e")}
-    items.sort(key=lambda item: item.path not in e2e_files)
+
+    # The longest files first (xdist hands out files in this order: --no-loadscope-reorder), the rest as
+    # collected, so that the long end-to-end work starts at once and short files fill the gaps after it.
+    def rank(item) -> int:
+        name = os.path.relpath(str(item.path), REPO)
+        if name in LONGEST_FIRST:
+            return LONGEST_FIRST.index(name)
+        return len(LONGEST_FIRST) if item.get_closest_marker("e2e") else len(LONGEST_FIRST) + 1
+
+    ranks = {item.path: rank(item) for item in items}
+    items.sort(key=lambda item: ranks[item.path])
 
 
 def pytest_sessionfinish(session, exitstatus):
