@@ -1,6 +1,6 @@
 """The BAM paper's comparisons, reproduced at laptop scale with seeds, error bars and t-tests.
 
-    python examples/reproduce/run.py [--workdir runs/reproduce] [--report-dir DIR] [--seeds 3] [--quick]
+    python examples/reproduce/run.py [--workdir runs/reproduce] [--report-dir DIR] [--seeds 3] [--quick] [--arms KEY,...]
 
 The demo's dense phases (examples/bam_demo/: data, tokenizer, preprocess, seed, branch, experts),
 then nine arms (arms.py) upcycled, trained and evaluated once per mixture seed (pipeline.py), then
@@ -9,8 +9,9 @@ the FFN routing at step 0 and after training, bar plots and loss curves (report.
 
 Every stage is skipped when its outputs exist and are current (the demo's stamps), so an
 interrupted run continues where it stopped and the report can be re-rendered at once; --seeds N
-with a larger N trains only the new seeds. --quick: a few iterations per phase and 2 seeds, a
-smoke test of the whole pipeline (its numbers mean nothing).
+with a larger N trains only the new seeds, and --arms runs only some arms (a later run without it adds
+the others). --quick: a few iterations per phase and 2 seeds, a smoke test of the whole pipeline (its
+numbers mean nothing).
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ import torch
 
 from bam_megatron.testing.distributed import run_distributed
 from tests.support import paths
+from tests.support.hf import convert, relative_error
 
 ROOT = paths.REPO
 RTOL = 1e-5  # max |Δlogit| / max |logit|
@@ -100,16 +101,6 @@ def sources(tmp_path_factory, corpus):
     return made
 
 
-def convert(*argv: str) -> tuple[int, str]:
-    """bam-convert-hf in this process; (exit code, stdout + stderr)."""
-    from bam_megatron.conversion.hf.cli import main
-
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-        code = main(list(argv))
-    return code, out.getvalue()
-
-
 def our_logits(checkpoint: str, tokens: torch.Tensor) -> torch.Tensor:
     """Rank body: logits [b, s, vocab] of our model (megatron-core, one rank) from ``checkpoint``."""
     from bam_megatron.checkpoint import store
@@ -129,11 +120,6 @@ def our_greedy(checkpoint: str, prompt: torch.Tensor, steps: int) -> list[int]:
     for _ in range(steps):
         seq = torch.cat([seq, our_logits(checkpoint, seq)[:, -1:].argmax(-1)], dim=1)
     return seq[0, prompt.shape[1] :].tolist()
-
-
-def relative_error(theirs: torch.Tensor, ours: torch.Tensor) -> float:
-    """max |theirs - ours| / max |ours|."""
-    return ((theirs - ours).abs().max() / ours.abs().max()).item()
 
 
 def hf_model(directory: str):
