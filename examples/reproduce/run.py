@@ -1,6 +1,7 @@
 """The BAM paper's comparisons, reproduced at laptop scale with seeds, error bars and t-tests.
 
-    python examples/reproduce/run.py [--workdir runs/reproduce] [--report-dir DIR] [--seeds 3] [--quick] [--arms KEY,...]
+    python examples/reproduce/run.py [--workdir runs/reproduce] [--report-dir DIR] [--seeds 3] [--quick]
+                                     [--arms KEY,...]
 
 The demo's dense phases (examples/bam_demo/: data, tokenizer, preprocess, seed, branch, experts),
 then nine arms (arms.py) upcycled, trained and evaluated once per mixture seed (pipeline.py), then
