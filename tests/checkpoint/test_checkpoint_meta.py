@@ -53,8 +53,11 @@ def _logits_of_fixtures() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
 
 def test_a_version_1_checkpoint_computes_what_it_computed():
     (logits,) = run_distributed(_logits_of_fixtures, 1)
+    # Recorded on another CPU: its SIMD kernels sum in another order, so the last bit may differ (3e-8 of
+    # logits about 0.4 in size, measured on an AMD EPYC against the recording); a changed function (a norm's
+    # epsilon, RoPE's base, a head order) moves them by orders of magnitude more.
     for name, (today, recorded) in logits.items():
-        torch.testing.assert_close(today, recorded, rtol=0, atol=0, msg=f"{name} changed its function")
+        torch.testing.assert_close(today, recorded, rtol=1e-6, atol=1e-6, msg=f"{name} changed its function")
 
 
 def test_meta_round_trips_and_refuses_what_it_cannot_read():

@@ -68,11 +68,17 @@ def _export(root: str) -> dict:
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """One intra-op thread: tiny matrices, and a second OpenMP thread on a shared 2-core machine spins
-    at every op's barrier (a 64-wide linear took 14 ms instead of 0.1 ms under load)."""
-    threads = torch.get_num_threads()
+    at every op's barrier (a 64-wide linear took 14 ms instead of 0.1 ms under load). And TorchDynamo on,
+    as a server has it: an earlier test in this worker process may have run one of our tools in-process,
+    whose CPU mode turns TorchDynamo off (bam_megatron/platform/cpu_mode.py)."""
+    import torch._dynamo
+
+    threads, dynamo_disabled = torch.get_num_threads(), torch._dynamo.config.disable
     torch.set_num_threads(1)
+    torch._dynamo.config.disable = False
     yield
     torch.set_num_threads(threads)
+    torch._dynamo.config.disable = dynamo_disabled
 
 
 @pytest.fixture(scope="module")
