@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 from bam_megatron.platform.distributed import free_port
+from bam_megatron.testing.distributed import forkserver_context
 
 
 class RankProcess:
@@ -104,6 +105,18 @@ def _run_script(script: str, args: list[str], env: dict[str, str], log_path: str
         atexit._run_exitfuncs()  # the interpreter would run them at exit; a forkserver child does not
 
 
+def _start_rank(
+    script: str, args: list[str], env: dict[str, str], log_path: str, name: str, fresh_interpreter: bool
+) -> Union[subprocess.Popen, RankProcess]:
+    """One rank: a fresh interpreter, or a child of the preloaded forkserver running `_run_script`."""
+    with open(log_path, "w") as log:  # exists (empty) from the start: output() may read it at once
+        if fresh_interpreter:
+            return subprocess.Popen([sys.executable, script, *args], env=env, stdout=log, stderr=subprocess.STDOUT)
+    process = forkserver_context().Process(target=_run_script, args=(script, args, env, log_path), name=name)
+    process.start()
+    return RankProcess(process)
+
+
 def launch(
     script: str,
     args: Sequence[str],
@@ -113,8 +126,6 @@ def launch(
     fresh_interpreter: bool = False,
 ) -> Ranks:
     """Run ``python script args`` on ``world_size`` ranks; rank r's output goes to log_dir/rank{r}.log."""
-    from bam_megatron.testing.distributed import forkserver_context
-
     os.makedirs(log_dir, exist_ok=True)
     base = dict(
         os.environ,
@@ -130,20 +141,7 @@ def launch(
     procs: list[Union[subprocess.Popen, RankProcess]] = []
     logs = []
     for rank in range(world_size):
-        path = os.path.join(log_dir, f"rank{rank}.log")
+        logs.append(os.path.join(log_dir, f"rank{rank}.log"))
         rank_env = dict(base, RANK=str(rank), LOCAL_RANK=str(rank))
-        with open(path, "w") as log:
-            if fresh_interpreter:
-                procs.append(
-                    subprocess.Popen(
-                        [sys.executable, script, *args], env=rank_env, stdout=log, stderr=subprocess.STDOUT
-                    )
-                )
-        if not fresh_interpreter:
-            process = forkserver_context().Process(
-                target=_run_script, args=(script, list(args), rank_env, path), name=f"rank{rank}"
-            )
-            process.start()
-            procs.append(RankProcess(process))
-        logs.append(path)
+        procs.append(_start_rank(script, list(args), rank_env, logs[-1], f"rank{rank}", fresh_interpreter))
     return Ranks(procs, logs)
