@@ -84,6 +84,7 @@ class Architecture:
     (renormalised; megatron-core allows it for top-k > 1). ``moe_router_topk_scaling_factor``
     multiplies the routing weights (None: 1); with zero-initialised routers, E/k makes top-k
     routing over E identical experts exactly the dense FFN (sparse upcycling's step 0).
+    ``router_bias``: both routers compute W x + b with a trained per-expert bias b (docs/model.md).
     """
 
     variant: str = _declare(
@@ -151,6 +152,13 @@ class Architecture:
     moe_router_topk_scaling_factor: Optional[float] = _declare(
         "multiplies the routing weights", default=None, unset="default: 1"
     )
+    router_bias: bool = _declare(
+        "a trained per-expert bias on both routers, logits = W x + b (the soft-MoA attention gates and the "
+        "FFN router; mixtures only); bam-upcycle --extend turns it on so that a grown mixture is exactly "
+        "the old one at step 0",
+        default=False,
+        unset="default: none",
+    )
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -171,6 +179,7 @@ class Architecture:
             self.moe_router_topk,
             self.attention_router_topk,
             self.moe_router_pre_softmax,
+            self.router_bias,
         )
         if self.has_soft_moa:
             # The soft mixture of attention is one wide attention over every expert's heads; it
@@ -247,6 +256,7 @@ class Architecture:
         if self.is_moe:
             fields["moe_router_pre_softmax"] = self.moe_router_pre_softmax
             fields["moe_router_topk_scaling_factor"] = self.moe_router_topk_scaling_factor
+            fields["router_bias"] = self.router_bias
         if self.has_soft_moa:
             fields["attention_router_topk"] = self.attention_router_topk
         fields.update(settings)
@@ -334,9 +344,12 @@ def check_routing(
     moe_router_topk: int = 1,
     attention_router_topk: Optional[int] = None,
     moe_router_pre_softmax: bool = MOE_ROUTER_PRE_SOFTMAX,
+    router_bias: bool = False,
 ) -> None:
     """The routing settings of a ``variant`` model with ``num_experts`` (None for dense) that fit
     together; a `ConfigError` naming the flag otherwise (every tool that takes routing flags)."""
+    if router_bias and variant == "dense":
+        raise ConfigError("--router-bias: a dense model has no router (bam, bam-shared-kv and btx have)")
     if variant != "dense":
         if num_experts is None or num_experts < 1:
             raise ConfigError(f"--num-experts must be >= 1 for variant {variant}, got {num_experts}")

@@ -32,6 +32,10 @@ class BAMConfig(TransformerConfig):
     """None: soft MoA, every token to every attention expert. k: keep the k largest gates per
     token and renormalise (ablation)."""
 
+    router_bias: bool = False
+    """A trained per-expert bias on both routers (attention gates and FFN router): logits = W x + b.
+    Only the routers: megatron-core's ``add_bias_linear`` stays off for every other linear."""
+
     block_type: str = "parallel"
     """'parallel': y = x + Attn(Norm(x)) + FFN(Norm(x)). 'sequential': the pre-norm block."""
 
@@ -72,6 +76,8 @@ class BAMConfig(TransformerConfig):
                 f"{self.attention_kv_groups} KV groups ({self.attention_kv_mode} KV) are not "
                 f"divisible by --tensor-model-parallel-size {tp}"
             )
+        if self.router_bias and self.num_moe_experts is None:
+            raise ConfigError("--router-bias: a dense model has no router (bam, bam-shared-kv and btx have)")
         if self.num_moe_experts is not None and self.num_moe_experts % self.expert_model_parallel_size:
             raise ConfigError(
                 f"--num-experts {self.num_moe_experts} is not divisible by "

@@ -51,6 +51,7 @@ CONFIG_ROWS = {
         BASE.replace(moe_router_topk_scaling_factor=4.0),
         {"moe_router_topk_scaling_factor": 4.0},
     ),
+    "router_bias": (BASE.replace(router_bias=True), {"router_bias": True}),
 }
 # Fields that are not TransformerConfig settings: megatron-core's GPTModel takes them as arguments.
 MODEL_ROWS = ("padded_vocab_size", "untie_embeddings_and_output_weights")
