@@ -70,6 +70,7 @@ ROUTING_FLAGS = (
     "moe_router_pre_softmax",
     "moe_router_topk_scaling_factor",
     "attention_router_topk",
+    "router_bias",
 )
 """The architecture fields bam-upcycle takes as flags: the new mixture's routing."""
 
@@ -362,9 +363,12 @@ class _Mixer:
                     written.add(name)
         if attention["linear_qkv"]:
             self._mix_attention(unit, params, attention, written)
-        for name, param in params.items():  # new routers: small random init, no bias
+        for name, param in params.items():  # new routers: small random init, bias (--router-bias) zero
             if name.endswith("router.weight"):
                 param.copy_(_router_init(name, param.shape, self.args.seed, self.args.router_init_std))
+                written.add(name)
+            elif name.endswith("router.bias"):
+                param.zero_()
                 written.add(name)
         missing = sorted(set(params) - written)
         if missing:  # uninitialised memory must never reach the checkpoint
