@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from bam_megatron.checkpoint import CheckpointError, lineage
-from bam_megatron.data.datasets import Domain, TokenIds, parse_data_path
+from bam_megatron.data.datasets import Domain, TokenIds, domain_name, parse_data_path
 from bam_megatron.data.tokenizer import TOKENIZER_TYPES, load_tokenizer
 from bam_megatron.errors import ConfigError, run_tool
 from bam_megatron.evaluation import report
@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--micro-batch-size", type=int, default=None, help="default: the first model's, else 4")
     ParallelSizes.add_flags(p.add_argument_group("parallelism"))
     g = p.add_argument_group("output")
-    g.add_argument("--output-dir", default="eval", help="perplexity.md/.json, routing.json, routing_*.png")
+    g.add_argument("--output-dir", default="eval", help="perplexity.md/.json, routing.json, routing.md, routing_*.png")
     return p
 
 
@@ -306,14 +306,22 @@ def render(plan: Plan, args: argparse.Namespace, results: dict[str, Any]) -> dic
     }
     if routing:
         summary = {"domains": domains, "models": {}}
+        own_names = {d.name: domain_name(d.prefix) for d in plan.domains}
         for model in plan.models:
             if model.name not in routing:
                 continue
             names = plan.expert_names or lineage.expert_names(model.meta)
             entry = dict(routing[model.name], expert_names=names, figure=report.figure_name(model.name))
+            entry["own_expert"] = report.own_expert_shares(entry, names, own_names)
             summary["models"][model.name] = entry
-            files[entry["figure"]] = report.routing_heatmap_png(model.name, entry, domains, names)
+            title = f"{model.name} ({model.variant})"
+            files[entry["figure"]] = report.routing_heatmap_png(title, {model.name: entry}, domains, names)
         files["routing.json"] = report.json_text(summary).encode()
+        files["routing.md"] = (
+            "# Own expert's share\n\nEach domain's tokens that the expert named after the domain gets: the mean "
+            "attention gate and the share of tokens whose top-k FFN experts include it; mean over layers, then "
+            "each layer's (from layer 0).\n\n" + report.own_expert_table(summary["models"], domains)
+        ).encode()
     return files
 
 
@@ -327,6 +335,9 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     files = render(plan, args, results)
     print(files["perplexity.md"].decode().split("\n\n", 2)[2], end="", flush=True)
+    if "routing.md" in files:
+        print("\nOwn expert's share (mean over layers, then each layer's):\n", flush=True)
+        print(files["routing.md"].decode().split("\n\n", 2)[2], end="", flush=True)
     os.makedirs(args.output_dir, exist_ok=True)
     for name, content in files.items():
         write_atomically(os.path.join(args.output_dir, name), content)
