@@ -9,8 +9,10 @@ once. `bam-upcycle` measures it on a few batches of random token ids and reports
 - ``kl``: mean over positions of KL(p_source || p_moe), in nats;
 - ``argmax_agreement``: the share of positions where both predict the same next token.
 
-Each model is loaded whole, one at a time (the MoE's logits are kept, a source's are compared and
-dropped), so this costs the memory of the largest model; ``--report-batches 0`` skips it.
+Each model is run one unit at a time (`unit_forward.streamed_logits`: the embedding, then each
+layer read and applied in turn, the hidden states of the report's tokens carried from layer to
+layer), one model after another (the MoE's logits are kept, a source's are compared and dropped),
+so the report needs the memory of one unit, not of a model, whatever the depth.
 """
 
 from __future__ import annotations
@@ -21,20 +23,10 @@ import torch
 import torch.nn.functional as F
 
 from bam_megatron.checkpoint.meta import CheckpointMeta
+from bam_megatron.conversion.unit_forward import streamed_logits
 
 REPORT_SEQ_LENGTH = 64
 """Positions per batch: enough for attention to mix, short enough to be cheap."""
-
-
-def _logits(path: str, meta: CheckpointMeta, tokens: torch.Tensor) -> torch.Tensor:
-    from bam_megatron.checkpoint.models import load_model
-
-    model = load_model(path, meta)
-    positions = torch.arange(tokens.shape[-1]).expand_as(tokens[0])
-    with torch.no_grad():
-        out = torch.stack([model(batch, positions, None).float() for batch in tokens])
-    del model
-    return out
 
 
 def function_distance(
@@ -48,11 +40,11 @@ def function_distance(
     seq = min(REPORT_SEQ_LENGTH, moe_meta.seq_length)
     generator = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, vocab, (batches, 1, seq), generator=generator)
-    moe = _logits(moe_path, moe_meta, tokens)[..., :vocab]
+    moe = streamed_logits(moe_path, moe_meta, tokens)[..., :vocab]
     moe_log_probs = F.log_softmax(moe, dim=-1)
     report = {}
     for name, path, meta in sources:
-        theirs = _logits(path, meta, tokens)[..., :vocab]
+        theirs = streamed_logits(path, meta, tokens)[..., :vocab]
         log_probs = F.log_softmax(theirs, dim=-1)
         kl = (log_probs.exp() * (log_probs - moe_log_probs)).sum(-1).mean()
         report[name] = {
