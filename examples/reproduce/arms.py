@@ -11,6 +11,8 @@ seed and experts are shared by all arms (one run each).
 - Table 4: BTX with more FFN experts (copies of the seed) to match BAM's total parameters.
 - Table 5: BTX with 6 experts, top-3 (the paper's active-parameter match).
 - Table 6: BAM with soft MoA, top-2 and top-1 MoA (``bam-upcycle --attention-router-topk``).
+- Routers: BTX and BAM upcycled with routers initialised from each expert's domain
+  (``bam-upcycle --router-init domain``) instead of at random, data-matched.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class Init:
     experts: int = 4
     ffn_topk: int = 1
     attention_topk: Optional[int] = None
+    router_init: str = "random"  # bam-upcycle's --router-init
     stats: str = ""  # its row in model_stats.py's output
 
     def source_names(self) -> list[str]:
@@ -44,6 +47,8 @@ class Init:
         flags = ["--moe-router-topk", str(self.ffn_topk), "--report-batches", "0"]
         if self.attention_topk is not None:
             flags += ["--attention-router-topk", str(self.attention_topk)]
+        if self.router_init != "random":  # the default: the flag left out, as before the option existed
+            flags += ["--router-init", self.router_init]
         return flags
 
 
@@ -80,6 +85,8 @@ ARM_KEYS = (
     "btx-e6-top3",
     "bam-top2",
     "bam-top1",
+    "btx-domain",
+    "bam-domain",
 )
 """Every arm's key, in the report's order (build_arms makes them)."""
 
@@ -95,6 +102,8 @@ def build_arms(iters: int, stats: dict[str, dict]) -> list[Arm]:
         "btx-e6-top3": Init("btx-e6-top3", "btx", experts=6, ffn_topk=3, stats="btx-e6-top3"),
         "bam-top2": Init("bam-top2", "bam", attention_topk=2, stats="bam"),
         "bam-top1": Init("bam-top1", "bam", attention_topk=1, stats="bam"),
+        "btx-domain": Init("btx-domain", "btx", router_init="domain", stats="btx"),
+        "bam-domain": Init("bam-domain", "bam", router_init="domain", stats="bam"),
     }
     cm = {v: compute_matched_iters(iters, stats, v) for v in SOFT_MOA_VARIANTS}
     return [
@@ -107,6 +116,8 @@ def build_arms(iters: int, stats: dict[str, dict]) -> list[Arm]:
         Arm("btx-e6-top3", "BTX, 6 FFN experts, top-3 (active params)", inits["btx-e6-top3"], iters),
         Arm("bam-top2", "BAM, top-2 MoA", inits["bam-top2"], iters),
         Arm("bam-top1", "BAM, top-1 MoA", inits["bam-top1"], iters),
+        Arm("btx-domain", "BTX, domain routers", inits["btx-domain"], iters),
+        Arm("bam-domain", "BAM (expert KV), domain routers", inits["bam-domain"], iters),
     ]
 
 

@@ -9,10 +9,14 @@ branch, experts); then
   then for each mixture seed s, so that an interrupted run leaves whole seeds:
   9. upcycle    tools/upcycle.py for every upcycled mixture (router seed s)
  10. mixtures   pretrain_bam.py for every arm (data order seed s)
- 11. evaluate   tools/eval.py on every arm of seed s (one call per FFN expert count; BTX and BAM
-                also at step 0, for the routing at initialisation)
+ 11. evaluate   tools/eval.py on every arm of seed s (one call per FFN expert count and router
+                initialisation; BTX and BAM, random and domain routers, also at step 0, for the
+                routing at initialisation)
 
-Everything is skipped when done and current (the demo's stamps under WORKDIR/.stages).
+Everything is skipped when done and current (the demo's stamps under WORKDIR/.stages): a run that
+adds arms (a newer arms.py, or --arms) upcycles, trains and evaluates only those; the arms with
+random routers are evaluated apart from those with domain routers, so adding the domain-router arms
+leaves the other evaluations done.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Optional
 
-from bam_demo.pipeline import EXPERTS, Pipeline, Settings
+from bam_demo.pipeline import EXPERTS, Pipeline, Settings, step0_name
 from bam_demo.runner import Console, EvalFilter, Job, TrainingFilter, Unit, file_hash, python, torchrun
 
 from .arms import Arm, Init, build_arms, inits_of
@@ -33,7 +37,7 @@ def stages(seeds: int) -> int:
     return 8 + 3 * seeds
 
 
-STEP0_ARMS = ("btx", "bam")
+STEP0_ARMS = ("btx", "bam", "btx-domain", "bam-domain")
 """Arms whose upcycled checkpoints are evaluated too: routing at step 0 against after training."""
 
 
@@ -191,26 +195,32 @@ class ReproducePipeline(Pipeline):
             [self._eval_unit("dense", self.sources(), list(self.sources()), deps)],
         )
 
+    @staticmethod
+    def eval_group(arm: Arm) -> str:
+        """Arms evaluated together: tools/eval.py takes one list of expert names, so by FFN expert count;
+        and by router initialisation, so that the domain-router arms are added without evaluating the others again."""
+        return f"e{arm.init.experts}" + ("" if arm.init.router_init == "random" else f"-{arm.init.router_init}")
+
     def eval_groups(self) -> dict[str, list[Arm]]:
-        """Arms evaluated together (tools/eval.py takes one list of expert names): by FFN expert count."""
+        """The active arms by `eval_group`."""
         groups: dict[str, list[Arm]] = {}
         for arm in self.active_arms():
-            groups.setdefault(f"e{arm.init.experts}", []).append(arm)
+            groups.setdefault(self.eval_group(arm), []).append(arm)
         return groups
 
     def eval_name(self, arm: Arm, seed: int) -> str:
         """The evaluation that holds ``arm``'s run of ``seed``."""
-        return f"s{seed}-e{arm.init.experts}"
+        return f"s{seed}-{self.eval_group(arm)}"
 
     def evaluate_seed(self, seed: int) -> None:
-        """Per-domain perplexity and routing of every arm of ``seed`` (BTX and BAM also at step 0)."""
+        """Per-domain perplexity and routing of every arm of ``seed`` (the `STEP0_ARMS` also at step 0)."""
         units = []
         for group, members in self.eval_groups().items():
             models = {arm.key: self.run_dir(arm, seed) for arm in members}
             deps = [f"{arm.key}-s{seed}" for arm in members]
             for arm in members:
                 if arm.key in STEP0_ARMS:
-                    models[f"{arm.key}-step0"] = self.init_dir(arm.init, seed)
+                    models[step0_name(arm.key)] = self.init_dir(arm.init, seed)
                     deps.append(f"init-{arm.init.key}-s{seed}")
             units.append(self._eval_unit(f"s{seed}-{group}", models, members[0].init.source_names(), deps))
         self.stage(

@@ -15,7 +15,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from bam_demo.pipeline import DOMAINS, EXPERTS
+from bam_demo.pipeline import DOMAINS, EXPERTS, step0_name
+
+from bam_megatron.evaluation.report import own_expert_shares
 
 from .arms import Arm
 from .significance import Paired, mean_std, one_sample_test, paired_test
@@ -73,7 +75,7 @@ def collect(pipeline) -> Results:
             if result and arm.key in result["models"]:
                 ppl[arm.key][seed] = result["models"][arm.key]["perplexity"]
             route = _read_json(os.path.join(pipeline.eval_dir(name), "routing.json"))
-            for state, model in (("trained", arm.key), ("step 0", f"{arm.key}-step0")):
+            for state, model in (("trained", arm.key), ("step 0", step0_name(arm.key))):
                 if route and model in route["models"]:
                     routing[arm.key][(seed, state)] = route["models"][model]
             path = os.path.join(pipeline.run_dir(arm, seed), "metrics.jsonl")
@@ -182,6 +184,74 @@ def table_params(r: Results, title: str, btx_key: str) -> list[str]:
     return lines + _test_lines(r, [("bam", btx_key), (btx_key, "btx")]) + [""]
 
 
+ROUTER_ARMS = ("btx", "btx-domain", "bam", "bam-domain")
+"""BTX and BAM with random routers and with domain routers, in the report's order."""
+
+
+def own_share(entry: dict, kind: str) -> Optional[tuple[float, float]]:
+    """Mean and lowest (over the experts' domains and the layers) share of a domain's tokens that its own
+    expert gets in a routing.json entry (bam-eval's ``own_expert_shares``); None without that router."""
+    if kind not in entry:
+        return None
+    own = own_expert_shares(entry, entry["expert_names"], {d: d for d in EXPERTS})
+    values = [v for d in EXPERTS for v in own[d][kind]["per_layer"]]
+    return sum(values) / len(values), min(values)
+
+
+def _own_cell(r: Results, key: str, state: str, kind: str) -> str:
+    """Own-expert share of ``key`` in ``state``: mean ± std over seeds of the mean, and the lowest anywhere."""
+    shares = [own_share(r.routing[key][(s, state)], kind) for s in r.seeds if (s, state) in r.routing.get(key, {})]
+    shares = [x for x in shares if x is not None]
+    if not shares:
+        return "–"
+    return f"{_cell([mean for mean, _ in shares])} (lowest {min(low for _, low in shares):.2f})"
+
+
+def table_routers(r: Results) -> list[str]:
+    """BTX and BAM with random and with domain routers: perplexity, tests, and the own expert's share."""
+    lines = ["## Routers initialised at random vs from each expert's domain", ""]
+    lines.append(
+        "`bam-upcycle --router-init domain` sets both routers (attention gates and FFN router) from statistics of "
+        "each expert's domain data; the other arms' routers are random (the paper's, bam-upcycle's default). "
+        "Data-matched, same seeds (data order) as the other arms."
+    )
+    lines += ["", *_header(["iterations"])]
+    for key in ROUTER_ARMS:
+        lines.append(_arm_row(r, key, [str(r.arm(key).iters)]))
+    lines += ["", "Average perplexity, paired by seed:", ""]
+    pairs = [("btx-domain", "btx"), ("bam-domain", "bam"), ("bam-domain", "btx-domain")]
+    lines += _test_lines(r, pairs)
+    helped = []
+    for domain_key, random_key in pairs[:2]:
+        test = r.paired(domain_key, random_key)
+        if test is not None and test.mean_diff < 0 and test.p < 0.05:
+            helped.append(r.arm(random_key).label.split(" ")[0])
+    if all(r.paired(a, b) is not None for a, b in pairs[:2]):
+        lines.append(
+            "- So domain routers "
+            + (f"help {' and '.join(helped)}" if helped else "help neither BTX nor BAM")
+            + " significantly at the 5% level here."
+        )
+    lines += [
+        "",
+        "Share of a domain's tokens that its own expert gets (code, law and math; the seed expert has no "
+        "domain of its name): mean over those domains and the layers, mean ± std over seeds, and the "
+        "lowest of any domain, layer and seed. FFN: top-1 share; attention: mean gate (BAM only). "
+        "A random router gives about 0.25.",
+        "",
+        "| model | FFN, step 0 | FFN, trained | attention, step 0 | attention, trained |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for key in ROUTER_ARMS:
+        cells = [
+            _own_cell(r, key, state, kind)
+            for kind in ("ffn_selection", "attention_gates")
+            for state in ("step 0", "trained")
+        ]
+        lines.append(f"| {r.arm(key).label} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def table6(r: Results) -> list[str]:
     """Table 6: soft MoA against top-2 and top-1 MoA."""
     lines = ["## Table 6: soft mixture of attention vs top-k MoA", ""]
@@ -245,7 +315,7 @@ def routing_section(r: Results) -> list[str]:
     """The FFN routing of BTX and BAM at step 0 and after training, per seed and layer, and what it says."""
     lines = ["## FFN routing at step 0 and after training", ""]
     found = False
-    for key in ("btx", "bam"):
+    for key in ROUTER_ARMS:
         models = r.routing.get(key, {})
         if not models:
             continue
@@ -349,8 +419,9 @@ def bar_figure(r: Results, path: str) -> None:
         ("Table 1 (DM / CM)", ["btx", "bam", "bam-shared-kv", "bam-cm", "bam-shared-kv-cm"]),
         ("Tables 4-5 (params)", ["btx", "btx-total", "btx-e6-top3", "bam"]),
         ("Table 6 (MoA)", ["bam", "bam-top2", "bam-top1"]),
+        ("Routers (random / domain)", list(ROUTER_ARMS)),
     ]
-    figure = Figure(figsize=(13, 4.2), layout="constrained")
+    figure = Figure(figsize=(17, 4.2), layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.subplots(1, len(groups))  # each panel its own range (the axes do not start at 0)
     for ax, (title, keys) in zip(axes, groups):
@@ -447,6 +518,7 @@ def write_report(pipeline, out_dir: str, command: str, times: Sequence[tuple[str
             r, "## Table 5: BTX with 6 FFN experts, top-3 (the paper's active-parameter match)", "btx-e6-top3"
         ),
         *table6(r),
+        *table_routers(r),
         *orderings(r),
         *routing_section(r),
         "## Figures",

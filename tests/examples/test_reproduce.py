@@ -76,12 +76,28 @@ def test_arms_are_sized_from_the_counts():
         "btx-e6-top3",
         "bam-top2",
         "bam-top1",
+        "btx-domain",
+        "bam-domain",
     }
     assert by_key["bam-cm"].iters == round(200 * 10 / 22) and by_key["btx"].iters == 200
     assert by_key["btx-total"].init.source_names() == ["seed", "code", "law", "math", "seed2", "seed3"]
     assert "--attention-router-topk" in by_key["bam-top1"].init.upcycle_flags()
     assert by_key["btx-e6-top3"].init.upcycle_flags()[:2] == ["--moe-router-topk", "3"]
-    assert by_key["bam-cm"].init is by_key["bam"].init and len(arms.inits_of(list(by_key.values()))) == 7
+    assert by_key["bam-cm"].init is by_key["bam"].init and len(arms.inits_of(list(by_key.values()))) == 9
+    for key in ("btx", "bam"):  # the domain-router arms: the same mixture and budget, other routers
+        domain, random = by_key[f"{key}-domain"], by_key[key]
+        assert domain.iters == random.iters and domain.init.method == random.init.method
+        assert domain.init.upcycle_flags() == [*random.init.upcycle_flags(), "--router-init", "domain"]
+        assert "--router-init" not in random.init.upcycle_flags()  # bam-upcycle's default: random
+
+
+def test_domain_router_arms_are_evaluated_apart_so_a_rerun_reuses_the_other_evaluations(tmp_path):
+    pipeline = ReproducePipeline(str(tmp_path), Settings(mix_iters=200), 1, 1, Console(stages(2)), [1, 2])
+    pipeline.arms = arms.build_arms(200, fake_stats())
+    names = {arm.key: pipeline.eval_name(arm, 2) for arm in pipeline.arms}
+    assert names["bam"] == names["btx"] == names["bam-top1"] == "s2-e4"  # as before the domain arms existed
+    assert names["bam-domain"] == names["btx-domain"] == "s2-e4-domain"
+    assert names["btx-total"] == "s2-e6"
 
 
 def _write(path: str, data) -> None:
@@ -102,7 +118,7 @@ def test_the_report_has_every_table_the_orderings_and_the_figures(tmp_path):
     _write(pipeline.stats_file(), stats)
     pipeline.arms = arms.build_arms(200, stats)
     # made-up results: BAM below BTX in every seed; top-1 MoA above soft MoA; shared KV missing seed 3
-    level = {"btx": 20.0, "bam": 18.0, "bam-top1": 19.0, "btx-total": 19.5}
+    level = {"btx": 20.0, "bam": 18.0, "bam-top1": 19.0, "btx-total": 19.5, "btx-domain": 19.0, "bam-domain": 18.0}
     evals: dict[str, dict] = {}
     for arm in pipeline.arms:
         for seed in pipeline.seeds:
@@ -126,6 +142,19 @@ def test_the_report_has_every_table_the_orderings_and_the_figures(tmp_path):
     for seed in pipeline.seeds:
         routing = {"btx": entry, "btx-step0": entry}
         _write(os.path.join(pipeline.eval_dir(f"s{seed}-e4"), "routing.json"), {"models": routing})
+        # domain routers: at step 0 each domain's own expert gets 0.7 + 0.1·seed of its tokens at layer 0
+        # (the other two experts' domains alike) and 0.9 at layer 1; after training 0.5 and 0.3
+        own = lambda first, second: {  # noqa: E731
+            d: [
+                [first if name == d else (1 - first) / 3 for name in arms.SOURCES],
+                [second if name == d else (1 - second) / 3 for name in arms.SOURCES],
+            ]
+            for d in DOMAINS
+        }
+        step0 = dict(entry, ffn_selection=own(0.7 + 0.1 * seed, 0.9), attention_gates=own(0.6, 0.6))
+        trained = dict(entry, ffn_selection=own(0.5, 0.3))
+        routing = {"btx-domain": trained, "btx-domain-step0": step0}
+        _write(os.path.join(pipeline.eval_dir(f"s{seed}-e4-domain"), "routing.json"), {"models": routing})
     _write(
         os.path.join(pipeline.eval_dir("dense"), "perplexity.json"),
         {"models": {"seed": _ppl(25.0), **{e: _ppl(24.0) for e in ("code", "law", "math")}}},
@@ -133,8 +162,24 @@ def test_the_report_has_every_table_the_orderings_and_the_figures(tmp_path):
     out = str(tmp_path / "report")
     headline = write_report(pipeline, out, "python examples/reproduce/run.py", [("seed", 60.0, False)])
     report = open(os.path.join(out, "REPORT.md")).read()
-    for title in ("Table 1", "Table 4", "Table 5", "Table 6", "orderings", "FFN routing"):
+    for title in ("Table 1", "Table 4", "Table 5", "Table 6", "random vs from each expert's domain", "orderings"):
         assert title in report, title
+    assert "FFN routing" in report
+    # random vs domain routers: rows, the paired tests (BTX: domain lower by 1.00 in every seed; BAM: equal)
+    routers = report.split("## Routers initialised at random")[1].split("\n## ")[0]
+    assert "| BTX, domain routers | 200 |" in routers and "| BAM (expert KV), domain routers | 200 |" in routers
+    assert "BTX, domain routers − BTX: -1.00 ± 0.00" in routers
+    assert "BAM (expert KV), domain routers − BAM (expert KV): +0.00 ± 0.00" in routers
+    assert "So domain routers help BTX significantly" in routers
+    # own FFN expert at step 0: per seed mean of (0.7 + 0.1·seed, 0.9) over layers, lowest 0.8 (seed 1, layer 0)
+    means = [(0.7 + 0.1 * seed + 0.9) / 2 for seed in (1, 2, 3)]
+    mean, std = significance.mean_std(means)
+    step0_cell = f"{mean:.2f} ± {std:.2f} (lowest 0.80)"
+    assert f"| BTX, domain routers | {step0_cell} | 0.40 ± 0.00 (lowest 0.30) | 0.60 ± 0.00 (lowest 0.60) | – |" in (
+        routers
+    ), routers
+    # random routers: the shared entry, layer 0 flat (0.25), layer 1 code 0.02, law 0.20, math 0.28
+    assert "| BTX | 0.21 ± 0.00 (lowest 0.02) | 0.21 ± 0.00 (lowest 0.02) | – | – |" in routers, routers
     assert headline in report and "compute-matched" in headline
     # the BTX row: mean ± std over the three seeds of the average column
     btx = [20.0 + 1.5 + 0.1 * s + (0.05 if s == 2 else 0) for s in (1, 2, 3)]
