@@ -31,8 +31,26 @@ from .runner import (
 
 DOMAINS = ("general", "code", "law", "math")
 EXPERTS = ("code", "law", "math")  # the seed is the fourth expert (the generalist)
-MIXTURES = ("btx", "bam")
+MIXTURES = ("btx", "bam", "btx-domain", "bam-domain")
+"""Every mixture the demo builds: bam-upcycle's method, with random routers (the paper's, bam-upcycle's
+default) or, with the suffix ``-domain``, routers initialised from each expert's domain
+(``--router-init domain``, the data each expert's run recorded)."""
 STAGES = 9
+
+
+def method(mixture: str) -> str:
+    """bam-upcycle's --method of ``mixture`` ('bam-domain' -> 'bam')."""
+    return mixture.removesuffix("-domain")
+
+
+def label(mixture: str) -> str:
+    """How the report names ``mixture``: 'BAM', 'BAM (domain routers)'."""
+    return method(mixture).upper() + (" (domain routers)" if mixture.endswith("-domain") else "")
+
+
+def step0_name(mixture: str) -> str:
+    """tools/eval.py's model name for the upcycled checkpoint of ``mixture`` (routing at step 0)."""
+    return f"{mixture}-step0"
 
 
 @dataclass(frozen=True)
@@ -58,9 +76,21 @@ class Settings:
     eval_iters: int = 4  # validation batches per domain at the end of each training run
     eval_samples: Optional[int] = None  # final evaluation, per domain: None = the whole valid split
     log_lines: int = 5  # iteration lines shown per training run (about)
+    mixtures: tuple[str, ...] = MIXTURES  # upcycled and trained
+    step0_mixtures: tuple[str, ...] = MIXTURES  # also evaluated as upcycled: the routing at step 0
 
 
-QUICK = dict(seed_iters=30, expert_iters=10, mix_iters=10, warmup_iters=3, eval_iters=1, eval_samples=16, log_lines=2)
+QUICK = dict(
+    seed_iters=30,
+    expert_iters=10,
+    mix_iters=10,
+    warmup_iters=3,
+    eval_iters=1,
+    eval_samples=16,
+    log_lines=2,
+    mixtures=("btx", "bam"),
+    step0_mixtures=("bam",),  # TODO(issue 22): ("bam", "bam-domain") once bam-upcycle has --router-init
+)
 
 
 class Pipeline(Stages):
@@ -327,12 +357,18 @@ class Pipeline(Stages):
         experts = [x for n, p in sources.items() for x in ("--expert", f"{n}={p}")]
         return python("tools/upcycle.py", *experts, "--method", method, "--save", out, *extra)
 
+    def upcycled(self) -> list[str]:
+        """The mixtures upcycled: those trained and those evaluated at step 0, in ``MIXTURES`` order."""
+        return [m for m in MIXTURES if m in self.s.mixtures or m in self.s.step0_mixtures]
+
     def upcycle(self) -> None:
-        """Stage 7: seed + experts -> 4-expert BAM and BTX checkpoints (tools/upcycle.py)."""
+        """Stage 7: seed + experts -> 4-expert BAM and BTX checkpoints (tools/upcycle.py), with random
+        routers and with domain routers."""
         units = []
-        for m in MIXTURES:
+        for m in self.upcycled():
             out = self.path(f"{m}-init")
-            argv = self.upcycle_argv(m, self.sources(), out)
+            extra = ["--router-init", "domain"] if m != method(m) else []
+            argv = self.upcycle_argv(method(m), self.sources(), out, *extra)
             units.append(
                 Unit(
                     f"upcycle-{m}",
@@ -343,7 +379,10 @@ class Pipeline(Stages):
                 )
             )
         self.stage(
-            "upcycle", "phase 3: upcycle seed + experts into 4-expert BTX and BAM mixtures", units, parallel=self.nproc
+            "upcycle",
+            f"phase 3: upcycle seed + experts into 4-expert mixtures: {', '.join(map(label, self.upcycled()))}",
+            units,
+            parallel=self.nproc,
         )
 
     def mixture_flags(self, init: str, iters: int) -> list[str]:
@@ -358,9 +397,9 @@ class Pipeline(Stages):
         ]
 
     def mixtures(self) -> None:
-        """Stage 8: BTX and BAM trained on the equal mixture (their architecture from the upcycled checkpoints)."""
+        """Stage 8: the mixtures trained on the equal mixture (their architecture from the upcycled checkpoints)."""
         s, units = self.s, []
-        for m in MIXTURES:
+        for m in s.mixtures:
             flags = self.mixture_flags(self.path(f"{m}-init"), s.mix_iters)
             units.append(
                 Unit(
@@ -373,8 +412,8 @@ class Pipeline(Stages):
             )
         self.stage(
             "mixtures",
-            "phase 3: train BTX (averaged attention) and BAM (soft MoA) on the equal mixture, "
-            f"{s.mix_iters} iterations",
+            f"phase 3: train {', '.join(map(label, s.mixtures))} on the equal mixture (BTX: averaged attention, "
+            f"BAM: soft MoA), {s.mix_iters} iterations",
             units,
             parallel=self.jobs,
         )
@@ -405,26 +444,57 @@ class Pipeline(Stages):
         return args + (["--eval-samples", str(self.s.eval_samples)] if self.s.eval_samples else [])
 
     def evaluate(self) -> None:
-        """Stage 9: per-domain perplexity of all six models, routing heatmaps (tools/eval.py)."""
-        out = self.path("eval")
-        models = {**self.sources(), **{m: self.path(m) for m in MIXTURES}}
+        """Stage 9: per-domain perplexity of the dense models and the mixtures (trained, and upcycled at
+        step 0), routing heatmaps of each mixture at step 0 and trained side by side (tools/eval.py)."""
+        s, out = self.s, self.path("eval")
+        models = {**self.sources(), **{m: self.path(m) for m in s.mixtures}}
+        models.update({step0_name(m): self.path(f"{m}-init") for m in s.step0_mixtures})
         args = self.eval_args(models, list(self.sources()), out + ".tmp")
 
-        def job() -> Job:
-            return Job(
-                "eval",
-                torchrun(self.nproc, "tools/eval.py", *args),
-                self.log("eval"),
-                EvalFilter(),
-                lambda: os.replace(out + ".tmp", out),
-            )
+        def done() -> None:
+            write_step0_vs_trained(out + ".tmp")
+            os.replace(out + ".tmp", out)
 
-        deps = ["seed", *[f"expert-{e}" for e in EXPERTS], *MIXTURES]
+        def job() -> Job:
+            return Job("eval", torchrun(self.nproc, "tools/eval.py", *args), self.log("eval"), EvalFilter(), done)
+
+        deps = ["seed", *[f"expert-{e}" for e in EXPERTS], *s.mixtures, *[f"upcycle-{m}" for m in s.step0_mixtures]]
         self.stage(
             "evaluate",
-            "evaluate: per-domain perplexity of all six models, routing of the mixtures",
+            f"evaluate: per-domain perplexity of all {len(models)} models, routing of the mixtures",
             [Unit("eval", [out], {"args": self._rel(args)}, deps, job=job)],
         )
+
+
+def routing_states(eval_dir: str) -> dict[str, dict[str, dict]]:
+    """{mixture: {"step 0": routing.json entry, "trained": entry}} of ``eval_dir``, the states evaluated."""
+    with open(os.path.join(eval_dir, "routing.json")) as f:
+        models = json.load(f)["models"]
+    states: dict[str, dict[str, dict]] = {}
+    for m in MIXTURES:
+        for state, name in (("step 0", step0_name(m)), ("trained", m)):
+            if name in models:
+                states.setdefault(m, {})[state] = models[name]
+    return states
+
+
+def comparison_figure(mixture: str) -> str:
+    """File name of ``mixture``'s routing at step 0 and trained, side by side."""
+    return f"routing_{mixture}_step0_vs_trained.png"
+
+
+def write_step0_vs_trained(eval_dir: str) -> None:
+    """Draw each mixture evaluated both at step 0 and trained, the two side by side, into ``eval_dir``."""
+    from bam_megatron.evaluation.report import routing_heatmap_png
+
+    with open(os.path.join(eval_dir, "routing.json")) as f:
+        domains = json.load(f)["domains"]
+    for m, states in routing_states(eval_dir).items():
+        if len(states) == 2:
+            names = states["trained"]["expert_names"]
+            png = routing_heatmap_png(f"{label(m)}, step 0 and trained", states, domains, names)
+            with open(os.path.join(eval_dir, comparison_figure(m)), "wb") as f:
+                f.write(png)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -432,31 +502,79 @@ class Pipeline(Stages):
 
 
 def report(workdir: str) -> bool:
-    """Print the perplexity table and the checks; return whether every expectation holds."""
+    """Print the perplexity table, the checks and the own-expert shares; return whether every
+    expectation of the method holds (each expert wins its domain, every trained mixture beats the seed)."""
     eval_dir = os.path.join(workdir, "eval")
     with open(os.path.join(eval_dir, "perplexity.json")) as f:
         result = json.load(f)
     with open(os.path.join(eval_dir, "perplexity.md")) as f:
         table = f.read()
     ppl = {name: m["perplexity"] for name, m in result["models"].items()}
+    trained = [m for m in MIXTURES if m in ppl]
     print("\n" + "=" * 100)
     print(table.rstrip() + "\n")
     checks = [(f"the {e} expert beats the seed on {e}", ppl[e][e], ppl["seed"][e]) for e in EXPERTS]
-    checks += [(f"{m.upper()} beats the seed on average", ppl[m]["average"], ppl["seed"]["average"]) for m in MIXTURES]
+    checks += [(f"{label(m)} beats the seed on average", ppl[m]["average"], ppl["seed"]["average"]) for m in trained]
     for text, ours, seeds in checks:
         print(f"  [{'yes' if ours < seeds else 'NO '}] {text} (perplexity {ours:.2f} vs {seeds:.2f})")
-    bam, btx = ppl["bam"]["average"], ppl["btx"]["average"]
-    print(f"  (and BAM vs BTX on average: {bam:.2f} vs {btx:.2f}: {'BAM' if bam < btx else 'BTX'} is lower)")
+    pairs = [("bam", "btx", "BAM vs BTX")]
+    pairs += [(m, method(m), f"{label(m)} vs random routers") for m in trained if m != method(m)]
+    for a, b, text in pairs:
+        if a in ppl and b in ppl:
+            x, y = ppl[a]["average"], ppl[b]["average"]
+            print(f"  (and {text} on average: {x:.2f} vs {y:.2f}: {label(a) if x < y else label(b)} is lower)")
     holds = all(ours < seeds for _, ours, seeds in checks)
     print(
         "\n"
         + (
-            "As expected: every expert wins its domain, and both mixtures beat the seed."
+            "As expected: every expert wins its domain, and every mixture beats the seed."
             if holds
             else "Not every expectation held on this run (small models, few steps; see the table)."
         )
     )
+    with open(os.path.join(eval_dir, "routing.md")) as f:
+        own = f.read().split("\n\n", 2)[2]
+    print("\nOwn expert's share of each domain's tokens (mean over layers, then each layer's):\n")
+    print(own.rstrip())
+    domain_router_checks(routing_states(eval_dir))
     figures = sorted(glob.glob(os.path.join(eval_dir, "*.png")))
-    print(f"Routing heatmaps: {', '.join(figures) if figures else '(none written)'}")
+    print(f"\nRouting heatmaps: {', '.join(figures) if figures else '(none written)'}")
     print(f"Table: {os.path.join(eval_dir, 'perplexity.md')}   logs: {os.path.join(workdir, 'logs')}")
     return holds
+
+
+DOMAIN_ROUTER_TARGETS = {"ffn step 0": 0.6, "attention step 0": 0.5, "ffn trained": 0.1}
+"""What domain routers should give on the full demo's checkpoints (issue 22), for each expert's domain at
+every layer: its own FFN expert's top-1 share at step 0, its own attention expert's mean gate at step 0
+(also the largest gate), its own FFN expert's share after the mixture phase."""
+
+
+def domain_router_checks(states: dict[str, dict[str, dict]]) -> None:
+    """Print, for each mixture with domain routers, the smallest own-expert share over the experts'
+    domains and the layers against ``DOMAIN_ROUTER_TARGETS`` (not an expectation of --quick's experts)."""
+    lines = []
+    for m, by_state in states.items():
+        if m == method(m):
+            continue
+        for state, entry in by_state.items():
+            for kind, key in (("ffn_selection", "ffn"), ("attention_gates", "attention")):
+                target = DOMAIN_ROUTER_TARGETS.get(f"{key} {state}")
+                if target is None or kind not in entry:
+                    continue
+                share, domain, layer = min(
+                    (value, domain, layer)
+                    for domain in EXPERTS
+                    for layer, value in enumerate(entry["own_expert"][domain][kind]["per_layer"])
+                )
+                largest = all(
+                    row[entry["expert_names"].index(d)] == max(row) for d in EXPERTS for row in entry[kind][d]
+                )
+                ok = share >= target and (kind == "ffn_selection" or largest)
+                what = "FFN top-1 share" if kind == "ffn_selection" else "attention gate (the largest)"
+                lines.append(
+                    f"  [{'yes' if ok else 'NO '}] {label(m)}, {state}: own {what} >= {target:.0%} for "
+                    f"{', '.join(EXPERTS)} at every layer (lowest: {share:.2f}, {domain}, layer {layer})"
+                )
+    if lines:
+        print("\nDomain routers: each domain's own expert, at every layer")
+        print("\n".join(lines))
