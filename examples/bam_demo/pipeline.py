@@ -55,8 +55,9 @@ def step0_name(mixture: str) -> str:
 
 @dataclass(frozen=True)
 class Settings:
-    """Sizes and schedules. The full demo took 9-11 minutes on 2 CPU cores shared with other jobs
-    (--quick: about 2 minutes); every run gave the same table (training is deterministic)."""
+    """Sizes and schedules. The full demo took 9-11 minutes on 2 CPU cores shared with other jobs before the
+    domain-router mixtures were added (--quick: about 2 minutes); every run gave the same table (training
+    is deterministic)."""
 
     domain_bytes: int = 400_000  # of text per domain
     vocab_size: int = 1536

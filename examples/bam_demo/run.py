@@ -13,9 +13,11 @@ Stages (each a subprocess of the project's own entry points; everything goes und
  5. branch      tools/branch.py: three copies of the seed (code, law, math) with phase-2 flags
  6. experts     pretrain_bam.py @phase2.args: each copy continues on 90% its domain, 10% general,
                 at half the seed's LR
- 7. upcycle     tools/upcycle.py --method bam and --method btx: seed + 3 experts -> 4-expert MoEs
- 8. mixtures    pretrain_bam.py --variant bam / btx on the equal mixture (same data, steps and LR)
- 9. evaluate    tools/eval.py: per-domain perplexity of all six models, routing heatmaps
+ 7. upcycle     tools/upcycle.py --method bam and --method btx: seed + 3 experts -> 4-expert MoEs,
+                with random routers and with domain routers (--router-init domain)
+ 8. mixtures    pretrain_bam.py on the equal mixture, each of them (same data, steps and LR)
+ 9. evaluate    tools/eval.py: per-domain perplexity of the dense models and the mixtures, trained
+                and as upcycled (step 0); routing heatmaps, step 0 beside trained; own-expert shares
 
 With --grow, six more stages (examples/bam_demo/grow.py) grow the trained BAM mixture by a fifth
 domain, bio: its data, a branch of the seed, its expert, bam-upcycle --extend, a short re-training
@@ -29,8 +31,9 @@ stops the demo with a message naming the stage and its log.
 
 At the end the demo prints the perplexity table, checks what the method promises even at this
 scale (each domain expert beats the seed on its own domain; BTX and BAM beat the seed on average)
-and says where the routing heatmaps are. --quick runs a few iterations per phase (a smoke test of
-the pipeline in a few minutes; its numbers mean little).
+and each domain's own-expert share (for domain routers, against the targets of issue 22), and says
+where the routing heatmaps are. --quick runs a few iterations per phase and trains BTX and BAM with
+random routers only (a smoke test of the pipeline in a few minutes; its numbers mean little).
 """
 
 from __future__ import annotations

@@ -4,9 +4,10 @@
                                      [--arms KEY,...]
 
 The demo's dense phases (examples/bam_demo/: data, tokenizer, preprocess, seed, branch, experts),
-then nine arms (arms.py) upcycled, trained and evaluated once per mixture seed (pipeline.py), then
-REPORT.md with Tables 1, 4, 5 and 6 in the paper's layout, the paper's orderings against ours,
-the FFN routing at step 0 and after training, bar plots and loss curves (report.py).
+then eleven arms (arms.py) upcycled, trained and evaluated once per mixture seed (pipeline.py), then
+REPORT.md with Tables 1, 4, 5 and 6 in the paper's layout, random vs domain routers, the paper's
+orderings against ours, the FFN routing at step 0 and after training, bar plots and loss curves
+(report.py).
 
 Every stage is skipped when its outputs exist and are current (the demo's stamps), so an
 interrupted run continues where it stopped and the report can be re-rendered at once; --seeds N
