@@ -136,8 +136,9 @@ class EvalFilter(OutputFilter):
     """tools/eval.py: progress lines; the table is printed at the end of the demo."""
 
     def show(self, line: str) -> Optional[str]:
-        """Every line but the table and the lists of files written."""
-        return None if line.startswith(("|", "wrote", "routing heatmaps")) else line
+        """Every line but the tables (and their headings) and the lists of files written."""
+        hidden = ("|", "wrote", "routing heatmaps", "Own expert's share")
+        return None if not line.strip() or line.startswith(hidden) else line
 
 
 class PrefixFilter(OutputFilter):

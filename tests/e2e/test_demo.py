@@ -1,7 +1,8 @@
 """The CPU demo end to end: `python examples/bam_demo/run.py --quick --grow` (every stage, the real tools).
 
 A few minutes on 2 cores: data, tokenizer, preprocessing, a dense seed, branching, three dense
-experts, BAM and BTX upcycling and training, evaluation with routing heatmaps; then the --grow
+experts, BAM and BTX upcycling and training, evaluation with routing heatmaps (BAM at step 0 beside
+trained) and each domain's own-expert share; then the --grow
 stages (a fifth domain's expert added to the trained BAM mixture, re-trained with the old experts
 frozen, evaluated before and after). Then a second run finds everything done and skips every stage.
 """
@@ -18,7 +19,7 @@ import pytest
 from tests.support import paths
 
 REPO = paths.REPO
-MODELS = ("seed", "code", "law", "math", "btx", "bam")
+MODELS = ("seed", "code", "law", "math", "btx", "bam", "bam-step0")
 
 
 def _run_demo(workdir, timeout):
@@ -56,10 +57,13 @@ def test_quick_demo_end_to_end(tmp_path):
     assert set(MODELS) <= set(rows), table
     assert "| model | general | code | law | math | average |" in table
     assert table.strip().splitlines()[-1] in out  # the demo prints the table
-    for figure in ("routing_bam.png", "routing_btx.png"):
+    for figure in ("routing_bam.png", "routing_btx.png", "routing_bam_step0_vs_trained.png"):
         path = workdir / "eval" / figure
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", figure
         assert str(path) in out
+    own = [line.split(" | ") for line in out.splitlines() if " | FFN: share of tokens routed (top-1) | " in line]
+    assert sorted(cells[0] for cells in own) == ["| bam", "| bam-step0", "| btx"], out[-5000:]  # printed once
+    assert all(cells[2] == "no expert" for cells in own)  # general: no expert of its name (the seed's is "seed")
     for expert in ("code", "law", "math"):
         assert f"the {expert} expert beats the seed on {expert}" in out
     assert "BAM beats the seed on average" in out and "Total time" in out
