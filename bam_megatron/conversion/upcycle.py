@@ -146,6 +146,35 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--shared-kv-init", default="average", help="bam-shared-kv: 'average' or a source NAME")
     p.add_argument("--router-init-std", type=float, default=0.02, help="new routers' weights ~ N(0, std); 0: zeros")
     p.add_argument("--seed", type=int, default=1234, help="router initialisation seed")
+    g = p.add_argument_group("domain-initialised routers (docs/phases.md)")
+    g.add_argument(
+        "--router-init",
+        choices=("random", "domain"),
+        default="random",
+        help="random: N(0, --router-init-std), as the paper; domain: every layer's attention gates and FFN "
+        "router start as a classifier of that layer's input by domain (each expert's data), fitted on the "
+        "mixture as it is built",
+    )
+    g.add_argument(
+        "--router-data",
+        action="append",
+        metavar="NAME=PREFIX",
+        help="--router-init domain: calibration data of expert NAME (an indexed-dataset prefix; repeat for "
+        "several); default: the --data-path its own training run recorded; an expert with none gets zero rows",
+    )
+    g.add_argument(
+        "--router-margin",
+        type=float,
+        default=3.0,
+        help="--router-init domain: mean logit margin of a domain's own expert over the others on its tokens "
+        "(a typical token gives its expert e^margin times another's weight)",
+    )
+    g.add_argument(
+        "--router-sequences",
+        type=int,
+        default=16,
+        help="--router-init domain: calibration sequences per expert (of at most 128 tokens)",
+    )
     p.add_argument(
         "--report-batches",
         type=int,
@@ -219,6 +248,7 @@ def validate(sources: Sequence[Source], args: argparse.Namespace) -> Architectur
         raise UpcycleError(f"--router-init-std must be >= 0, got {args.router_init_std}")
     if args.report_batches < 0:
         raise UpcycleError(f"--report-batches must be >= 0, got {args.report_batches}")
+    _check_router_init(args)
     try:
         check_routing(
             variant_of(args.method),
@@ -232,6 +262,42 @@ def validate(sources: Sequence[Source], args: argparse.Namespace) -> Architectur
     target = target_architecture(sources, args, experts)
     _check_target_layout(target, args)
     return target
+
+
+def _check_router_init(args: argparse.Namespace) -> None:
+    """--router-init and its companions: consistent with each other and with the method."""
+    if args.router_init != "domain":
+        if args.router_data:
+            raise UpcycleError("--router-data needs --router-init domain")
+        return
+    if args.method == "sparse":
+        raise UpcycleError(
+            "--router-init domain: --method sparse copies one source into every expert; there are no domains "
+            "to tell apart"
+        )
+    if not args.router_margin > 0:
+        raise UpcycleError(f"--router-margin must be > 0, got {args.router_margin}")
+    if args.router_sequences < 1:
+        raise UpcycleError(f"--router-sequences must be >= 1, got {args.router_sequences}")
+
+
+def _domain_routers(args: argparse.Namespace, sources: Sequence[Source], architecture: Architecture):
+    """--router-init domain: the `DomainRouters` that set each layer's routers as the MoE is built,
+    with each expert's calibration tokens (read and checked now, before anything is written)."""
+    from bam_megatron.conversion.router_init import DomainRouters, calibration_tokens, resolve_expert_data
+
+    recorded = {s.name: s.meta.training.get("data_path") for s in sources}
+    try:
+        data = resolve_expert_data([s.name for s in sources], recorded, args.router_data or [])
+        seq_length = min(128, sources[0].meta.seq_length)
+        vocab = min(s.meta.architecture.padded_vocab_size for s in sources)
+        tokens = [None if d is None else calibration_tokens(d, args.router_sequences, seq_length, vocab) for d in data]
+    except UserError as error:
+        raise UpcycleError(str(error)) from None
+    described = {
+        d.expert: {"prefixes": list(d.prefixes), "weights": list(d.weights), "origin": d.origin} for d in data if d
+    }
+    return DomainRouters(architecture, seq_length, tokens, args.router_margin), described
 
 
 def _check_target_layout(target: Architecture, args: argparse.Namespace) -> None:
@@ -290,6 +356,7 @@ def target_architecture(sources: Sequence[Source], args: argparse.Namespace, exp
         moe_router_pre_softmax=args.moe_router_pre_softmax,
         moe_router_topk_scaling_factor=args.moe_router_topk_scaling_factor,
         attention_router_topk=args.attention_router_topk,
+        router_bias=bool(args.router_bias),
         padded_vocab_size=rows,
     )
 
@@ -319,8 +386,9 @@ def _running_mean(target: torch.Tensor, weight: torch.Tensor, seen: torch.Tensor
 class _Mixer:
     """Fills one unit (TOP or a layer) of the MoE from the same unit of every source."""
 
-    def __init__(self, args: argparse.Namespace, sources: Sequence[Source], experts: int, config):
+    def __init__(self, args: argparse.Namespace, sources: Sequence[Source], experts: int, config, domain=None):
         self.args, self.sources, self.experts, self.config = args, sources, experts, config
+        self.domain = domain  # DomainRouters (--router-init domain) or None
         self.source_models = [_meta_model(s.meta.architecture, s.meta.seq_length)[0] for s in sources]
         self.moa = variant_of(args.method) in SOFT_MOA_VARIANTS
 
@@ -370,6 +438,8 @@ class _Mixer:
             elif name.endswith("router.bias"):
                 param.zero_()
                 written.add(name)
+        if self.domain is not None:  # --router-init domain: overwrite them from the experts' data
+            self.domain(unit, params)
         missing = sorted(set(params) - written)
         if missing:  # uninitialised memory must never reach the checkpoint
             raise RuntimeError(f"upcycling left {', '.join(missing)} unset")
@@ -423,12 +493,14 @@ def upcycle(args: argparse.Namespace) -> dict:
 
     first = sources[0].meta
     target, config = _meta_model(architecture, first.seq_length)
-    strategy = StreamingSaveStrategy(target, _Mixer(args, sources, experts, config))
+    domain, router_data = _domain_routers(args, sources, architecture) if args.router_init == "domain" else (None, None)
+    strategy = StreamingSaveStrategy(target, _Mixer(args, sources, experts, config, domain))
 
     manifest = {
         "method": args.method,
         "experts": experts,
         "router_init_seed": args.seed,
+        "router_init": args.router_init,
         "router_init_std": args.router_init_std,
         "moe_router_topk": args.moe_router_topk,
         "moe_router_pre_softmax": args.moe_router_pre_softmax,
@@ -441,6 +513,13 @@ def upcycle(args: argparse.Namespace) -> dict:
         ],
         "expert_names": [s.name for s in sources] if args.method != "sparse" else [sources[0].name] * experts,
     }
+    if domain is not None:  # the per-layer summary is filled as the layers are written
+        manifest["domain_routers"] = {
+            "margin": args.router_margin,
+            "sequences": args.router_sequences,
+            "data": router_data,
+            "layers": domain.summary,
+        }
     meta = CheckpointMeta(
         architecture=architecture,
         seq_length=first.seq_length,

@@ -1,4 +1,6 @@
-"""UnitForward: a checkpoint run one unit at a time gives the whole model's logits."""
+"""UnitForward and what runs on it: a checkpoint run one unit at a time gives the whole model's logits,
+the upcycler's streamed step-0 report equals the whole-model one, and domain-initialised routers send
+each domain's tokens to its own experts at step 0."""
 
 from __future__ import annotations
 
@@ -8,16 +10,28 @@ import torch
 from bam_megatron.checkpoint import store
 from bam_megatron.platform.distributed import ParallelSizes
 from bam_megatron.testing.distributed import run_distributed
+from tests.support.corpus import DOMAINS, train_tokenizer, write_domain
 from tests.support.tools import tool_main
 from tests.support.training import base_args, run
 
 
 @pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """Three domains that share no token: the tokenizer (400 pieces) keeps every word of the corpus whole."""
+    directory = str(tmp_path_factory.mktemp("distinct-corpus"))
+    files = {"tokenizer": train_tokenizer(directory, seed=2, vocab_size=400)}
+    for name in DOMAINS:
+        files[name] = write_domain(directory, name, files["tokenizer"])
+    return files
+
+
+@pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory, corpus):
-    """A dense code expert and a dense law expert (sequential block), and their bam and btx mixtures."""
+    """Dense code, law and math experts, each trained on its own domain (which it records), and bam and
+    btx mixtures of the code and law experts."""
     root = tmp_path_factory.mktemp("unit-forward")
     made = {}
-    for name, seed in (("code", 1), ("law", 2)):
+    for name, seed in (("code", 1), ("law", 2), ("math", 3)):
         made[name] = str(root / name)
         args = base_args(corpus, "--train-iters", "3", "--seed", str(seed), "--save", made[name])
         args[args.index("--variant") + 1] = "dense"
@@ -108,3 +122,76 @@ def test_the_upcycle_report_streamed_layer_by_layer_matches_the_whole_models(tmp
         assert streamed[name]["argmax_agreement"] == whole[name]["argmax_agreement"]
         for key in ("max_abs_logit_diff", "kl"):
             assert streamed[name][key] == pytest.approx(whole[name][key], rel=1e-4, abs=1e-6), (name, key)
+
+
+def _routing_by_domain(path: str, tokens: dict[str, torch.Tensor]) -> dict[str, dict[str, list[float]]]:
+    """Rank body: per domain, per layer, the share of its tokens whose top FFN expert is each expert
+    and the mean attention gate of each expert (captured from the routers of the loaded model)."""
+    from bam_megatron.checkpoint.models import load_model
+    from bam_megatron.platform.distributed import initialize
+
+    initialize(ParallelSizes())
+    model = load_model(path)
+    captured: dict[str, list] = {"ffn": [], "attention": []}
+    for layer in model.decoder.layers:
+        layer.mlp.router.register_forward_hook(lambda m, i, out: captured["ffn"].append(out[1].float()))
+        if hasattr(layer.self_attention, "router"):
+            layer.self_attention.router.register_forward_hook(lambda m, i, out: captured["attention"].append(out))
+    result = {}
+    for domain, batch in tokens.items():
+        captured["ffn"].clear(), captured["attention"].clear()
+        with torch.no_grad():
+            model(batch, torch.arange(batch.shape[1]).expand_as(batch), None)
+        result[domain] = {
+            "ffn": [m.mean(0).tolist() for m in captured["ffn"]],
+            "attention": [g.reshape(-1, g.shape[-1]).mean(0).tolist() for g in captured["attention"]],
+        }
+    return result
+
+
+def _held_out_tokens(corpus, domains) -> dict[str, torch.Tensor]:
+    from bam_megatron.conversion.router_init import ExpertData, calibration_tokens
+
+    # 5 sequences start at other documents than the 16 the upcycler fitted on
+    return {d: calibration_tokens(ExpertData(d, (corpus[d],), (1.0,), "test"), 5, 32, 400) for d in domains}
+
+
+@pytest.mark.parametrize("method", ["bam", "btx"])
+def test_domain_routers_send_each_domains_tokens_to_its_own_experts_at_step_0(tmp_path, checkpoints, corpus, method):
+    import json
+    import os
+
+    names = ("code", "law", "math")
+    out = str(tmp_path / method)
+    argv = [f for n in names for f in ("--expert", f"{n}={checkpoints[n]}")]
+    argv += ["--method", method, "--save", out, "--router-init", "domain", "--report-batches", "0"]
+    assert run_distributed(tool_main, 1, args=("bam-upcycle", argv)) == [0]
+    manifest = json.load(open(os.path.join(out, "upcycle_manifest.json")))
+    recorded = manifest["domain_routers"]["data"]
+    assert [recorded[n]["prefixes"] for n in names] == [[corpus[n]] for n in names]  # each run's own data
+    assert {recorded[n]["origin"] for n in names} == {"recorded by its training run"}
+    (routing,) = run_distributed(
+        _routing_by_domain, 1, args=(store.resolve_checkpoint(out), _held_out_tokens(corpus, names))
+    )
+    for own, domain in enumerate(names):
+        ffn, attention = routing[domain]["ffn"], routing[domain]["attention"]
+        assert len(ffn) == 2 and len(attention) == (2 if method == "bam" else 0)
+        for layer in range(2):
+            assert ffn[layer][own] >= 0.6, (domain, layer, ffn[layer])
+            if method == "bam":
+                gates = attention[layer]
+                assert gates[own] == max(gates) and gates[own] >= 0.5, (domain, layer, gates)
+
+
+def test_random_routers_do_not_know_the_domains(tmp_path, checkpoints, corpus):
+    """The control: the same mixture with the paper's random routers misses the bar above."""
+    names = ("code", "law", "math")
+    out = str(tmp_path / "random")
+    argv = [f for n in names for f in ("--expert", f"{n}={checkpoints[n]}")]
+    argv += ["--method", "bam", "--save", out, "--report-batches", "0"]
+    assert run_distributed(tool_main, 1, args=("bam-upcycle", argv)) == [0]
+    (routing,) = run_distributed(
+        _routing_by_domain, 1, args=(store.resolve_checkpoint(out), _held_out_tokens(corpus, names))
+    )
+    own_gates = [routing[d]["attention"][layer][e] for e, d in enumerate(names) for layer in range(2)]
+    assert max(own_gates) < 0.5
