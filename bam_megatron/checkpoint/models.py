@@ -24,12 +24,14 @@ def load_model(
     backend: str = "auto",
 ) -> torch.nn.Module:
     """This rank's part of the checkpoint ``path`` under the given layout, weights loaded
-    (resharded), fp32, dropout and recompute off, in eval mode.
+    (resharded), fp32, dropout and recompute off, in eval mode; a grown mixture's routers carry the
+    offsets of its new-expert ramp at the checkpoint's iteration (`bam_megatron.model.router_ramp`).
 
     Call after ``bam_megatron.platform.distributed.initialize`` with the same sizes. A dense model
     is built at EP = 1 whatever ``expert`` says (megatron-core's expert parallelism needs experts).
     """
     from bam_megatron.model.builder import build_from_architecture
+    from bam_megatron.model.router_ramp import apply_ramp
 
     meta = meta if meta is not None else read_meta(path)
     architecture = meta.architecture
@@ -53,4 +55,6 @@ def load_model(
         )
         load_checkpoint(path, model, load_rng=False)
     model.config.finalize_model_grads_func = None  # forward only
+    # A grown mixture computes with its new experts' router offsets at this iteration (docs/phases.md).
+    apply_ramp(model, meta.lineage, meta.iteration, architecture.num_experts or 0)
     return model.eval()

@@ -9,17 +9,32 @@ experts share is kept from the mixture, not re-averaged: embeddings, norms, the 
 `new_router_rows`). ``--drop-expert NAME`` removes an expert and its router rows. The result is
 written layer by layer like an upcycle, and its lineage records which expert joined or left, from
 which checkpoint, at which step.
+
+Exact growth: a mixture that gains experts gets a per-expert router bias (``router_bias``; the old
+experts keep theirs, 0 if they had none) and a ramp of logit offsets for the new experts
+(`bam_megatron.model.router_ramp`): -1024 at step 0, which makes every new gate exactly 0 and the
+grown mixture bit for bit the old one, then from -16 at step 1 to 0 at step ``iters``, while the
+bias itself trains from the first step.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
 from bam_megatron.checkpoint import CheckpointError, CheckpointMeta, check_same_architecture, lineage
 from bam_megatron.model.architecture import Architecture
+from bam_megatron.model.router_ramp import (
+    DEFAULT_RAMP_ITERS,
+    DEFAULT_RAMP_START,
+    LINEAGE_KEY,
+    RouterRamp,
+    folded_bias,
+    ramp_of,
+)
 
 MIXTURES = ("bam", "bam-shared-kv", "btx")
 
@@ -78,8 +93,14 @@ def check_lineage(mixture: CheckpointMeta, mixture_path: str, new: Sequence, all
     return warnings
 
 
-def grown_architecture(mixture: Architecture, new: Sequence, experts: int, path: str) -> Architecture:
-    """The mixture's architecture with ``experts`` experts; new sources must be its dense form."""
+def grown_architecture(
+    mixture: Architecture, new: Sequence, experts: int, path: str, router_bias: Optional[bool] = None
+) -> Architecture:
+    """The mixture's architecture with ``experts`` experts; new sources must be its dense form.
+
+    ``router_bias`` (None: on when experts join, so that growth is exact; else the mixture's): the
+    grown mixture's router bias. Turning it off is refused where the mixture has one (its trained
+    biases would be lost)."""
     dense = mixture.replace(
         variant="dense",
         num_experts=None,
@@ -87,6 +108,7 @@ def grown_architecture(mixture: Architecture, new: Sequence, experts: int, path:
         attention_router_topk=None,
         moe_router_pre_softmax=True,
         moe_router_topk_scaling_factor=None,
+        router_bias=False,
     )
     for source in new:
         check_same_architecture(
@@ -98,18 +120,83 @@ def grown_architecture(mixture: Architecture, new: Sequence, experts: int, path:
     attention_topk = mixture.attention_router_topk
     if attention_topk is not None:
         attention_topk = min(attention_topk, experts)
-    return mixture.replace(num_experts=experts, moe_router_topk=topk, attention_router_topk=attention_topk)
+    if router_bias is None:
+        router_bias = bool(new) or mixture.router_bias
+    if mixture.router_bias and not router_bias:
+        raise CheckpointError(f"--no-router-bias: mixture {path} has trained router biases, which growing keeps")
+    return mixture.replace(
+        num_experts=experts, moe_router_topk=topk, attention_router_topk=attention_topk, router_bias=router_bias
+    )
 
 
-def record_growth(meta: CheckpointMeta, joined: Sequence, left: Sequence[str], names: list[str], path: str) -> dict:
+def record_growth(
+    meta: CheckpointMeta,
+    joined: Sequence,
+    left: Sequence[str],
+    names: list[str],
+    path: str,
+    ramp_iters: int = DEFAULT_RAMP_ITERS,
+    ramp_start: float = DEFAULT_RAMP_START,
+    router_bias: bool = True,
+) -> dict:
     """The ``grown`` entry appended to the lineage: who joined (from which checkpoint, at which step)
-    and who left, and the expert names after it."""
-    return {
+    and who left, the expert names after it, and (when experts join into a mixture with
+    ``router_bias``) the ramp of the new experts' router offsets (`bam_megatron.model.router_ramp`:
+    ``ramp_start`` from step 1 to 0 at ``ramp_iters``) with the routers' expert groups."""
+    entry = {
         "mixture": lineage.identity(path, meta),
         "joined": [{"name": s.name, **lineage.identity(s.path, s.meta)} for s in joined],
         "left": list(left),
         "expert_names": names,
     }
+    old_names = lineage.expert_names(meta)
+    carried = [old_names[e] for e in _unstarted_ramp(meta)]
+    ramped = [i for i, name in enumerate(names) if name in carried] + [
+        len(names) - len(joined) + i
+        for i in range(len(joined))  # the new experts come last (`slots`)
+    ]
+    if ramped and router_bias:
+        previous = ramp_of(meta.lineage)
+        groups, start = [], 0
+        for size in previous.groups if previous and previous.groups else (len(old_names),):
+            kept = sum(name not in left for name in old_names[start : start + size])
+            groups += [kept] if kept else []
+            start += size
+        groups += [len(joined)] if joined else []
+        entry[LINEAGE_KEY] = RouterRamp(
+            tuple(ramped), tuple(groups), start_offset=float(ramp_start), iters=int(ramp_iters)
+        ).to_dict()
+    return entry
+
+
+def _unstarted_ramp(meta: CheckpointMeta) -> tuple[int, ...]:
+    """The experts of a ramp the mixture recorded but never trained (its step 0): growing it again
+    carries them into the new ramp, which starts them at step 0 again, instead of folding -1024 into
+    their bias for good."""
+    ramp = ramp_of(meta.lineage)
+    return ramp.experts if ramp is not None and meta.iteration - ramp.origin <= 0 else ()
+
+
+def grown_router_bias(old_bias: Optional[torch.Tensor], mixture: CheckpointMeta, plan: Sequence[Slot]) -> torch.Tensor:
+    """One router's bias in the grown mixture (fp32): the old experts' effective biases (their bias,
+    0 without one, plus any offset of a ramp still running at the mixture's iteration, folded in as
+    the router adds it, unless that ramp never started: `record_growth` carries it on), then for each
+    new expert the least of them.
+
+    With the new router row at the mean of the old rows, a new expert's logit before its offset is
+    then never above the largest old logit, so the -1024 offset of step 0 makes its gate exactly 0.
+    """
+    n = mixture.architecture.num_experts
+    if old_bias is None:
+        current = torch.zeros(n)
+    elif _unstarted_ramp(mixture):  # carried into the new ramp as they are (`record_growth`)
+        current = old_bias.float()
+    else:
+        current = folded_bias(old_bias.float(), mixture.lineage, mixture.iteration)
+    kept = current[[s.index for s in plan if not s.new]]
+    count = sum(s.new for s in plan)
+    floor = kept.min() if len(kept) else torch.zeros(())
+    return torch.cat([kept, floor.expand(count)])
 
 
 class GrowMixer:
@@ -137,6 +224,8 @@ class GrowMixer:
                 param.copy_(source)
             elif name.endswith("router.weight"):
                 param.copy_(self._router(old[name]))
+            elif name.endswith("router.bias"):
+                param.copy_(grown_router_bias(old.get(name), self.mixture.meta, self.plan))
             elif self.config.uses_soft_moa and name.endswith(
                 ("self_attention.linear_qkv.weight", "linear_proj.weight")
             ):

@@ -25,6 +25,7 @@ from bam_megatron.model.gpt import block_spec
 from bam_megatron.model.norm import TorchNorm
 from bam_megatron.model.parallel_block import ParallelTransformerLayer, PartialSumRowParallelLinear
 from bam_megatron.model.rope_cache import RotatedCacheSelfAttention
+from bam_megatron.model.router import BiasedTopKRouter
 from bam_megatron.model.sdpa_attention import SDPAttention
 from bam_megatron.model.soft_moa import SoftMoASelfAttention, SoftMoASelfAttentionSubmodules
 
@@ -126,6 +127,8 @@ def get_bam_layer_spec(config: BAMConfig, backend: str = "auto") -> ModuleSpec:
         ffn = ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=m["column"], linear_fc2=output_linear))
     else:
         ffn = get_moe_module_spec_for_backend(m["provider"], num_experts=config.num_moe_experts)
+        if config.router_bias:  # the FFN router's own bias, without add_bias_linear on every linear
+            ffn.submodules.router = BiasedTopKRouter
 
     return ModuleSpec(
         module=ParallelTransformerLayer if parallel else TransformerLayer,

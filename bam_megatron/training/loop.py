@@ -39,6 +39,7 @@ from bam_megatron.checkpoint.meta import MEGATRON_LM
 from bam_megatron.data.datasets import TokenIds, build_datasets, build_mock_datasets, data_fingerprint, parse_data_path
 from bam_megatron.data.tokenizer import load_tokenizer
 from bam_megatron.errors import ConfigError
+from bam_megatron.model import router_ramp
 from bam_megatron.model.architecture import ARCHITECTURE_FIELDS, Architecture, padded_vocab_size, resolve_architecture
 from bam_megatron.model.builder import build_from_architecture
 from bam_megatron.model.moe_metrics import moe_aux_losses
@@ -197,6 +198,8 @@ class Trainer:
         self.architecture = self._resolve_architecture()
         meta = self.checkpoint_meta
         self.lineage = lineage.started_from(self.checkpoint, meta, self.weights_only) if meta else {}
+        if meta and self.weights_only:  # this run counts from 0: a new-expert ramp goes on where meta left it
+            self.lineage = router_ramp.restarted_lineage(self.lineage, meta.iteration)
         if args.seq_length is None:
             args.seq_length = self.checkpoint_meta.seq_length if self.checkpoint_meta else DEFAULT_SEQ_LENGTH
         settings = model_settings(args)
@@ -477,7 +480,19 @@ class Trainer:
             )
             _say(f"saved checkpoint {path}")
 
+    def _ramp_routers(self) -> None:
+        """A grown mixture's new-expert router offsets at this iteration (`router_ramp`): a function
+        of the iteration alone, so a resumed run sets the same ones."""
+        offset = router_ramp.apply_ramp(
+            self.model, self.lineage, self.progress.iteration, self.architecture.num_experts or 0
+        )
+        said = getattr(self, "_ramp_said", None)
+        if offset is not None and (said is None or (offset == 0) != (said == 0)):  # its start, and its end
+            _say(f"iteration {self.progress.iteration}: the new experts' router offset is {offset:g}")
+            self._ramp_said = offset
+
     def _train_step(self) -> tuple[Optional[float], Optional[float], bool]:
+        self._ramp_routers()
         batches = self.batches.next_global_batch(self.num_microbatches)
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
@@ -502,6 +517,7 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         """Mean validation loss of every domain (forward only, fixed samples)."""
+        self._ramp_routers()
         losses = {}
         dp_rank, dp = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
         for name, dataset in self.valid_ds.items():
