@@ -9,8 +9,10 @@ second, for the upcycle's work (from reading the sources to the published checkp
 manifest records) and for the whole command (plus interpreter start and imports); the ratios are
 ours / copy (goals: >= 0.8 for the work, >= 0.5 for the whole command).
 
-The command runs with ``--report-batches 0`` unless ``--report-batches N`` is given: the step-0
-report loads every model whole (its cost is the model loads, not the conversion).
+The command is bam-upcycle's default one (its step-0 report on, streamed layer by layer) unless
+``--report-batches N`` is given (0: off). ``--router-init domain`` also fits domain routers: each
+source gets a small dataset of random tokens from its own quarter of the vocabulary, given to the
+upcycler with ``--router-data``.
 
 Memory: the same is repeated with sources twice as deep (``--layers`` and 2 x ``--layers``); the
 upcycler streams layer by layer, so its peak RSS should not grow with depth.
@@ -67,7 +69,7 @@ def make_source(directory: str, flags: list[str], seed: int) -> None:
 
 def make_megatron_lm_source(directory: str, settings: dict, layers: int, seed: int) -> None:
     """Rank body: a dense checkpoint as Megatron-LM's save_checkpoint writes it (its args, local spec)."""
-    from tests.test_megatron_lm_checkpoints import _save_as_megatron_lm, megatron_lm_args
+    from tests.support.megatron_lm import megatron_lm_args, save_as_megatron_lm
 
     hidden = settings["hidden"]
     args = megatron_lm_args(
@@ -83,7 +85,24 @@ def make_megatron_lm_source(directory: str, settings: dict, layers: int, seed: i
         seq_length=1024,
         tokenizer_model=None,
     )
-    _save_as_megatron_lm(directory, args, seed)
+    save_as_megatron_lm(directory, args, seed)
+
+
+def domain_data(directory: str, name: str, vocab: int) -> str:
+    """PREFIX of a small indexed dataset of random tokens from domain ``name``'s quarter of the vocabulary."""
+    import numpy
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    prefix = os.path.join(directory, f"{name}_text_document")
+    if not os.path.exists(prefix + ".idx"):
+        quarter = vocab // len(NAMES)
+        low = NAMES.index(name) * quarter
+        generator = numpy.random.default_rng(NAMES.index(name))
+        builder = IndexedDatasetBuilder(prefix + ".bin", dtype=numpy.int32)
+        for _ in range(64):
+            builder.add_document(generator.integers(low, low + quarter, 256, dtype=numpy.int64), [256])
+        builder.finalize(prefix + ".idx")
+    return prefix
 
 
 def size_of(path: str) -> int:
@@ -131,9 +150,13 @@ def upcycle_sources(workdir: str, sources: list[str], layers: int, settings: arg
         shutil.rmtree(out, ignore_errors=True)
         os.sync()
         argv = [sys.executable, os.path.join(root, "tools", "upcycle.py"), "--method", "bam", "--save", out]
-        argv += ["--report-batches", str(settings.report_batches)]
+        if settings.report_batches is not None:
+            argv += ["--report-batches", str(settings.report_batches)]
         for name, path in zip(NAMES, sources):
             argv += ["--expert", f"{name}={path}"]
+        if settings.router_init == "domain":
+            argv += ["--router-init", "domain"]
+            argv += [f for n in NAMES for f in ("--router-data", f"{n}={domain_data(workdir, n, settings.vocab)}")]
         env = dict(os.environ, PYTHONPATH=root)  # (its own bam_megatron before the installed one)
         start = time.perf_counter()
         subprocess.run(argv, check=True, capture_output=True, text=True, env=env)
@@ -187,7 +210,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--depths", type=int, choices=(1, 2), default=2, help="2: also at 2 x --layers (memory)")
     parser.add_argument("--source-format", choices=("bam-megatron", "megatron-lm"), default="bam-megatron")
-    parser.add_argument("--report-batches", type=int, default=0, help="bam-upcycle's step-0 report (0: off)")
+    parser.add_argument(
+        "--report-batches", type=int, default=None, help="bam-upcycle's step-0 report (default: its default; 0: off)"
+    )
+    parser.add_argument("--router-init", choices=("random", "domain"), default="random", help="bam-upcycle's")
     parser.add_argument("--workdir", default="/tmp/bam-upcycle-bench")
     parser.add_argument("--keep-sources", metavar="DIR", help="keep the generated sources here and reuse them")
     parser.add_argument("--compare", metavar="ROOT", help="another checkout: its tools/upcycle.py, interleaved")

@@ -281,3 +281,24 @@ class DomainRouters:
             logits = x.float() @ weight.T + (0 if bias is None else bias)
             shares.append(round(float((logits.argmax(-1) == e).float().mean()), 4))
         return shares
+
+
+def format_summary(domain_routers: dict, names: Sequence[str]) -> str:
+    """The manifest's ``domain_routers`` as a few lines: per router, each expert's own-domain share
+    (tokens of its calibration data whose top logit is its own), the lowest and the mean over layers."""
+    lines = [
+        f"domain routers (margin {domain_routers['margin']}): share of each domain's tokens routed to its own expert"
+    ]
+    for kind in ("attention", "ffn"):
+        per_layer = [entry[f"{kind}_own_share"] for entry in domain_routers["layers"] if f"{kind}_own_share" in entry]
+        if not per_layer:
+            continue
+        cells = []
+        for e, name in enumerate(names):
+            shares = [layer[e] for layer in per_layer if layer[e] is not None]
+            if shares:
+                cells.append(f"{name} {min(shares):.2f}-{sum(shares) / len(shares):.2f}")
+            else:
+                cells.append(f"{name} (no data)")
+        lines.append(f"  {kind:<9}  lowest-mean over layers: " + ", ".join(cells))
+    return "\n".join(lines)

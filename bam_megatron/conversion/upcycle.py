@@ -566,8 +566,6 @@ def _publish(args, model, strategy, meta: CheckpointMeta, manifest: dict, compar
             verification.result()  # a damaged source is the cause: say which file
             raise
         verification.result()
-        manifest["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-        manifest["seconds"] = round(time.time() - start, 2)
         if args.report_batches:
             from bam_megatron.conversion.function_report import function_distance
 
@@ -579,6 +577,9 @@ def _publish(args, model, strategy, meta: CheckpointMeta, manifest: dict, compar
                 args.report_batches,
                 args.seed,
             )
+        # the whole command's work and memory, the step-0 report included
+        manifest["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+        manifest["seconds"] = round(time.time() - start, 2)
         with open(os.path.join(tmp, "upcycle_manifest.json"), "w") as f:
             json.dump(manifest, f, indent=2)
         os.replace(tmp, args.save)
@@ -675,5 +676,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from bam_megatron.conversion.function_report import format_report
 
             print(format_report(manifest["step0"]), flush=True)
+        if "domain_routers" in manifest:
+            from bam_megatron.conversion.router_init import format_summary
+
+            print(format_summary(manifest["domain_routers"], manifest["expert_names"]), flush=True)
 
     return run_tool("bam-upcycle", body)
