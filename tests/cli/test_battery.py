@@ -614,6 +614,40 @@ CASES = [
         + ("--save", "{out}"),
         "--target-tensor-parallel-size must be >= 1, got 0",
     ),
+    Case(
+        "upcycle-router-data-without-domain-init",
+        "bam-upcycle",
+        ("--method", "bam", "--expert", "a={seed}", "--expert", "b={seed}", "--router-data", "a={code}")
+        + ("--save", "{out}"),
+        "--router-data needs --router-init domain",
+    ),
+    Case(
+        "upcycle-domain-routers-for-sparse",
+        "bam-upcycle",
+        ("--method", "sparse", "--expert", "a={seed}", "--router-init", "domain", "--save", "{out}"),
+        "--method sparse copies one source into every expert; there are no domains",
+    ),
+    Case(
+        "upcycle-router-data-unknown-expert",
+        "bam-upcycle",
+        ("--method", "bam", "--expert", "a={seed}", "--expert", "b={seed}", "--router-init", "domain")
+        + ("--router-data", "z={code}", "--save", "{out}"),
+        "--router-data 'z={code}': no expert 'z' (the experts: a, b)",
+    ),
+    Case(
+        "upcycle-router-data-missing",
+        "bam-upcycle",
+        ("--method", "btx", "--expert", "a={seed}", "--expert", "b={seed}", "--router-init", "domain")
+        + ("--router-data", "b={d}/none", "--save", "{out}"),
+        "expert b: calibration data (--router-data): dataset file not found: {d}/none",
+    ),
+    Case(
+        "upcycle-router-margin-0",
+        "bam-upcycle",
+        ("--method", "bam", "--expert", "a={seed}", "--expert", "b={seed}", "--router-init", "domain")
+        + ("--router-margin", "0", "--save", "{out}"),
+        "--router-margin must be > 0, got 0.0",
+    ),
     # bam-eval
     Case(
         "eval-truncated-common",
