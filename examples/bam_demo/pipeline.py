@@ -90,7 +90,7 @@ QUICK = dict(
     eval_samples=16,
     log_lines=2,
     mixtures=("btx", "bam"),
-    step0_mixtures=("bam",),  # TODO(issue 22): ("bam", "bam-domain") once bam-upcycle has --router-init
+    step0_mixtures=("bam", "bam-domain"),  # domain routers shown at step 0 only: no training run more
 )
 
 
@@ -383,7 +383,7 @@ class Pipeline(Stages):
             "upcycle",
             f"phase 3: upcycle seed + experts into 4-expert mixtures: {', '.join(map(label, self.upcycled()))}",
             units,
-            parallel=self.nproc,
+            parallel=self.jobs,  # one process each: --jobs of them share the cores
         )
 
     def mixture_flags(self, init: str, iters: int) -> list[str]:

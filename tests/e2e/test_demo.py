@@ -19,7 +19,7 @@ import pytest
 from tests.support import paths
 
 REPO = paths.REPO
-MODELS = ("seed", "code", "law", "math", "btx", "bam", "bam-step0")
+MODELS = ("seed", "code", "law", "math", "btx", "bam", "bam-step0", "bam-domain-step0")
 
 
 def _run_demo(workdir, timeout):
@@ -62,11 +62,15 @@ def test_quick_demo_end_to_end(tmp_path):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", figure
         assert str(path) in out
     own = [line.split(" | ") for line in out.splitlines() if " | FFN: share of tokens routed (top-1) | " in line]
-    assert sorted(cells[0] for cells in own) == ["| bam", "| bam-step0", "| btx"], out[-5000:]  # printed once
+    expected = ["| bam", "| bam-domain-step0", "| bam-step0", "| btx"]
+    assert sorted(cells[0] for cells in own) == expected, out[-5000:]  # printed once
     assert all(cells[2] == "no expert" for cells in own)  # general: no expert of its name (the seed's is "seed")
     for expert in ("code", "law", "math"):
         assert f"the {expert} expert beats the seed on {expert}" in out
     assert "BAM beats the seed on average" in out and "Total time" in out
+    assert re.search(r"\[(yes|NO )\] BAM \(domain routers\), step 0: own FFN top-1 share", out), out[-5000:]
+    manifest = json.loads((workdir / "bam-domain-init" / "upcycle_manifest.json").read_text())
+    assert manifest["router_init"] == "domain" and manifest["method"] == "bam"
 
     grown = (workdir / "grow" / "eval" / "perplexity.json").read_text()
     ppl = {name: m["perplexity"] for name, m in json.loads(grown)["models"].items()}
@@ -76,7 +80,7 @@ def test_quick_demo_end_to_end(tmp_path):
     assert "froze experts seed, code, law, math" in (workdir / "logs" / "bam-bio.log").read_text()
 
     again = _run_demo(workdir, timeout=300)  # everything done: every stage skipped, same table
-    units = 3 + 1 + 1 + 3 + 2 + 2 + 1  # data, tokenizer, preprocess; seed; branch; experts; upcycles; mixtures; eval
+    units = 3 + 1 + 1 + 3 + 3 + 2 + 1  # data, tokenizer, preprocess; seed; branch; experts; upcycles; mixtures; eval
     units += 6  # grow: data, branch, expert, extend, train, eval
     assert len(re.findall(r"skipped [\w-]+: done earlier", again)) == units, again
     assert table.strip().splitlines()[-1] in again
