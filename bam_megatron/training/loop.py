@@ -487,7 +487,8 @@ class Trainer:
             self.model, self.lineage, self.progress.iteration, self.architecture.num_experts or 0
         )
         said = getattr(self, "_ramp_said", None)
-        if offset is not None and (said is None or (offset == 0) != (said == 0)):  # its start, and its end
+        exact = said == -router_ramp.EXACT_OFFSET
+        if offset is not None and (said is None or exact or (offset == 0) != (said == 0)):  # step 0, 1 and the end
             _say(f"iteration {self.progress.iteration}: the new experts' router offset is {offset:g}")
             self._ramp_said = offset
 

@@ -120,13 +120,15 @@ def test_extend_puts_every_tensor_in_its_slot_and_drop_gives_the_mixture_back(tm
     assert code == 0, err
     mix, big, law = weights(mixtures[method]), weights(grown), weights(family["law"])
     architecture = store.read_meta(store.resolve_checkpoint(grown)).architecture
-    assert architecture.num_experts == 3 and architecture.variant == method
+    assert architecture.num_experts == 3 and architecture.variant == method and architecture.router_bias
     for name, tensor in big.items():
         if ".local_experts.2." in name:  # the new FFN expert: law's FFN
             layer_fc = name.replace(".mlp.experts.local_experts.2.", ".mlp.")
             assert torch.equal(tensor, law[layer_fc]), name
         elif name.endswith("router.weight"):  # old rows kept, the new row their mean
             assert torch.equal(tensor[:2], mix[name]) and torch.allclose(tensor[2], mix[name].mean(0)), name
+        elif name.endswith("router.bias"):  # growth turns the bias on: 0 for all (the least old bias)
+            assert name not in mix and torch.equal(tensor, torch.zeros(3)), name
         elif method != "btx" and ".self_attention.linear_" in name:
             continue  # checked expert by expert below
         else:  # old experts and everything shared: the mixture's own
@@ -148,7 +150,10 @@ def test_extend_puts_every_tensor_in_its_slot_and_drop_gives_the_mixture_back(tm
     code, err = upcycle("--extend", grown, "--drop-expert", "law", "--save", back)
     assert code == 0, err
     again = weights(back)
-    assert again.keys() == mix.keys() and all(torch.equal(again[n], mix[n]) for n in mix)
+    assert all(torch.equal(again[n], mix[n]) for n in mix)
+    # the bias the growth added stays, zero: the same function (docs/phases.md)
+    assert set(again) - set(mix) == {n for n in again if n.endswith("router.bias")}
+    assert all(torch.equal(again[n], torch.zeros(2)) for n in set(again) - set(mix))
     history = store.read_meta(store.resolve_checkpoint(back)).lineage["grown"]
     assert [(g["expert_names"], [j["name"] for j in g["joined"]], g["left"]) for g in history] == [
         (["seed", "code", "law"], ["law"], []),
@@ -157,7 +162,7 @@ def test_extend_puts_every_tensor_in_its_slot_and_drop_gives_the_mixture_back(tm
     manifest = json.load(open(os.path.join(grown, "upcycle_manifest.json")))
     assert set(manifest["step0"]) == {"mixture", "law"}  # the step-0 change, measured
     step0 = manifest["step0"]
-    assert 0 < step0["mixture"]["kl"] < step0["law"]["kl"]  # closer to the mixture it grew from than to the newcomer
+    assert 0 <= step0["mixture"]["kl"] < step0["law"]["kl"]  # closer to the mixture it grew from than to the newcomer
 
 
 def _resave(path: str, out: str) -> None:
@@ -378,3 +383,94 @@ def test_a_copy_of_an_expert_with_its_router_row_leaves_the_function_unchanged(t
     # the control: the copy of code takes the tokens where twice the seed's logit wins, another function
     ((_, moved),) = run_distributed(_logits_with_router_row_copied, 1, args=(mixtures["btx"], grown, 0, 2.0))
     assert not torch.equal(before, moved)
+
+
+def _grown_logits(mixture: str, grown: str, expert: int) -> dict[str, torch.Tensor]:
+    """Rank body: logits of the mixture and of the grown mixture (as load_model gives it: the ramp's
+    offset of its iteration applied), and of the grown one with its offsets cleared (the control)."""
+    from bam_megatron.checkpoint.models import load_model
+    from bam_megatron.model.router_ramp import biased_routers, set_offsets
+    from bam_megatron.platform.distributed import initialize
+
+    initialize(ParallelSizes(expert=expert))
+    tokens = torch.arange(2 * SEQ).view(2, -1) * 7 % 128
+    positions = torch.arange(SEQ).unsqueeze(0).expand_as(tokens)
+    out = {}
+    for name, path in (("mixture", mixture), ("grown", grown)):
+        model = load_model(store.resolve_checkpoint(path), expert=expert)
+        with torch.no_grad():
+            out[name] = model(tokens, positions, None)
+    routers = biased_routers(model)
+    for router in routers:
+        set_offsets(router, [0.0] * router.weight.shape[0], router.expert_groups or ())
+    with torch.no_grad():
+        out["no offset"] = model(tokens, positions, None)
+    out["routers"] = len(routers)
+    return out
+
+
+@pytest.mark.parametrize("method", ["bam", "bam-shared-kv", "btx"])
+def test_extend_is_exact_at_step_0(tmp_path, family, mixtures, method):
+    """Two experts join (2 -> 4, so EP=2 splits them): the grown mixture's logits are the mixture's,
+    bit for bit, at EP=1 and EP=2 (pre-softmax top-1 FFN routing, soft MoA), with the router bias
+    growth turns on and the new experts' -1024 offset at step 0; without the offset they are not."""
+    grown = str(tmp_path / "grown")
+    new = ["--expert", f"law={family['law']}", "--expert", f"other={family['foreign']}", "--allow-foreign-lineage"]
+    code, err = upcycle("--extend", mixtures[method], *new, "--save", grown, "--report-batches", "0")
+    assert code == 0, err
+    meta = store.read_meta(store.resolve_checkpoint(grown))
+    assert meta.architecture.router_bias and meta.architecture.moe_router_pre_softmax
+    ramp = meta.lineage["grown"][-1]["router_ramp"]
+    assert ramp["experts"] == [2, 3] and ramp["groups"] == [2, 2] and ramp["exact_offset"] == 1024.0
+    for expert in (1, 2):
+        out = run_distributed(_grown_logits, expert, args=(mixtures[method], grown, expert))[0]
+        assert out["routers"] == (2 if method != "btx" else 1) * 2
+        assert torch.equal(out["grown"], out["mixture"]), (expert, (out["grown"] - out["mixture"]).abs().max())
+        assert not torch.equal(out["no offset"], out["mixture"])  # the control: the offset does it
+
+
+def _upcycle_with_ramp(argv: list[str], iters: int) -> tuple[int, str]:
+    """Rank body: bam-upcycle with the new-expert ramp over ``iters`` iterations."""
+    import functools
+
+    from bam_megatron.conversion import grow
+
+    grow.record_growth = functools.partial(grow.record_growth, ramp_iters=iters)
+    return _upcycle(argv)
+
+
+@pytest.mark.parametrize("method", ["bam", "btx"])
+def test_training_a_grown_mixture_moves_the_new_bias_and_ramps_it_in(tmp_path, family, mixtures, method):
+    """The new experts' gates are exactly 0 at step 0 only: from step 1 their offset rises from -16
+    to 0 at K = 3, while the bias parameters train from the first step; the new attention expert
+    (soft MoA) learns through its gate."""
+    grown, trained = str(tmp_path / "grown"), str(tmp_path / "trained")
+    argv = ["--extend", mixtures[method], "--expert", f"law={family['law']}", "--save", grown, "--report-batches", "0"]
+    ((code, err),) = run_distributed(_upcycle_with_ramp, 1, args=(argv, 3))
+    assert code == 0, err
+    train = ["--pretrained-checkpoint", grown, "--mock-data", "--vocab-size", "128", "--seq-length", str(SEQ)]
+    train += ["--micro-batch-size", "2", "--train-iters", "5", "--lr", "1e-2", "--lr-warmup-iters", "0"]
+    ((code, out),) = run_distributed(_pretrain_output, 1, args=([*train, "--save", trained],))
+    assert code == 0, out
+    said = [
+        line.split(": ", 1)[0] + ": " + line.rsplit(" ", 1)[1] for line in out.splitlines() if "router offset" in line
+    ]
+    assert said == ["iteration 0: -1024", "iteration 1: -10.6667", "iteration 3: 0"], said
+    before, after = weights(grown), weights(trained)
+    for name in (n for n in after if n.endswith("router.bias")):
+        assert before[name][2] == 0 and after[name][2] != before[name][2], name
+    if method == "bam":
+        architecture = store.read_meta(store.resolve_checkpoint(grown)).architecture
+        q0, o0, _, _ = _attention(before, 0, architecture)
+        q1, o1, _, _ = _attention(after, 0, architecture)
+        assert not torch.equal(q1[2], q0[2]) and not torch.equal(o1[2], o0[2])
+
+
+def _pretrain_output(argv: list[str]) -> tuple[int, str]:
+    """Rank body: pretrain_bam's exit code and its output (stdout and stderr)."""
+    from bam_megatron.cli.pretrain import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        code = main(argv)
+    return code, out.getvalue()
