@@ -168,3 +168,20 @@ def test_biases_saved_at_one_layout_load_at_another(tmp_path, sizes):
         assert rank.keys() == saved.keys()
         for name, bias in rank.items():  # replicated: every rank holds all of it
             assert torch.equal(bias, saved[name]), name
+
+
+def test_the_ramp_is_a_function_of_the_iteration_and_goes_on_after_a_weights_only_start():
+    from bam_megatron.model.router_ramp import RouterRamp, folded_bias, ramp_of, restarted_lineage
+
+    ramp = RouterRamp((2,), (2, 1), start_offset=16.0, iters=4)
+    assert [ramp.offset(t) for t in range(6)] == [-1024.0, -12.0, -8.0, -4.0, 0.0, 0.0]
+    assert ramp.offsets(1, 3) == [0.0, 0.0, -12.0] and not ramp.done(3) and ramp.done(4)
+    assert [RouterRamp((0,), iters=0).offset(t) for t in range(3)] == [-1024.0, 0.0, 0.0]  # exact step 0 only
+    lineage = {"grown": [{"expert_names": ["a", "b", "c"], "router_ramp": ramp.to_dict()}]}
+    assert ramp_of(lineage) == ramp
+    # a run from the weights of iteration 2 counts from 0 again: its iteration 0 is the ramp's t = 2
+    moved = ramp_of(restarted_lineage(lineage, 2))
+    assert moved.offset(0) == ramp.offset(2) and moved.offset(2) == 0.0
+    assert ramp_of(lineage).origin == 0  # the checkpoint's own record is untouched
+    bias = torch.tensor([0.5, -0.25, 0.0])
+    assert torch.equal(folded_bias(bias, lineage, 1), torch.tensor([0.5, -0.25, -12.0]))
