@@ -68,6 +68,11 @@ def no_megatron_lm_model(meta: CheckpointMeta) -> Optional[str]:
         return f"block_type {a.block_type}: Megatron-LM's GPT layers are sequential (attention, then the FFN)"
     if a.normalization != "RMSNorm":
         return f"normalization {a.normalization}: Megatron-LM's LayerNorm has a bias, ours none"
+    if a.router_bias:
+        return (
+            "router_bias: Megatron-LM's TopKRouter has a bias only with --add-bias-linear, which also puts one "
+            "on every attention and MLP linear layer (ours have none)"
+        )
     if a.rope_scaling_factor not in (None, ROPE_SCALING_FACTOR):
         return (
             f"rope_scaling_factor {a.rope_scaling_factor}: Megatron-LM's gpt_builder passes --use-rope-scaling "

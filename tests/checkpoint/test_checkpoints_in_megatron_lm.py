@@ -411,6 +411,9 @@ def test_what_megatron_lm_has_no_model_for_gets_no_args(saved):
         "variant bam": PARALLEL.replace(variant="bam", num_experts=2, block_type="sequential"),
         "normalization LayerNorm": ARCHITECTURES["dense"].replace(normalization="LayerNorm"),
         "rope_scaling_factor 32.0": ARCHITECTURES["dense"].replace(rope_scaling_factor=32.0),
+        "router_bias: Megatron-LM's TopKRouter has a bias only with --add-bias-linear": ARCHITECTURES["btx"].replace(
+            router_bias=True
+        ),
     }
     for why, architecture in cases.items():
         meta = _meta(architecture)

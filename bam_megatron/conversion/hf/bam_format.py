@@ -87,6 +87,8 @@ class BamTarget(Target):
             "num_experts_per_tok": a.moe_router_topk if experts else 1,
             "moe_router_pre_softmax": bool(a.moe_router_pre_softmax),
             "moe_router_topk_scaling_factor": a.moe_router_topk_scaling_factor,
+            "router_bias": a.router_bias,
+            "router_expert_groups": _expert_groups(a, meta),
             "normalization": a.normalization,
             "norm_eps": a.norm_epsilon,
             "rope_theta": float(a.rotary_base),
@@ -121,10 +123,14 @@ class BamTarget(Target):
             out[theirs + "self_attn.k_norm.weight"] = p[ours + "self_attention.k_layernorm.weight"]
         if n > 1:
             out[theirs + "self_attn.router.weight"] = p[ours + "self_attention.router.weight"]
+            if a.router_bias:
+                out[theirs + "self_attn.router.bias"] = p[ours + "self_attention.router.bias"]
         if a.block_type == "sequential":
             out[theirs + "post_attention_layernorm.weight"] = p[ours + "pre_mlp_layernorm.weight"]
         if config.num_moe_experts:
             out[theirs + "mlp.router.weight"] = p[ours + "mlp.router.weight"]
+            if a.router_bias:
+                out[theirs + "mlp.router.bias"] = p[ours + "mlp.router.bias"]
             for e, (fc1, fc2) in enumerate(self.experts(p, unit, config)):
                 out.update(self.swiglu(fc1, fc2, f"{theirs}mlp.experts.{e}."))
         else:
@@ -146,10 +152,31 @@ def to_bam(
     (The export streams unit by unit through `BamTarget.unit`; this is the in-memory form.)
     """
     target, a = BamTarget(), meta.architecture
+    weights = fold_router_offsets(weights, meta)
     tensors = target.unit(TOP, weights, a, config)
     for i in range(config.num_layers):
         tensors.update(target.unit(i, weights, a, config))
     return tensors, target.hf_config(a, config, meta, token_ids)
+
+
+def _expert_groups(a: Architecture, meta: CheckpointMeta) -> Optional[list[int]]:
+    """The router's groups of experts a grown mixture computes one GEMM each (`router_ramp`), or None."""
+    from bam_megatron.model.router_ramp import ramp_of
+
+    ramp = ramp_of(meta.lineage) if a.router_bias else None
+    return list(ramp.groups) if ramp is not None and len(ramp.groups) > 1 else None
+
+
+def fold_router_offsets(weights: dict[str, torch.Tensor], meta: CheckpointMeta) -> dict[str, torch.Tensor]:
+    """A unit's (or model's) parameters with the new-expert ramp's offset at the checkpoint's iteration
+    folded into every router bias (`router_ramp.folded_bias`): the exported routers then compute the
+    logits the checkpoint does, -1024 for a freshly grown mixture's new experts. Every export does this."""
+    from bam_megatron.model.router_ramp import folded_bias
+
+    return {
+        name: folded_bias(t, meta.lineage, meta.iteration) if name.endswith("router.bias") else t
+        for name, t in weights.items()
+    }
 
 
 def copy_model_code(directory: str) -> None:

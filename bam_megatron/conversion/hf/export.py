@@ -26,6 +26,7 @@ from typing import Any, Optional
 import torch
 
 from bam_megatron.conversion.hf import formats, hf_files, hf_tokenizer
+from bam_megatron.conversion.hf.bam_format import fold_router_offsets
 from bam_megatron.conversion.hf.errors import ConversionError
 from bam_megatron.conversion.hf.megatron_io import TrackedParams
 from bam_megatron.conversion.hf.target import TOP, Target
@@ -280,7 +281,7 @@ def export_checkpoint(
         writer = hf_files.ShardedSafetensorsWriter(tmp, plan, shard_limit)
         try:
             for unit in order:  # every check passed: now the expensive part, one unit in memory
-                weights = read_unit(model, unit, path, stored_key)
+                weights = fold_router_offsets(read_unit(model, unit, path, stored_key), meta)
                 with torch.no_grad():
                     for name, tensor in _mapped(target, unit, weights, a, config).items():
                         writer.write(name, tensor.to(DTYPES[dtype]))

@@ -196,6 +196,11 @@ class _MoETarget(LlamaTarget):
                 f"moe_router_topk_scaling_factor={a.moe_router_topk_scaling_factor}: {self.architecture_class} "
                 "has no routing-weight scale (export with --format bam: remote code)"
             )
+        if a.router_bias:
+            return (
+                f"router_bias=True: {self.architecture_class}'s router (mlp.gate) has no bias (export with "
+                "--format bam: remote code, which carries both routers' biases)"
+            )
         return None
 
     def moe_config(self, a: Architecture) -> dict[str, Any]:

@@ -53,6 +53,7 @@ class BamImporter(Importer):
         "num_experts_per_tok": 1,
         "moe_router_pre_softmax": True,
         "moe_router_topk_scaling_factor": None,
+        "router_bias": False,
         "normalization": "RMSNorm",
         "norm_eps": 1e-5,
         "rope_theta": 10000.0,
@@ -106,6 +107,7 @@ class BamImporter(Importer):
                 rope_scaling_factor=self.get("rope_scaling_factor"),
                 moe_router_pre_softmax=bool(self.get("moe_router_pre_softmax")),
                 moe_router_topk_scaling_factor=self.get("moe_router_topk_scaling_factor"),
+                router_bias=bool(self.get("router_bias")),
             )
         except ConfigError as error:
             raise ConversionError(f"config.json does not describe a bam-megatron model: {error}") from None
@@ -141,11 +143,15 @@ class BamImporter(Importer):
                 shapes[p + "self_attn.k_norm.weight"] = (self.head_dim,)
             if self.experts > 1:
                 shapes[p + "self_attn.router.weight"] = (self.experts, hidden)
+                if a.router_bias:
+                    shapes[p + "self_attn.router.bias"] = (self.experts,)
             if a.block_type == "sequential":
                 shapes[p + "post_attention_layernorm.weight"] = (hidden,)
             mlps = [f"{p}mlp.experts.{e}." for e in range(a.num_experts or 0)] or [p + "mlp."]
             if a.num_experts:
                 shapes[p + "mlp.router.weight"] = (a.num_experts, hidden)
+                if a.router_bias:
+                    shapes[p + "mlp.router.bias"] = (a.num_experts,)
             for m in mlps:
                 shapes.update(swiglu_shapes(m, hidden, ffn))
         return shapes
@@ -184,11 +190,15 @@ class BamImporter(Importer):
             params[attention + "k_layernorm.weight"].copy_(read(theirs + "self_attn.k_norm.weight"))
         if self.experts > 1:
             params[attention + "router.weight"].copy_(read(theirs + "self_attn.router.weight"))
+            if a.router_bias:
+                params[attention + "router.bias"].copy_(read(theirs + "self_attn.router.bias"))
         params[ours + "input_layernorm.weight"].copy_(read(theirs + "input_layernorm.weight"))
         if a.block_type == "sequential":
             params[ours + "pre_mlp_layernorm.weight"].copy_(read(theirs + "post_attention_layernorm.weight"))
         if a.num_experts:
             params[ours + "mlp.router.weight"].copy_(read(theirs + "mlp.router.weight"))
+            if a.router_bias:
+                params[ours + "mlp.router.bias"].copy_(read(theirs + "mlp.router.bias"))
             for e in range(a.num_experts):
                 fill_swiglu(
                     params,

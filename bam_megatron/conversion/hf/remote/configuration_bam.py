@@ -31,7 +31,9 @@ class BamConfig(PretrainedConfig):
     ``qkv_bias``: biases on q/k/v (Qwen2's); ``qk_norm``: a per-head norm of q
     and k before RoPE (Qwen3's). ``rope_scaling_factor``: Llama-3's RoPE scaling as megatron-core
     computes it (low/high frequency factors 1 and 4, original context 8192).
-    ``moe_router_topk_scaling_factor`` multiplies the FFN routing weights.
+    ``moe_router_topk_scaling_factor`` multiplies the FFN routing weights. ``router_bias``: both
+    routers add a per-expert bias; ``router_expert_groups``: sizes of the groups of experts whose
+    router rows are one GEMM each (a grown mixture's; None: one GEMM).
     """
 
     model_type = "bam_megatron"
@@ -60,6 +62,8 @@ class BamConfig(PretrainedConfig):
         num_experts_per_tok=1,
         moe_router_pre_softmax=True,
         moe_router_topk_scaling_factor=None,
+        router_bias=False,
+        router_expert_groups=None,
         normalization="RMSNorm",
         norm_eps=1e-5,
         rope_theta=10000.0,
@@ -104,6 +108,8 @@ class BamConfig(PretrainedConfig):
         self.num_experts_per_tok = num_experts_per_tok
         self.moe_router_pre_softmax = moe_router_pre_softmax
         self.moe_router_topk_scaling_factor = moe_router_topk_scaling_factor
+        self.router_bias = router_bias
+        self.router_expert_groups = list(router_expert_groups) if router_expert_groups else None
         self.normalization = normalization
         self.norm_eps = norm_eps
         self.rope_theta = rope_theta

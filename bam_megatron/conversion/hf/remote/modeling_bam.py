@@ -6,14 +6,17 @@ numerically the forward pass bam-megatron trains (megatron-core GPTModel with th
     y = x + Attn(Norm(x)) + FFN(Norm(x))           parallel block: one shared pre-norm
     x' = x + Attn(Norm1(x)); y = x' + FFN(Norm2(x'))   sequential block (megatron-core's TransformerLayer)
 
-    Attn(x̂) = Σ_j g_j(x̂) · O_j · MHA_j(x̂)          soft mixture of attention, g = softmax(W_r x̂)
+    Attn(x̂) = Σ_j g_j(x̂) · O_j · MHA_j(x̂)          soft mixture of attention, g = softmax(W_r x̂ [+ b_r])
             = O · concat_heads(g_expert(head) · head(x̂))   one attention with N·H heads
 
     FFN(x̂) = Σ_{e ∈ top-k} p_e(x̂) · SwiGLU_e(x̂)    p = softmax(router logits) then top-k (pre-softmax,
                                                    as megatron-core's default), or softmax over the
                                                    top-k logits; times moe_router_topk_scaling_factor
 
-Norms are RMSNorm or bias-free LayerNorm. RoPE is megatron-core's (non-interleaved halves, base
+With ``router_bias`` both routers add a per-expert bias to their logits (fp32 for the attention
+router, the logits' dtype for the FFN router, as bam-megatron); ``router_expert_groups`` (a grown
+mixture's) computes the router GEMM per group of experts, as bam-megatron does, so the old experts'
+logits keep their bits. Norms are RMSNorm or bias-free LayerNorm. RoPE is megatron-core's (non-interleaved halves, base
 ``rope_theta``, optionally Llama-3's frequency scaling); attention is causal with scale
 1/sqrt(head_dim); optional q/k/v biases and per-head q/k norms (before RoPE), no other biases. A
 dense model is N = 1 attention expert and no FFN experts.
@@ -111,6 +114,17 @@ class BamSwiGLU(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+def _router_logits(router: nn.Linear, x: torch.Tensor, groups, dtype=None) -> torch.Tensor:
+    """W x, one GEMM per group of experts (``router_expert_groups``), in ``dtype`` (None: x's), plus
+    the router's bias if it has one (``router_bias``), added in that dtype."""
+    if groups and len(groups) > 1:
+        logits = torch.cat([F.linear(x, rows) for rows in torch.split(router.weight, list(groups))], dim=-1)
+    else:
+        logits = F.linear(x, router.weight)
+    logits = logits.to(dtype) if dtype is not None else logits
+    return logits if router.bias is None else logits + router.bias.to(logits.dtype)
+
+
 class BamMoE(nn.Module):
     """Top-k FFN experts with megatron-core's router (softmax score, no capacity limit: dropless).
 
@@ -125,14 +139,17 @@ class BamMoE(nn.Module):
         self.num_experts = config.num_experts
         self.pre_softmax = config.moe_router_pre_softmax
         self.scale = getattr(config, "moe_router_topk_scaling_factor", None)
-        self.router = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.router = nn.Linear(
+            config.hidden_size, config.num_experts, bias=bool(getattr(config, "router_bias", False))
+        )
+        self.groups = getattr(config, "router_expert_groups", None)
         self.experts = nn.ModuleList(
             BamSwiGLU(config.hidden_size, config.moe_intermediate_size) for _ in range(config.num_experts)
         )
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, h] -> (probabilities [T, k], expert indices [T, k])."""
-        logits = self.router(x)
+        logits = _router_logits(self.router, x, self.groups)
         if self.pre_softmax:  # softmax over all experts, keep the top k as they are
             scores = torch.softmax(logits, dim=-1, dtype=torch.float32).type_as(logits)
             probs, index = torch.topk(scores, self.topk, dim=-1)
@@ -227,11 +244,12 @@ class BamAttention(nn.Module):
         if self.qk_norm:
             self.q_norm, self.k_norm = _norm(config, d), _norm(config, d)
         if self.num_experts > 1:
-            self.router = nn.Linear(h, self.num_experts, bias=False)
+            self.router = nn.Linear(h, self.num_experts, bias=bool(getattr(config, "router_bias", False)))
+            self.groups = getattr(config, "router_expert_groups", None)
 
     def gates(self, x: torch.Tensor) -> torch.Tensor:
-        """g(x̂) = softmax(W_r x̂) in fp32 [b, t, N]; top-k MoA keeps the k largest, renormalised."""
-        gates = torch.softmax(self.router(x).float(), dim=-1)
+        """g(x̂) = softmax(W_r x̂ [+ b_r]) in fp32 [b, t, N]; top-k MoA keeps the k largest, renormalised."""
+        gates = torch.softmax(_router_logits(self.router, x, self.groups, torch.float32), dim=-1)
         if self.topk is not None and self.topk < self.num_experts:
             top, index = gates.topk(self.topk, dim=-1)
             gates = torch.zeros_like(gates).scatter(-1, index, top / top.sum(-1, keepdim=True))
