@@ -83,10 +83,15 @@ def architecture(name: str):
 
 
 def save_random_checkpoint(
-    root: str, a, seed: int = 0, tokenizer: Optional[tuple[str, str]] = None, seq_length: int = SEQ
+    root: str,
+    a,
+    seed: int = 0,
+    tokenizer: Optional[tuple[str, str]] = None,
+    seq_length: int = SEQ,
+    lineage: Optional[dict] = None,
 ) -> str:
     """Rank body: a checkpoint of ``a`` with large random weights at ``root``; ``tokenizer``: (path, kind) recorded;
-    ``seq_length``: the recorded --seq-length (an export's max_position_embeddings)."""
+    ``seq_length``: the recorded --seq-length (an export's max_position_embeddings); ``lineage``: its meta's."""
     from bam_megatron.checkpoint import CheckpointMeta, store
     from bam_megatron.data.tokenizer import load_tokenizer
     from bam_megatron.model.builder import build_from_architecture
@@ -106,7 +111,9 @@ def save_random_checkpoint(
         fields = dict(
             tokenizer_model=path, tokenizer_type=kind, tokenizer_fingerprint=load_tokenizer(path, kind).fingerprint
         )
-    meta = CheckpointMeta(architecture=a, seq_length=seq_length, training={"init_method_std": 0.3}, **fields)
+    meta = CheckpointMeta(
+        architecture=a, seq_length=seq_length, training={"init_method_std": 0.3}, lineage=lineage or {}, **fields
+    )
     with contextlib.redirect_stdout(io.StringIO()):
         store.save_checkpoint(root, 0, model, None, None, meta)
     return root
