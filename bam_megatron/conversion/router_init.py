@@ -49,6 +49,9 @@ SHRINKAGE = 0.1
 """Share of the average variance mixed into each feature's variance (the standardisation)."""
 WEIGHT_DECAY = 1e-3
 """L2 penalty of the domain classifier on standardised features (makes separable data's fit finite)."""
+MIN_FIT_MARGIN = 1e-2
+"""Below this mean margin (nats) of the regularised fit the inputs do not tell the domains apart:
+scaling it up to --router-margin would make the routers sharp on noise, so the rows stay zero."""
 MAX_ITERATIONS = 100
 """L-BFGS iterations of the fit (it is convex; a few dozen usually converge)."""
 
@@ -107,18 +110,18 @@ def resolve_expert_data(
 
 def calibration_tokens(data: ExpertData, sequences: int, seq_length: int, vocab_size: int) -> torch.Tensor:
     """``sequences`` token sequences [n, seq_length] spread evenly over the expert's datasets
-    (shares by weight; each sequence starts at a document evenly spaced in its file and runs on
-    through the following ones). Raises `DataError` naming the file for ids beyond the vocabulary."""
+        (shares by weight; each sequence starts at a document evenly spaced in its file and runs on
+        through the following ones). Raises `DataError` naming the file where a token read is beyond the
+    vocabulary (the rest of a file is not read: a dataset can be far larger than its sample)."""
     from megatron.core.datasets.indexed_dataset import get_bin_path
 
-    from bam_megatron.data.datasets import check_indexed_dataset, check_token_ids
+    from bam_megatron.data.datasets import check_indexed_dataset
     from bam_megatron.data.errors import DataError
 
     total = sum(data.weights)
     counts = [max(1, round(sequences * w / total)) for w in data.weights]
     out = []
     for prefix, count in zip(data.prefixes, counts):
-        check_token_ids(prefix, vocab_size)
         index = check_indexed_dataset(prefix)
         tokens = numpy.memmap(get_bin_path(prefix), dtype=index.dtype, mode="r", shape=(index.tokens,))
         if index.tokens < seq_length:
@@ -128,6 +131,12 @@ def calibration_tokens(data: ExpertData, sequences: int, seq_length: int, vocab_
             start = int(starts[i * len(starts) // count])
             start = min(start, index.tokens - seq_length)
             out.append(torch.from_numpy(numpy.array(tokens[start : start + seq_length], dtype=numpy.int64)))
+        largest = int(torch.stack(out[-count:]).max())
+        if largest >= vocab_size:  # only what is read is checked: datasets can be far larger
+            raise DataError(
+                f"dataset {prefix} holds token id {largest}, but the model has {vocab_size} embedding rows: "
+                "it was tokenized with another tokenizer"
+            )
     return torch.stack(out)
 
 
@@ -169,7 +178,7 @@ def domain_rows(
         others = torch.cat([logits[:, :e], logits[:, e + 1 :]], dim=1)
         margins.append(float((logits[:, e] - others.mean(1)).mean()))
     unscaled = sum(margins) / len(margins)
-    if not unscaled > 0 or not math.isfinite(unscaled):
+    if not unscaled > MIN_FIT_MARGIN or not math.isfinite(unscaled):
         return torch.zeros(experts, d), (torch.zeros(experts) if with_bias else None), unscaled
     alpha = margin / unscaled
     return (alpha * weight).float(), ((alpha * bias).float() if with_bias else None), unscaled
@@ -236,10 +245,10 @@ class DomainRouters:
                 continue
             inputs = self._router_inputs(kind, params)
             weight, bias, unscaled = domain_rows(inputs, self.margin, self.with_bias)
-            if not unscaled > 0:
+            if not unscaled > MIN_FIT_MARGIN:
                 print(
                     f"warning: layer {unit + 1}: the {kind} router's inputs do not tell the domains apart "
-                    "(margin <= 0); its rows are left at zero",
+                    f"(fitted margin {unscaled:.2g} nats); its rows are left at zero",
                     file=sys.stderr,
                     flush=True,
                 )

@@ -660,6 +660,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise UpcycleError("give --method and --expert NAME=DIR (or --extend MIXTURE to grow one)")
         if args.extend is not None and args.method is not None:
             raise UpcycleError("--extend grows a mixture of its own kind: drop --method")
+        if args.extend is not None and (args.router_init != "random" or args.router_data):
+            raise UpcycleError(
+                "--router-init domain / --router-data build a new mixture's routers; --extend keeps the trained "
+                "routers and starts the new experts' rows from them (docs/phases.md)"
+            )
         manifest = grow_mixture(args) if args.extend else upcycle(args)
         if args.extend:
             joined, left = [j["name"] for j in manifest["joined"]], manifest["left"]

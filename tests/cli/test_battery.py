@@ -199,6 +199,12 @@ CASES = [
         (*MOE, "--train-iters", "1", "--num-experts", "2", "--moe-router-topk", "3"),
         "--moe-router-topk must be in [1, --num-experts 2], got 3",
     ),
+    Case(
+        "router-bias-dense",
+        "pretrain_bam.py",
+        ("--variant", "dense", *MOE[2:], "--train-iters", "1", "--router-bias"),
+        "--router-bias: a dense model has no router",
+    ),
     Case("lr-negative", "pretrain_bam.py", (*MOE, "--train-iters", "1", "--lr", "-1"), "--lr must be >= 0"),
     Case(
         "dropout-above-1",
@@ -640,6 +646,12 @@ CASES = [
         ("--method", "btx", "--expert", "a={seed}", "--expert", "b={seed}", "--router-init", "domain")
         + ("--router-data", "b={d}/none", "--save", "{out}"),
         "expert b: calibration data (--router-data): dataset file not found: {d}/none",
+    ),
+    Case(
+        "upcycle-domain-routers-when-growing",
+        "bam-upcycle",
+        ("--extend", "{seed}", "--expert", "b={seed}", "--router-init", "domain", "--save", "{out}"),
+        "--extend keeps the trained routers",
     ),
     Case(
         "upcycle-router-margin-0",
