@@ -347,8 +347,9 @@ def _logits_with_router_row_copied(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rank body: logits of the mixture, and of the grown mixture whose new FFN router row is set to
     ``scale`` x row ``copy_from`` (scale 1: the new expert ties with that one on every token), both
-    with top-1 routing renormalised over the chosen expert (weight 1)."""
+    with top-1 routing renormalised over the chosen expert (weight 1) and the new-expert ramp cleared."""
     from bam_megatron.checkpoint.models import load_model
+    from bam_megatron.model.router_ramp import biased_routers, set_offsets
     from bam_megatron.platform.distributed import initialize
 
     initialize(ParallelSizes())
@@ -361,6 +362,8 @@ def _logits_with_router_row_copied(
         # megatron-core's router reads the setting at every forward.
         model.config.moe_router_pre_softmax = False
         if path == grown:
+            for router in biased_routers(model):  # no ramp: this test is about the row alone
+                set_offsets(router, [0.0] * router.weight.shape[0], router.expert_groups or ())
             with torch.no_grad():
                 for name, param in model.named_parameters():
                     if name.endswith("mlp.router.weight"):
