@@ -71,6 +71,10 @@ def resolve_expert_data(
 ) -> list[Optional[ExpertData]]:
     """Each expert's calibration data: its ``--router-data NAME=PREFIX`` flags, else the
     ``--data-path`` its training run recorded (``recorded[name]``, None if none), else None.
+    Of a recorded mix, only the datasets of which this expert's mix has the largest share among
+    all the experts' are kept (all of them if that leaves none): experts continued on "90% code +
+    10% general" and a seed trained on an equal mix of everything are told apart by code and by
+    general, not by the general data they share.
     Raises `ConfigError` (one line naming the flag or expert) for unknown names, missing files or
     fewer than two experts with data."""
     from bam_megatron.data.datasets import parse_data_path
@@ -85,20 +89,33 @@ def resolve_expert_data(
         if name not in names:
             raise ConfigError(f"--router-data {spec!r}: no expert {name!r} (the experts: {', '.join(names)})")
         flags.setdefault(name, []).append(prefix)
-    data: list[Optional[ExpertData]] = []
+    parsed: dict[str, tuple[list, str]] = {}
     for name in names:
         if name in flags:
             path, origin = flags[name], "--router-data"
         elif recorded.get(name):
             path, origin = list(recorded[name]), "recorded by its training run"
         else:
-            data.append(None)
             continue
         try:
-            domains = parse_data_path(path)
+            parsed[name] = (parse_data_path(path), origin)
         except DataError as error:
             where = "" if origin == "--router-data" else f" (give --router-data {name}=PREFIX)"
             raise ConfigError(f"expert {name}: calibration data ({origin}): {error}{where}") from None
+    data: list[Optional[ExpertData]] = []
+    for name in names:
+        if name not in parsed:
+            data.append(None)
+            continue
+        domains, origin = parsed[name]
+        if origin != "--router-data":  # a recorded mix: keep the datasets this expert trained on most
+            own = [
+                d
+                for d in domains
+                if _share(d.prefix, domains) >= max(_share(d.prefix, ds) for ds, _ in parsed.values())
+            ]
+            if own and len(own) < len(domains):
+                domains, origin = own, "recorded by its training run: the datasets it trained on most"
         data.append(ExpertData(name, tuple(d.prefix for d in domains), tuple(d.weight for d in domains), origin))
     if sum(d is not None for d in data) < 2:
         raise ConfigError(
@@ -106,6 +123,11 @@ def resolve_expert_data(
             f"{sum(d is not None for d in data)}; give --router-data NAME=PREFIX"
         )
     return data
+
+
+def _share(prefix: str, domains) -> float:
+    """The share of ``prefix`` in a mix of domains (0 if it is not in it)."""
+    return sum(d.weight for d in domains if d.prefix == prefix) / sum(d.weight for d in domains)
 
 
 def calibration_tokens(data: ExpertData, sequences: int, seq_length: int, vocab_size: int) -> torch.Tensor:

@@ -76,6 +76,11 @@ def test_expert_data_given_overrides_recorded_and_two_experts_need_data(tmp_path
     assert data[0] is None
     assert (data[1].prefixes, data[1].origin) == ((a,), "recorded by its training run")
     assert (data[2].prefixes, data[2].origin) == ((b,), "--router-data")
+    general, code = _dataset(tmp_path, "general", 0, 50), _dataset(tmp_path, "code", 50, 100)
+    mixes = {"seed": ["1", general, "1", code], "code": ["0.9", code, "0.1", general], "law": [a]}
+    data = resolve_expert_data(["seed", "code", "law"], mixes, [])
+    assert [d.prefixes for d in data] == [(general,), (code,), (a,)]  # what tells each apart
+    assert data[0].origin == "recorded by its training run: the datasets it trained on most"
     with pytest.raises(ConfigError, match="at least two experts: their training runs recorded 1"):
         resolve_expert_data(["seed", "x"], {"x": [a]}, [])
     with pytest.raises(ConfigError, match="expert x: calibration data .recorded by its training run.: .*give --router"):
