@@ -12,9 +12,10 @@ from layer to layer by the caller, so memory holds one unit of weights plus the 
 the few batches being run, whatever the depth.
 
 The pass is the one ``GPTModel.forward`` makes at TP = PP = EP = 1 in eval mode (no attention
-mask: causal; ``_preprocess`` for the embedding and RoPE, each layer as ``TransformerBlock`` calls
-it, the final norm, ``_postprocess`` for the logits), so its logits equal the whole model's
-(`tests/conversion/test_unit_forward.py` compares them).
+mask: causal; GPTModel's own preprocessing for the embedding and RoPE, each layer as
+``TransformerBlock`` calls it, the final norm, GPTModel's postprocessing for the logits; a grown
+mixture's new-expert router offsets at the checkpoint's iteration, as `load_model` applies them),
+so its logits equal the whole model's (`tests/conversion/test_unit_forward.py` compares them).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from bam_megatron.checkpoint.layerwise import LAYERS, TOP, Unit
+from bam_megatron.platform import internals
 
 if TYPE_CHECKING:
     from bam_megatron.checkpoint.meta import CheckpointMeta
@@ -82,7 +84,7 @@ class UnitForward:
         """Token ids [b, s] -> the first layer's input [s, b, h] (and RoPE for the layers)."""
         positions = torch.arange(tokens.shape[-1]).expand_as(tokens)
         with self.lend(top) as model:
-            hidden, rotary = model._preprocess(input_ids=tokens, position_ids=positions)[:2]
+            hidden, rotary = internals.gpt_embed(model, tokens, positions)
         self._rotary = rotary
         return hidden
 
@@ -99,15 +101,7 @@ class UnitForward:
         positions = torch.arange(tokens.shape[-1]).expand_as(tokens)
         with self.lend(top) as model:
             hidden = model.decoder.final_layernorm(hidden)
-            return model._postprocess(
-                hidden_states=hidden,
-                input_ids=tokens,
-                position_ids=positions,
-                labels=None,
-                rotary_pos_emb=None,
-                rotary_pos_cos=None,
-                rotary_pos_sin=None,
-            ).float()
+            return internals.gpt_logits(model, hidden, tokens, positions).float()
 
 
 def unit_params(model, unit: Unit, checkpoint_dir: str, meta: CheckpointMeta) -> dict[str, torch.Tensor]:
@@ -123,10 +117,12 @@ def streamed_logits(checkpoint_dir: str, meta: CheckpointMeta, batches: torch.Te
     unit at a time: memory for the TOP unit, one layer and the activations, whatever the depth."""
     from bam_megatron.checkpoint.layerwise import meta_model, num_layers
     from bam_megatron.model.builder import build_from_architecture
+    from bam_megatron.model.router_ramp import apply_ramp
 
     architecture = meta.architecture
     model = meta_model(lambda: build_from_architecture(architecture, architecture.one_rank_config(), meta.seq_length))
     forward = UnitForward(architecture, meta.seq_length)
+    apply_ramp(forward.model, meta.lineage, meta.iteration, architecture.num_experts or 0)
     flat = batches.reshape(-1, batches.shape[-1])
     top = unit_params(model, TOP, checkpoint_dir, meta)
     hidden = forward.embed(top, flat)

@@ -52,6 +52,7 @@ with compile_on_first_call():  # megatron-core's fused kernels never run here: T
         field_default,
         padded_vocab_size,
     )
+    from bam_megatron.model.router_ramp import DEFAULT_RAMP_ITERS, DEFAULT_RAMP_START
     from bam_megatron.model.variants import DEFAULT_NUM_EXPERTS, SOFT_MOA_VARIANTS, VARIANTS
 
 METHODS = (*(v for v in VARIANTS if v != "dense"), "sparse")
@@ -119,6 +120,20 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         "and FFN expert, and/or remove each --drop-expert; everything shared is kept from the mixture",
     )
     g.add_argument("--drop-expert", action="append", metavar="NAME", help="with --extend: remove this expert")
+    g.add_argument(
+        "--new-expert-ramp-iters",
+        type=int,
+        default=DEFAULT_RAMP_ITERS,
+        help="with --extend: iterations over which the new experts' router offset rises from "
+        "-(--new-expert-ramp-start) to 0 (at step 0 it is -1024: the grown mixture is exactly the old one)",
+    )
+    g.add_argument(
+        "--new-expert-ramp-start",
+        type=float,
+        default=DEFAULT_RAMP_START,
+        help="with --extend: the new experts' router offset after the first step (logits; gates e^-start "
+        "of the largest)",
+    )
     g.add_argument(
         "--allow-foreign-lineage",
         action="store_true",
@@ -622,10 +637,16 @@ def grow_mixture(args: argparse.Namespace) -> dict:
         for warning in grow.check_lineage(mixture.meta, mixture.path, new, args.allow_foreign_lineage):
             print(f"warning: {warning}", file=sys.stderr, flush=True)
         plan, out_names = grow.slots(names, [s.name for s in new], drop)
-        architecture = grow.grown_architecture(mixture.meta.architecture, new, len(plan), mixture.path)
+        router_bias = True if args.router_bias else None  # None: on when experts join (exact growth)
+        architecture = grow.grown_architecture(
+            mixture.meta.architecture, new, len(plan), mixture.path, router_bias=router_bias
+        )
     except CheckpointError as error:
         raise UpcycleError(str(error)) from None
     _check_target_layout(architecture, args)
+    if args.new_expert_ramp_iters < 0 or args.new_expert_ramp_start < 0:
+        bad = "iters" if args.new_expert_ramp_iters < 0 else "start"
+        raise UpcycleError(f"--new-expert-ramp-{bad} must be >= 0, got {getattr(args, 'new_expert_ramp_' + bad)}")
     if os.path.exists(args.save):
         raise UpcycleError(f"--save {args.save} already exists")
     initialize(ParallelSizes(), seed=args.seed)
@@ -635,7 +656,16 @@ def grow_mixture(args: argparse.Namespace) -> dict:
     mixture_model, _ = _meta_model(meta_in.architecture, meta_in.seq_length)
     new_models = [_meta_model(s.meta.architecture, s.meta.seq_length)[0] for s in new]
     strategy = StreamingSaveStrategy(target, grow.GrowMixer(mixture, mixture_model, new, new_models, plan, config))
-    growth = grow.record_growth(meta_in, new, drop, out_names, mixture.path)
+    growth = grow.record_growth(
+        meta_in,
+        new,
+        drop,
+        out_names,
+        mixture.path,
+        ramp_iters=args.new_expert_ramp_iters,
+        ramp_start=args.new_expert_ramp_start,
+        router_bias=architecture.router_bias,
+    )
     manifest = {"method": "extend", "experts": len(plan), **growth}
     meta = CheckpointMeta(
         architecture=architecture,

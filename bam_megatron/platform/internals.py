@@ -21,7 +21,9 @@ Each seam says where it is used and what it stands for:
 - `indexed_dataset_header` (data/index_check.py): megatron-core's ``indexed_dataset._INDEX_HEADER``;
 - `tensor_parallel_group` (peft/parallel.py): a Transformer Engine linear's ``_tp_group``;
 - `AttentionSeams` (model/rope_cache.py, model/soft_moa.py): megatron-core ``Attention``'s
-  ``_adjust_key_value_for_inference`` and ``_checkpointed_attention_forward``.
+  ``_adjust_key_value_for_inference`` and ``_checkpointed_attention_forward``;
+- `gpt_embed`, `gpt_logits` (conversion/unit_forward.py): megatron-core ``GPTModel``'s
+  ``_preprocess`` and ``_postprocess``.
 
 `bam_megatron.platform.cpu_mode` patches megatron-core's CUDA-only spots; it lives in this layer
 too and refuses megatron-core versions it was not tested with.
@@ -156,6 +158,34 @@ def indexed_dataset_header() -> bytes:
 
 
 # ----- model and PEFT
+
+
+def gpt_embed(model: Any, input_ids: Any, position_ids: Any) -> tuple[Any, Any]:
+    """(decoder input [s, b, h], RoPE) of a megatron-core ``GPTModel``: its ``_preprocess``, the first
+    part of ``forward``, for callers that run the layers themselves (conversion/unit_forward.py)."""
+    check_versions()
+    method = getattr(model, "_preprocess", None)
+    if method is None:
+        raise InternalsError(f"GPTModel has no _preprocess; the seams were written against {WRITTEN_AGAINST}")
+    return tuple(method(input_ids=input_ids, position_ids=position_ids)[:2])
+
+
+def gpt_logits(model: Any, hidden_states: Any, input_ids: Any, position_ids: Any) -> Any:
+    """Logits [b, s, vocab] of a megatron-core ``GPTModel`` from the final norm's output: its
+    ``_postprocess`` without labels, the last part of ``forward`` (conversion/unit_forward.py)."""
+    check_versions()
+    method = getattr(model, "_postprocess", None)
+    if method is None:
+        raise InternalsError(f"GPTModel has no _postprocess; the seams were written against {WRITTEN_AGAINST}")
+    return method(
+        hidden_states=hidden_states,
+        input_ids=input_ids,
+        position_ids=position_ids,
+        labels=None,
+        rotary_pos_emb=None,
+        rotary_pos_cos=None,
+        rotary_pos_sin=None,
+    )
 
 
 def tensor_parallel_group(linear: Any) -> Any:
