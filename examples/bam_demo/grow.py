@@ -148,12 +148,16 @@ class GrowPipeline(Pipeline):
             self.path("bam"),
             "--expert",
             f"{NEW_DOMAIN}={self.bio_expert()}",
+            # exact at step 0, then the new expert's router offset ramps in over a tenth of the re-training
+            "--new-expert-ramp-iters",
+            str(self.ramp_iters()),
             "--save",
             out,
         )
         self.stage(
             "grow-extend",
-            f"grow: add the {NEW_DOMAIN} expert's attention and FFN to the trained BAM mixture",
+            f"grow: add the {NEW_DOMAIN} expert's attention and FFN to the trained BAM mixture "
+            f"(exact at step 0; its router offset ramps in over {self.ramp_iters()} iterations)",
             [
                 Unit(
                     "grow-extend",
@@ -168,6 +172,11 @@ class GrowPipeline(Pipeline):
     def grow_iters(self) -> int:
         """Re-training of the grown mixture: a fifth of phase 3."""
         return max(2, self.s.mix_iters // 5)
+
+    def ramp_iters(self) -> int:
+        """The new expert's router-offset ramp (bam-upcycle --new-expert-ramp-iters): a tenth of the
+        re-training, so the new expert is routed to for most of it."""
+        return max(1, self.grow_iters() // 10)
 
     def grow_train(self) -> None:
         """Stage 14: a short re-training on all five domains, the old experts frozen."""
