@@ -637,9 +637,10 @@ def grow_mixture(args: argparse.Namespace) -> dict:
         for warning in grow.check_lineage(mixture.meta, mixture.path, new, args.allow_foreign_lineage):
             print(f"warning: {warning}", file=sys.stderr, flush=True)
         plan, out_names = grow.slots(names, [s.name for s in new], drop)
-        router_bias = True if args.router_bias else None  # None: on when experts join (exact growth)
+        # --router-bias not given (None): on when experts join, so that growth is exact;
+        # --no-router-bias: the old, inexact growth (refused for a mixture that has a bias)
         architecture = grow.grown_architecture(
-            mixture.meta.architecture, new, len(plan), mixture.path, router_bias=router_bias
+            mixture.meta.architecture, new, len(plan), mixture.path, router_bias=args.router_bias
         )
     except CheckpointError as error:
         raise UpcycleError(str(error)) from None

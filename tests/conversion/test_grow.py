@@ -199,6 +199,7 @@ def test_a_mixture_saved_at_ep2_grows_into_the_same_tensors(tmp_path, family, mi
         ("ep", "--num-experts 3 is not divisible by --target-expert-parallel-size 2"),
         ("taken", "--expert code: the mixture already has an expert of that name"),
         ("nothing", "--extend needs --expert NAME=DIR to add or --drop-expert NAME to remove"),
+        ("ramp", "--new-expert-ramp-iters must be >= 0, got -1"),
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, family, mixtures, case, expected):
@@ -210,6 +211,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, family, mixtures, ca
         "ep": ["--expert", f"law={family['law']}", "--target-expert-parallel-size", "2"],
         "taken": ["--expert", f"code={family['law']}"],
         "nothing": [],
+        "ramp": ["--expert", f"law={family['law']}", "--new-expert-ramp-iters", "-1"],
     }.get(case)
     if case == "architecture":
         wide = str(tmp_path / "wide")
