@@ -1,5 +1,5 @@
 # Two commands do all the set-up on a fresh machine:
-#   make demo   # the whole BAM method on tiny models, on CPU (about 10 minutes)
+#   make demo   # the whole BAM method on tiny models, on CPU (under 30 minutes on 2 cores)
 #   make test   # the test suite (what CI runs)
 PYTHON ?= python3
 VENV ?= .venv
