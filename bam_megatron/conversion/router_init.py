@@ -6,19 +6,17 @@ spend that phase finding it out. With ``bam-upcycle --router-init domain`` both 
 layer (the soft-MoA attention gates and the FFN router) start as a classifier of that layer's
 router input by domain, fitted on a few sequences of each expert's training data.
 
-The classifier is linear discriminant analysis with a diagonal covariance (docs/phases.md): for
-the inputs x ∈ R^d a router sees, per expert e with data, the mean μ_e over its domain's tokens;
-μ̄ the mean of those means; v the pooled within-domain variance per feature, shrunk towards its
-average (v ← 0.9 v + 0.1 mean(v)) so that near-constant features do not dominate. Then
-
-    w_e = α (μ_e − μ̄) / v                     (router row)
-    b_e = −α/2 (μ_e·μ_e/v − μ̄·μ̄/v)            (router bias, where the router has one)
-
-the Gaussian log-likelihood ratio of "x is from domain e" against the average domain, up to a
-term common to all experts (which the softmax ignores). Centring removes what every domain shares
-(hidden states carry a large common component), and dividing by v weighs each feature by how
-reliably it tells domains apart. An expert without data (none given or recorded) gets a zero row
-and bias: the others are preferred on their own domains, and it keeps the rest.
+The classifier has the router's own form, softmax(W x + b): multinomial logistic regression of
+the domain label on the router inputs x ∈ R^d (docs/phases.md). Each domain weighs the same
+however many tokens it has; the features are standardised by the pooled within-domain standard
+deviation, shrunk towards its average (v ← 0.9 v + 0.1 mean(v)) so that near-constant features do
+not dominate; an L2 penalty (``WEIGHT_DECAY``) keeps the fit finite where the domains separate;
+L-BFGS solves it (convex). Without a router bias the fit has no intercept (the inputs' common
+component plays that part). An expert without data (none given or recorded) gets a zero row and
+bias: the others are preferred on their own domains, and it keeps the rest. A fit whose margin is
+below ``MIN_FIT_MARGIN`` sees no domains in the inputs and leaves the rows at zero. (A diagonal-LDA
+row, α (μ_e − μ̄) / v, was tried first: domains share most directions and many sub-word tokens,
+and mean-difference rows classified single tokens markedly worse; docs/phases.md has the numbers.)
 
 α, the temperature, is set in closed form from the stated margin m (``--router-margin``): the
 mean over domains of (own expert's logit − the mean logit of the other experts) over the domain's
