@@ -6,7 +6,8 @@
 Methods:
 
 - ``bam``: FFN experts and attention experts copied from each source (soft MoA, expert KV);
-  norms, embedding and output layer averaged; both routers newly initialised.
+  norms, embedding and output layer averaged; both routers newly initialised: at random, or from
+  each expert's domain data (``--router-init domain``, `bam_megatron.conversion.router_init`).
 - ``bam-shared-kv``: as ``bam``; K and V are one projection shared by all attention experts,
   the average of the sources' (``--shared-kv-init average``) or one source's.
 - ``btx``: attention averaged, FFN experts copied (Branch-Train-MiX).
@@ -195,7 +196,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         type=int,
         default=2,
         help="batches of random tokens on which to report the MoE's step-0 distance to each source "
-        "(max |dlogit|, KL, argmax agreement); loads each model whole, one at a time; 0 skips it",
+        "(max |dlogit|, KL, argmax agreement); runs each model one layer at a time (memory of a layer); 0 skips it",
     )
     g = p.add_argument_group("target layout (checked now; the checkpoint itself reshards on load)")
     g.add_argument("--target-tensor-parallel-size", type=int, default=1)
