@@ -69,6 +69,16 @@ def meta_model(build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
     return model
 
 
+def architecture_meta_model(architecture, seq_length: int, backend: str = "auto"):
+    """(model, config): the one-rank (TP = PP = EP = 1) model of ``architecture`` on the meta device,
+    and the config it was built with (fp32, no initialisation: a converter reads or writes every
+    weight). ``backend="local"``: PyTorch's layers on any machine (the names the HF mappings use)."""
+    from bam_megatron.model.builder import build_from_architecture
+
+    config = architecture.one_rank_config()
+    return meta_model(lambda: build_from_architecture(architecture, config, seq_length, backend=backend)), config
+
+
 def num_layers(model) -> int:
     """Transformer layers in a one-stage (PP=1) GPTModel."""
     return len(model.decoder.layers)

@@ -115,12 +115,11 @@ def unit_params(model, unit: Unit, checkpoint_dir: str, meta: CheckpointMeta) ->
 def streamed_logits(checkpoint_dir: str, meta: CheckpointMeta, batches: torch.Tensor) -> torch.Tensor:
     """The logits [n, b, s, vocab] of the checkpoint for token batches [n, b, s], read and run one
     unit at a time: memory for the TOP unit, one layer and the activations, whatever the depth."""
-    from bam_megatron.checkpoint.layerwise import meta_model, num_layers
-    from bam_megatron.model.builder import build_from_architecture
+    from bam_megatron.checkpoint.layerwise import architecture_meta_model, num_layers
     from bam_megatron.model.router_ramp import apply_ramp
 
     architecture = meta.architecture
-    model = meta_model(lambda: build_from_architecture(architecture, architecture.one_rank_config(), meta.seq_length))
+    model, _ = architecture_meta_model(architecture, meta.seq_length)
     forward = UnitForward(architecture, meta.seq_length)
     apply_ramp(forward.model, meta.lineage, meta.iteration, architecture.num_experts or 0)
     flat = batches.reshape(-1, batches.shape[-1])

@@ -348,12 +348,11 @@ def _choose_function_preserving_routing(args: argparse.Namespace, experts: int) 
 
 
 def _meta_model(architecture: Architecture, seq_length: int):
-    """The one-rank model of ``architecture``, on the meta device: shapes only, no memory."""
-    from bam_megatron.checkpoint.layerwise import meta_model
-    from bam_megatron.model.builder import build_from_architecture
+    """(model, config): the one-rank model of ``architecture`` on the meta device (layerwise is
+    imported when a conversion runs, not at the tool's start)."""
+    from bam_megatron.checkpoint.layerwise import architecture_meta_model
 
-    config = architecture.one_rank_config()  # every weight is written by the upcycler
-    return meta_model(lambda: build_from_architecture(architecture, config, seq_length)), config
+    return architecture_meta_model(architecture, seq_length)
 
 
 def target_architecture(sources: Sequence[Source], args: argparse.Namespace, experts: int) -> Architecture:

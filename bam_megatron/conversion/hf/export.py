@@ -96,13 +96,11 @@ def choose_target(
 
 def _meta_model(a: Architecture, seq_length: int):
     """Our model of ``a`` on the meta device (TP = PP = EP = 1, local spec: the names the mappings use)."""
-    from bam_megatron.checkpoint.layerwise import meta_model
-    from bam_megatron.model.builder import build_from_architecture
+    from bam_megatron.checkpoint.layerwise import architecture_meta_model
     from bam_megatron.platform.distributed import ParallelSizes, initialize
 
     initialize(ParallelSizes())
-    config = a.one_rank_config()
-    return meta_model(lambda: build_from_architecture(a, config, seq_length, backend="local")), config
+    return architecture_meta_model(a, seq_length, backend="local")
 
 
 def _unit_params(model) -> dict[int, dict[str, torch.Tensor]]:

@@ -72,15 +72,12 @@ def save_weights(root: str, meta: CheckpointMeta, fill: Callable[[int, dict], No
     about one layer (two while writing) holds memory, whatever the depth. A parameter the fill
     leaves untouched is a mapping bug (uninitialised memory must never reach the checkpoint).
     """
-    from bam_megatron.checkpoint.layerwise import StreamingSaveStrategy, meta_model
-    from bam_megatron.model.builder import build_from_architecture
+    from bam_megatron.checkpoint.layerwise import StreamingSaveStrategy, architecture_meta_model
     from bam_megatron.platform.distributed import ParallelSizes, initialize
 
     initialize(ParallelSizes())
-    architecture = meta.architecture
-    config = architecture.one_rank_config()  # every weight is written by ``fill``
     # The local (PyTorch) spec on any machine: its parameter names are the ones the converter maps.
-    model = meta_model(lambda: build_from_architecture(architecture, config, meta.seq_length, backend="local"))
+    model, _ = architecture_meta_model(meta.architecture, meta.seq_length, backend="local")
 
     def checked(unit: int, params: dict) -> None:
         tracked = TrackedParams(params)
