@@ -220,7 +220,7 @@ class DomainRouters:
 
         self.forward = UnitForward(architecture, seq_length)
         self.margin = margin
-        self.with_bias = bool(getattr(architecture, "router_bias", False))
+        self.with_bias = architecture.router_bias
         known = [t for t in tokens if t is not None]
         self.tokens = torch.cat(known)
         self.slices: list[Optional[slice]] = []
@@ -251,7 +251,8 @@ class DomainRouters:
         return hook
 
     def __call__(self, unit: Unit, params: dict[str, torch.Tensor]) -> None:
-        """Fill ``unit``'s router weights (and biases) in ``params`` and carry the hidden states on."""
+        """Fill ``unit``'s router weights (and biases) in ``params`` (that unit's parameters, by full
+        name, as the writer materialises them) and carry the hidden states on."""
         if unit != self.next_unit:
             raise RuntimeError(f"domain routers: unit {unit} came before unit {self.next_unit}")
         self.next_unit = 0 if unit == TOP else unit + 1
@@ -263,7 +264,7 @@ class DomainRouters:
         for kind, path in (("attention", "self_attention.router"), ("ffn", "mlp.router")):
             if self.routers[kind] is None:
                 continue
-            inputs = self._router_inputs(kind, params)
+            inputs = self._router_inputs(kind, unit, params)
             weight, bias, unscaled = domain_rows(inputs, self.margin, self.with_bias)
             if not unscaled > MIN_FIT_MARGIN:
                 print(
@@ -273,23 +274,17 @@ class DomainRouters:
                     flush=True,
                 )
             params[prefix + path + ".weight"].copy_(weight)
-            if bias is not None and prefix + path + ".bias" in params:
+            if bias is not None:
                 params[prefix + path + ".bias"].copy_(bias)
             entry[f"{kind}_own_share"] = self._own_share(inputs, weight, bias)
         self.summary.append(entry)
-        self.hidden = self.forward.layer(self._layer_params(unit, params), self.hidden)
+        self.hidden = self.forward.layer(params, self.hidden)
 
-    @staticmethod
-    def _layer_params(unit: int, params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        prefix = f"decoder.layers.{unit}."
-        return {name: p for name, p in params.items() if name.startswith(prefix)}
-
-    def _router_inputs(self, kind: str, params: Mapping[str, torch.Tensor]) -> list[Optional[torch.Tensor]]:
-        """Each expert's tokens' input to this layer's ``kind`` router, [tokens, d]."""
+    def _router_inputs(self, kind: str, unit: int, params: Mapping[str, torch.Tensor]) -> list[Optional[torch.Tensor]]:
+        """Each expert's tokens' input to layer ``unit``'s ``kind`` router, [tokens, d]."""
         self._capture, self._captured = kind, None
-        unit = int(next(iter(params)).split(".")[2])
         try:
-            self.forward.layer(self._layer_params(unit, params), self.hidden)
+            self.forward.layer(params, self.hidden)
         except _Captured:
             pass
         finally:
