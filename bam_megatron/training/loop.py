@@ -200,6 +200,7 @@ class Trainer:
         self.lineage = lineage.started_from(self.checkpoint, meta, self.weights_only) if meta else {}
         if meta and self.weights_only:  # this run counts from 0: a new-expert ramp goes on where meta left it
             self.lineage = router_ramp.restarted_lineage(self.lineage, meta.iteration)
+        self._ramp_said: Optional[float] = None  # the last router offset reported (`_ramp_routers`)
         if args.seq_length is None:
             args.seq_length = self.checkpoint_meta.seq_length if self.checkpoint_meta else DEFAULT_SEQ_LENGTH
         settings = model_settings(args)
@@ -486,7 +487,7 @@ class Trainer:
         offset = router_ramp.apply_ramp(
             self.model, self.lineage, self.progress.iteration, self.architecture.num_experts or 0
         )
-        said = getattr(self, "_ramp_said", None)
+        said = self._ramp_said
         exact = said == -router_ramp.EXACT_OFFSET
         if offset is not None and (said is None or exact or (offset == 0) != (said == 0)):  # step 0, 1 and the end
             _say(f"iteration {self.progress.iteration}: the new experts' router offset is {offset:g}")
