@@ -181,12 +181,6 @@ class Architecture:
             self.moe_router_pre_softmax,
             self.router_bias,
         )
-        if self.has_soft_moa:
-            # The soft mixture of attention is one wide attention over every expert's heads; it
-            # does not yet carry per-expert Q/K norms or QKV biases (docs/model.md).
-            for name in ("qk_layernorm", "add_qkv_bias"):
-                if getattr(self, name):
-                    raise ConfigError(f"{flag_name(name)}: variant {self.variant} (soft MoA) does not support it yet")
 
     @property
     def is_moe(self) -> bool:

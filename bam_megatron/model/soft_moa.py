@@ -14,6 +14,11 @@ Head order (megatron-core's grouped layout: each KV group's query heads, then it
 - shared KV: H_kv groups shared by all experts; group g holds, for each expert in turn, that
   expert's H/H_kv heads of group g. Checkpoint conversion permutes Q rows / O columns into it.
 
+Qwen-style attention: each expert's Q/K/V biases are its rows of the wide ``linear_qkv`` bias,
+like its weights; its per-head Q and K norms (Qwen3's; one weight of size head_dim per dense
+model) are rows of an `ExpertHeadNorm`, which scales each head by its expert's row. With shared KV
+the K norm is one ordinary norm, the shared K's.
+
 Incremental decoding (megatron-core's `StaticInferenceContext`) goes through megatron-core's own
 KV-cache code, `Attention._adjust_key_value_for_inference`: the cache holds the wide attention's
 key/value groups, N·H_kv per layer for expert KV and H_kv (one cache for all experts) for shared
@@ -28,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 import torch
+import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
 from megatron.core.transformer.attention import SelfAttentionSubmodules
@@ -72,6 +78,54 @@ def head_to_expert(config: BAMConfig) -> torch.Tensor:
     return wide_head_sources(config)[:, 0]
 
 
+def kv_group_to_expert(config: BAMConfig) -> torch.Tensor:
+    """Expert KV: the expert of each of the N·H_kv K/V groups (expert-major)."""
+    if config.attention_kv_mode != "expert":
+        raise ValueError("shared KV: the K/V groups belong to every expert")
+    return torch.arange(config.attention_kv_groups) // config.num_query_groups
+
+
+def on_this_rank(per_head: torch.Tensor) -> torch.Tensor:
+    """The entries of ``per_head`` (one per query head or K/V group of the wide attention) for the
+    contiguous share of them this tensor-parallel rank computes (BAMConfig checks both divide)."""
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    here = len(per_head) // tp
+    first = parallel_state.get_tensor_model_parallel_rank() * here
+    return per_head[first : first + here]
+
+
+class ExpertHeadNorm(torch.nn.Module):
+    """Each attention expert's own per-head norm (Qwen3's q_norm / k_norm) in the wide attention.
+
+    A dense model's Q (or K) norm is one weight of size head_dim shared by its heads; N experts
+    have N of them: ``weight`` [N, head_dim], whose row ``head_expert[h]`` scales head h.
+    megatron-core calls it through SelfAttention's ``q_layernorm`` / ``k_layernorm`` seam on this
+    TP rank's heads, query [s, b, heads, d] or key [s, b, groups, d]; ``head_expert`` (a ModuleSpec
+    param, in the wide attention's order: `head_to_expert` / `kv_group_to_expert`) is cut to them.
+    The weight is replicated across TP (the default sharded_state_dict); megatron-core's
+    finalize_model_grads sums its gradient over TP, as for any q_layernorm / k_layernorm.
+    """
+
+    def __init__(
+        self, config: BAMConfig, hidden_size: int, eps: float = 1e-5, head_expert: tuple[int, ...] = ()
+    ) -> None:
+        super().__init__()
+        if config.layernorm_zero_centered_gamma:
+            raise ValueError("layernorm_zero_centered_gamma needs Transformer Engine or apex norms")
+        if config.normalization not in ("LayerNorm", "RMSNorm"):
+            raise ValueError(f"normalization={config.normalization!r}: ExpertHeadNorm supports LayerNorm, RMSNorm")
+        self.eps, self.rms = eps, config.normalization == "RMSNorm"
+        self.weight = torch.nn.Parameter(torch.ones(config.num_attention_experts, hidden_size))
+        self.register_buffer("head_expert", on_this_rank(torch.tensor(head_expert)), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[s, b, heads, d] -> each head normalised over d, times its expert's weight row."""
+        shape = x.shape[-1:]
+        # As TorchNorm's norms: RMSNorm, or LayerNorm without bias; the weight applied per head.
+        normed = F.rms_norm(x, shape, eps=self.eps) if self.rms else F.layer_norm(x, shape, eps=self.eps)
+        return normed * self.weight[self.head_expert]
+
+
 class SoftMoASelfAttention(RotatedCacheSelfAttention):
     """Soft MoA self-attention (docs/design.md §1). Takes the per-expert BAMConfig."""
 
@@ -95,9 +149,7 @@ class SoftMoASelfAttention(RotatedCacheSelfAttention):
             pg_collection=pg_collection,
         )
         self.router = build_module(submodules.router, config=config)
-        heads_here = self.num_attention_heads_per_partition
-        first = parallel_state.get_tensor_model_parallel_rank() * heads_here
-        self.register_buffer("head_expert", head_to_expert(config)[first : first + heads_here], persistent=False)
+        self.register_buffer("head_expert", on_this_rank(head_to_expert(config)), persistent=False)
 
     def forward(
         self,

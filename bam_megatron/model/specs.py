@@ -27,7 +27,13 @@ from bam_megatron.model.parallel_block import ParallelTransformerLayer, PartialS
 from bam_megatron.model.rope_cache import RotatedCacheSelfAttention
 from bam_megatron.model.router import BiasedTopKRouter
 from bam_megatron.model.sdpa_attention import SDPAttention
-from bam_megatron.model.soft_moa import SoftMoASelfAttention, SoftMoASelfAttentionSubmodules
+from bam_megatron.model.soft_moa import (
+    ExpertHeadNorm,
+    SoftMoASelfAttention,
+    SoftMoASelfAttentionSubmodules,
+    head_to_expert,
+    kv_group_to_expert,
+)
 
 BACKENDS = ("auto", "local", "te")
 
@@ -88,8 +94,8 @@ def _norm(config: BAMConfig, backend: str) -> type:
 def get_bam_layer_spec(config: BAMConfig, backend: str = "auto") -> ModuleSpec:
     """The transformer layer described by ``config``.
 
-    - attention: soft MoA (``num_attention_experts > 1``) or megatron-core's SelfAttention, both
-      caching keys after RoPE when decoding (`rope_cache`);
+    - attention: soft MoA (``num_attention_experts > 1``; per-expert Q/K norms: `ExpertHeadNorm`)
+      or megatron-core's SelfAttention, both caching keys after RoPE when decoding (`rope_cache`);
     - FFN: megatron-core's MoELayer (``num_moe_experts``) or a dense SwiGLU/GELU MLP;
     - block: `ParallelTransformerLayer` or megatron-core's sequential TransformerLayer.
       A parallel block with a dense FFN reduces once over TP (`PartialSumRowParallelLinear`;
@@ -103,11 +109,22 @@ def get_bam_layer_spec(config: BAMConfig, backend: str = "auto") -> ModuleSpec:
     output_linear = PartialSumRowParallelLinear if fused else m["row"]
 
     if config.uses_soft_moa:
+        q_norm = k_norm = None  # megatron-core's default: no norm
+        if config.qk_layernorm:  # each expert's own Q norm; K norm too unless K is shared
+            q_norm = ModuleSpec(module=ExpertHeadNorm, params={"head_expert": tuple(head_to_expert(config).tolist())})
+            k_norm = norm
+            if config.attention_kv_mode == "expert":
+                groups = tuple(kv_group_to_expert(config).tolist())
+                k_norm = ModuleSpec(module=ExpertHeadNorm, params={"head_expert": groups})
         attention = ModuleSpec(
             module=SoftMoASelfAttention,
             params={"attn_mask_type": AttnMaskType.causal},
             submodules=SoftMoASelfAttentionSubmodules(
-                linear_qkv=m["column"], core_attention=m["core_attention"], linear_proj=output_linear
+                linear_qkv=m["column"],
+                core_attention=m["core_attention"],
+                linear_proj=output_linear,
+                q_layernorm=q_norm,
+                k_layernorm=k_norm,
             ),
         )
     else:
