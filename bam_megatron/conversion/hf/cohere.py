@@ -11,34 +11,54 @@ LayerNorm, no linear biases, a final norm and (optionally tied) embeddings. What
   products over all channels, so they are unchanged (up to summation order);
 - Cohere multiplies logits by ``logit_scale``: exported as 1.0; on import it is folded into the
   final norm's weight (exact for powers of two, such as Cohere's 0.0625 and 0.125).
+
+The table (`CohereTarget.mappings`, read both ways by `bridge`), per layer:
+
+| transformers (``model.layers.N.``) | ours (``decoder.layers.N.``) | mapping |
+|---|---|---|
+| ``input_layernorm`` | ``input_layernorm`` (the one norm of the parallel block) | `Rename` |
+| ``self_attn.{q,k,v}_proj`` | ``self_attention.linear_qkv`` | `QKV`, Q/K rows permuted per head (`rope_permutation`) |
+| ``self_attn.o_proj`` | ``self_attention.linear_proj`` | `Rename` |
+| ``mlp.{gate,up}_proj`` | ``mlp.linear_fc1`` = [gate; up] | `GateUp` |
+| ``mlp.down_proj`` | ``mlp.linear_fc2`` | `Rename` |
+
+plus the embeddings, with ``model.norm`` <-> ``decoder.final_layernorm`` `Scaled` by ``logit_scale``.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 
-from bam_megatron.conversion.hf.errors import ConversionError
-from bam_megatron.conversion.hf.hf_files import SafetensorsWeights
-from bam_megatron.conversion.hf.importer import (
-    TOP,
-    Importer,
-    attention_shapes,
-    embedding_shapes,
-    fill_qkv,
-    swiglu_shapes,
+from bam_megatron.conversion.hf.bridge import (
+    LAYER,
+    OURS,
+    QKV,
+    Mapping,
+    Rename,
+    TableImporter,
+    TableTarget,
+    embeddings,
+    head_dim,
+    swiglu,
 )
+from bam_megatron.conversion.hf.errors import ConversionError
+from bam_megatron.conversion.hf.target import common_checks, initializer_range, rope_parameters, token_fields
 from bam_megatron.model.architecture import Architecture
 
 LAYERNORM_EPS = 1e-5  # transformers' default layer_norm_eps for Cohere
+EXPORTED_LOGIT_SCALE = 1.0  # what an export's config.json says (the scale lives in the final norm)
 
 
 def rope_permutation(head_dim: int) -> torch.Tensor:
     """Row ``p`` of a Cohere (interleaved-RoPE) head is row ``perm[p]`` of a megatron-core head."""
     p = torch.arange(head_dim)
     return p // 2 + (p % 2) * (head_dim // 2)
+
+
+# ===== export: what CohereForCausalLM refuses, its config.json, and the table
 
 
 def check_exportable(config, variant: str) -> None:
@@ -78,7 +98,69 @@ def check_exportable(config, variant: str) -> None:
             )
 
 
-class CohereImporter(Importer):
+class CohereTarget(TableTarget):
+    """``CohereForCausalLM``: the parallel block with one bias-free LayerNorm."""
+
+    name = "cohere"
+    architecture_class = "CohereForCausalLM"
+    model_type = "cohere"
+
+    def why_not(self, a: Architecture, config) -> Optional[str]:
+        """`check_exportable`'s checks."""
+        try:
+            check_exportable(config, a.variant)
+        except ConversionError as reason:
+            return str(reason)
+        return common_checks(config)
+
+    def hf_config(self, a: Architecture, config, meta, token_ids: dict[str, Any]) -> dict[str, Any]:
+        """Cohere's config.json: logit_scale 1, no q/k norms, no biases."""
+        return {
+            "architectures": [self.architecture_class],
+            "model_type": self.model_type,
+            "vocab_size": a.padded_vocab_size,
+            "hidden_size": a.hidden_size,
+            "intermediate_size": a.ffn_hidden_size,
+            "num_hidden_layers": a.num_layers,
+            "num_attention_heads": a.num_attention_heads,
+            "num_key_value_heads": a.num_query_groups,
+            "hidden_act": "silu",
+            "max_position_embeddings": meta.seq_length,
+            "layer_norm_eps": a.norm_epsilon,
+            "logit_scale": EXPORTED_LOGIT_SCALE,
+            "tie_word_embeddings": not a.untie_embeddings_and_output_weights,
+            "use_qk_norm": False,
+            "attention_bias": False,
+            "attention_dropout": 0.0,
+            "initializer_range": initializer_range(meta, config),
+            "use_cache": True,
+            "rope_parameters": rope_parameters(a),
+            "rope_theta": float(a.rotary_base),  # transformers 4.x's key (5.x reads rope_parameters)
+            **token_fields(token_ids),
+        }
+
+    def mappings(self, a: Architecture, logit_scale: float = EXPORTED_LOGIT_SCALE, **options: Any) -> list[Mapping]:
+        """Q and K rows permuted per head (interleaved RoPE), one norm per layer, ``logit_scale`` in the final norm."""
+        theirs, ours = LAYER + "self_attn.", OURS + "self_attention."
+        return [
+            *embeddings(a, norm_factor=float(logit_scale)),
+            Rename(LAYER + "input_layernorm.weight", OURS + "input_layernorm.weight"),
+            QKV(
+                tuple(f"{theirs}{x}_proj.weight" for x in "qkv"),
+                ours + "linear_qkv.weight",
+                heads=a.num_attention_heads,
+                groups=a.num_query_groups,
+                rows=rope_permutation(head_dim(a)),
+            ),
+            Rename(theirs + "o_proj.weight", ours + "linear_proj.weight"),
+            *swiglu(LAYER + "mlp.", OURS + "mlp."),
+        ]
+
+
+# ===== import: config.json's checks (the table is the target's)
+
+
+class CohereImporter(TableImporter):
     """``CohereForCausalLM`` (Command R and transformers' random Cohere models) -> a parallel-block seed.
 
     Q and K rows are permuted per head from Cohere's interleaved RoPE to megatron-core's halves;
@@ -87,6 +169,7 @@ class CohereImporter(Importer):
 
     model_type = "cohere"
     architecture_class = "CohereForCausalLM"
+    target = CohereTarget()
     defaults = {
         "use_qk_norm": False,
         "attention_bias": False,
@@ -145,56 +228,7 @@ class CohereImporter(Importer):
         """logit_scale, which the import folds into the final norm (an export writes 1.0)."""
         return {"logit_scale": self.get("logit_scale")}
 
-    def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Every tensor of the transformers model, by name, with its shape."""
-        a = self.architecture
-        vocab, hidden, ffn = a.padded_vocab_size, a.hidden_size, a.ffn_hidden_size
-        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        shapes = embedding_shapes(vocab, hidden, a.untie_embeddings_and_output_weights)
-        for i in range(a.num_layers):
-            p = f"model.layers.{i}."
-            shapes.update(attention_shapes(p, hidden, q, kv))
-            shapes.update(swiglu_shapes(p + "mlp.", hidden, ffn))
-        return shapes
-
-    def optional_tensors(self) -> dict[str, tuple[int, ...]]:
-        """Some tied checkpoints store lm_head.weight too (it must equal the embedding)."""
-        a = self.architecture
-        return {} if a.untie_embeddings_and_output_weights else {"lm_head.weight": (a.padded_vocab_size, a.hidden_size)}
-
-    def fill(self, unit: int, params: dict[str, torch.Tensor], source: SafetensorsWeights) -> None:
-        """Write one unit of our model from the Cohere tensors (Q/K rows permuted, logit_scale folded)."""
-        read = source.read
-        if unit == TOP:
-            embedding = params["embedding.word_embeddings.weight"]
-            embedding.copy_(read("model.embed_tokens.weight"))
-            final_norm = params["decoder.final_layernorm.weight"]
-            final_norm.copy_(read("model.norm.weight"))
-            scale = self.get("logit_scale")
-            final_norm.mul_(1.0 if scale is None else float(scale))
-            if self.architecture.untie_embeddings_and_output_weights:
-                params["output_layer.weight"].copy_(read("lm_head.weight"))
-            elif "lm_head.weight" in source and not torch.equal(read("lm_head.weight").float(), embedding):
-                raise ConversionError(
-                    "tie_word_embeddings is true but lm_head.weight differs from model.embed_tokens.weight"
-                )
-            return
-        d, hidden = self.head_dim, self.architecture.hidden_size
-        inverse = torch.argsort(rope_permutation(d))  # Cohere rows -> megatron-core rows
-        theirs, ours = f"model.layers.{unit}.", f"decoder.layers.{unit}."
-        q = read(theirs + "self_attn.q_proj.weight").view(self.heads, d, hidden)[:, inverse]
-        k = read(theirs + "self_attn.k_proj.weight").view(self.kv_heads, d, hidden)[:, inverse]
-        fill_qkv(
-            params[ours + "self_attention.linear_qkv.weight"],
-            q,
-            k,
-            read(theirs + "self_attn.v_proj.weight"),
-            self.heads,
-            self.kv_heads,
-        )
-        params[ours + "self_attention.linear_proj.weight"].copy_(read(theirs + "self_attn.o_proj.weight"))
-        params[ours + "input_layernorm.weight"].copy_(read(theirs + "input_layernorm.weight"))
-        fc1, ffn = params[ours + "mlp.linear_fc1.weight"], self.architecture.ffn_hidden_size
-        fc1[:ffn].copy_(read(theirs + "mlp.gate_proj.weight"))
-        fc1[ffn:].copy_(read(theirs + "mlp.up_proj.weight"))
-        params[ours + "mlp.linear_fc2.weight"].copy_(read(theirs + "mlp.down_proj.weight"))
+    def table_options(self) -> dict[str, Any]:
+        """The logit scale the final norm takes on (None: 1)."""
+        scale = self.get("logit_scale")
+        return {"logit_scale": 1.0 if scale is None else float(scale)}

@@ -27,6 +27,7 @@ import torch
 
 from bam_megatron.conversion.hf import formats, hf_files, hf_tokenizer
 from bam_megatron.conversion.hf.bam_format import fold_router_offsets
+from bam_megatron.conversion.hf.bridge import meta_units
 from bam_megatron.conversion.hf.errors import ConversionError
 from bam_megatron.conversion.hf.megatron_io import TrackedParams
 from bam_megatron.conversion.hf.target import TOP, Target
@@ -92,24 +93,6 @@ def choose_target(
         raise ConversionError(refused)
     reason = reasons[0][1] if reasons else _no_native_class(a)
     return remote, [f"exported with --format bam (trust_remote_code) because {reason}"]
-
-
-def _meta_model(a: Architecture, seq_length: int):
-    """Our model of ``a`` on the meta device (TP = PP = EP = 1, local spec: the names the mappings use)."""
-    from bam_megatron.checkpoint.layerwise import architecture_meta_model
-    from bam_megatron.platform.distributed import ParallelSizes, initialize
-
-    initialize(ParallelSizes())
-    return architecture_meta_model(a, seq_length, backend="local")
-
-
-def _unit_params(model) -> dict[int, dict[str, torch.Tensor]]:
-    from bam_megatron.checkpoint.layerwise import unit_of_parameter
-
-    units: dict[int, dict[str, torch.Tensor]] = {}
-    for name, param in model.named_parameters():
-        units.setdefault(unit_of_parameter(name), {})[name] = param
-    return units
 
 
 def _mapped(target: Target, unit: int, params: dict, a: Architecture, config) -> dict[str, torch.Tensor]:
@@ -255,7 +238,7 @@ def export_checkpoint(
         )
     a = meta.architecture
     imported = (meta.lineage.get("imported") or {}).get("model_type")
-    model, config = _meta_model(a, meta.seq_length)
+    model, config, units = meta_units(a, meta.seq_length)
     notes: list[str] = []
     tokenizer = hf_tokenizer.find(meta, tokenizer_model, notes)
     token_ids = token_ids_for(meta, tokenizer)
@@ -267,7 +250,6 @@ def export_checkpoint(
     notes = chosen + notes
     hf_config = target.hf_config(a, config, meta, token_ids)
     hf_config["dtype"] = dtype
-    units = _unit_params(model)
     order = [TOP, *range(a.num_layers)]
     plan = [  # on the meta device: names and shapes, no data
         (name, tuple(t.shape), DTYPES[dtype])

@@ -6,7 +6,9 @@ construction, refusing each setting bam-megatron cannot compute exactly in one l
 field, and then knows (a) the `Architecture` of the seed, (b) every Hugging Face tensor the model
 is made of, with its shape, and (c) how one unit of our model (``layerwise.TOP`` or a layer) is
 filled from those tensors. ``convert.import_hf`` checks the tensors against (b) from the files'
-headers before anything is written, then streams the checkpoint unit by unit with (c).
+headers before anything is written, then streams the checkpoint unit by unit with (c). The
+native families get (b) and (c) from their table (`bridge.TableImporter`: the same table their
+export uses); the remote-code import (`remote_import`) spells them out with the helpers below.
 """
 
 from __future__ import annotations
@@ -232,3 +234,14 @@ def fill_qkv(fused: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     view[:, :per_group].copy_(q.view(groups, per_group, -1, *trailing))
     view[:, per_group].copy_(k.view(groups, -1, *trailing))
     view[:, per_group + 1].copy_(v.view(groups, -1, *trailing))
+
+
+def fill_swiglu(
+    params: dict, ours: str, read, theirs: str, ffn: int, names=("gate_proj", "up_proj", "down_proj")
+) -> None:
+    """megatron-core's gated MLP ``ours`` (``linear_fc1`` = [gate; up], ``linear_fc2``) from three projections
+    (the remote-code import's; the native families' tables use `bridge.swiglu`)."""
+    fc1 = params[ours + "linear_fc1.weight"]
+    fc1[:ffn].copy_(read(f"{theirs}{names[0]}.weight"))
+    fc1[ffn:].copy_(read(f"{theirs}{names[1]}.weight"))
+    params[ours + "linear_fc2.weight"].copy_(read(f"{theirs}{names[2]}.weight"))

@@ -1,4 +1,4 @@
-"""Llama and its close relatives (Mistral, Qwen2, Qwen3) -> a dense sequential-block seed.
+"""Llama and its close relatives (Mistral, Qwen2, Qwen3) <-> a dense sequential-block model.
 
 These four are one decoder: ``h = x + Attn(RMSNorm(x)); y = h + SwiGLU(RMSNorm(h))`` with GQA,
 rotate-half RoPE (as megatron-core's default: no Q/K row permutation, unlike Cohere's), a final
@@ -11,39 +11,222 @@ RMSNorm and tied or untied embeddings. They differ in a few settings, each an `A
 | Qwen2 | biases on q/k/v | ``add_qkv_bias`` |
 | Qwen3 | per-head RMSNorm on q and k; ``head_dim`` ≠ hidden/heads | ``qk_layernorm``, ``kv_channels`` |
 
-Tensor mapping, per layer (``model.layers.N.`` -> ``decoder.layers.N.``):
+The table (`LlamaTarget.mappings`, read both ways by `bridge`), per layer
+(``model.layers.N.`` <-> ``decoder.layers.N.``):
 
-| transformers | ours (megatron-core parameter names) |
-|---|---|
-| ``input_layernorm`` | ``input_layernorm`` |
-| ``self_attn.{q,k,v}_proj.{weight,bias}`` | ``self_attention.linear_qkv.{weight,bias}`` (per KV group: Q heads, K, V) |
-| ``self_attn.{q,k}_norm`` | ``self_attention.{q,k}_layernorm`` |
-| ``self_attn.o_proj`` | ``self_attention.linear_proj`` |
-| ``post_attention_layernorm`` | ``pre_mlp_layernorm`` |
-| ``mlp.gate_proj``, ``mlp.up_proj`` | ``mlp.linear_fc1`` = [gate; up] |
-| ``mlp.down_proj`` | ``mlp.linear_fc2`` |
+| transformers | ours (megatron-core parameter names) | mapping |
+|---|---|---|
+| ``input_layernorm`` | ``input_layernorm`` | `Rename` |
+| ``self_attn.{q,k,v}_proj.{weight,bias}`` | ``self_attention.linear_qkv.{weight,bias}`` | `QKV` (by KV group) |
+| ``self_attn.o_proj`` | ``self_attention.linear_proj`` | `Rename` |
+| ``self_attn.o_proj.bias`` (Llama's ``attention_bias``) | — | `Zeros` (must be zero on import) |
+| ``self_attn.{q,k,v}_proj.bias`` (Qwen2, a model without) | — | `Zeros` |
+| ``self_attn.{q,k}_norm`` | ``self_attention.{q,k}_layernorm`` | `Rename` |
+| ``post_attention_layernorm`` | ``pre_mlp_layernorm`` | `Rename` |
+| ``mlp.gate_proj``, ``mlp.up_proj`` | ``mlp.linear_fc1`` = [gate; up] | `GateUp` |
+| ``mlp.down_proj`` | ``mlp.linear_fc2`` | `Rename` |
 
-plus ``model.embed_tokens``, ``model.norm``, ``lm_head`` -> ``embedding.word_embeddings``,
-``decoder.final_layernorm``, ``output_layer``. The defaults are transformers 5.23's for a field
-config.json leaves out (tests/conversion/hf/test_hf_import.py compares them with transformers' config classes).
+plus ``model.embed_tokens``, ``model.norm``, ``lm_head`` <-> ``embedding.word_embeddings``,
+``decoder.final_layernorm``, ``output_layer`` (`bridge.embeddings`). Next to the table: what each
+class refuses on export (`LlamaTarget.why_not`), its config.json (`hf_config`), and the import's
+checks of config.json (`LlamaImporter.check`: each refusal one line naming the field). The
+defaults are transformers 5.23's for a field config.json leaves out
+(tests/conversion/hf/test_hf_import.py compares them with transformers' config classes).
 """
 
 from __future__ import annotations
 
-import torch
+from typing import Any, Optional
 
-from bam_megatron.conversion.hf.errors import ConversionError
-from bam_megatron.conversion.hf.hf_files import SafetensorsWeights
-from bam_megatron.conversion.hf.importer import (
-    REQUIRED,
-    TOP,
-    Importer,
-    attention_shapes,
-    embedding_shapes,
-    fill_qkv,
-    swiglu_shapes,
+from bam_megatron.conversion.hf.bridge import (
+    LAYER,
+    OURS,
+    QKV,
+    Mapping,
+    Rename,
+    TableImporter,
+    TableTarget,
+    Zeros,
+    embeddings,
+    head_dim,
+    swiglu,
 )
+from bam_megatron.conversion.hf.errors import ConversionError
+from bam_megatron.conversion.hf.importer import REQUIRED, fill_swiglu  # noqa: F401  (remote_import reads it here)
+from bam_megatron.conversion.hf.target import common_checks, initializer_range, rope_parameters, token_fields
 from bam_megatron.model.architecture import Architecture
+
+# ===== export: the classes, what they refuse, their config.json, and the table
+
+
+class LlamaTarget(TableTarget):
+    """``LlamaForCausalLM``: h = x + Attn(RMSNorm x); y = h + SwiGLU(RMSNorm h); no q/k norms."""
+
+    name = "llama"
+    architecture_class = "LlamaForCausalLM"
+    model_type = "llama"
+    moe = False
+    # "never"; "always" (Qwen2: biases of zeros where the model has none); "either" (a config flag);
+    # "with_output" (Llama's attention_bias: q/k/v biases and an o_proj bias, written as zeros)
+    qkv_bias = "with_output"
+    qk_norm = False
+
+    def why_not(self, a: Architecture, config) -> Optional[str]:
+        """The sequential block with RMSNorm, and this family's bias and q/k-norm settings."""
+        cls = self.architecture_class
+        if a.has_soft_moa:
+            return (
+                f"variant={a.variant}: {cls} has one attention per layer, not a soft mixture of attention experts "
+                "(export with --format bam: remote code)"
+            )
+        if a.is_moe != self.moe:
+            hint = "--format qwen2_moe, qwen3_moe or mixtral" if a.is_moe else "--format llama, qwen2 or qwen3"
+            what = "has no experts" if a.is_moe else "is a mixture of experts"
+            return f"variant={a.variant}: {cls} {what} (export with {hint})"
+        if a.block_type != "sequential":
+            return (
+                f"block_type={a.block_type}: {cls}'s layer is the sequential block, h = x + Attn(Norm(x)), "
+                "y = h + FFN(Norm(h)) (export with --format bam: remote code)"
+            )
+        if a.normalization != "RMSNorm":
+            return f"normalization={a.normalization}: {cls}'s norms are RMSNorm (export with --format bam: remote code)"
+        if a.add_qkv_bias and self.qkv_bias == "never":
+            return f"add_qkv_bias=True: {cls} has no q/k/v biases (export with --format llama or qwen2_moe)"
+        if a.qk_layernorm != self.qk_norm:
+            if a.qk_layernorm:
+                return f"qk_layernorm=True: {cls} has no q/k norms (export with --format qwen3 or qwen3_moe)"
+            return f"qk_layernorm=False: {cls} always normalises q and k per head (export with --format llama or qwen2)"
+        return common_checks(config)
+
+    def family_config(self, a: Architecture) -> dict[str, Any]:
+        """config.json fields of this family beyond the shared ones: ``attention_bias`` for q/k/v biases
+        (Llama's adds one to o_proj too, written as zeros: the same function)."""
+        return {"attention_bias": a.add_qkv_bias, "mlp_bias": False, "pretraining_tp": 1}
+
+    def hf_config(self, a: Architecture, config, meta, token_ids: dict[str, Any]) -> dict[str, Any]:
+        """Sizes, RMSNorm epsilon, RoPE (plain or Llama-3 scaling), tied embeddings, token ids."""
+        return {
+            "architectures": [self.architecture_class],
+            "model_type": self.model_type,
+            "vocab_size": a.padded_vocab_size,
+            "hidden_size": a.hidden_size,
+            "intermediate_size": a.ffn_hidden_size,
+            "num_hidden_layers": a.num_layers,
+            "num_attention_heads": a.num_attention_heads,
+            "num_key_value_heads": a.num_query_groups,
+            "head_dim": config.kv_channels,
+            "hidden_act": "silu",
+            "max_position_embeddings": meta.seq_length,
+            "rms_norm_eps": a.norm_epsilon,
+            "tie_word_embeddings": not a.untie_embeddings_and_output_weights,
+            "rope_parameters": rope_parameters(a),
+            "rope_theta": float(a.rotary_base),  # transformers 4.x's key (5.x reads rope_parameters)
+            "attention_dropout": 0.0,
+            "initializer_range": initializer_range(meta, config),
+            "use_cache": True,
+            **token_fields(token_ids),
+            **self.family_config(a),
+        }
+
+    # ----- the table
+    def mappings(self, a: Architecture, **options: Any) -> list[Mapping]:
+        """Embeddings; per layer the norms, the attention (`attention`) and the FFN (`ffn`)."""
+        return [
+            *embeddings(a),
+            Rename(LAYER + "input_layernorm.weight", OURS + "input_layernorm.weight"),
+            *self.attention(a),
+            Rename(LAYER + "post_attention_layernorm.weight", OURS + "pre_mlp_layernorm.weight"),
+            *self.ffn(a),
+        ]
+
+    def qkv_names(self, kind: str) -> tuple[str, ...]:
+        """The Hugging Face Q, K, V tensors of a layer (``kind``: weight or bias)."""
+        return tuple(f"{LAYER}self_attn.{x}_proj.{kind}" for x in "qkv")
+
+    def attention(self, a: Architecture) -> list[Mapping]:
+        """Q/K/V (fused by KV group), o_proj; the family's biases; per-head q/k norms."""
+        theirs, ours = LAYER + "self_attn.", OURS + "self_attention."
+        heads, groups, d = a.num_attention_heads, a.num_query_groups, head_dim(a)
+        table: list[Mapping] = [
+            QKV(self.qkv_names("weight"), ours + "linear_qkv.weight", heads=heads, groups=groups),
+            Rename(theirs + "o_proj.weight", ours + "linear_proj.weight"),
+        ]
+        if a.add_qkv_bias:
+            table.append(QKV(self.qkv_names("bias"), ours + "linear_qkv.bias", heads=heads, groups=groups))
+            if self.qkv_bias == "with_output":
+                table.append(
+                    Zeros(
+                        theirs + "o_proj.bias",
+                        shape=((a.hidden_size,),),
+                        refusal="attention_bias=True: tensor {name} is not zero (megatron-core's attention output "
+                        "projection has no bias; its q/k/v biases are add_qkv_bias)",
+                    )
+                )
+        elif self.qkv_bias == "always":  # biases of zeros: the same function as none
+            table.append(Zeros(self.qkv_names("bias"), shape=((heads * d,), (groups * d,), (groups * d,))))
+        if a.qk_layernorm:
+            table += [
+                Rename(theirs + "q_norm.weight", ours + "q_layernorm.weight"),
+                Rename(theirs + "k_norm.weight", ours + "k_layernorm.weight"),
+            ]
+        return table
+
+    def ffn(self, a: Architecture) -> list[Mapping]:
+        """The dense SwiGLU FFN: ``mlp.{gate,up,down}_proj``."""
+        return swiglu(LAYER + "mlp.", OURS + "mlp.")
+
+
+class MistralTarget(LlamaTarget):
+    """``MistralForCausalLM``: Llama's decoder; exported with ``sliding_window: null`` (full causal, as ours)."""
+
+    name = "mistral"
+    architecture_class = "MistralForCausalLM"
+    model_type = "mistral"
+    qkv_bias = "never"
+
+    def family_config(self, a: Architecture) -> dict[str, Any]:
+        """No sliding window: bam-megatron's attention is full causal."""
+        return {"sliding_window": None}
+
+
+def qwen_window(a: Architecture) -> dict[str, Any]:
+    """Qwen's config.json fields for no sliding window on any layer."""
+    return {
+        "use_sliding_window": False,
+        "sliding_window": None,
+        "max_window_layers": a.num_layers,
+        "layer_types": ["full_attention"] * a.num_layers,
+    }
+
+
+class Qwen2Target(LlamaTarget):
+    """``Qwen2ForCausalLM``: Llama's decoder with q/k/v biases (always present: zeros for a model without)."""
+
+    name = "qwen2"
+    architecture_class = "Qwen2ForCausalLM"
+    model_type = "qwen2"
+    qkv_bias = "always"
+
+    def family_config(self, a: Architecture) -> dict[str, Any]:
+        """No sliding window on any layer."""
+        return qwen_window(a)
+
+
+class Qwen3Target(LlamaTarget):
+    """``Qwen3ForCausalLM``: Llama's decoder with per-head q/k RMSNorms and a free head size."""
+
+    name = "qwen3"
+    architecture_class = "Qwen3ForCausalLM"
+    model_type = "qwen3"
+    qkv_bias = "never"
+    qk_norm = True
+
+    def family_config(self, a: Architecture) -> dict[str, Any]:
+        """No sliding window, no attention biases (Qwen3's would include o_proj)."""
+        return {**qwen_window(a), "attention_bias": False}
+
+
+# ===== import: config.json's checks (the table is the target's)
 
 _SIZES = {key: REQUIRED for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers")}
 _COMMON = {
@@ -57,11 +240,12 @@ _COMMON = {
 }
 
 
-class LlamaImporter(Importer):
+class LlamaImporter(TableImporter):
     """``LlamaForCausalLM`` (Llama 2, 3, 3.1-3.3: GQA, ``llama3`` RoPE scaling, tied or untied)."""
 
     model_type = "llama"
     architecture_class = "LlamaForCausalLM"
+    target = LlamaTarget()
     defaults = {
         **_COMMON,
         "num_key_value_heads": None,
@@ -72,12 +256,12 @@ class LlamaImporter(Importer):
     }
     qkv_bias = False
     qk_norm = False
-    output_bias = False  # o_proj.bias: read and required to be zero (megatron-core's attention has none)
+    allow_llama3 = True  # the rope_type 'llama3' (Phi-3's class computes no such scaling)
 
     def check_family(self) -> None:
         """The settings of this family beyond the shared ones: ``attention_bias`` (q/k/v biases, and o_proj
         biases that must be zeros, as bam-convert-hf exports q/k/v biases to Llama)."""
-        self.qkv_bias = self.output_bias = bool(self.get("attention_bias"))
+        self.qkv_bias = bool(self.get("attention_bias"))
         self.require("mlp_bias", False, "bam-megatron's MLP has no biases")
 
     def check(self) -> Architecture:
@@ -98,7 +282,7 @@ class LlamaImporter(Importer):
             head_dim = hidden // heads
         if not isinstance(head_dim, int) or head_dim < 1 or head_dim % 2:
             raise ConversionError(f"head_dim={head_dim}: must be a positive even integer (RoPE rotates pairs)")
-        theta, scaling = self.rope()
+        theta, scaling = self.rope(self.allow_llama3)
         self.head_dim, self.heads, self.kv_heads = head_dim, heads, groups
         return Architecture(
             num_layers=self.get("num_hidden_layers"),
@@ -122,102 +306,23 @@ class LlamaImporter(Importer):
         """The Architecture fields of the FFN: a dense SwiGLU of ``intermediate_size``."""
         return {"variant": "dense", "ffn_hidden_size": self.get("intermediate_size")}
 
-    # ----- tensors
-    def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Every tensor of the transformers model, by name, with its shape."""
-        a = self.architecture
-        vocab, hidden = a.padded_vocab_size, a.hidden_size
-        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        shapes = embedding_shapes(vocab, hidden, a.untie_embeddings_and_output_weights)
-        for i in range(a.num_layers):
-            p = f"model.layers.{i}."
-            shapes.update(attention_shapes(p, hidden, q, kv))
-            shapes.update({p + "post_attention_layernorm.weight": (hidden,), **self.ffn_shapes(i)})
-            if self.qkv_bias:
-                shapes.update(
-                    {
-                        p + "self_attn.q_proj.bias": (q,),
-                        p + "self_attn.k_proj.bias": (kv,),
-                        p + "self_attn.v_proj.bias": (kv,),
-                    }
-                )
-            if self.output_bias:
-                shapes[p + "self_attn.o_proj.bias"] = (hidden,)
-            if self.qk_norm:
-                shapes.update(
-                    {p + "self_attn.q_norm.weight": (self.head_dim,), p + "self_attn.k_norm.weight": (self.head_dim,)}
-                )
-        return shapes
-
-    def ffn_shapes(self, i: int) -> dict[str, tuple[int, ...]]:
-        """The FFN tensors of layer ``i``: ``mlp.{gate,up,down}_proj``."""
-        a = self.architecture
-        return swiglu_shapes(f"model.layers.{i}.mlp.", a.hidden_size, a.ffn_hidden_size)
-
-    def optional_tensors(self) -> dict[str, tuple[int, ...]]:
-        """A tied model's checkpoint may store lm_head.weight too (it must equal the embedding)."""
-        a = self.architecture
-        return {} if a.untie_embeddings_and_output_weights else {"lm_head.weight": (a.padded_vocab_size, a.hidden_size)}
-
     def check_tensors(self, shapes: dict[str, tuple[int, ...]]) -> None:
-        """As every family; with ``attention_bias``, a missing bias names the setting."""
-        if self.output_bias:
+        """As every family; with Llama's ``attention_bias``, a missing bias names the setting."""
+        if self.qkv_bias and self.target.qkv_bias == "with_output":
             for name in self.tensor_shapes():
                 if name.endswith("_proj.bias") and name not in shapes:
                     raise ConversionError(f"attention_bias=True but tensor {name} is missing from the checkpoint")
         super().check_tensors(shapes)
 
-    def fill(self, unit: int, params: dict[str, torch.Tensor], source: SafetensorsWeights) -> None:
-        """Write one unit of our model (TOP: embedding, final norm, output layer; else layer ``unit``)."""
-        read = source.read
-        if unit == TOP:
-            embedding = params["embedding.word_embeddings.weight"]
-            embedding.copy_(read("model.embed_tokens.weight"))
-            params["decoder.final_layernorm.weight"].copy_(read("model.norm.weight"))
-            if self.architecture.untie_embeddings_and_output_weights:
-                params["output_layer.weight"].copy_(read("lm_head.weight"))
-            elif "lm_head.weight" in source and not torch.equal(read("lm_head.weight").float(), embedding):
-                raise ConversionError(
-                    "tie_word_embeddings is true but lm_head.weight differs from model.embed_tokens.weight"
-                )
-            return
-        theirs, ours = f"model.layers.{unit}.self_attn.", f"decoder.layers.{unit}.self_attention."
-        for kind in ("weight", "bias") if self.qkv_bias else ("weight",):
-            fill_qkv(
-                params[f"{ours}linear_qkv.{kind}"],
-                *(read(f"{theirs}{x}_proj.{kind}") for x in "qkv"),
-                self.heads,
-                self.kv_heads,
-            )
-        if self.qk_norm:
-            params[ours + "q_layernorm.weight"].copy_(read(theirs + "q_norm.weight"))
-            params[ours + "k_layernorm.weight"].copy_(read(theirs + "k_norm.weight"))
-        params[ours + "linear_proj.weight"].copy_(read(theirs + "o_proj.weight"))
-        if self.output_bias and bool(read(theirs + "o_proj.bias").count_nonzero()):
-            raise ConversionError(
-                f"attention_bias=True: tensor {theirs}o_proj.bias is not zero (megatron-core's attention output "
-                "projection has no bias; its q/k/v biases are add_qkv_bias)"
-            )
-        theirs, ours = f"model.layers.{unit}.", f"decoder.layers.{unit}."
-        params[ours + "input_layernorm.weight"].copy_(read(theirs + "input_layernorm.weight"))
-        params[ours + "pre_mlp_layernorm.weight"].copy_(read(theirs + "post_attention_layernorm.weight"))
-        self.fill_ffn(unit, params, read)
 
-    def fill_ffn(self, i: int, params: dict[str, torch.Tensor], read) -> None:
-        """Layer ``i``'s FFN: ``linear_fc1`` = [gate; up], ``linear_fc2`` = down."""
-        fill_swiglu(
-            params, f"decoder.layers.{i}.mlp.", read, f"model.layers.{i}.mlp.", self.architecture.ffn_hidden_size
+def sliding_window_refusal(window: Optional[int], seq_length: int) -> None:
+    """Refuse a ``sliding_window`` shorter than the recorded sequence (exact only up to the window)."""
+    if window is not None and window < seq_length:
+        raise ConversionError(
+            f"sliding_window={window}: each token attends to the last {window} only, bam-megatron's "
+            f"attention is full causal; exact for sequences up to {window} tokens: import with "
+            f"--seq-length {window} (the recorded length is {seq_length})"
         )
-
-
-def fill_swiglu(
-    params: dict, ours: str, read, theirs: str, ffn: int, names=("gate_proj", "up_proj", "down_proj")
-) -> None:
-    """megatron-core's gated MLP ``ours`` (``linear_fc1`` = [gate; up], ``linear_fc2``) from three projections."""
-    fc1 = params[ours + "linear_fc1.weight"]
-    fc1[:ffn].copy_(read(f"{theirs}{names[0]}.weight"))
-    fc1[ffn:].copy_(read(f"{theirs}{names[1]}.weight"))
-    params[ours + "linear_fc2.weight"].copy_(read(f"{theirs}{names[2]}.weight"))
 
 
 class MistralImporter(LlamaImporter):
@@ -225,6 +330,7 @@ class MistralImporter(LlamaImporter):
 
     model_type = "mistral"
     architecture_class = "MistralForCausalLM"
+    target = MistralTarget()
     defaults = {
         **_COMMON,
         "num_key_value_heads": 8,
@@ -235,13 +341,7 @@ class MistralImporter(LlamaImporter):
 
     def check_family(self) -> None:
         """Sliding-window attention: exact (the window never bites) only up to the window's length."""
-        window = self.get("sliding_window")
-        if window is not None and window < self.seq_length:
-            raise ConversionError(
-                f"sliding_window={window}: each token attends to the last {window} only, bam-megatron's "
-                f"attention is full causal; exact for sequences up to {window} tokens: import with "
-                f"--seq-length {window} (the recorded length is {self.seq_length})"
-            )
+        sliding_window_refusal(self.get("sliding_window"), self.seq_length)
 
 
 class Qwen2Importer(LlamaImporter):
@@ -249,6 +349,7 @@ class Qwen2Importer(LlamaImporter):
 
     model_type = "qwen2"
     architecture_class = "Qwen2ForCausalLM"
+    target = Qwen2Target()
     defaults = {
         **_COMMON,
         "num_key_value_heads": 32,
@@ -291,6 +392,7 @@ class Qwen3Importer(Qwen2Importer):
 
     model_type = "qwen3"
     architecture_class = "Qwen3ForCausalLM"
+    target = Qwen3Target()
     defaults = {**Qwen2Importer.defaults, "head_dim": 128, "attention_bias": False}
     qkv_bias = False
     qk_norm = True

@@ -1,4 +1,4 @@
-"""Mixtures of experts from Hugging Face -> BTX seeds: Qwen2-MoE, Qwen3-MoE, Mixtral.
+"""Mixtures of experts <-> BTX models: Qwen2-MoE, Qwen3-MoE, Mixtral.
 
 Each is Llama's sequential decoder whose MLP is a top-k mixture of SwiGLU experts in every layer:
 megatron-core's MoE layer (``--variant btx``) with its router's softmax score. What differs is
@@ -11,40 +11,177 @@ the routing and the attention:
 - Mixtral: softmax over all experts, top k, renormalised (``moe_router_pre_softmax = False``);
   Mistral's attention.
 
-Renormalised routing equals megatron-core's softmax over the top-k logits. Refused, naming the
-field: a shared expert (Qwen2-MoE's ``shared_expert_intermediate_size`` > 0: bam-megatron's
-mixture has none; exports write it at size 0, where it adds nothing), dense layers among the
-sparse ones (``decoder_sparse_step`` other than 1, ``mlp_only_layers``), renormalised top-1
-routing (its only weight is 1), and what the dense families refuse (sliding windows that bite,
-other RoPE types, biases bam-megatron has not).
+Renormalised routing equals megatron-core's softmax over the top-k logits. Refused on import,
+naming the field: a shared expert (Qwen2-MoE's ``shared_expert_intermediate_size`` > 0:
+bam-megatron's mixture has none; exports write it at size 0, where it adds nothing), dense layers
+among the sparse ones (``decoder_sparse_step`` other than 1, ``mlp_only_layers``), renormalised
+top-1 routing (its only weight is 1), and what the dense families refuse (sliding windows that
+bite, other RoPE types, biases bam-megatron has not). Refused on export: a routing scale
+(``moe_router_topk_scaling_factor``), router biases, and for Mixtral softmax-then-top-k routing.
 
-Tensors (layer ``N``; Hub names, which transformers 5 fuses into ``gate_up_proj`` on load):
+The table is Llama's (`llama.LlamaTarget.mappings`) with the FFN of layer ``N`` replaced (Hub
+names, which transformers 5 fuses into ``gate_up_proj`` on load):
 
-- ``mlp.gate`` (Mixtral: ``block_sparse_moe.gate``) -> ``router``;
-- ``mlp.experts.E.{gate,up}_proj`` (Mixtral: ``block_sparse_moe.experts.E.{w1,w3}``) ->
-  ``experts.local_experts.E.linear_fc1`` = [gate; up];
-- ``mlp.experts.E.down_proj`` (Mixtral: ``block_sparse_moe.experts.E.w2``) -> ``experts.local_experts.E.linear_fc2``.
+- ``mlp.gate`` (Mixtral: ``block_sparse_moe.gate``) <-> ``mlp.router`` (`Rename`);
+- ``mlp.experts.E.{gate,up}_proj`` (Mixtral: ``block_sparse_moe.experts.E.{w1,w3}``) <->
+  ``mlp.experts.local_experts.E.linear_fc1`` = [gate; up] (`GateUp`);
+- ``mlp.experts.E.down_proj`` (Mixtral: ``block_sparse_moe.experts.E.w2``) <->
+  ``mlp.experts.local_experts.E.linear_fc2`` (`Rename`);
+- Qwen2-MoE's ``mlp.shared_expert.{gate,up,down}_proj`` and ``mlp.shared_expert_gate``: `Zeros` of
+  size 0 (and a zero gate), optional on import.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
-import torch
-
+from bam_megatron.conversion.hf.bridge import LAYER, OURS, Mapping, Rename, Zeros, swiglu
 from bam_megatron.conversion.hf.errors import ConversionError
-from bam_megatron.conversion.hf.llama import _COMMON, MistralImporter, Qwen2Importer, Qwen3Importer, fill_swiglu
+from bam_megatron.conversion.hf.llama import (
+    _COMMON,
+    LlamaTarget,
+    MistralImporter,
+    Qwen2Importer,
+    Qwen3Importer,
+    qwen_window,
+)
+from bam_megatron.model.architecture import Architecture
+
+# ===== export: the classes, what they refuse, their config.json, and the FFN of the table
+
+
+class _MoETarget(LlamaTarget):
+    """A sequential-block mixture (BTX) with one of transformers' MoE layers."""
+
+    moe = True
+    mlp = "mlp."  # Mixtral: block_sparse_moe.
+    expert_names = ("gate_proj", "up_proj", "down_proj")
+
+    def why_not(self, a: Architecture, config) -> Optional[str]:
+        """The Llama-family checks, then the routing."""
+        reason = super().why_not(a, config)
+        if reason:
+            return reason
+        if a.moe_router_topk_scaling_factor is not None:
+            return (
+                f"moe_router_topk_scaling_factor={a.moe_router_topk_scaling_factor}: {self.architecture_class} "
+                "has no routing-weight scale (export with --format bam: remote code)"
+            )
+        if a.router_bias:
+            return (
+                f"router_bias=True: {self.architecture_class}'s router (mlp.gate) has no bias (export with "
+                "--format bam: remote code, which carries both routers' biases)"
+            )
+        return None
+
+    def moe_config(self, a: Architecture) -> dict[str, Any]:
+        """Every layer an MoE of ``num_experts`` SwiGLU experts, top-k, no shared expert."""
+        return {
+            "num_experts": a.num_experts,
+            "num_experts_per_tok": a.moe_router_topk,
+            "moe_intermediate_size": a.ffn_hidden_size,
+            "norm_topk_prob": not a.moe_router_pre_softmax,
+            "decoder_sparse_step": 1,
+            "mlp_only_layers": [],
+            "output_router_logits": False,
+        }
+
+    def ffn(self, a: Architecture) -> list[Mapping]:
+        """The router (``mlp.gate``) and every expert's SwiGLU (the Hub's names)."""
+        theirs, ours = LAYER + self.mlp, OURS + "mlp."
+        return [
+            Rename(theirs + "gate.weight", ours + "router.weight"),
+            *swiglu(theirs + "experts.{e}.", ours + "experts.local_experts.{e}.", self.expert_names),
+        ]
+
+
+class Qwen2MoeTarget(_MoETarget):
+    """``Qwen2MoeForCausalLM`` with ``shared_expert_intermediate_size: 0``.
+
+    Its router is softmax over all experts, then the top k, divided by their sum only with
+    ``norm_topk_prob``: false is megatron-core's pre-softmax routing, true the renormalised one.
+    Every layer builds a shared expert; at size 0 its projections are empty and its output is 0
+    (``sigmoid(shared_expert_gate(x)) * 0``), so it adds nothing: its (empty) tensors and a zero
+    gate are written, which transformers loads as they are.
+    """
+
+    name = "qwen2_moe"
+    architecture_class = "Qwen2MoeForCausalLM"
+    model_type = "qwen2_moe"
+    qkv_bias = "either"
+
+    def family_config(self, a: Architecture) -> dict[str, Any]:
+        """q/k/v biases as the model has them, no shared expert, no sliding window."""
+        return {
+            **qwen_window(a),
+            **self.moe_config(a),
+            "qkv_bias": a.add_qkv_bias,
+            "shared_expert_intermediate_size": 0,
+            "router_aux_loss_coef": 0.001,
+        }
+
+    def ffn(self, a: Architecture) -> list[Mapping]:
+        """The experts, plus the empty shared expert and its (zero) gate."""
+        hidden, shared = a.hidden_size, LAYER + "mlp.shared_expert"
+        names = [f"{shared}.{x}_proj.weight" for x in ("gate", "up", "down")] + [shared + "_gate.weight"]
+        empty = Zeros(tuple(names), shape=((0, hidden), (0, hidden), (hidden, 0), (1, hidden)), optional=True)
+        return [*super().ffn(a), empty]
+
+
+class Qwen3MoeTarget(_MoETarget):
+    """``Qwen3MoeForCausalLM``: Qwen2-MoE's routing (``norm_topk_prob``) with Qwen3's q/k norms; no shared expert."""
+
+    name = "qwen3_moe"
+    architecture_class = "Qwen3MoeForCausalLM"
+    model_type = "qwen3_moe"
+    qkv_bias = "never"
+    qk_norm = True
+
+    def family_config(self, a: Architecture) -> dict[str, Any]:
+        """Every layer an MoE, no sliding window, no attention biases."""
+        window = {k: v for k, v in qwen_window(a).items() if k != "layer_types"}
+        return {**window, **self.moe_config(a), "attention_bias": False, "router_aux_loss_coef": 0.001}
+
+
+class MixtralTarget(_MoETarget):
+    """``MixtralForCausalLM``: softmax over all experts, top k, renormalised (megatron-core without pre-softmax)."""
+
+    name = "mixtral"
+    architecture_class = "MixtralForCausalLM"
+    model_type = "mixtral"
+    qkv_bias = "never"
+    mlp = "block_sparse_moe."
+    expert_names = ("w1", "w3", "w2")
+
+    def why_not(self, a: Architecture, config) -> Optional[str]:
+        """As the other MoE classes, and only the renormalised routing."""
+        reason = super().why_not(a, config)
+        if reason is None and a.moe_router_pre_softmax:
+            reason = (
+                "moe_router_pre_softmax=True: MixtralForCausalLM renormalises the top-k routing weights, this "
+                "model keeps softmax-over-all-experts weights as they are (export with --format qwen2_moe)"
+            )
+        return reason
+
+    def family_config(self, a: Architecture) -> dict[str, Any]:
+        """``num_local_experts`` top-k experts, no sliding window, no router jitter."""
+        return {
+            "sliding_window": None,
+            "num_local_experts": a.num_experts,
+            "num_experts_per_tok": a.moe_router_topk,
+            "router_jitter_noise": 0.0,
+            "output_router_logits": False,
+            "router_aux_loss_coef": 0.02,
+        }
+
+
+# ===== import: config.json's checks (the table is the target's)
 
 _MOE_DEFAULTS = {"norm_topk_prob": False, "decoder_sparse_step": 1, "mlp_only_layers": None}
 
 
 class _MoEImporter:
-    """What the three families share: the experts, read into megatron-core's MoE layer."""
-
-    architecture_class: str
-    expert_prefix = "mlp.experts."  # Mixtral: block_sparse_moe.experts.
-    router_name = "mlp.gate.weight"
-    expert_names = ("gate_proj", "up_proj", "down_proj")
+    """What the three families' imports share: the mixture's fields of the architecture."""
 
     def routing(self) -> tuple[int, int, bool]:
         """(experts, top-k, pre-softmax) from config.json."""
@@ -92,43 +229,13 @@ class _MoEImporter:
         if dense:
             raise ConversionError(f"mlp_only_layers={dense}: bam-megatron's BTX has experts in every layer")
 
-    def ffn_shapes(self, i: int) -> dict[str, tuple[int, ...]]:
-        """The router and every expert's three projections."""
-        a = self.architecture
-        hidden, ffn, p = a.hidden_size, a.ffn_hidden_size, f"model.layers.{i}."
-        shapes = {p + self.router_name: (a.num_experts, hidden)}
-        gate, up, down = self.expert_names
-        for e in range(a.num_experts):
-            q = f"{p}{self.expert_prefix}{e}."
-            shapes.update(
-                {
-                    f"{q}{gate}.weight": (ffn, hidden),
-                    f"{q}{up}.weight": (ffn, hidden),
-                    f"{q}{down}.weight": (hidden, ffn),
-                }
-            )
-        return shapes
-
-    def fill_ffn(self, i: int, params: dict[str, torch.Tensor], read) -> None:
-        """Router and experts of layer ``i``."""
-        a, theirs, ours = self.architecture, f"model.layers.{i}.", f"decoder.layers.{i}.mlp."
-        params[ours + "router.weight"].copy_(read(theirs + self.router_name))
-        for e in range(a.num_experts):
-            fill_swiglu(
-                params,
-                f"{ours}experts.local_experts.{e}.",
-                read,
-                f"{theirs}{self.expert_prefix}{e}.",
-                a.ffn_hidden_size,
-                self.expert_names,
-            )
-
 
 class Qwen2MoeImporter(_MoEImporter, Qwen2Importer):
     """``Qwen2MoeForCausalLM`` without a shared expert (as bam-convert-hf exports BTX models)."""
 
     model_type = "qwen2_moe"
     architecture_class = "Qwen2MoeForCausalLM"
+    target = Qwen2MoeTarget()
     defaults = {
         **Qwen2Importer.defaults,
         **_MOE_DEFAULTS,
@@ -165,27 +272,13 @@ class Qwen2MoeImporter(_MoEImporter, Qwen2Importer):
             for i in range(layers)
         ]
 
-    def optional_tensors(self) -> dict[str, tuple[int, ...]]:
-        """The shared expert of size 0 and its gate (multiplying zero): read if present, never needed."""
-        hidden, shapes = self.architecture.hidden_size, dict(super().optional_tensors())
-        for i in range(self.architecture.num_layers):
-            p = f"model.layers.{i}.mlp.shared_expert"
-            shapes.update(
-                {
-                    p + ".gate_proj.weight": (0, hidden),
-                    p + ".up_proj.weight": (0, hidden),
-                    p + ".down_proj.weight": (hidden, 0),
-                    p + "_gate.weight": (1, hidden),
-                }
-            )
-        return shapes
-
 
 class Qwen3MoeImporter(_MoEImporter, Qwen3Importer):
     """``Qwen3MoeForCausalLM``: Qwen3's attention (q/k norms) with Qwen2-MoE's routing, no shared expert."""
 
     model_type = "qwen3_moe"
     architecture_class = "Qwen3MoeForCausalLM"
+    target = Qwen3MoeTarget()
     defaults = {
         **Qwen3Importer.defaults,
         **_MOE_DEFAULTS,
@@ -221,9 +314,7 @@ class MixtralImporter(_MoEImporter, MistralImporter):
 
     model_type = "mixtral"
     architecture_class = "MixtralForCausalLM"
-    expert_prefix = "block_sparse_moe.experts."
-    router_name = "block_sparse_moe.gate.weight"
-    expert_names = ("w1", "w3", "w2")
+    target = MixtralTarget()
     defaults = {
         **_COMMON,
         "num_key_value_heads": 8,

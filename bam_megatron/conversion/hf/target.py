@@ -4,8 +4,9 @@ A `Target` is one ``bam-convert-hf export --format``: a transformers class, whet
 model exactly (`Target.why_not`), its config.json and the mapping of one unit of our model
 (``TOP``: embedding, final norm, output layer; or a layer) to its tensors. The mappings work on
 tensors of any device, so run on a meta-device model they give the export's plan (every tensor's
-name and shape) before a weight is read. The targets themselves are in `formats` (native classes)
-and `bam_format` (remote code).
+name and shape) before a weight is read. The native classes are `bridge.TableTarget`s, each
+family's table next to its import (`llama`, `cohere`, `moe`, `phi3`; registered in `formats`);
+the remote code is `bam_format`.
 """
 
 from __future__ import annotations
@@ -15,13 +16,10 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
+from bam_megatron.conversion.hf.importer import MEGATRON_LLAMA3_ROPE as LLAMA3
+from bam_megatron.conversion.hf.importer import TOP  # noqa: F401  (bam_format reads it here)
 from bam_megatron.model.architecture import Architecture
-from bam_megatron.model.qkv_layout import split_qkv
-
-TOP = -1  # bam_megatron.checkpoint.layerwise.TOP (not imported: it loads megatron-core)
-
-# megatron-core's Llama-3 RoPE scaling takes only the factor (importer.MEGATRON_LLAMA3_ROPE).
-LLAMA3 = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+from bam_megatron.model.qkv_layout import split_qkv  # noqa: F401  (bam_format reads it here)
 
 
 def _shown(value: Any) -> Any:
@@ -98,43 +96,6 @@ class Target:
         }
         if a.untie_embeddings_and_output_weights:
             out["lm_head.weight"] = p["output_layer.weight"]
-        return out
-
-    @staticmethod
-    def attention(
-        p: dict[str, torch.Tensor],
-        i: int,
-        config,
-        a: Architecture,
-        zero_bias: bool = False,
-        permute: Optional[torch.Tensor] = None,
-    ) -> dict[str, torch.Tensor]:
-        """One (not a mixture of) attention: ``self_attn.{q,k,v,o}_proj`` (+ biases, q/k norms).
-
-        ``zero_bias``: q/k/v biases of zeros for a class that always has them (Qwen2) and a model
-        without; ``permute``: the row permutation of every Q and K head (Cohere's interleaved RoPE).
-        """
-        ours, theirs = f"decoder.layers.{i}.self_attention.", f"model.layers.{i}.self_attn."
-        heads, groups = config.num_attention_heads, config.num_query_groups
-        q, k, v = split_qkv(p[ours + "linear_qkv.weight"], heads, groups)
-        if permute is not None:
-            q, k = q[:, permute], k[:, permute]
-        out = {
-            theirs + "q_proj.weight": q.reshape(-1, q.shape[-1]),
-            theirs + "k_proj.weight": k.reshape(-1, k.shape[-1]),
-            theirs + "v_proj.weight": v.reshape(-1, v.shape[-1]),
-            theirs + "o_proj.weight": p[ours + "linear_proj.weight"],
-        }
-        if a.add_qkv_bias:
-            qb, kb, vb = split_qkv_bias(p[ours + "linear_qkv.bias"], heads, groups)
-            out.update({theirs + "q_proj.bias": qb, theirs + "k_proj.bias": kb, theirs + "v_proj.bias": vb})
-        elif zero_bias:
-            weight = p[ours + "linear_qkv.weight"]
-            for x, rows in (("q", q), ("k", k), ("v", v)):
-                out[f"{theirs}{x}_proj.bias"] = torch.zeros(rows.shape[0] * rows.shape[1], device=weight.device)
-        if a.qk_layernorm:
-            out[theirs + "q_norm.weight"] = p[ours + "q_layernorm.weight"]
-            out[theirs + "k_norm.weight"] = p[ours + "k_layernorm.weight"]
         return out
 
     @staticmethod
