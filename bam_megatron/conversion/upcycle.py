@@ -415,7 +415,7 @@ class _Mixer:
         print(f"upcycling {label}", flush=True)
         written: set[str] = set()
         seen: dict[str, torch.Tensor] = {}
-        attention: dict[str, list] = {"linear_qkv": [], "linear_proj": []}
+        attention: dict[str, list] = {}  # soft MoA: each source's attention tensors, by name in the attention
         for index, (source, model) in enumerate(zip(self.sources, self.source_models)):
             names = [n for n, _ in model.named_parameters() if unit_of_parameter(n) == unit]
             # Read straight into the MoE where a source's tensor is copied as it is: its FFN expert,
@@ -433,7 +433,7 @@ class _Mixer:
                             params[target].copy_(weight)
                         written.add(target)
                 elif self._attention(name):
-                    attention[name.split(".")[-2]].append(weight)
+                    attention.setdefault(name.split(".self_attention.")[1], []).append(weight)
                 else:  # norms, embedding, output layer, (btx) attention: averaged
                     if name not in seen:
                         seen[name] = torch.zeros(params[name].shape[0], dtype=torch.int64)
@@ -444,7 +444,7 @@ class _Mixer:
                         params[name].zero_()
                     _running_mean(params[name], weight, seen[name])
                     written.add(name)
-        if attention["linear_qkv"]:
+        if attention:
             self._mix_attention(unit, params, attention, written)
         for name, param in params.items():  # new routers: small random init, bias (--router-bias) zero
             if name.endswith("router.weight"):
@@ -460,8 +460,9 @@ class _Mixer:
             raise RuntimeError(f"upcycling left {', '.join(missing)} unset")
 
     def _attention(self, name: str) -> bool:
-        """Soft MoA: the attention projections of every source, mixed into the MoE's (not averaged)."""
-        return self.moa and ".self_attention.linear_" in name
+        """Soft MoA: the attention tensors of every source (projections, QKV biases, Q/K norms),
+        mixed into the MoE's (not averaged)."""
+        return self.moa and ".self_attention." in name
 
     def _expert_name(self, name: str, index: int) -> str:
         """A source's FFN parameter -> the MoE expert it is copied to (sparse: the first of all)."""
@@ -469,20 +470,40 @@ class _Mixer:
         return f"{layer_prefix}.mlp.experts.local_experts.{0 if self.args.method == 'sparse' else index}.{fc}"
 
     def _mix_attention(self, layer: int, params: dict, attention: dict, written: set) -> None:
-        from bam_megatron.model.qkv_layout import soft_moa_attention_weights, split_qkv
+        """One layer's soft MoA from every source's attention (`qkv_layout`): the wide QKV weight and
+        bias, the output projection, the per-expert Q/K norms; shared KV: the average's or one
+        source's K/V (and K norm), as --shared-kv-init says."""
+        from bam_megatron.model.qkv_layout import soft_moa_attention_weights, soft_moa_qk_norms, soft_moa_qkv, split_qkv
 
-        shared = None
+        chosen = None  # shared KV from one source (--shared-kv-init NAME): its K, V, K/V biases, K norm
         if self.args.method == "bam-shared-kv" and self.args.shared_kv_init != "average":
             chosen = [s.name for s in self.sources].index(self.args.shared_kv_init)
-            _, k, v = split_qkv(
-                attention["linear_qkv"][chosen], self.config.num_attention_heads, self.config.num_query_groups
+
+        def shared_kv(tensors: list) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+            if chosen is None:
+                return None
+            return split_qkv(tensors[chosen], self.config.num_attention_heads, self.config.num_query_groups)[1:]
+
+        qkv = attention.pop("linear_qkv.weight")
+        mixed = dict(
+            zip(
+                ("linear_qkv.weight", "linear_proj.weight"),
+                soft_moa_attention_weights(qkv, attention.pop("linear_proj.weight"), self.config, shared_kv(qkv)),
             )
-            shared = (k, v)
-        qkv, proj = soft_moa_attention_weights(attention["linear_qkv"], attention["linear_proj"], self.config, shared)
-        prefix = f"decoder.layers.{layer}.self_attention"
-        params[f"{prefix}.linear_qkv.weight"].copy_(qkv)
-        params[f"{prefix}.linear_proj.weight"].copy_(proj)
-        written.update({f"{prefix}.linear_qkv.weight", f"{prefix}.linear_proj.weight"})
+        )
+        if "linear_qkv.bias" in attention:  # Qwen2's QKV biases: a bias is a QKV weight of one column
+            biases = [b.unsqueeze(-1) for b in attention.pop("linear_qkv.bias")]
+            mixed["linear_qkv.bias"] = soft_moa_qkv(biases, self.config, shared_kv(biases)).squeeze(-1)
+        if "q_layernorm.weight" in attention:  # Qwen3's per-head Q/K norms: one row per expert
+            k_norms = attention.pop("k_layernorm.weight")
+            mixed["q_layernorm.weight"], mixed["k_layernorm.weight"] = soft_moa_qk_norms(
+                attention.pop("q_layernorm.weight"), k_norms, self.config, None if chosen is None else k_norms[chosen]
+            )
+        if attention:
+            raise RuntimeError(f"upcycling does not know how to mix attention tensors {', '.join(sorted(attention))}")
+        for name, tensor in mixed.items():
+            params[f"decoder.layers.{layer}.self_attention.{name}"].copy_(tensor)
+            written.add(f"decoder.layers.{layer}.self_attention.{name}")
 
 
 def upcycle(args: argparse.Namespace) -> dict:

@@ -63,7 +63,7 @@ def wide_attention_config(config: BAMConfig) -> BAMConfig:
 def wide_head_sources(config: BAMConfig) -> torch.Tensor:
     """For each of the N·H heads of the wide attention, in order: (expert, head within expert)."""
     n, heads, groups = config.num_attention_experts, config.num_attention_heads, config.num_query_groups
-    i = torch.arange(n * heads)
+    i = torch.arange(n * heads, device="cpu")  # a layout, read on the CPU even in a meta-device build
     if config.attention_kv_mode == "expert":
         return torch.stack([i // heads, i % heads], dim=1)
     # shared KV: group-major; within a group, each expert's heads // groups heads of that group
@@ -82,7 +82,7 @@ def kv_group_to_expert(config: BAMConfig) -> torch.Tensor:
     """Expert KV: the expert of each of the N·H_kv K/V groups (expert-major)."""
     if config.attention_kv_mode != "expert":
         raise ValueError("shared KV: the K/V groups belong to every expert")
-    return torch.arange(config.attention_kv_groups) // config.num_query_groups
+    return torch.arange(config.attention_kv_groups, device="cpu") // config.num_query_groups
 
 
 def on_this_rank(per_head: torch.Tensor) -> torch.Tensor:

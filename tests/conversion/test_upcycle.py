@@ -321,3 +321,93 @@ def test_the_moe_is_built_one_layer_at_a_time_and_a_failure_leaves_nothing(tmp_p
     ((seen, error),) = run_distributed(_upcycle_watching_memory, 1, args=(argv + ["--save", str(broken)], 1))
     assert "disk full (simulated)" in error and [unit for unit, _ in seen] == [-1, 0, 1]
     assert not broken.exists() and not (tmp_path / "broken.tmp").exists()
+
+
+# Qwen2's QKV biases and Qwen3's per-head Q/K norms (head size other than hidden / heads)
+QWEN_ATTENTION = {"qkv-bias": dict(add_qkv_bias=True), "qk-norm": dict(qk_layernorm=True, kv_channels=24)}
+
+
+def _save_qwen_sources(root: str, kind: str) -> list[str]:
+    """Rank body: two dense Qwen-style checkpoints with different random weights (biases, norms)."""
+    from bam_megatron.model.architecture import Architecture
+    from tests.support.hf import save_random_checkpoint
+
+    a = Architecture("dense", 2, 64, 96, 4, 2, 384, block_type="sequential", **QWEN_ATTENTION[kind])
+    return [save_random_checkpoint(os.path.join(root, f"{kind}-{i}"), a, seed=i) for i in range(2)]
+
+
+@pytest.fixture(scope="module")
+def qwen_sources(tmp_path_factory) -> dict[str, list[str]]:
+    root = str(tmp_path_factory.mktemp("qwen_sources"))
+    return {kind: run_distributed(_save_qwen_sources, 1, args=(root, kind))[0] for kind in QWEN_ATTENTION}
+
+
+def _one_hot_attention(moe_path: str, source_paths: list[str]) -> dict:
+    """Rank body: per layer and expert j, max |soft MoA with gates one-hot on j - source j's attention|
+    (shared KV: source j's attention with the sources' average K/V weights and biases and K norm), and
+    the same against the other source (which must differ)."""
+    from bam_megatron.checkpoint.models import load_model
+    from bam_megatron.model.qkv_layout import merge_qkv, split_qkv
+    from bam_megatron.platform.distributed import initialize
+
+    initialize(ParallelSizes())
+    moe = load_model(store.resolve_checkpoint(moe_path))
+    sources = [load_model(store.resolve_checkpoint(p)) for p in source_paths]
+    config = moe.config
+    rope = moe.rotary_pos_emb(12)
+    x = torch.randn(12, 2, config.hidden_size, generator=torch.Generator().manual_seed(0))
+    errors, others = [], []
+    for layer in range(config.num_layers):
+        moa = moe.decoder.layers[layer].self_attention
+        dense = [s.decoder.layers[layer].self_attention for s in sources]
+        if config.attention_kv_mode == "shared":  # the sources' K/V (weights, biases) and K norm: their average
+            with torch.no_grad():
+                for name in ["linear_qkv.weight"] + (["linear_qkv.bias"] if config.add_qkv_bias else []):
+                    params = [d.get_parameter(name) for d in dense]
+                    splits = [split_qkv(p.view(p.shape[0], -1), 4, 2) for p in params]
+                    k, v = (torch.stack([s[i] for s in splits]).mean(0) for i in (1, 2))
+                    for p, (q, _, _) in zip(params, splits):
+                        p.copy_(merge_qkv(q, k, v).view_as(p))
+                if config.qk_layernorm:
+                    mean = torch.stack([d.k_layernorm.weight for d in dense]).mean(0)
+                    for d in dense:
+                        d.k_layernorm.weight.copy_(mean)
+        for j in range(2):
+            one_hot = torch.zeros(12, 2, 2)
+            one_hot[..., j] = 1.0
+            moa.router.forward = lambda hidden, gates=one_hot: gates  # the attention gates, set one-hot on j
+            with torch.no_grad():
+                ours = moa(x, None, rotary_pos_emb=rope)[0]
+                errors.append((ours - dense[j](x, None, rotary_pos_emb=rope)[0]).abs().max().item())
+                others.append((ours - dense[1 - j](x, None, rotary_pos_emb=rope)[0]).abs().max().item())
+    return {"errors": errors, "others": others}
+
+
+@pytest.mark.parametrize("kind", list(QWEN_ATTENTION))
+@pytest.mark.parametrize("method", ["bam", "bam-shared-kv"])
+def test_soft_moa_of_qwen_sources_with_one_hot_gates_is_each_source_s_attention(tmp_path, qwen_sources, method, kind):
+    """Each attention expert keeps its own QKV biases (Qwen2) or Q/K norms (Qwen3): at step 0, with the
+    gates one-hot on expert j, the soft MoA is source j's attention (shared KV: with the average K/V)."""
+    dense = qwen_sources[kind]
+    out = str(tmp_path / method)
+    argv = ["--expert", f"a={dense[0]}", "--expert", f"b={dense[1]}", "--method", method, "--save", out]
+    assert run_distributed(tool_main, 1, args=("bam-upcycle", [*argv, "--report-batches", "0"])) == [0]
+    (result,) = run_distributed(_one_hot_attention, 1, args=(out, dense))
+    assert max(result["errors"]) < 1e-5, result
+    assert min(result["others"]) > 1e-2, result  # the sources' attentions differ
+
+
+@pytest.mark.parametrize("method", ["btx", "sparse"])
+def test_btx_and_sparse_average_qkv_biases_and_qk_norms(tmp_path, qwen_sources, method):
+    """Without soft MoA the one attention is the sources' average, its biases and norms included."""
+    names = ("a", "b") if method == "btx" else ("a",)
+    out = str(tmp_path / method)
+    for kind, dense in qwen_sources.items():
+        argv = [f for n, p in zip(names, dense) for f in ("--expert", f"{n}={p}")]
+        argv += ["--method", method, "--save", f"{out}-{kind}", "--report-batches", "0"]
+        assert run_distributed(tool_main, 1, args=("bam-upcycle", argv)) == [0]
+        moe, sources = load(f"{out}-{kind}"), [load(p) for p in dense[: len(names)]]
+        keys = ["linear_qkv.bias"] if kind == "qkv-bias" else ["q_layernorm.weight", "k_layernorm.weight"]
+        for key in (f"decoder.layers.{i}.self_attention.{k}" for i in range(2) for k in keys):
+            torch.testing.assert_close(moe[key], torch.stack([s[key] for s in sources]).mean(0), msg=key)
+            assert not torch.equal(sources[0][key], sources[-1][key]) or method == "sparse", key
