@@ -45,8 +45,9 @@ class BamTarget(Target):
 
     Tensor names follow transformers' conventions. The soft mixture of attention is stored as the
     one wide attention bam-megatron computes (``q_proj`` holds all N·H query heads in megatron-core's
-    order, ``k_proj``/``v_proj`` its K/V heads, ``router`` the attention router); FFN experts are
-    ``mlp.experts.{e}.{gate,up,down}_proj`` with ``mlp.router``.
+    order, ``k_proj``/``v_proj`` its K/V heads and their biases, ``q_norm``/``k_norm`` each expert's
+    per-head norm as a row of [N, head_dim] (shared K/V: one ``k_norm``), ``router`` the attention
+    router); FFN experts are ``mlp.experts.{e}.{gate,up,down}_proj`` with ``mlp.router``.
     """
 
     name = "bam"

@@ -138,9 +138,11 @@ class BamImporter(Importer):
             if a.add_qkv_bias:
                 shapes.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,)})
                 shapes[p + "self_attn.v_proj.bias"] = (kv,)
-            if a.qk_layernorm:
-                shapes.update({p + "self_attn.q_norm.weight": (self.head_dim,)})
-                shapes[p + "self_attn.k_norm.weight"] = (self.head_dim,)
+            if a.qk_layernorm:  # soft MoA: a row per expert (shared K/V: one K norm)
+                rows = (self.experts,) if self.experts > 1 else ()
+                shapes[p + "self_attn.q_norm.weight"] = (*rows, self.head_dim)
+                shared = _KV_MODE.get(a.variant) == "shared"
+                shapes[p + "self_attn.k_norm.weight"] = (*(() if shared else rows), self.head_dim)
             if self.experts > 1:
                 shapes[p + "self_attn.router.weight"] = (self.experts, hidden)
                 if a.router_bias:

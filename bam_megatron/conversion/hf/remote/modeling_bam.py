@@ -56,6 +56,24 @@ def _norm(config: BamConfig, size: Optional[int] = None) -> nn.Module:
     return nn.RMSNorm(size, eps=config.norm_eps)
 
 
+class BamExpertHeadNorm(nn.Module):
+    """Each attention expert's own per-head norm (RMSNorm or bias-free LayerNorm over head_dim), as
+    bam-megatron's soft MoA: ``weight`` [N, head_dim], row e scaling expert e's heads. The heads of
+    x [b, heads, t, d] form an [A, N, C] grid, row-major (see ``BamAttention.head_grid``)."""
+
+    def __init__(self, config: BamConfig, grid: tuple[int, int]) -> None:
+        super().__init__()
+        self.grid, self.eps = grid, config.norm_eps
+        self.rms = config.normalization != "LayerNorm"
+        self.weight = nn.Parameter(torch.ones(config.num_attention_experts, config.head_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, t, d = x.shape
+        x = F.rms_norm(x, (d,), eps=self.eps) if self.rms else F.layer_norm(x, (d,), eps=self.eps)
+        (a, c), n = self.grid, self.weight.shape[0]
+        return (x.view(b, a, n, c, t, d) * self.weight.view(1, 1, n, 1, 1, d)).view(b, -1, t, d)
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = torch.chunk(x, 2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -212,8 +230,9 @@ class BamAttention(nn.Module):
 
     One call of transformers' attention interface over all N·H heads (K/V heads: N·H_kv with
     expert K/V, H_kv shared), then each head's output scaled by its expert's gate, then one output
-    projection. N = 1 is plain (grouped-query) attention without a router, optionally with q/k/v
-    biases and per-head q/k norms (megatron-core's ``add_qkv_bias``, ``qk_layernorm``).
+    projection. N = 1 is plain (grouped-query) attention without a router. Optional q/k/v biases
+    and per-head q/k norms (megatron-core's ``add_qkv_bias``, ``qk_layernorm``); with N > 1 the
+    norms are each expert's own (`BamExpertHeadNorm`: weight [N, head_dim]; shared K/V: one K norm).
     """
 
     def __init__(self, config: BamConfig, layer_idx: int) -> None:
@@ -241,7 +260,10 @@ class BamAttention(nn.Module):
         self.v_proj = nn.Linear(h, self.num_kv_heads * d, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * d, h, bias=False)
         self.qk_norm = bool(getattr(config, "qk_norm", False))
-        if self.qk_norm:
+        if self.qk_norm and self.num_experts > 1:  # each expert's own rows; shared K/V: one K norm
+            self.q_norm = BamExpertHeadNorm(config, self.head_grid)
+            self.k_norm = _norm(config, d) if shared else BamExpertHeadNorm(config, (1, groups))
+        elif self.qk_norm:
             self.q_norm, self.k_norm = _norm(config, d), _norm(config, d)
         if self.num_experts > 1:
             self.router = nn.Linear(h, self.num_experts, bias=bool(getattr(config, "router_bias", False)))
@@ -339,7 +361,7 @@ class BamPreTrainedModel(PreTrainedModel):
             nn.init.normal_(module.weight, mean=0.0, std=std)
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
-        elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+        elif isinstance(module, (nn.LayerNorm, nn.RMSNorm, BamExpertHeadNorm)):
             nn.init.ones_(module.weight)
 
 
