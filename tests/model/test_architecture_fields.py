@@ -22,7 +22,6 @@ BASE = Architecture(
     padded_vocab_size=512,
     num_experts=4,
 )
-BTX = BASE.replace(variant="btx")
 
 # field -> (the architecture with it changed, {TransformerConfig attribute: the value it must hold})
 CONFIG_ROWS = {
@@ -40,8 +39,8 @@ CONFIG_ROWS = {
     "rotary_base": (BASE.replace(rotary_base=500000.0), {"rotary_base": 500000.0}),
     "kv_channels": (BASE.replace(kv_channels=32), {"kv_channels": 32}),
     "norm_epsilon": (BASE.replace(norm_epsilon=1e-6), {"layernorm_epsilon": 1e-6}),
-    "add_qkv_bias": (BTX.replace(add_qkv_bias=True), {"add_qkv_bias": True}),
-    "qk_layernorm": (BTX.replace(qk_layernorm=True), {"qk_layernorm": True}),
+    "add_qkv_bias": (BASE.replace(add_qkv_bias=True), {"add_qkv_bias": True}),
+    "qk_layernorm": (BASE.replace(qk_layernorm=True), {"qk_layernorm": True}),
     "rope_scaling_factor": (BASE.replace(rope_scaling_factor=8.0), {"rope_scaling_factor": 8.0}),
     "moe_router_pre_softmax": (
         BASE.replace(moe_router_topk=2, moe_router_pre_softmax=False),
@@ -69,10 +68,9 @@ def test_every_field_but_the_vocabulary_is_a_flag():
 @pytest.mark.parametrize("field", sorted(CONFIG_ROWS))
 def test_the_field_reaches_the_transformer_config(field):
     changed, expected = CONFIG_ROWS[field]
-    base = BTX if changed.variant == "btx" else BASE  # soft MoA has no QKV biases or Q/K norms yet
-    changes = {name for name, _, _ in base.differences(changed)}
+    changes = {name for name, _, _ in BASE.differences(changed)}
     assert field in changes and changes <= {field, "moe_router_topk"}  # renormalising needs top-k > 1
-    before, after = base.model_config(), changed.model_config()
+    before, after = BASE.model_config(), changed.model_config()
     for attribute, value in expected.items():
         assert getattr(after, attribute) == value, attribute
     # the config changed with the field: it was not set some other way
