@@ -11,14 +11,15 @@
 
 Export formats (docs/hf.md has the table of which variant and block goes where, and why):
 
-- ``llama``, ``mistral``, ``qwen2``, ``qwen3``: dense sequential-block models (Llama's decoder;
-  Qwen2 with q/k/v biases, Qwen3 with q/k norms);
+- ``llama``, ``mistral``, ``qwen2``, ``qwen3``, ``phi3``: dense sequential-block models (Llama's
+  decoder; Qwen2 with q/k/v biases, Qwen3 with q/k norms, Phi-3/Phi-4 with fused projections);
 - ``cohere``: dense parallel-block models with bias-free LayerNorm;
 - ``qwen2_moe`` (softmax over all experts, top-k as they are, or renormalised), ``qwen3_moe``
   (with q/k norms), ``mixtral`` (renormalised): BTX, sequential block;
 - ``bam``: remote code (``trust_remote_code=True``), every variant and block;
 - ``auto`` (default): the family the seed was imported from, else the first class above that
-  computes the model exactly, else ``bam`` (the reason is printed). Forcing a class that cannot
+  computes the model exactly (``qwen2`` and ``phi3`` only for seeds imported from them), else
+  ``bam`` (the reason is printed). Forcing a class that cannot
   compute the model is refused naming the setting.
 
 Export reads the checkpoint (any TP/PP/EP layout) one layer at a time and writes safetensors
@@ -67,8 +68,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     i.add_argument(
         "--load",
         required=True,
-        help="directory with config.json (model_type cohere, llama, mistral, qwen2, qwen3, qwen2_moe, qwen3_moe, "
-        "mixtral, or bam_megatron: our remote-code exports) and safetensors",
+        help="directory with config.json (model_type cohere, llama, mistral, qwen2, qwen3, phi3, qwen2_moe, "
+        "qwen3_moe, mixtral, or bam_megatron: our remote-code exports) and safetensors",
     )
     i.add_argument("--save", required=True, help="output checkpoint directory (must not exist)")
     i.add_argument(

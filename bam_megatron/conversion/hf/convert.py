@@ -91,7 +91,7 @@ def _copy_tokenizer(tokenizer: _Tokenizer, out: str, vocab_size: int) -> tuple[s
 def import_hf(load: str, save: str, seq_length: Optional[int] = None, tokenizer_model: Optional[str] = None) -> Report:
     """Write the Hugging Face model directory ``load`` as a dense seed checkpoint ``save`` (a --save directory).
 
-    The family comes from config.json (`families.importer_for`: Cohere, Llama, Mistral, Qwen2, Qwen3),
+    The family comes from config.json (`families.importer_for`: every family `families.IMPORTERS` names),
     which is checked first, then every tensor's name, shape and dtype from the safetensors headers;
     only then is anything written. Tensors are read one at a time and the checkpoint is written
     layer by layer (`megatron_io.save_weights`), into a temporary sibling renamed when complete.

@@ -1,8 +1,9 @@
 """Which Hugging Face families ``bam-convert-hf import`` reads, and why it refuses some others.
 
 Read: Cohere (parallel block, ``cohere.CohereImporter``), the Llama family, Llama, Mistral, Qwen2
-and Qwen3 (sequential block, ``llama``), their mixtures Qwen2-MoE, Qwen3-MoE and Mixtral (BTX
-seeds, ``moe``), and bam-convert-hf's own remote-code exports (every variant, ``remote_import``).
+and Qwen3 (sequential block, ``llama``), Phi-3 and Phi-4 (``phi3``), the mixtures Qwen2-MoE,
+Qwen3-MoE and Mixtral (BTX seeds, ``moe``), and bam-convert-hf's own remote-code exports (every
+variant, ``remote_import``).
 Refused by name, with the reason: families whose forward pass megatron-core's GPT cannot compute
 exactly here (Gemma 1/2/3, OLMo-2/3). Anything else: one line naming its ``model_type`` and
 ``architectures``.
@@ -17,6 +18,7 @@ from bam_megatron.conversion.hf.errors import ConversionError
 from bam_megatron.conversion.hf.importer import Importer
 from bam_megatron.conversion.hf.llama import LlamaImporter, MistralImporter, Qwen2Importer, Qwen3Importer
 from bam_megatron.conversion.hf.moe import MixtralImporter, Qwen2MoeImporter, Qwen3MoeImporter
+from bam_megatron.conversion.hf.phi3 import Phi3Importer
 from bam_megatron.conversion.hf.remote_import import BamImporter
 
 IMPORTERS: dict[str, type[Importer]] = {
@@ -27,6 +29,7 @@ IMPORTERS: dict[str, type[Importer]] = {
         MistralImporter,
         Qwen2Importer,
         Qwen3Importer,
+        Phi3Importer,
         Qwen2MoeImporter,
         Qwen3MoeImporter,
         MixtralImporter,

@@ -11,6 +11,8 @@ the experts into ``gate_up_proj`` itself when it loads them).
   ``--format auto`` takes it for seeds imported from Qwen2 only (transformers' AutoTokenizer
   builds Qwen's byte-level tokenizer for every ``qwen2`` directory);
 - ``qwen3``: ``Qwen3ForCausalLM``: as Llama with per-head q/k RMSNorms (no biases);
+- ``phi3``: ``Phi3ForCausalLM`` (Phi-3, Phi-4): as Llama without biases, fused ``qkv_proj`` and
+  ``gate_up_proj``, plain RoPE; ``--format auto`` takes it for seeds imported from Phi-3 only;
 - ``cohere``: ``CohereForCausalLM``: dense, parallel, bias-free LayerNorm (`cohere`);
 - ``qwen2_moe``: ``Qwen2MoeForCausalLM``: BTX, sequential; softmax then top-k (``norm_topk_prob``
   false) or renormalised (true); no shared expert;
@@ -18,8 +20,9 @@ the experts into ``gate_up_proj`` itself when it loads them).
 - ``mixtral``: ``MixtralForCausalLM``: BTX, sequential, renormalised top-k routing;
 - ``bam``: remote code (`bam_format`): every variant and block.
 
-All of them: RoPE (rotate-half, plain or Llama-3 scaling), GQA, any head size, tied or untied
-embeddings, no sliding window.
+All of them: RoPE (rotate-half, plain or Llama-3 scaling; Phi-3 plain), GQA, any head size, tied
+or untied embeddings, no sliding window. Each native class is defined with its family (its table,
+read both ways: `bridge`), in `llama`, `cohere`, `moe` and `phi3`.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from bam_megatron.conversion.hf.bam_format import BamTarget
 from bam_megatron.conversion.hf.cohere import CohereTarget
 from bam_megatron.conversion.hf.llama import LlamaTarget, MistralTarget, Qwen2Target, Qwen3Target
 from bam_megatron.conversion.hf.moe import MixtralTarget, Qwen2MoeTarget, Qwen3MoeTarget
+from bam_megatron.conversion.hf.phi3 import Phi3Target
 from bam_megatron.conversion.hf.target import Target
 from bam_megatron.model.architecture import Architecture
 
@@ -40,6 +44,7 @@ TARGETS: dict[str, Target] = {
         MistralTarget(),
         Qwen2Target(),
         Qwen3Target(),
+        Phi3Target(),
         Qwen2MoeTarget(),
         Qwen3MoeTarget(),
         MixtralTarget(),
