@@ -71,7 +71,7 @@ class Phi3Target(LlamaTarget):
 
 
 class Phi3Importer(LlamaImporter):
-    """``Phi3ForCausalLM`` (Phi-3, Phi-3.5-mini, Phi-4): plain RoPE over whole heads; a window that bites is refused."""
+    """``Phi3ForCausalLM`` (Phi-3, Phi-4): plain RoPE over whole heads only; a window that bites is refused."""
 
     model_type = "phi3"
     architecture_class = "Phi3ForCausalLM"
