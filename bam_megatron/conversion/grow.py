@@ -37,6 +37,11 @@ from bam_megatron.model.router_ramp import (
 )
 
 MIXTURES = ("bam", "bam-shared-kv", "btx")
+# A soft-MoA layer's attention tensors, grown together (`GrowMixer._attention`).
+SOFT_MOA_TENSORS = tuple(
+    f"self_attention.{t}"
+    for t in ("linear_qkv.weight", "linear_qkv.bias", "linear_proj.weight", "q_layernorm.weight", "k_layernorm.weight")
+)
 
 
 @dataclass(frozen=True)
@@ -226,9 +231,7 @@ class GrowMixer:
                 param.copy_(self._router(old[name]))
             elif name.endswith("router.bias"):
                 param.copy_(grown_router_bias(old.get(name), self.mixture.meta, self.plan))
-            elif self.config.uses_soft_moa and name.endswith(
-                ("self_attention.linear_qkv.weight", "linear_proj.weight")
-            ):
+            elif self.config.uses_soft_moa and name.endswith(SOFT_MOA_TENSORS):
                 if name in written:
                     continue
                 written.update(self._attention(name, params, old, new))
@@ -251,33 +254,51 @@ class GrowMixer:
         return torch.cat([kept, new_router_rows(old, count)]) if count else kept
 
     def _attention(self, name: str, params: dict, old: dict, new: list[dict]) -> set[str]:
-        """The grown soft-MoA attention of one layer: each slot's Q, K, V, O, then one wide attention."""
+        """The grown soft-MoA attention of one layer: each slot's Q, K, V, O (QKV biases, Q/K norms),
+        then one wide attention; shared KV keeps the mixture's K and V (K/V biases, K norm)."""
         from bam_megatron.model.qkv_layout import (
             merge_qkv,
             soft_moa_attention_weights,
+            soft_moa_qkv,
             split_qkv,
             split_soft_moa_attention,
+            split_soft_moa_qkv,
         )
 
-        prefix = name.rsplit(".self_attention.", 1)[0] + ".self_attention"
-        qkv_name, proj_name = f"{prefix}.linear_qkv.weight", f"{prefix}.linear_proj.weight"
+        prefix = name.rsplit(".self_attention.", 1)[0] + ".self_attention."
         old_config = self.mixture_model.config
-        qs, projs, k, v = split_soft_moa_attention(old[qkv_name], old[proj_name], old_config)
         heads, groups = self.config.num_attention_heads, self.config.num_query_groups
         shared = self.config.attention_kv_mode == "shared"
-        expert_qkv, expert_proj = [], []
-        for slot in self.plan:
-            if slot.new:
-                q_new, k_new, v_new = split_qkv(new[slot.index][qkv_name], heads, groups)
-                kv = (k, v) if shared else (k_new, v_new)  # shared KV: the mixture's K and V are kept
-                expert_qkv.append(merge_qkv(q_new, *kv))
-                expert_proj.append(new[slot.index][proj_name])
-            else:
-                e = slot.index
-                kv = (k, v) if shared else (k[e * groups : (e + 1) * groups], v[e * groups : (e + 1) * groups])
-                expert_qkv.append(merge_qkv(qs[e], *kv))
-                expert_proj.append(projs[e])
-        qkv, proj = soft_moa_attention_weights(expert_qkv, expert_proj, self.config, (k, v) if shared else None)
-        params[qkv_name].copy_(qkv)
-        params[proj_name].copy_(proj)
-        return {qkv_name, proj_name}
+
+        def slot_qkv(key: str, column: bool = False):
+            """Each slot's dense QKV (a bias as a weight of one column) and the shared K, V (or None)."""
+            as_weight = (lambda t: t.unsqueeze(-1)) if column else (lambda t: t)
+            qs, k, v = split_soft_moa_qkv(as_weight(old[key]), old_config)
+            per_slot = []
+            for slot in self.plan:
+                if slot.new:
+                    q_new, k_new, v_new = split_qkv(as_weight(new[slot.index][key]), heads, groups)
+                    per_slot.append(merge_qkv(q_new, *((k, v) if shared else (k_new, v_new))))
+                else:
+                    e = slot.index
+                    kv = (k, v) if shared else (k[e * groups : (e + 1) * groups], v[e * groups : (e + 1) * groups])
+                    per_slot.append(merge_qkv(qs[e], *kv))
+            return per_slot, (k, v) if shared else None
+
+        qkv_name, proj_name = prefix + "linear_qkv.weight", prefix + "linear_proj.weight"
+        _, projs, _, _ = split_soft_moa_attention(old[qkv_name], old[proj_name], old_config)
+        expert_proj = [new[s.index][proj_name] if s.new else projs[s.index] for s in self.plan]
+        expert_qkv, shared_kv = slot_qkv(qkv_name)
+        grown = dict(
+            zip((qkv_name, proj_name), soft_moa_attention_weights(expert_qkv, expert_proj, self.config, shared_kv))
+        )
+        if prefix + "linear_qkv.bias" in params:
+            bias_qkv, bias_kv = slot_qkv(prefix + "linear_qkv.bias", column=True)
+            grown[prefix + "linear_qkv.bias"] = soft_moa_qkv(bias_qkv, self.config, bias_kv).squeeze(-1)
+        for key in (prefix + "q_layernorm.weight", prefix + "k_layernorm.weight"):
+            if key in params:  # one row per slot (the shared K norm: the mixture's)
+                rows = [new[s.index][key] if s.new else old[key][s.index] for s in self.plan]
+                grown[key] = old[key] if shared and "k_layernorm" in key else torch.stack(rows)
+        for key, tensor in grown.items():
+            params[key].copy_(tensor)
+        return set(grown)

@@ -20,7 +20,7 @@ DENSE = Architecture("dense", 2, 32, 64, 4, 2, 128)
 SEQ = 32
 
 
-def _make_dense(directory: str, seed: int, root: str | None) -> None:
+def _make_dense(directory: str, seed: int, root: str | None, architecture: Architecture = DENSE) -> None:
     """Rank body: a random dense checkpoint; ``root``: the checkpoint it was "branched" from."""
     from bam_megatron.checkpoint import CheckpointMeta, lineage
     from bam_megatron.model.builder import build_from_architecture
@@ -28,7 +28,7 @@ def _make_dense(directory: str, seed: int, root: str | None) -> None:
 
     initialize(ParallelSizes(), seed=seed)
     torch.manual_seed(seed)
-    model = build_from_architecture(DENSE, DENSE.model_config(use_cpu_initialization=True), SEQ)
+    model = build_from_architecture(architecture, architecture.model_config(use_cpu_initialization=True), SEQ)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.1)  # norms and all: every tensor differs between sources
@@ -36,7 +36,7 @@ def _make_dense(directory: str, seed: int, root: str | None) -> None:
     if root is not None:
         path = store.resolve_checkpoint(root)
         family = {"root": lineage.identity(path, store.read_meta(path))}
-    store.save_checkpoint(directory, 0, model, None, None, CheckpointMeta(DENSE, SEQ, lineage=family))
+    store.save_checkpoint(directory, 0, model, None, None, CheckpointMeta(architecture, SEQ, lineage=family))
 
 
 def _upcycle(argv: list[str]) -> tuple[int, str]:
@@ -471,3 +471,51 @@ def _pretrain_output(argv: list[str]) -> tuple[int, str]:
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
         code = main(argv)
     return code, out.getvalue()
+
+
+# Qwen2's QKV biases and Qwen3's per-head Q/K norms, in one attention (head size 8, as DENSE: with
+# Qwen3's other head sizes the grown output GEMM's longer reduction may reorder its sums, ~4e-7)
+QWEN_DENSE = DENSE.replace(block_type="sequential", add_qkv_bias=True, qk_layernorm=True)
+
+
+@pytest.mark.parametrize("method", ["bam", "bam-shared-kv"])
+def test_a_qwen_style_mixture_grows_each_expert_s_biases_and_norms_exactly(tmp_path, method):
+    """A soft MoA with per-expert QKV biases and Q/K norms: the new expert brings its own (shared KV: the
+    mixture's K/V biases and K norm are kept), the grown mixture is the old one at step 0, and dropping
+    the new expert gives the mixture back."""
+    from bam_megatron.model.qkv_layout import split_qkv, split_soft_moa_qkv
+
+    made = {name: str(tmp_path / name) for name in ("seed", "code", "law", "mixture", "grown", "back")}
+    run_distributed(_make_dense, 1, args=(made["seed"], 1, None, QWEN_DENSE))
+    for name, seed in (("code", 2), ("law", 3)):
+        run_distributed(_make_dense, 1, args=(made[name], seed, made["seed"], QWEN_DENSE))
+    experts = ["--expert", f"seed={made['seed']}", "--expert", f"code={made['code']}"]
+    code, err = upcycle(*experts, "--method", method, "--save", made["mixture"], "--report-batches", "0")
+    assert code == 0, err
+    code, err = upcycle("--extend", made["mixture"], "--expert", f"law={made['law']}", "--save", made["grown"])
+    assert code == 0, err
+    mix, big, law = weights(made["mixture"]), weights(made["grown"]), weights(made["law"])
+    architecture = store.read_meta(store.resolve_checkpoint(made["grown"])).architecture
+    config, shared = architecture.one_rank_config(), method == "bam-shared-kv"
+    for layer in range(2):
+        p = f"decoder.layers.{layer}.self_attention."
+        q_norm, k_norm = big[p + "q_layernorm.weight"], big[p + "k_layernorm.weight"]
+        assert torch.equal(q_norm[:2], mix[p + "q_layernorm.weight"]) and torch.equal(
+            q_norm[2], law[p + "q_layernorm.weight"]
+        )
+        assert (
+            torch.equal(k_norm, mix[p + "k_layernorm.weight"])
+            if shared
+            else torch.equal(k_norm[2], law[p + "k_layernorm.weight"])
+        )
+        qs, k, v = split_soft_moa_qkv(big[p + "linear_qkv.bias"].unsqueeze(-1), config)
+        q_law, k_law, _ = split_qkv(law[p + "linear_qkv.bias"].unsqueeze(-1), 4, 2)
+        assert torch.equal(qs[2], q_law)
+        if not shared:  # expert KV: law's own K biases, its groups the last
+            assert torch.equal(k[4:], k_law)
+    ((out,),) = [run_distributed(_grown_logits, 1, args=(made["mixture"], made["grown"], 1))]
+    assert torch.equal(out["grown"], out["mixture"]) and not torch.equal(out["no offset"], out["mixture"])
+    code, err = upcycle("--extend", made["grown"], "--drop-expert", "law", "--save", made["back"])
+    assert code == 0, err
+    again = weights(made["back"])
+    assert all(torch.equal(again[n], mix[n]) for n in mix)
