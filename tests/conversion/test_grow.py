@@ -474,7 +474,7 @@ def _pretrain_output(argv: list[str]) -> tuple[int, str]:
 
 
 # Qwen2's QKV biases and Qwen3's per-head Q/K norms, in one attention (head size 8, as DENSE: with
-# Qwen3's other head sizes the grown output GEMM's longer reduction may reorder its sums, ~4e-7)
+# Qwen3's other head sizes the grown output GEMM's longer reduction may reorder its sums, ~1e-6)
 QWEN_DENSE = DENSE.replace(block_type="sequential", add_qkv_bias=True, qk_layernorm=True)
 
 
