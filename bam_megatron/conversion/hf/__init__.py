@@ -20,8 +20,9 @@ Import (Hugging Face directory -> seed checkpoint):
 
 The native families, both ways, one file each (its table of tensor mappings, read both ways by
 `bridge`; its export checks and config.json; its import's config checks): `llama` (Llama,
-Mistral, Qwen2, Qwen3: the sequential block), `cohere` (Cohere: the parallel block), `moe`
-(Qwen2-MoE, Qwen3-MoE, Mixtral: BTX).
+Mistral, Qwen2, Qwen3: the sequential block), `phi3` (Phi-3, Phi-4: fused projections), `cohere`
+(Cohere: the parallel block), `moe` (Qwen2-MoE, Qwen3-MoE, Mixtral: BTX). A new family is one
+such file, registered in `formats.TARGETS` and `families.IMPORTERS` (docs/hf.md).
 
 Both: `convert` (the import driver, and the entry points), `megatron_io` (our checkpoints on one
 process; imports written layer by layer), `hf_files` (config.json, safetensors read tensor by
