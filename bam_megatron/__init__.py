@@ -14,7 +14,12 @@ Package layout (one folder per concern):
 
 import warnings
 
+from bam_megatron import lazy_compile
 from bam_megatron.version import __version__
+
+# megatron-core's torch.compile decorators import TorchDynamo at import time: deferred to their first call
+# in every process that imports this package (bam_megatron.lazy_compile).
+lazy_compile.install()
 
 # megatron-core warns at import time, once per module, that Transformer Engine / apex are missing.
 # Without a GPU that is the expected state (the local spec and CPU mode cover it), not news.

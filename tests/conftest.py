@@ -29,6 +29,7 @@ atexit.register(shutil.rmtree, _HF_MODULES, True)
 
 import torch  # noqa: E402
 
+import bam_megatron  # noqa: E402,F401  (first: its import hook defers megatron-core's torch.compile decorators)
 from tests.support.corpus import corpus  # noqa: E402,F401  (session fixture: tokenizer + domain datasets)
 from tests.support.corpus_text import text_corpus  # noqa: E402,F401  (session fixture: generated JSONL + tokenizer)
 from tests.support.paths import REPO  # noqa: E402

@@ -24,10 +24,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from bam_megatron.cli.harness import main as harness_main
 
         return harness_main(argv[1:])
-    from bam_megatron.platform.lazy_compile import compile_on_first_call
-
-    with compile_on_first_call():  # megatron-core's torch.compile decorators: see bam_megatron.cli.pretrain
-        from bam_megatron.evaluation.cli import main as perplexity_main
+    from bam_megatron.evaluation.cli import main as perplexity_main
 
     return perplexity_main(argv)
 

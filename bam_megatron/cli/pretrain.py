@@ -8,12 +8,7 @@ from typing import Optional
 import torch.distributed as dist
 
 from bam_megatron.errors import run_tool
-from bam_megatron.platform.lazy_compile import compile_on_first_call
-
-# megatron-core decorates its fused kernels with torch.compile when it is imported: deferred to their first
-# call (on GPU; CPU mode disables TorchDynamo), which saves every rank 2-3 s of start-up.
-with compile_on_first_call():
-    from bam_megatron.training.loop import Trainer
+from bam_megatron.training.loop import Trainer
 
 
 def make_trainer(args) -> Trainer:

@@ -39,22 +39,19 @@ from typing import Optional
 
 import torch
 
-from bam_megatron.platform.lazy_compile import compile_on_first_call
-
-with compile_on_first_call():  # megatron-core's fused kernels never run here: TorchDynamo stays unimported
-    from bam_megatron import checkpoint
-    from bam_megatron.checkpoint import CheckpointError, CheckpointMeta, check_same_architecture, lineage
-    from bam_megatron.errors import ConfigError, UserError, run_tool
-    from bam_megatron.model.architecture import (
-        Architecture,
-        add_architecture_flags,
-        check_bounds,
-        check_routing,
-        field_default,
-        padded_vocab_size,
-    )
-    from bam_megatron.model.router_ramp import DEFAULT_RAMP_ITERS, DEFAULT_RAMP_START
-    from bam_megatron.model.variants import DEFAULT_NUM_EXPERTS, SOFT_MOA_VARIANTS, VARIANTS
+from bam_megatron import checkpoint
+from bam_megatron.checkpoint import CheckpointError, CheckpointMeta, check_same_architecture, lineage
+from bam_megatron.errors import ConfigError, UserError, run_tool
+from bam_megatron.model.architecture import (
+    Architecture,
+    add_architecture_flags,
+    check_bounds,
+    check_routing,
+    field_default,
+    padded_vocab_size,
+)
+from bam_megatron.model.router_ramp import DEFAULT_RAMP_ITERS, DEFAULT_RAMP_START
+from bam_megatron.model.variants import DEFAULT_NUM_EXPERTS, SOFT_MOA_VARIANTS, VARIANTS
 
 METHODS = (*(v for v in VARIANTS if v != "dense"), "sparse")
 """What bam-upcycle builds; each is a model variant except ``sparse``, which builds a ``btx`` model."""

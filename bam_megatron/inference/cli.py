@@ -176,13 +176,10 @@ def _run(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point (`bam-generate`, `tools/generate.py`); returns the exit code (2 for bad input)."""
-    import bam_megatron  # noqa: F401  (quiet megatron-core's import-time warnings)
-    from bam_megatron.platform.lazy_compile import compile_on_first_call
-
     args = build_parser().parse_args(argv)
-    with compile_on_first_call():  # megatron-core's torch.compile decorators: see bam_megatron.cli.pretrain
-        import bam_megatron.checkpoint.models  # noqa: F401
-        import bam_megatron.inference.generate  # noqa: F401
+    import bam_megatron.checkpoint.models  # noqa: F401
+    import bam_megatron.inference.generate  # noqa: F401
+
     started_here = not dist.is_initialized()
     try:
         return run_tool(

@@ -50,13 +50,14 @@ import contextlib
 import functools
 import importlib
 import logging
+import os
+import sys
 import types
 import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch._dynamo
 from torch.overrides import TorchFunctionMode
 
 TESTED_MEGATRON_CORE_VERSIONS = ("0.16.1",)
@@ -356,6 +357,7 @@ def _splits_to_host(tensor: Any, as_numpy: bool = False, record_stream: bool = F
 
 
 _MISSING = object()
+_COMPILE_DISABLE_ENV = "TORCH_COMPILE_DISABLE"
 
 
 class _CpuMode:
@@ -364,7 +366,8 @@ class _CpuMode:
     def __init__(self) -> None:
         self._saved: list[tuple[Any, str, Any]] = []
         self._fork_warning_filter = _DropForkWarning()
-        self._dynamo_was_disabled = False
+        self._dynamo_was_disabled: bool | None = None
+        self._compile_env_was: str | None = None
 
     def _patch(self, owner: Any, name: str, value: Any) -> None:
         # vars(), not getattr(): keeps staticmethod wrappers, and tells own from inherited attributes.
@@ -414,8 +417,14 @@ class _CpuMode:
         dispatcher = importlib.import_module("megatron.core.transformer.moe.token_dispatcher")
         self._patch(dispatcher, "maybe_move_tensor_to_cpu", _splits_to_host)
 
-        self._dynamo_was_disabled = torch._dynamo.config.disable
-        torch._dynamo.config.disable = True
+        # TorchDynamo off (nothing is compiled on CPU), without importing it (4-5 s of a busy start):
+        # its config reads TORCH_COMPILE_DISABLE when it is first imported; set it directly if it is in.
+        self._compile_env_was = os.environ.get(_COMPILE_DISABLE_ENV)
+        os.environ[_COMPILE_DISABLE_ENV] = "1"
+        dynamo = sys.modules.get("torch._dynamo")
+        self._dynamo_was_disabled = dynamo.config.disable if dynamo is not None else None
+        if dynamo is not None:
+            dynamo.config.disable = True
         # A CUDA tuning hint that megatron-core repeats on every sequence-parallel linear layer.
         warnings.filterwarnings("ignore", message=".*CUDA_DEVICE_MAX_CONNECTIONS", category=UserWarning)
         self._warning_filter = warnings.filters[0]
@@ -423,7 +432,14 @@ class _CpuMode:
     def uninstall(self) -> None:
         with contextlib.suppress(ValueError):
             warnings.filters.remove(self._warning_filter)
-        torch._dynamo.config.disable = self._dynamo_was_disabled
+        if self._compile_env_was is None:
+            os.environ.pop(_COMPILE_DISABLE_ENV, None)
+        else:
+            os.environ[_COMPILE_DISABLE_ENV] = self._compile_env_was
+        dynamo = sys.modules.get("torch._dynamo")
+        if dynamo is not None:
+            was = self._dynamo_was_disabled
+            dynamo.config.disable = was if was is not None else self._compile_env_was == "1"
         logging.getLogger("megatron.core.tensor_parallel.random").removeFilter(self._fork_warning_filter)
         for owner, name, original in reversed(self._saved):
             if original is _MISSING:

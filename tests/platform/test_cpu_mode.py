@@ -1,5 +1,7 @@
 """CPU mode: what it changes, that it undoes it, and that megatron-core's RNG semantics survive."""
 
+import os
+
 import megatron.core
 import pytest
 import torch
@@ -144,3 +146,34 @@ def _backend_and_sum():
     t = torch.tensor([dist.get_rank()])
     dist.all_reduce(t)
     return dist.get_backend(), int(t.item())
+
+
+_START = """
+import sys
+import bam_megatron.training.loop  # what pretrain_bam.py imports: all of megatron-core's GPT
+from bam_megatron.platform import cpu_mode
+import torch
+import torch.nn.functional as F
+from megatron.core.fusions.fused_bias_swiglu import swiglu  # decorated with torch.compile at import
+started_without_dynamo = "torch._dynamo" not in sys.modules
+cpu_mode.enable()
+y = torch.randn(4, 8)
+out = swiglu(y)  # the first call compiles: TorchDynamo comes in now, off as CPU mode wants it
+a, b = y.chunk(2, -1)
+import torch._dynamo
+print(started_without_dynamo, torch.equal(out, F.silu(a) * b), torch._dynamo.config.disable)
+cpu_mode.disable()
+print(torch._dynamo.config.disable)
+"""
+
+
+def test_a_process_starts_without_torchdynamo_and_megatron_kernels_compile_on_first_call():
+    """bam_megatron/lazy_compile.py: megatron-core's import-time torch.compile waits for the first call, and
+    CPU mode turns TorchDynamo off without importing it (through TORCH_COMPILE_DISABLE, undone by disable)."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_COMPILE_DISABLE"}
+    done = subprocess.run([sys.executable, "-c", _START], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["True", "True", "True", "False"], done.stdout + done.stderr[-3000:]

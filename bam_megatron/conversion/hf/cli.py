@@ -86,11 +86,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of bam-convert-hf / tools/convert_hf.py; exit code 2 for bad input."""
-    import bam_megatron  # noqa: F401  (warning filters)
-    from bam_megatron.platform.lazy_compile import compile_on_first_call
-
-    with compile_on_first_call():  # megatron-core's fused kernels never run here: TorchDynamo stays unimported
-        from bam_megatron.conversion.hf import convert
+    from bam_megatron.conversion.hf import convert
     from bam_megatron.errors import run_tool
 
     args = parse_args(argv)
