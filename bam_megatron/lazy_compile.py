@@ -5,8 +5,9 @@ fusions, ...) with ``torch.compile`` at import time. The decorator itself import
 and Inductor (1-2 s of every process's start on a quiet machine, 5 s on a busy one), although
 ``torch.compile`` only compiles on the first call anyway. Within `compile_on_first_call`, each
 ``torch.compile(fn)`` becomes a wrapper that calls the real ``torch.compile`` the first time it
-runs, so what is compiled, and when, is unchanged; a process that never runs those kernels (a
-converter, preprocessing, CPU mode, which disables TorchDynamo) never imports TorchDynamo.
+runs, so what is compiled, and when, is unchanged; while TorchDynamo is disabled (CPU mode) the
+wrapper runs the function eagerly, as a compiled function does then. A process that never runs
+those kernels, or runs them in CPU mode, never imports TorchDynamo.
 
 `install` (called by ``bam_megatron/__init__.py``, so once in every process that imports this
 package) puts a finder at the front of ``sys.meta_path`` that runs every ``megatron.core``
@@ -19,12 +20,24 @@ import contextlib
 import functools
 import importlib.abc
 import importlib.machinery
+import os
 import sys
 from collections.abc import Callable, Iterator
 from types import ModuleType
 from typing import Any, Optional
 
 _PACKAGE = "megatron.core"
+COMPILE_DISABLE_ENV = "TORCH_COMPILE_DISABLE"
+"""The environment variable TorchDynamo's config reads when it is imported (``disable``)."""
+
+
+def compile_disabled() -> bool:
+    """Whether TorchDynamo is off in this process (``torch._dynamo.config.disable``, which reads
+    TORCH_COMPILE_DISABLE when TorchDynamo is imported), told without importing it."""
+    dynamo = sys.modules.get("torch._dynamo")
+    if dynamo is not None:
+        return bool(dynamo.config.disable)
+    return os.environ.get(COMPILE_DISABLE_ENV) == "1"
 
 
 def _deferred(compile_: Callable) -> Callable:
@@ -37,6 +50,8 @@ def _deferred(compile_: Callable) -> Callable:
         def call(*args, **kwargs):
             nonlocal compiled
             if compiled is None:
+                if compile_disabled():  # what a compiled function does then: run eagerly
+                    return model(*args, **kwargs)
                 compiled = compile_(model, **options)
             return compiled(*args, **kwargs)
 

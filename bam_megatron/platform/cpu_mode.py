@@ -60,6 +60,8 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
+from bam_megatron.lazy_compile import COMPILE_DISABLE_ENV
+
 TESTED_MEGATRON_CORE_VERSIONS = ("0.16.1",)
 
 # megatron-core modules that create tensors with device="cuda" (found with grep; inference, FSDP,
@@ -357,7 +359,6 @@ def _splits_to_host(tensor: Any, as_numpy: bool = False, record_stream: bool = F
 
 
 _MISSING = object()
-_COMPILE_DISABLE_ENV = "TORCH_COMPILE_DISABLE"
 
 
 class _CpuMode:
@@ -419,8 +420,8 @@ class _CpuMode:
 
         # TorchDynamo off (nothing is compiled on CPU), without importing it (4-5 s of a busy start):
         # its config reads TORCH_COMPILE_DISABLE when it is first imported; set it directly if it is in.
-        self._compile_env_was = os.environ.get(_COMPILE_DISABLE_ENV)
-        os.environ[_COMPILE_DISABLE_ENV] = "1"
+        self._compile_env_was = os.environ.get(COMPILE_DISABLE_ENV)
+        os.environ[COMPILE_DISABLE_ENV] = "1"
         dynamo = sys.modules.get("torch._dynamo")
         self._dynamo_was_disabled = dynamo.config.disable if dynamo is not None else None
         if dynamo is not None:
@@ -433,9 +434,9 @@ class _CpuMode:
         with contextlib.suppress(ValueError):
             warnings.filters.remove(self._warning_filter)
         if self._compile_env_was is None:
-            os.environ.pop(_COMPILE_DISABLE_ENV, None)
+            os.environ.pop(COMPILE_DISABLE_ENV, None)
         else:
-            os.environ[_COMPILE_DISABLE_ENV] = self._compile_env_was
+            os.environ[COMPILE_DISABLE_ENV] = self._compile_env_was
         dynamo = sys.modules.get("torch._dynamo")
         if dynamo is not None:
             was = self._dynamo_was_disabled

@@ -1,6 +1,8 @@
 """CPU mode: what it changes, that it undoes it, and that megatron-core's RNG semantics survive."""
 
 import os
+import subprocess
+import sys
 
 import megatron.core
 import pytest
@@ -155,25 +157,48 @@ from bam_megatron.platform import cpu_mode
 import torch
 import torch.nn.functional as F
 from megatron.core.fusions.fused_bias_swiglu import swiglu  # decorated with torch.compile at import
-started_without_dynamo = "torch._dynamo" not in sys.modules
+print("torch._dynamo" not in sys.modules)
 cpu_mode.enable()
 y = torch.randn(4, 8)
-out = swiglu(y)  # the first call compiles: TorchDynamo comes in now, off as CPU mode wants it
 a, b = y.chunk(2, -1)
+print(torch.equal(swiglu(y), F.silu(a) * b), "torch._dynamo" not in sys.modules)  # eager: TorchDynamo is off
 import torch._dynamo
-print(started_without_dynamo, torch.equal(out, F.silu(a) * b), torch._dynamo.config.disable)
+print(torch._dynamo.config.disable)  # read from TORCH_COMPILE_DISABLE, which CPU mode set
 cpu_mode.disable()
 print(torch._dynamo.config.disable)
 """
 
 
-def test_a_process_starts_without_torchdynamo_and_megatron_kernels_compile_on_first_call():
-    """bam_megatron/lazy_compile.py: megatron-core's import-time torch.compile waits for the first call, and
-    CPU mode turns TorchDynamo off without importing it (through TORCH_COMPILE_DISABLE, undone by disable)."""
-    import subprocess
-    import sys
-
+def test_a_process_starts_without_torchdynamo_and_cpu_mode_never_imports_it():
+    """bam_megatron/lazy_compile.py: megatron-core's import-time torch.compile waits for the first call, which
+    in CPU mode runs the kernel eagerly; CPU mode turns TorchDynamo off without importing it (through
+    TORCH_COMPILE_DISABLE, undone by disable)."""
     env = {k: v for k, v in os.environ.items() if k != "TORCH_COMPILE_DISABLE"}
     done = subprocess.run([sys.executable, "-c", _START], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.split() == ["True", "True", "True", "False"], done.stdout + done.stderr[-3000:]
+    assert done.stdout.split() == ["True", "True", "True", "True", "False"], done.stdout + done.stderr[-3000:]
+
+
+def test_a_deferred_compile_compiles_once_on_the_first_call_and_not_while_disabled(monkeypatch):
+    from bam_megatron import lazy_compile
+
+    calls = []
+
+    def fake_compile(fn, **options):
+        calls.append(options)
+        return lambda *args: ("compiled", fn(*args))
+
+    def double(x):
+        return 2 * x
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "compile", fake_compile)
+        with lazy_compile.compile_on_first_call():
+            deferred = torch.compile(double)
+            with_options = torch.compile(mode="max-autotune")(double)
+    assert calls == []  # nothing at decoration
+    monkeypatch.setattr(lazy_compile, "compile_disabled", lambda: True)
+    assert deferred(3) == 6 and calls == []  # disabled: eager, and nothing compiled yet
+    monkeypatch.setattr(lazy_compile, "compile_disabled", lambda: False)
+    assert deferred(3) == ("compiled", 6) and deferred(4) == ("compiled", 8) and calls == [{}]
+    assert with_options(1) == ("compiled", 2) and calls == [{}, {"mode": "max-autotune"}]
