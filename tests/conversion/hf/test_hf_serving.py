@@ -1,6 +1,7 @@
 """Serving the remote-code BAM export: transformers' attention interface, caches, torch.compile, left padding.
 
-Tiny checkpoints of BAM (expert K/V) and BAM shared-KV, parallel and sequential block (tests/support/hf.py:
+Tiny checkpoints of BAM (expert K/V) and BAM shared-KV, parallel and sequential block, and Qwen-style (each
+attention expert's own q/k/v biases and q/k norms) on the sequential block (tests/support/hf.py:
 large random weights, so a wrong head order, gate or mask shows by tens of percent), exported with
 ``bam-convert-hf export`` and loaded with ``trust_remote_code=True``. For each: the logits of every
 attention implementation (``eager``, ``sdpa``, ``flex_attention``) equal the checkpoint's (megatron-core)
@@ -20,10 +21,30 @@ import shutil
 import pytest
 import torch
 
+from bam_megatron.model.architecture import Architecture
 from bam_megatron.testing.distributed import run_distributed
-from tests.support.hf import RTOL, TOKENS, architecture, convert, our_logits, relative_error, save_random_checkpoint
+from tests.support.hf import (
+    RTOL,
+    SIZES,
+    TOKENS,
+    VOCAB,
+    architecture,
+    convert,
+    our_logits,
+    relative_error,
+    save_random_checkpoint,
+)
 
-SERVED = ["bam-parallel", "bam-sequential", "bam-shared-kv-parallel", "bam-shared-kv-sequential"]
+# Qwen-style soft MoA: each expert's own q/k/v biases and per-head q/k norms (head size 24)
+QWEN_SOFT_MOA = {
+    "bam-sequential-qwen": dict(
+        variant="bam", block_type="sequential", num_experts=2, add_qkv_bias=True, qk_layernorm=True, kv_channels=24
+    ),
+    "bam-shared-kv-sequential-qwen": dict(
+        variant="bam-shared-kv", block_type="sequential", num_experts=2, add_qkv_bias=True, qk_layernorm=True
+    ),
+}
+SERVED = ["bam-parallel", "bam-sequential", "bam-shared-kv-parallel", "bam-shared-kv-sequential", *QWEN_SOFT_MOA]
 OLDER = ["bam-parallel", "bam-shared-kv-sequential"]  # also as exports before the per-expert fields
 PROMPTS = [TOKENS[0, :5], TOKENS[1, :11], TOKENS[0, 7:15]]  # different lengths, left-padded into one batch
 PAD = 0
@@ -46,7 +67,11 @@ def _export(root: str) -> dict:
     again."""
     out = {}
     for i, name in enumerate(SERVED):
-        checkpoint = save_random_checkpoint(os.path.join(root, name), architecture(name), 10 + i)
+        if name in QWEN_SOFT_MOA:
+            a = Architecture(**SIZES, padded_vocab_size=VOCAB, **QWEN_SOFT_MOA[name])
+        else:
+            a = architecture(name)
+        checkpoint = save_random_checkpoint(os.path.join(root, name), a, 10 + i)
         directory = os.path.join(root, f"{name}-hf")
         code, text = convert("export", "--load", checkpoint, "--save", directory)
         assert code == 0, (name, text)
