@@ -106,9 +106,7 @@ class ExpertHeadNorm(torch.nn.Module):
     finalize_model_grads sums its gradient over TP, as for any q_layernorm / k_layernorm.
     """
 
-    def __init__(
-        self, config: BAMConfig, hidden_size: int, eps: float = 1e-5, head_expert: tuple[int, ...] = ()
-    ) -> None:
+    def __init__(self, config: BAMConfig, hidden_size: int, eps: float = 1e-5, *, head_expert: tuple[int, ...]) -> None:
         super().__init__()
         if config.layernorm_zero_centered_gamma:
             raise ValueError("layernorm_zero_centered_gamma needs Transformer Engine or apex norms")
