@@ -6,7 +6,9 @@
 
 Parameters are counted on the model megatron-core really builds (`build_model` at TP=1, local
 backend, on the meta device: no weight memory is allocated, so paper-2b costs nothing). FLOPs come
-from the formula of docs/design.md §6 (`flops_per_token`). With ``--measure`` the model is also
+from the formula of docs/design.md §6 (`flops_per_token`): per layer (the paper's Table 7
+convention), and per token in all with the output layer (the complete count, as Megatron-LM's
+`num_floating_point_operations`: `training_flops_breakdown`). With ``--measure`` the model is also
 built with real weights and one forward pass of one ``--seq-length`` sequence is measured by
 DeepSpeed's FLOPs profiler (`bam_megatron.evaluation.flops_profile`), printed beside the formula
 with their ratio.
@@ -33,7 +35,7 @@ from bam_megatron.model.statistics import (
     FLOPS_CONVENTION,
     count_parameters,
     flops_per_token,
-    training_flops_per_token,
+    training_flops_breakdown,
 )
 from bam_megatron.model.variants import DEFAULT_NUM_EXPERTS, PRESETS
 
@@ -137,6 +139,7 @@ def model_stats(
         perform_initialization=False,
     )
     sizes = PRESETS[preset]
+    training = training_flops_breakdown(config, seq_length, sizes.vocab_size)  # the model's embedding rows
     measured = None
     with one_rank_parallel_state():
         model = build_meta_model(config, sizes.vocab_size, seq_length, sizes.untie_embeddings)
@@ -154,11 +157,15 @@ def model_stats(
         "num_attention_experts": config.num_attention_experts,
         "num_ffn_experts": config.num_moe_experts or 1,
         "tied_embeddings": not sizes.untie_embeddings,
+        "padded_vocab_size": sizes.vocab_size,
         "total_params": params.total,
         "active_params": params.active,
         "params_by_part": params.by_part,
         "flops_per_token": flops_per_token(config, seq_length),
-        "training_flops_per_token": training_flops_per_token(config, seq_length),
+        "training_flops_per_token": training["layers"],  # transformer layers only (Table 7)
+        "training_flops_per_token_output_layer": training["output_layer"],
+        "training_flops_per_token_embedding": training["embedding"],
+        "training_flops_per_token_with_output_layer": training["total"],  # complete: the MFU numerator
         "flops_convention": FLOPS_CONVENTION,
     }
     if measured is not None:
@@ -222,11 +229,15 @@ def format_table(stats: dict[str, Any]) -> str:
     rows.append(("forward FLOPs per token per layer", "", "(docs/design.md section 6)"))
     for part, flops in stats["flops_per_token"].items():
         rows.append((f"  {part}", human(flops, "FLOP"), f"{flops:,}"))
-    training = stats["training_flops_per_token"]
-    rows += [
-        ("training FLOPs per token", "", "(3 x forward x layers; no embedding/output layer)"),
-        ("  total", human(training, "FLOP"), f"{training:,}"),
-    ]
+    vocab = stats["padded_vocab_size"]
+    rows.append(("training FLOPs per token", "", "(3 x forward; outside the layers as Megatron-LM counts)"))
+    for label, key, note in (
+        ("  layers", "training_flops_per_token", "3 x forward x layers: Table 7 convention"),
+        ("  output layer", "training_flops_per_token_output_layer", f"3 x 2 x d x V, V = {vocab:,}"),
+        ("  embedding", "training_flops_per_token_embedding", "lookup and its gradient: not counted"),
+        ("  total with output layer", "training_flops_per_token_with_output_layer", "the complete count"),
+    ):
+        rows.append((label, human(stats[key], "FLOP"), f"{stats[key]:,} ({note})"))
     measured = stats.get("measured_flops")
     if measured is not None:
         tokens = measured["tokens"]
@@ -242,7 +253,11 @@ def format_table(stats: dict[str, Any]) -> str:
             note = f"formula {stats['flops_per_token'][part]:,}, measured {value:,.0f}, ratio {ratio:.4f}"
             rows.append((f"  {part}", human(value, "FLOP"), note))
         rows += [
-            ("  output layer, per token", human(measured["output_layer"], "FLOP"), "(not in the formula)"),
+            (
+                "  output layer, per token",
+                human(measured["output_layer"], "FLOP"),
+                f"(forward; formula 2 x d x V = {stats['training_flops_per_token_output_layer'] // 3:,})",
+            ),
             (
                 "  DeepSpeed's total, per token",
                 human(measured["deepspeed_flops"] / tokens, "FLOP"),

@@ -23,7 +23,10 @@ FLOPS_CONVENTION = (
     "weight matrix the token passes through (QKV and output projection of every attention "
     "expert, the FFN weights of its top-k experts, both routers) + 2*n_ctx*d_attn per attention "
     "expert (d_attn = heads x head dim of one expert); norms, biases, embeddings and the output "
-    "layer excluded. Training FLOPs per token = 3 x forward x num_layers."
+    "layer excluded. Training FLOPs per token = 3 x forward x num_layers. The complete count "
+    "(training_flops_per_token_with_output_layer) adds the output layer, 3 x 2*d*V (V = padded "
+    "vocabulary, tied or not), and nothing for the embedding lookup or its gradient, as Megatron-LM's "
+    "num_floating_point_operations counts them."
 )
 
 
@@ -76,11 +79,49 @@ def flops_per_token(config: BAMConfig, seq_length: int) -> dict[str, int]:
 
 
 def training_flops_per_token(config: BAMConfig, seq_length: int) -> int:
-    """Training FLOPs per token of the whole model: 3 x forward x num_layers (docs/design.md §6).
+    """Training FLOPs per token of the transformer layers: 3 x forward x num_layers (docs/design.md §6).
 
-    Embeddings and the output layer are excluded, like everything outside the transformer layers.
+    Embeddings and the output layer are excluded, like everything outside the transformer layers
+    (the paper's Table 7 convention); `training_flops_breakdown` adds them.
     """
     return 3 * config.num_layers * flops_per_token(config, seq_length)["total"]
+
+
+def output_layer_training_flops(hidden_size: int, padded_vocab_size: int) -> int:
+    """Training FLOPs per token of the output layer: 3 x the logits GEMM's 2·d·V (docs/design.md §6).
+
+    Megatron-LM's ``num_floating_point_operations`` (megatron/training/training.py, core_v0.16.1,
+    the "Logit." term): forward, weight gradient and input gradient of the d x V product, V the
+    padded vocabulary (the output layer's rows), whether or not it is tied to the embedding.
+    """
+    return 3 * 2 * hidden_size * padded_vocab_size
+
+
+EMBEDDING_TRAINING_FLOPS_PER_TOKEN = 0
+"""Training FLOPs per token of the input embedding, as Megatron-LM counts them: none.
+
+Megatron-LM's ``num_floating_point_operations`` has no embedding term. The lookup is a gather (no
+arithmetic) and its gradient a scatter-add of the token's d-wide output gradient into one row (d
+additions, not a GEMM; the token ids have no gradient). With tied embeddings the shared matrix's
+other gradient, the output layer's weight gradient, is one of the three GEMMs of the logits term,
+so it is counted there. We do the same: 0 here, the tied weight gradient in
+`output_layer_training_flops`."""
+
+
+def training_flops_breakdown(config: BAMConfig, seq_length: int, padded_vocab_size: int) -> dict[str, int]:
+    """Training FLOPs per token of the whole model by part, and their sum (docs/design.md §6).
+
+    ``layers`` is `training_flops_per_token` (Table 7's convention); ``output_layer`` and
+    ``embedding`` are counted as Megatron-LM's ``num_floating_point_operations`` counts them
+    (`output_layer_training_flops`, `EMBEDDING_TRAINING_FLOPS_PER_TOKEN`). ``total`` is the complete
+    count, the numerator of an MFU.
+    """
+    parts = {
+        "layers": training_flops_per_token(config, seq_length),
+        "output_layer": output_layer_training_flops(config.hidden_size, padded_vocab_size),
+        "embedding": EMBEDDING_TRAINING_FLOPS_PER_TOKEN,
+    }
+    return {**parts, "total": sum(parts.values())}
 
 
 def _part(name: str) -> str:

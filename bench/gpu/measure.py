@@ -17,8 +17,8 @@ runs out of time keeps what it finished:
 MFU = tokens/s x training FLOPs per token / the measured bf16 matmul rate. FLOPs per token:
 `bam_megatron.model.statistics.training_flops_per_token` (docs/design.md section 6: 3 x forward x
 layers, output layer excluded), reported as is (``mfu_layers_only``) and with the output layer's
-3 x 2·d·V added (``mfu_with_output_layer``: every matrix multiply a token costs, the number to
-compare with other MFUs).
+3 x 2·d·V added (`output_layer_training_flops`, from the same module; ``mfu_with_output_layer``:
+every matrix multiply a token costs, Megatron-LM's count, the number to compare with other MFUs).
 
 ``--dry-run`` runs every part's code on the CPU at tiny shapes (preset tiny, sequence 64, fp32,
 1 timed step): what tests/bench/test_gpu_bench.py checks.
@@ -45,6 +45,7 @@ from typing import Any, Optional
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
+from bam_megatron.model.statistics import output_layer_training_flops  # noqa: E402  (no torch)
 from bench.common import report  # noqa: E402
 
 PARTS = ("env", "matmul_peak", "train_mfu", "soft_moa_vs_loop", "parallel_vs_sequential")
@@ -102,12 +103,8 @@ class Settings:
 
 
 # ------------------------------------------------------------------------------------------------
-# FLOPs and MFU arithmetic (no torch: tests check it by hand)
-
-
-def output_layer_training_flops(hidden_size: int, vocab_size: int) -> int:
-    """Training FLOPs per token of the output layer: 3 x (2·d·V forward), tied or not (docs/design.md §6)."""
-    return 3 * 2 * hidden_size * vocab_size
+# FLOPs and MFU arithmetic (no torch: tests check it by hand). The FLOPs per token are
+# bam_megatron.model.statistics' (training_flops_per_token, output_layer_training_flops): one formula.
 
 
 def mfu_numbers(tokens_per_s: float, layer_flops: int, output_flops: int, peak_flops: float) -> dict[str, float]:
