@@ -7,7 +7,7 @@ seed and experts are shared by all arms (one run each).
 
 - Table 1: BTX, BAM (expert KV) and BAM shared-KV, data-matched (DM: the same tokens) and
   compute-matched (CM: BAM gets BTX's training FLOPs, so fewer tokens; FLOPs per token from
-  model_stats.py, i.e. bam-stats' counting).
+  model_stats.py, i.e. bam-stats' counting, in one of its two counts: `FLOPS_COUNTS`).
 - Table 4: BTX with more FFN experts (copies of the seed) to match BAM's total parameters.
 - Table 5: BTX with 6 experts, top-3 (the paper's active-parameter match).
 - Table 6: BAM with soft MoA, top-2 and top-1 MoA (``bam-upcycle --attention-router-topk``).
@@ -24,6 +24,24 @@ from bam_megatron.model.variants import SOFT_MOA_VARIANTS
 
 SOURCES = ("seed", "code", "law", "math")
 """The dense models, in expert order (the demo's ``Pipeline.sources``)."""
+
+
+FLOPS_COUNTS = {
+    "layers": "training_flops_per_token",
+    "with-output-layer": "training_flops_per_token_with_output_layer",
+}
+"""The counts of training FLOPs per token a compute-matched arm can be sized by -> their model_stats.py field:
+the transformer layers only (the paper's Table 7 convention), or complete, the output layer included
+(Megatron-LM's num_floating_point_operations; docs/design.md section 6)."""
+
+DEFAULT_FLOPS_COUNT = "layers"
+"""What sizes the present report's compute-matched arms: the count it was run with, so its runs stay current."""
+
+FLOPS_COUNT_LABELS = {
+    "layers": "the transformer layers only (the paper's Table 7 convention)",
+    "with-output-layer": "the whole model, the output layer included (Megatron-LM's num_floating_point_operations)",
+}
+"""How the report names each of `FLOPS_COUNTS`."""
 
 
 @dataclass(frozen=True)
@@ -60,6 +78,7 @@ class Arm:
     label: str
     init: Init
     iters: int
+    flops_count: Optional[str] = None  # compute-matched arms: the `FLOPS_COUNTS` entry that sized ``iters``
 
 
 def total_matched_btx(stats: dict[str, dict]) -> str:
@@ -69,9 +88,15 @@ def total_matched_btx(stats: dict[str, dict]) -> str:
     return min(candidates, key=lambda name: (abs(stats[name]["total_params"] - target), name))
 
 
-def compute_matched_iters(iters: int, stats: dict[str, dict], variant: str) -> int:
-    """Iterations that give ``variant`` the training FLOPs of BTX's ``iters`` (same tokens per iteration)."""
-    ratio = stats["btx"]["training_flops_per_token"] / stats[variant]["training_flops_per_token"]
+def compute_matched_iters(
+    iters: int, stats: dict[str, dict], variant: str, flops_count: str = DEFAULT_FLOPS_COUNT
+) -> int:
+    """Iterations that give ``variant`` the training FLOPs of BTX's ``iters`` (same tokens per iteration),
+    FLOPs per token counted by ``flops_count`` (a key of `FLOPS_COUNTS`)."""
+    if flops_count not in FLOPS_COUNTS:
+        raise ValueError(f"unknown FLOPs count {flops_count!r}; choose from {', '.join(FLOPS_COUNTS)}")
+    field = FLOPS_COUNTS[flops_count]
+    ratio = stats["btx"][field] / stats[variant][field]
     return max(1, round(iters * ratio))
 
 
@@ -91,8 +116,9 @@ ARM_KEYS = (
 """Every arm's key, in the report's order (build_arms makes them)."""
 
 
-def build_arms(iters: int, stats: dict[str, dict]) -> list[Arm]:
-    """Every arm, for a data-matched budget of ``iters`` iterations."""
+def build_arms(iters: int, stats: dict[str, dict], flops_count: str = DEFAULT_FLOPS_COUNT) -> list[Arm]:
+    """Every arm, for a data-matched budget of ``iters`` iterations; the compute-matched arms sized by
+    ``flops_count`` (a key of `FLOPS_COUNTS`)."""
     btx_total = total_matched_btx(stats)
     inits = {
         "btx": Init("btx", "btx", stats="btx"),
@@ -105,13 +131,19 @@ def build_arms(iters: int, stats: dict[str, dict]) -> list[Arm]:
         "btx-domain": Init("btx-domain", "btx", router_init="domain", stats="btx"),
         "bam-domain": Init("bam-domain", "bam", router_init="domain", stats="bam"),
     }
-    cm = {v: compute_matched_iters(iters, stats, v) for v in SOFT_MOA_VARIANTS}
+    cm = {v: compute_matched_iters(iters, stats, v, flops_count) for v in SOFT_MOA_VARIANTS}
     return [
         Arm("btx", "BTX", inits["btx"], iters),
         Arm("bam", "BAM (expert KV)", inits["bam"], iters),
         Arm("bam-shared-kv", "BAM (shared KV)", inits["bam-shared-kv"], iters),
-        Arm("bam-cm", "BAM (expert KV), compute-matched", inits["bam"], cm["bam"]),
-        Arm("bam-shared-kv-cm", "BAM (shared KV), compute-matched", inits["bam-shared-kv"], cm["bam-shared-kv"]),
+        Arm("bam-cm", "BAM (expert KV), compute-matched", inits["bam"], cm["bam"], flops_count),
+        Arm(
+            "bam-shared-kv-cm",
+            "BAM (shared KV), compute-matched",
+            inits["bam-shared-kv"],
+            cm["bam-shared-kv"],
+            flops_count,
+        ),
         Arm("btx-total", f"BTX, {inits[btx_total].experts} FFN experts (total params)", inits[btx_total], iters),
         Arm("btx-e6-top3", "BTX, 6 FFN experts, top-3 (active params)", inits["btx-e6-top3"], iters),
         Arm("bam-top2", "BAM, top-2 MoA", inits["bam-top2"], iters),

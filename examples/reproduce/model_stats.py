@@ -3,9 +3,11 @@
     python examples/reproduce/model_stats.py --seed-checkpoint W/seed --output W/stats.json
 
 Counted the way ``bam-stats`` counts (``bam_megatron.model.statistics``): parameters on the model
-megatron-core builds (meta device), FLOPs per token by the docs/design.md section 6 formula (the
-paper's Table 7 convention: transformer layers only, the output layer left out). The compute-matched
-arms and the parameter-matched BTX arms are sized from these numbers (arms.py).
+megatron-core builds (meta device), training FLOPs per token by the docs/design.md section 6 formula
+in both of its counts: ``training_flops_per_token``, the transformer layers only (the paper's Table 7
+convention), and ``training_flops_per_token_with_output_layer``, the complete count (the output layer
+added, as Megatron-LM's num_floating_point_operations counts it). The compute-matched arms (by either
+count, arms.FLOPS_COUNTS) and the parameter-matched BTX arms are sized from these numbers (arms.py).
 """
 
 from __future__ import annotations
@@ -33,9 +35,10 @@ def shapes() -> dict[str, dict]:
 
 
 def count(seed_checkpoint: str) -> dict[str, dict]:
-    """{name: total_params, active_params, training_flops_per_token} for every configuration of ``shapes``."""
+    """{name: parameters and training FLOPs per token (layers; with the output layer)} for every configuration
+    of ``shapes``."""
     from bam_megatron import checkpoint
-    from bam_megatron.model.statistics import count_parameters, training_flops_per_token
+    from bam_megatron.model.statistics import count_parameters, training_flops_breakdown
     from bam_megatron.stats import build_meta_model, one_rank_parallel_state
 
     meta = checkpoint.read_meta(checkpoint.resolve_checkpoint(seed_checkpoint))
@@ -48,11 +51,13 @@ def count(seed_checkpoint: str) -> dict[str, dict]:
                 config, arch.padded_vocab_size, meta.seq_length, arch.untie_embeddings_and_output_weights
             )
             params = count_parameters(model, config)
+            flops = training_flops_breakdown(config, meta.seq_length, arch.padded_vocab_size)
             result[name] = {
                 **fields,
                 "total_params": params.total,
                 "active_params": params.active,
-                "training_flops_per_token": training_flops_per_token(config, meta.seq_length),
+                "training_flops_per_token": flops["layers"],  # Table 7's convention
+                "training_flops_per_token_with_output_layer": flops["total"],  # complete (Megatron-LM's)
             }
     return result
 
@@ -70,7 +75,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for name, row in result.items():
         print(
             f"{name}: {row['total_params']:,} parameters, {row['active_params']:,} active, "
-            f"{row['training_flops_per_token']:,} training FLOPs per token"
+            f"{row['training_flops_per_token']:,} training FLOPs per token in the layers, "
+            f"{row['training_flops_per_token_with_output_layer']:,} with the output layer"
         )
     return 0
 

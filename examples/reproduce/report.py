@@ -19,7 +19,7 @@ from bam_demo.pipeline import DOMAINS, EXPERTS, step0_name
 
 from bam_megatron.evaluation.report import own_expert_shares
 
-from .arms import Arm
+from .arms import FLOPS_COUNT_LABELS, FLOPS_COUNTS, Arm, compute_matched_iters
 from .significance import Paired, mean_std, one_sample_test, paired_test
 
 COLUMNS = (*DOMAINS, "average")
@@ -116,12 +116,37 @@ def _dense_row(r: Results, name: str, extra: Sequence[str], label: str) -> str:
     return f"| {label} | " + " | ".join([*extra, *cells]) + " |"
 
 
-def _compute(r: Results, key: str) -> tuple[str, str, str]:
-    """Iterations, tokens (M) and training compute (TFLOP, transformer layers) of an arm's run."""
+COMPUTE_COLUMNS = ("iterations", "tokens (M)", "compute, layers (TFLOP)", "compute, with output layer (TFLOP)")
+"""Table 1's columns before the perplexities: the run's size, and its training compute in both FLOPs counts."""
+
+
+def _compute(r: Results, key: str) -> tuple[str, ...]:
+    """Iterations, tokens (M) and training compute (TFLOP) of an arm's run in each of `FLOPS_COUNTS`
+    ("–" where stats.json lacks a count: one written before it had the complete count)."""
     arm = r.arm(key)
     tokens = arm.iters * r.tokens_per_iter
-    flops = tokens * r.stats[arm.init.stats]["training_flops_per_token"]
-    return str(arm.iters), f"{tokens / 1e6:.2f}", f"{flops / 1e12:.2f}"
+    row = r.stats[arm.init.stats]
+    flops = [f"{tokens * row[f] / 1e12:.2f}" if f in row else "–" for f in FLOPS_COUNTS.values()]
+    return (str(arm.iters), f"{tokens / 1e6:.2f}", *flops)
+
+
+def sizing_lines(r: Results) -> list[str]:
+    """Which FLOPs count sized the compute-matched arms, and the iterations the other count would give."""
+    sized_by = r.arm("bam-cm").flops_count
+    lines = [
+        f"Compute-matched arms are sized by training FLOPs per token counted over {FLOPS_COUNT_LABELS[sized_by]} "
+        "(bam-stats, docs/design.md section 6): they get BTX's compute in that count."
+    ]
+    budget = r.arm("btx").iters
+    for other, field in FLOPS_COUNTS.items():
+        if other == sized_by or not all(field in r.stats[k] for k in ("btx", "bam", "bam-shared-kv")):
+            continue
+        iters = {v: compute_matched_iters(budget, r.stats, v, other) for v in ("bam", "bam-shared-kv")}
+        lines.append(
+            f"Counted {FLOPS_COUNT_LABELS[other]}, BTX's compute would be {iters['bam']} iterations of BAM "
+            f"(expert KV) and {iters['bam-shared-kv']} of BAM (shared KV) (not run here)."
+        )
+    return [" ".join(lines), ""]
 
 
 def _params(r: Results, stats_key: str) -> tuple[str, str, str]:
@@ -144,14 +169,16 @@ def _test_lines(r: Results, pairs: Sequence[tuple[str, str]]) -> list[str]:
 def table1(r: Results) -> list[str]:
     """Table 1: the dense models, then BTX / BAM / BAM shared-KV data-matched and compute-matched."""
     lines = ["## Table 1: dense models and mixtures, data-matched (DM) and compute-matched (CM)", ""]
-    lines += _header(["iterations", "tokens (M)", "training compute (TFLOP)"])
-    lines.append(_dense_row(r, "seed", ["", "", ""], "Seed (dense, one run)"))
+    lines += sizing_lines(r)
+    lines += _header(COMPUTE_COLUMNS)
+    blank = [""] * len(COMPUTE_COLUMNS)
+    lines.append(_dense_row(r, "seed", blank, "Seed (dense, one run)"))
     for e in EXPERTS:
-        lines.append(_dense_row(r, e, ["", "", ""], f"{e.capitalize()} expert (dense, one run)"))
-    lines.append("| **data-matched** |" + " |" * (len(COLUMNS) + 3))
+        lines.append(_dense_row(r, e, blank, f"{e.capitalize()} expert (dense, one run)"))
+    lines.append("| **data-matched** |" + " |" * (len(COLUMNS) + len(COMPUTE_COLUMNS)))
     for key in ("btx", "bam", "bam-shared-kv"):
         lines.append(_arm_row(r, key, _compute(r, key)))
-    lines.append("| **compute-matched** (BTX's compute) |" + " |" * (len(COLUMNS) + 3))
+    lines.append("| **compute-matched** (BTX's compute) |" + " |" * (len(COLUMNS) + len(COMPUTE_COLUMNS)))
     for key in ("btx", "bam-cm", "bam-shared-kv-cm"):
         lines.append(_arm_row(r, key, _compute(r, key)))
     lines += ["", "Average perplexity, paired by seed (A − B < 0: A is better):", ""]
@@ -503,8 +530,10 @@ def write_report(pipeline, out_dir: str, command: str, times: Sequence[tuple[str
         f"iteration, once per mixture seed ({', '.join(map(str, r.seeds))}): the seed sets the upcycled "
         "routers' initialisation and the data order. Perplexity: tools/eval.py on the whole validation "
         "split of each domain; `average` is the unweighted mean over domains. Cells are mean ± standard "
-        "deviation over seeds. Compute: bam-stats' training FLOPs per token (transformer layers, the "
-        "paper's Table 7 convention) × tokens. Significance: two-sided paired t-test over seeds (the runs "
+        "deviation over seeds. Compute: bam-stats' training FLOPs per token × tokens, in two counts: the "
+        "transformer layers only (the paper's Table 7 convention) and complete, with the output layer "
+        "(Megatron-LM's num_floating_point_operations); Table 1 says which sized the compute-matched arms. "
+        "Significance: two-sided paired t-test over seeds (the runs "
         "of one seed share data order and router seed), 5% level; with 3 seeds it has little power.",
         "",
         "The paper's numbers are not summarised in this repository's docs (docs/, docs/design.md among them), "
