@@ -242,7 +242,8 @@ class Pipeline(Stages):
                 )
                 for d in DOMAINS
             ]
-            run_jobs(self.console, "preprocess", jobs, parallel=self.nproc)
+            # one process each: as many at once as a training stage runs (jobs x ranks)
+            run_jobs(self.console, "preprocess", jobs, parallel=self.jobs * self.nproc)
             os.replace(out + ".tmp", out)
 
         self.stage(

@@ -278,7 +278,11 @@ def python(*args: str) -> list[str]:
 
 
 def torchrun(nproc: int, *args: str) -> list[str]:
-    """The command line of a distributed tool: torchrun with ``nproc`` ranks on this machine."""
+    """The command line of a distributed tool: torchrun with ``nproc`` ranks on this machine; one rank
+    runs as a plain process (the tools take a world of one without torchrun's variables), which saves
+    the launcher's own start."""
+    if nproc == 1:
+        return python(*args)
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]
 
 
