@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from tests.support import paths
+from tests.support.reproduce import fake_stats
 
 REPO = paths.REPO
 sys.path.insert(0, paths.EXAMPLES)
@@ -18,7 +19,6 @@ sys.path.insert(0, paths.EXAMPLES)
 from bam_demo.pipeline import DOMAINS, Settings  # noqa: E402
 from bam_demo.runner import Console  # noqa: E402
 from reproduce import arms, significance  # noqa: E402
-from reproduce.model_stats import shapes  # noqa: E402
 from reproduce.pipeline import ReproducePipeline, stages  # noqa: E402
 from reproduce.report import write_report  # noqa: E402
 
@@ -41,24 +41,6 @@ def test_the_paired_test_works_on_differences():
     assert significance.mean_std([2.0]) == (2.0, 0.0)
     with pytest.raises(ValueError):
         significance.paired_test([1.0], [2.0])
-
-
-def fake_stats() -> dict:
-    """model_stats.py's output for made-up sizes: attention 4 units, FFN expert 6 units per layer (the paper's
-    proportions), so 6 experts match BAM's total parameters."""
-    out = {}
-    for name, shape in shapes().items():
-        experts, k = shape["num_experts"] or 1, shape["moe_router_topk"]
-        attention = 4 if shape["variant"] in ("bam", "bam-shared-kv") else 1
-        if shape["variant"] == "bam-shared-kv":
-            attention = 2.5
-        out[name] = {
-            **shape,
-            "total_params": int(1000 * (attention * 4 + experts * 6)),
-            "active_params": int(1000 * (attention * 4 + k * 6)),
-            "training_flops_per_token": int(1000 * (attention * 4 + k * 6)),
-        }
-    return out
 
 
 def test_arms_are_sized_from_the_counts():

@@ -7,13 +7,12 @@ import sys
 import pytest
 
 from tests.support import paths
+from tests.support.reproduce import fake_stats
 
 sys.path.insert(0, paths.EXAMPLES)
 
 from reproduce import arms  # noqa: E402
 from reproduce.report import COMPUTE_COLUMNS, Results, table1  # noqa: E402
-
-from tests.examples.test_reproduce import fake_stats  # noqa: E402
 
 OUTPUT_LAYER = 8000  # made-up training FLOPs per token of the output layer, the same in every model
 
