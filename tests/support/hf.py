@@ -161,3 +161,30 @@ def directory_files(directory: str) -> dict[str, bytes]:
         for name in sorted(os.listdir(directory))
         if name != "bam_export.json"
     }
+
+
+def import_export_round_trips(jobs: dict[str, tuple[str, str]], tokens: torch.Tensor) -> dict:
+    """Rank body of the family tests: for each name -> (a transformers directory holding ``logits.pt``,
+    a work root): import; our logits against transformers' (relative error); export (``--format auto``);
+    transformers' logits of the export; import and export again (for the byte-identity check)."""
+    from bam_megatron.checkpoint import store
+
+    results = {}
+    for name, (source, root) in jobs.items():
+        seed, out, seed2, again = (os.path.join(root, f"{name}-{x}") for x in ("seed", "hf", "seed2", "again"))
+        result = results[name] = {"import": convert("import", "--load", source, "--save", seed)}
+        if result["import"][0]:
+            continue
+        theirs = torch.load(os.path.join(source, "logits.pt"))
+        result["error"] = relative_error(our_logits(seed, tokens), theirs)
+        result["architecture"] = store.read_meta(store.resolve_checkpoint(seed)).architecture
+        result["export"] = convert("export", "--load", seed, "--save", out)
+        model, result["problems"] = hf_model(out)
+        result["class"] = type(model).__name__
+        with torch.no_grad():
+            result["export_error"] = relative_error(model(tokens).logits, theirs)
+        result["again"] = [
+            convert("import", "--load", out, "--save", seed2),
+            convert("export", "--load", seed2, "--save", again),
+        ]
+    return results

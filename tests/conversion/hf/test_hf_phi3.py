@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from bam_megatron.testing.distributed import run_distributed
-from tests.support.hf import convert, directory_files, hf_model, our_logits, relative_error
+from tests.support.hf import convert, directory_files, import_export_round_trips
 from tests.support.hf_models import SEQ, TOKENS, hf_directory
 
 RTOL = 1e-5
@@ -39,35 +39,12 @@ def models(tmp_path_factory) -> dict[str, str]:
     return made
 
 
-def _import_export(jobs: dict[str, tuple[str, str]]) -> dict:
-    """Rank body: import; our logits; export (auto); transformers' logits of it; import and export again."""
-    from bam_megatron.checkpoint import store
-
-    results = {}
-    for name, (source, root) in jobs.items():
-        seed, out, seed2, again = (os.path.join(root, f"{name}-{x}") for x in ("seed", "hf", "seed2", "again"))
-        result = results[name] = {"import": convert("import", "--load", source, "--save", seed)}
-        if result["import"][0]:
-            continue
-        theirs = torch.load(os.path.join(source, "logits.pt"))
-        result["error"] = relative_error(theirs, our_logits(seed, TOKENS))
-        result["architecture"] = store.read_meta(store.resolve_checkpoint(seed)).architecture
-        result["export"] = convert("export", "--load", seed, "--save", out)
-        model, result["problems"] = hf_model(out)
-        result["class"] = type(model).__name__
-        with torch.no_grad():
-            result["export_error"] = relative_error(model(TOKENS).logits, theirs)
-        result["again"] = [
-            convert("import", "--load", out, "--save", seed2),
-            convert("export", "--load", seed2, "--save", again),
-        ]
-    return results
-
-
 @pytest.fixture(scope="module")
 def imported(models, tmp_path_factory):
     root = str(tmp_path_factory.mktemp("hf_phi3_out"))
-    (results,) = run_distributed(_import_export, 1, args=({name: (path, root) for name, path in models.items()},))
+    (results,) = run_distributed(
+        import_export_round_trips, 1, args=({name: (path, root) for name, path in models.items()}, TOKENS)
+    )
     return root, results
 
 
