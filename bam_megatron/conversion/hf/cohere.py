@@ -45,7 +45,7 @@ from bam_megatron.conversion.hf.bridge import (
     swiglu,
 )
 from bam_megatron.conversion.hf.errors import ConversionError
-from bam_megatron.conversion.hf.target import common_checks, initializer_range, rope_parameters, token_fields
+from bam_megatron.conversion.hf.target import common_checks
 from bam_megatron.model.architecture import Architecture
 
 LAYERNORM_EPS = 1e-5  # transformers' default layer_norm_eps for Cohere
@@ -116,27 +116,11 @@ class CohereTarget(TableTarget):
     def hf_config(self, a: Architecture, config, meta, token_ids: dict[str, Any]) -> dict[str, Any]:
         """Cohere's config.json: logit_scale 1, no q/k norms, no biases."""
         return {
-            "architectures": [self.architecture_class],
-            "model_type": self.model_type,
-            "vocab_size": a.padded_vocab_size,
-            "hidden_size": a.hidden_size,
-            "intermediate_size": a.ffn_hidden_size,
-            "num_hidden_layers": a.num_layers,
-            "num_attention_heads": a.num_attention_heads,
-            "num_key_value_heads": a.num_query_groups,
-            "hidden_act": "silu",
-            "max_position_embeddings": meta.seq_length,
+            **self.decoder_config(a, config, meta, token_ids),
             "layer_norm_eps": a.norm_epsilon,
             "logit_scale": EXPORTED_LOGIT_SCALE,
-            "tie_word_embeddings": not a.untie_embeddings_and_output_weights,
             "use_qk_norm": False,
             "attention_bias": False,
-            "attention_dropout": 0.0,
-            "initializer_range": initializer_range(meta, config),
-            "use_cache": True,
-            "rope_parameters": rope_parameters(a),
-            "rope_theta": float(a.rotary_base),  # transformers 4.x's key (5.x reads rope_parameters)
-            **token_fields(token_ids),
         }
 
     def mappings(self, a: Architecture, logit_scale: float = EXPORTED_LOGIT_SCALE, **options: Any) -> list[Mapping]:

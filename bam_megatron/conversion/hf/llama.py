@@ -53,7 +53,7 @@ from bam_megatron.conversion.hf.bridge import (
 )
 from bam_megatron.conversion.hf.errors import ConversionError
 from bam_megatron.conversion.hf.importer import REQUIRED, fill_swiglu  # noqa: F401  (remote_import reads it here)
-from bam_megatron.conversion.hf.target import common_checks, initializer_range, rope_parameters, token_fields
+from bam_megatron.conversion.hf.target import common_checks
 from bam_megatron.model.architecture import Architecture
 
 # ===== export: the classes, what they refuse, their config.json, and the table
@@ -104,27 +104,11 @@ class LlamaTarget(TableTarget):
         return {"attention_bias": a.add_qkv_bias, "mlp_bias": False, "pretraining_tp": 1}
 
     def hf_config(self, a: Architecture, config, meta, token_ids: dict[str, Any]) -> dict[str, Any]:
-        """Sizes, RMSNorm epsilon, RoPE (plain or Llama-3 scaling), tied embeddings, token ids."""
+        """The shared decoder fields, the head size, RMSNorm epsilon and the family's own (`family_config`)."""
         return {
-            "architectures": [self.architecture_class],
-            "model_type": self.model_type,
-            "vocab_size": a.padded_vocab_size,
-            "hidden_size": a.hidden_size,
-            "intermediate_size": a.ffn_hidden_size,
-            "num_hidden_layers": a.num_layers,
-            "num_attention_heads": a.num_attention_heads,
-            "num_key_value_heads": a.num_query_groups,
+            **self.decoder_config(a, config, meta, token_ids),
             "head_dim": config.kv_channels,
-            "hidden_act": "silu",
-            "max_position_embeddings": meta.seq_length,
             "rms_norm_eps": a.norm_epsilon,
-            "tie_word_embeddings": not a.untie_embeddings_and_output_weights,
-            "rope_parameters": rope_parameters(a),
-            "rope_theta": float(a.rotary_base),  # transformers 4.x's key (5.x reads rope_parameters)
-            "attention_dropout": 0.0,
-            "initializer_range": initializer_range(meta, config),
-            "use_cache": True,
-            **token_fields(token_ids),
             **self.family_config(a),
         }
 

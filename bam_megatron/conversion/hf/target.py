@@ -79,6 +79,30 @@ class Target:
         """config.json."""
         raise NotImplementedError(f"{type(self).__name__} does not define hf_config(): each subclass does")
 
+    def decoder_config(self, a: Architecture, config, meta, token_ids: dict[str, Any]) -> dict[str, Any]:
+        """The config.json fields the native decoder classes spell alike: class, sizes, SiLU, the recorded
+        sequence length, tied embeddings, RoPE, no dropout, initialisation, the cache and the token ids
+        (each family's `hf_config` adds its own)."""
+        return {
+            "architectures": [self.architecture_class],
+            "model_type": self.model_type,
+            "vocab_size": a.padded_vocab_size,
+            "hidden_size": a.hidden_size,
+            "intermediate_size": a.ffn_hidden_size,
+            "num_hidden_layers": a.num_layers,
+            "num_attention_heads": a.num_attention_heads,
+            "num_key_value_heads": a.num_query_groups,
+            "hidden_act": "silu",
+            "max_position_embeddings": meta.seq_length,
+            "tie_word_embeddings": not a.untie_embeddings_and_output_weights,
+            "rope_parameters": rope_parameters(a),
+            "rope_theta": float(a.rotary_base),  # transformers 4.x's key (5.x reads rope_parameters)
+            "attention_dropout": 0.0,
+            "initializer_range": initializer_range(meta, config),
+            "use_cache": True,
+            **token_fields(token_ids),
+        }
+
     def unit(self, unit: int, p: dict[str, torch.Tensor], a: Architecture, config) -> dict[str, torch.Tensor]:
         """The Hugging Face tensors of unit ``unit`` (TOP or a layer) from its parameters ``p`` (our names)."""
         raise NotImplementedError(f"{type(self).__name__} does not define unit(): each subclass does")
