@@ -68,6 +68,10 @@ def no_megatron_lm_model(meta: CheckpointMeta) -> Optional[str]:
         return f"block_type {a.block_type}: Megatron-LM's GPT layers are sequential (attention, then the FFN)"
     if a.normalization != "RMSNorm":
         return f"normalization {a.normalization}: Megatron-LM's LayerNorm has a bias, ours none"
+    if a.norm_placement != "pre":
+        return f"norm_placement {a.norm_placement}: Megatron-LM's GPT layers have norms before attention and MLP only"
+    if a.qk_layernorm_scope != "head":
+        return f"qk_layernorm_scope {a.qk_layernorm_scope}: Megatron-LM's --qk-layernorm normalises each head"
     if a.router_bias:
         return (
             "router_bias: Megatron-LM's TopKRouter has a bias only with --add-bias-linear, which also puts one "

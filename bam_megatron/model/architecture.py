@@ -24,8 +24,10 @@ from bam_megatron.model.moe_defaults import MOE_ROUTER_PRE_SOFTMAX
 from bam_megatron.model.variants import (
     BLOCK_TYPES,
     DEFAULT_NUM_EXPERTS,
+    NORM_PLACEMENTS,
     NORMALIZATIONS,
     PRESETS,
+    QK_NORM_SCOPES,
     SOFT_MOA_VARIANTS,
     VARIANTS,
 )
@@ -126,6 +128,13 @@ class Architecture:
         unset="default: RMSNorm",
         choices=NORMALIZATIONS,
     )
+    norm_placement: str = _declare(
+        "where the sequential block's norms are: pre, h = x + Attn(Norm x), y = h + FFN(Norm h) (Llama); post, "
+        "h = x + Norm(Attn x), y = h + Norm(FFN h) (OLMo 2)",
+        default="pre",
+        unset="default: pre",
+        choices=NORM_PLACEMENTS,
+    )
     rotary_base: float = _declare("RoPE base (Hugging Face: rope_theta)", default=10000.0, unset="default: 1e4")
     untie_embeddings_and_output_weights: bool = _declare(
         "separate output layer and embedding; --no-... ties them",
@@ -135,7 +144,14 @@ class Architecture:
     kv_channels: Optional[int] = _declare("head size", default=None, unset="default: hidden size / heads", minimum=1)
     norm_epsilon: float = _declare("epsilon of every norm", default=1e-5, unset="default: 1e-5", above=0)
     add_qkv_bias: bool = _declare("biases on Q, K, V (Qwen2)", default=False, unset="default: none")
-    qk_layernorm: bool = _declare("norms on each head's queries and keys (Qwen3)", default=False, unset="default: none")
+    qk_layernorm: bool = _declare("norms on the queries and keys (Qwen3, OLMo 2)", default=False, unset="default: none")
+    qk_layernorm_scope: str = _declare(
+        "what --qk-layernorm normalises: head, each head's queries and keys over head_dim (Qwen3); projection, "
+        "the whole Q and the whole K projection, all heads together (OLMo 2; soft MoA: each expert's heads)",
+        default="head",
+        unset="default: head",
+        choices=QK_NORM_SCOPES,
+    )
     rope_scaling_factor: Optional[float] = _declare(
         "Llama-3 RoPE scaling (megatron-core's --use-rope-scaling: low/high frequency factors 1 and 4, "
         "original context 8192)",
@@ -168,6 +184,9 @@ class Architecture:
         if self.normalization not in NORMALIZATIONS:
             raise ConfigError(f"normalization must be one of {', '.join(NORMALIZATIONS)}, got {self.normalization!r}")
         check_bounds(self.to_dict())
+        check_norms(
+            self.block_type, self.norm_placement, self.normalization, self.qk_layernorm, self.qk_layernorm_scope
+        )
         if self.num_attention_heads % self.num_query_groups:
             raise ConfigError(
                 f"--num-attention-heads {self.num_attention_heads} is not a multiple of "
@@ -245,6 +264,8 @@ class Architecture:
             layernorm_epsilon=self.norm_epsilon,
             add_qkv_bias=self.add_qkv_bias,
             qk_layernorm=self.qk_layernorm,
+            qk_layernorm_scope=self.qk_layernorm_scope,
+            norm_placement=self.norm_placement,
             rope_scaling_factor=self.rope_scaling_factor,
         )
         if self.is_moe:
@@ -330,6 +351,21 @@ def check_bounds(values: Mapping[str, Any]) -> None:
             raise ConfigError(f"{spec.flag} must be >= {spec.minimum}, got {value}")
         if spec.above is not None and not value > spec.above:
             raise ConfigError(f"{spec.flag} must be > {spec.above}, got {value}")
+
+
+def check_norms(block_type: str, placement: str, normalization: str, qk_layernorm: bool, qk_scope: str) -> None:
+    """The norm settings that fit together; a `ConfigError` naming the flag otherwise."""
+    if placement not in NORM_PLACEMENTS:
+        raise ConfigError(f"--norm-placement must be one of {', '.join(NORM_PLACEMENTS)}, got {placement!r}")
+    if qk_scope not in QK_NORM_SCOPES:
+        raise ConfigError(f"--qk-layernorm-scope must be one of {', '.join(QK_NORM_SCOPES)}, got {qk_scope!r}")
+    if placement == "post" and block_type != "sequential":
+        raise ConfigError(
+            "--norm-placement post needs --block-type sequential (the parallel block's attention and FFN share "
+            "one pre-norm)"
+        )
+    if qk_scope == "projection" and not (qk_layernorm and normalization == "RMSNorm"):
+        raise ConfigError("--qk-layernorm-scope projection needs --qk-layernorm and --normalization RMSNorm")
 
 
 def check_routing(

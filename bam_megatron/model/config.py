@@ -39,6 +39,14 @@ class BAMConfig(TransformerConfig):
     block_type: str = "parallel"
     """'parallel': y = x + Attn(Norm(x)) + FFN(Norm(x)). 'sequential': the pre-norm block."""
 
+    norm_placement: str = "pre"
+    """'pre': the sequential block's norms before attention and FFN; 'post': after them, inside the
+    residual (OLMo 2): h = x + Norm(Attn(x)), y = h + Norm(FFN(h)) (`norm.PostNorm`)."""
+
+    qk_layernorm_scope: str = "head"
+    """With ``qk_layernorm``: 'head', megatron-core's per-head norms; 'projection', one RMSNorm over
+    the whole Q (and K) projection, all heads together (OLMo 2; `norm.ProjectionRMSNorm`)."""
+
     rotary_base: float = 10000.0
     """RoPE base (Hugging Face's ``rope_theta``); read by the GPTModel builder."""
 
@@ -62,6 +70,8 @@ class BAMConfig(TransformerConfig):
             raise ConfigError(f"attention_kv_mode must be one of {KV_MODES}, got {self.attention_kv_mode!r}")
         if self.block_type not in BLOCK_TYPES:
             raise ConfigError(f"block_type must be one of {BLOCK_TYPES}, got {self.block_type!r}")
+        if self.norm_placement == "post" and self.block_type != "sequential":
+            raise ConfigError("--norm-placement post needs --block-type sequential")
         k = self.attention_router_topk
         if k is not None and not 1 <= k <= n:
             raise ConfigError(f"attention_router_topk must be in [1, num_attention_experts={n}], got {k}")

@@ -7,6 +7,8 @@ backend is picked automatically: Transformer Engine when importable on a GPU, lo
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.models.backends import LocalSpecProvider
@@ -22,7 +24,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 from bam_megatron.errors import ConfigError
 from bam_megatron.model.config import BAMConfig
 from bam_megatron.model.gpt import block_spec
-from bam_megatron.model.norm import TorchNorm
+from bam_megatron.model.norm import ProjectionRMSNorm, TorchNorm, post_normed
 from bam_megatron.model.parallel_block import ParallelTransformerLayer, PartialSumRowParallelLinear
 from bam_megatron.model.rope_cache import RotatedCacheSelfAttention
 from bam_megatron.model.router import BiasedTopKRouter
@@ -108,14 +110,8 @@ def get_bam_layer_spec(config: BAMConfig, backend: str = "auto") -> ModuleSpec:
     fused = parallel and dense_ffn and config.fuse_tp_reduction
     output_linear = PartialSumRowParallelLinear if fused else m["row"]
 
+    q_norm, k_norm = _qk_norms(config, norm)
     if config.uses_soft_moa:
-        q_norm = k_norm = None  # megatron-core's default: no norm
-        if config.qk_layernorm:  # each expert's own Q norm; K norm too unless K is shared
-            q_norm = ModuleSpec(module=ExpertHeadNorm, params={"head_expert": tuple(head_to_expert(config).tolist())})
-            k_norm = norm
-            if config.attention_kv_mode == "expert":
-                groups = tuple(kv_group_to_expert(config).tolist())
-                k_norm = ModuleSpec(module=ExpertHeadNorm, params={"head_expert": groups})
         attention = ModuleSpec(
             module=SoftMoASelfAttention,
             params={"attn_mask_type": AttnMaskType.causal},
@@ -135,8 +131,8 @@ def get_bam_layer_spec(config: BAMConfig, backend: str = "auto") -> ModuleSpec:
                 linear_qkv=m["column"],
                 core_attention=m["core_attention"],
                 linear_proj=output_linear,
-                q_layernorm=norm if config.qk_layernorm else IdentityOp,
-                k_layernorm=norm if config.qk_layernorm else IdentityOp,
+                q_layernorm=q_norm or IdentityOp,
+                k_layernorm=k_norm or IdentityOp,
             ),
         )
 
@@ -147,18 +143,44 @@ def get_bam_layer_spec(config: BAMConfig, backend: str = "auto") -> ModuleSpec:
         if config.router_bias:  # the FFN router's own bias, without add_bias_linear on every linear
             ffn.submodules.router = BiasedTopKRouter
 
+    pre_norm = norm
+    if config.norm_placement == "post":  # OLMo 2: the norms after attention and FFN, none before
+        for spec in (attention, ffn):
+            spec.module = post_normed(spec.module)
+            spec.params = {**spec.params, "post_norm": norm}
+        pre_norm = IdentityOp
     return ModuleSpec(
         module=ParallelTransformerLayer if parallel else TransformerLayer,
         submodules=TransformerLayerSubmodules(
-            input_layernorm=norm,
+            input_layernorm=pre_norm,
             self_attention=attention,
             self_attn_bda=get_bias_dropout_add,
-            pre_mlp_layernorm=IdentityOp if parallel else norm,
+            pre_mlp_layernorm=IdentityOp if parallel else pre_norm,
             mlp=ffn,
             mlp_bda=get_bias_dropout_add,
             sharded_state_dict_keys_map={} if parallel else sequential_norm_keys(dense_ffn),
         ),
     )
+
+
+def _qk_norms(config: BAMConfig, norm: type) -> tuple[Optional[ModuleSpec], Optional[ModuleSpec]]:
+    """The Q and K norms (None: none). Per head: megatron-core's norm, or with soft MoA each expert's
+    own Q norm (`ExpertHeadNorm`; K too unless K is shared). Over the whole projection (OLMo 2):
+    `ProjectionRMSNorm` over all heads, or with soft MoA over each expert's heads (shared K: all)."""
+    if not config.qk_layernorm:
+        return None, None
+    moa, expert_kv = config.uses_soft_moa, config.attention_kv_mode == "expert"
+    if config.qk_layernorm_scope == "projection":
+        heads = tuple(head_to_expert(config).tolist()) if moa else (0,) * config.num_attention_heads
+        groups = tuple(kv_group_to_expert(config).tolist()) if moa and expert_kv else (0,) * config.attention_kv_groups
+        return tuple(ModuleSpec(module=ProjectionRMSNorm, params={"head_group": g}) for g in (heads, groups))
+    if not moa:
+        return norm, norm
+    q_norm = ModuleSpec(module=ExpertHeadNorm, params={"head_expert": tuple(head_to_expert(config).tolist())})
+    k_norm = norm
+    if expert_kv:
+        k_norm = ModuleSpec(module=ExpertHeadNorm, params={"head_expert": tuple(kv_group_to_expert(config).tolist())})
+    return q_norm, k_norm
 
 
 def sequential_norm_keys(dense_ffn: bool) -> dict[str, str]:

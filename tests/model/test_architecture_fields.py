@@ -41,6 +41,11 @@ CONFIG_ROWS = {
     "norm_epsilon": (BASE.replace(norm_epsilon=1e-6), {"layernorm_epsilon": 1e-6}),
     "add_qkv_bias": (BASE.replace(add_qkv_bias=True), {"add_qkv_bias": True}),
     "qk_layernorm": (BASE.replace(qk_layernorm=True), {"qk_layernorm": True}),
+    "qk_layernorm_scope": (
+        BASE.replace(qk_layernorm=True, qk_layernorm_scope="projection"),
+        {"qk_layernorm_scope": "projection"},
+    ),
+    "norm_placement": (BASE.replace(block_type="sequential", norm_placement="post"), {"norm_placement": "post"}),
     "rope_scaling_factor": (BASE.replace(rope_scaling_factor=8.0), {"rope_scaling_factor": 8.0}),
     "moe_router_pre_softmax": (
         BASE.replace(moe_router_topk=2, moe_router_pre_softmax=False),
@@ -69,7 +74,8 @@ def test_every_field_but_the_vocabulary_is_a_flag():
 def test_the_field_reaches_the_transformer_config(field):
     changed, expected = CONFIG_ROWS[field]
     changes = {name for name, _, _ in BASE.differences(changed)}
-    assert field in changes and changes <= {field, "moe_router_topk"}  # renormalising needs top-k > 1
+    # what a value needs: renormalising top-k > 1, post-norms the sequential block, a Q/K norm scope Q/K norms
+    assert field in changes and changes <= {field, "moe_router_topk", "block_type", "qk_layernorm"}
     before, after = BASE.model_config(), changed.model_config()
     for attribute, value in expected.items():
         assert getattr(after, attribute) == value, attribute
@@ -109,3 +115,18 @@ def test_vocabulary_and_embedding_tying_reach_the_model():
     assert tied.embedding.word_embeddings.weight.shape[0] == 640
     assert not untied.share_embeddings_and_output_weights and tied.share_embeddings_and_output_weights
     assert untied.output_layer.weight is not None and tied.output_layer.weight is None
+
+
+@pytest.mark.parametrize(
+    "changes, flag",
+    [
+        ({"norm_placement": "post"}, "--norm-placement post needs --block-type sequential"),
+        ({"qk_layernorm_scope": "projection"}, "--qk-layernorm-scope projection needs --qk-layernorm"),
+        ({"norm_placement": "after"}, "--norm-placement must be one of"),
+    ],
+)
+def test_norm_settings_that_do_not_fit_are_refused(changes, flag):
+    from bam_megatron.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=flag):
+        BASE.replace(**changes)

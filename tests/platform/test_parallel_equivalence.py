@@ -67,6 +67,8 @@ BAM_LAYOUTS = [
 TP2, TP2_SP = ParallelSizes(tensor=2), ParallelSizes(tensor=2, sequence_parallel=True)
 SEQUENTIAL = {"block_type": "sequential"}
 QWEN = {"block_type": "sequential", "qk_layernorm": True, "add_qkv_bias": True, "kv_channels": 24}
+# OLMo 2: norms after attention and FFN, Q/K RMSNorm over the whole projection (all TP ranks' heads)
+OLMO2 = {"block_type": "sequential", "norm_placement": "post", "qk_layernorm": True, "qk_layernorm_scope": "projection"}
 FULL_RECOMPUTE = {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
 
 CASES = [
@@ -91,6 +93,9 @@ CASES = [
     ("dense", TP2_SP, QWEN),
     ("btx", ParallelSizes(expert=2), QWEN),
     ("btx", TP2_SP, QWEN),
+    ("dense", TP2, OLMO2),
+    ("btx", TP2_SP, OLMO2),
+    ("bam", TP2_SP, OLMO2),
     # megatron-core's own GPT layer (the foundation): the megatron_core tier
     *[
         pytest.param(model, sizes, {}, marks=pytest.mark.megatron_core)
