@@ -107,12 +107,13 @@ class ProjectionRMSNorm(torch.nn.Module):
             raise ValueError(f"normalization={config.normalization!r}: ProjectionRMSNorm is an RMSNorm")
         from bam_megatron.model.soft_moa import on_this_rank
 
-        groups = torch.tensor(head_group)
+        # Plain Python for the layout: the model may be built on the meta device.
+        sizes = [head_group.count(g) * hidden_size for g in range(max(head_group) + 1)]
         self.eps = eps
         self.weight = torch.nn.Parameter(torch.ones(len(head_group) * hidden_size))
         self.register_buffer("heads", on_this_rank(torch.arange(len(head_group))), persistent=False)
-        self.register_buffer("group", on_this_rank(groups), persistent=False)
-        self.register_buffer("size", torch.bincount(groups).double() * hidden_size, persistent=False)
+        self.register_buffer("group", on_this_rank(torch.tensor(head_group)), persistent=False)
+        self.register_buffer("size", torch.tensor(sizes, dtype=torch.float32), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[s, b, heads, d] -> each group of heads divided by its root mean square, times the weight."""
@@ -124,6 +125,6 @@ class ProjectionRMSNorm(torch.nn.Module):
             from torch.distributed.nn.functional import all_reduce
 
             sums = all_reduce(sums, group=parallel_state.get_tensor_model_parallel_group())
-        scale = torch.rsqrt(sums / self.size.to(sums.dtype) + self.eps)[..., self.group]
+        scale = torch.rsqrt(sums / self.size + self.eps)[..., self.group]
         weight = self.weight.view(-1, x.shape[-1])[self.heads]
         return (x.float() * scale.unsqueeze(-1)).to(x.dtype) * weight

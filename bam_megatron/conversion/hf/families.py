@@ -1,11 +1,11 @@
 """Which Hugging Face families ``bam-convert-hf import`` reads, and why it refuses some others.
 
 Read: Cohere (parallel block, ``cohere.CohereImporter``), the Llama family, Llama, Mistral, Qwen2
-and Qwen3 (sequential block, ``llama``), Phi-3 and Phi-4 (``phi3``), the mixtures Qwen2-MoE,
+and Qwen3 (sequential block, ``llama``), Phi-3 and Phi-4 (``phi3``), OLMo 2 (``olmo2``), the mixtures Qwen2-MoE,
 Qwen3-MoE and Mixtral (BTX seeds, ``moe``), and bam-convert-hf's own remote-code exports (every
 variant, ``remote_import``).
 Refused by name, with the reason: families whose forward pass megatron-core's GPT cannot compute
-exactly here (Gemma 1/2/3, OLMo-2/3). Anything else: one line naming its ``model_type`` and
+exactly here (Gemma 1/2/3, OLMo 3). Anything else: one line naming its ``model_type`` and
 ``architectures``.
 """
 
@@ -18,6 +18,7 @@ from bam_megatron.conversion.hf.errors import ConversionError
 from bam_megatron.conversion.hf.importer import Importer
 from bam_megatron.conversion.hf.llama import LlamaImporter, MistralImporter, Qwen2Importer, Qwen3Importer
 from bam_megatron.conversion.hf.moe import MixtralImporter, Qwen2MoeImporter, Qwen3MoeImporter
+from bam_megatron.conversion.hf.olmo2 import Olmo2Importer
 from bam_megatron.conversion.hf.phi3 import Phi3Importer
 from bam_megatron.conversion.hf.remote_import import BamImporter
 
@@ -30,6 +31,7 @@ IMPORTERS: dict[str, type[Importer]] = {
         Qwen2Importer,
         Qwen3Importer,
         Phi3Importer,
+        Olmo2Importer,
         Qwen2MoeImporter,
         Qwen3MoeImporter,
         MixtralImporter,
@@ -50,10 +52,8 @@ REFUSED: dict[str, str] = {
     "(1 + weight) q/k norms, alternating sliding-window layers with their own RoPE base",
     "gemma3_text": f"megatron-core cannot compute Gemma 3 exactly here: {_GEMMA}, plus norms after attention and "
     "MLP, (1 + weight) q/k norms, alternating sliding-window layers with their own RoPE base",
-    "olmo2": "megatron-core cannot compute OLMo-2 exactly here: its norms come after attention and MLP (not before), "
-    "and its q/k RMSNorm normalises the whole projection (all heads together), not each head",
-    "olmo3": "megatron-core cannot compute OLMo-3 exactly here: its norms come after attention and MLP (not before), "
-    "its q/k RMSNorm normalises the whole projection (all heads together), and it has sliding-window layers",
+    "olmo3": "megatron-core cannot compute OLMo-3 exactly here: its sliding-window layers (OLMo 2, model_type "
+    "olmo2, is read)",
 }
 """model_type -> why it is refused (one line)."""
 

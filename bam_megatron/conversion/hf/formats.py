@@ -13,6 +13,8 @@ the experts into ``gate_up_proj`` itself when it loads them).
 - ``qwen3``: ``Qwen3ForCausalLM``: as Llama with per-head q/k RMSNorms (no biases);
 - ``phi3``: ``Phi3ForCausalLM`` (Phi-3, Phi-4): as Llama without biases, fused ``qkv_proj`` and
   ``gate_up_proj``, plain RoPE; ``--format auto`` takes it for seeds imported from Phi-3 only;
+- ``olmo2``: ``Olmo2ForCausalLM``: as Llama with its norms after attention and MLP and q/k
+  RMSNorms over the whole projection (`olmo2`);
 - ``cohere``: ``CohereForCausalLM``: dense, parallel, bias-free LayerNorm (`cohere`);
 - ``qwen2_moe``: ``Qwen2MoeForCausalLM``: BTX, sequential; softmax then top-k (``norm_topk_prob``
   false) or renormalised (true); no shared expert;
@@ -22,7 +24,7 @@ the experts into ``gate_up_proj`` itself when it loads them).
 
 All of them: RoPE (rotate-half, plain or Llama-3 scaling; Phi-3 plain), GQA, any head size, tied
 or untied embeddings, no sliding window. Each native class is defined with its family (its table,
-read both ways: `bridge`), in `llama`, `cohere`, `moe` and `phi3`.
+read both ways: `bridge`), in `llama`, `cohere`, `moe`, `phi3` and `olmo2`.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from bam_megatron.conversion.hf.bam_format import BamTarget
 from bam_megatron.conversion.hf.cohere import CohereTarget
 from bam_megatron.conversion.hf.llama import LlamaTarget, MistralTarget, Qwen2Target, Qwen3Target
 from bam_megatron.conversion.hf.moe import MixtralTarget, Qwen2MoeTarget, Qwen3MoeTarget
+from bam_megatron.conversion.hf.olmo2 import Olmo2Target
 from bam_megatron.conversion.hf.phi3 import Phi3Target
 from bam_megatron.conversion.hf.target import Target
 from bam_megatron.model.architecture import Architecture
@@ -45,6 +48,7 @@ TARGETS: dict[str, Target] = {
         Qwen2Target(),
         Qwen3Target(),
         Phi3Target(),
+        Olmo2Target(),
         Qwen2MoeTarget(),
         Qwen3MoeTarget(),
         MixtralTarget(),
@@ -66,6 +70,8 @@ def preferences(a: Architecture, imported_model_type: Optional[str] = None) -> l
         order.append(family.name)
     if a.has_soft_moa:
         pass
+    elif a.norm_placement == "post" or a.qk_layernorm_scope == "projection":
+        order += [] if a.is_moe else ["olmo2"]
     elif a.block_type == "parallel":
         order += [] if a.is_moe else ["cohere"]
     elif a.is_moe:

@@ -70,6 +70,8 @@ class LlamaTarget(TableTarget):
     # "with_output" (Llama's attention_bias: q/k/v biases and an o_proj bias, written as zeros)
     qkv_bias = "with_output"
     qk_norm = False
+    norm_placement = "pre"  # Llama's norms come before attention and MLP (OLMo 2's after: `olmo2`)
+    qk_norm_scope = "head"  # with qk_norm: Qwen3's per head (OLMo 2's over the whole projection)
 
     def why_not(self, a: Architecture, config) -> Optional[str]:
         """The sequential block with RMSNorm, and this family's bias and q/k-norm settings."""
@@ -90,12 +92,17 @@ class LlamaTarget(TableTarget):
             )
         if a.normalization != "RMSNorm":
             return f"normalization={a.normalization}: {cls}'s norms are RMSNorm (export with --format bam: remote code)"
-        if a.add_qkv_bias and self.qkv_bias == "never":
-            return f"add_qkv_bias=True: {cls} has no q/k/v biases (export with --format llama or qwen2_moe)"
-        if a.qk_layernorm != self.qk_norm:
-            if a.qk_layernorm:
-                return f"qk_layernorm=True: {cls} has no q/k norms (export with --format qwen3 or qwen3_moe)"
-            return f"qk_layernorm=False: {cls} always normalises q and k per head (export with --format llama or qwen2)"
+        if a.norm_placement != self.norm_placement:
+            where = {"pre": "before", "post": "after"}[self.norm_placement]
+            hint = "--format olmo2" if a.norm_placement == "post" and not a.is_moe else "--format bam: remote code"
+            return (
+                f"norm_placement={a.norm_placement}: {cls}'s norms come {where} attention and MLP (export with {hint})"
+            )
+        if a.qk_layernorm and a.qk_layernorm_scope != self.qk_norm_scope:
+            return (
+                f"qk_layernorm_scope={a.qk_layernorm_scope}: {cls}'s q/k norms are over each {self.qk_norm_scope} "
+                "(export with --format bam: remote code)"
+            )
         return common_checks(config)
 
     def family_config(self, a: Architecture) -> dict[str, Any]:

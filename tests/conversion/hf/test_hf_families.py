@@ -1,6 +1,6 @@
 """Every native Hugging Face family's table, both ways (bam_megatron/conversion/hf/bridge.py).
 
-Each family (Llama, Mistral, Qwen2, Qwen3, Phi-3, Cohere, Qwen2-MoE, Qwen3-MoE, Mixtral) has one
+Each family (Llama, Mistral, Qwen2, Qwen3, Phi-3, OLMo 2, Cohere, Qwen2-MoE, Qwen3-MoE, Mixtral) has one
 table that drives its import and its export. Checked here for every family: importing what the
 table exports gives back every parameter bit for bit (no files: the table alone, with its
 settings that only an import sees, such as Cohere's logit scale); and through the command line,
@@ -29,6 +29,8 @@ FAMILIES: dict[str, tuple[dict, dict]] = {
     "qwen2": (DENSE, {}),
     "qwen3": (dict(DENSE, qk_layernorm=True, kv_channels=24), {}),
     "phi3": (dict(DENSE, kv_channels=24, untie_embeddings_and_output_weights=False), {}),
+    # norms after attention and MLP; q/k norms over the whole projection (GQA: K's is smaller)
+    "olmo2": (dict(DENSE, norm_placement="post", qk_layernorm=True, qk_layernorm_scope="projection"), {}),
     # Command R's logit scale, folded into the final norm on import
     "cohere": (dict(variant="dense", normalization="LayerNorm"), {"logit_scale": 0.0625}),
     "qwen2_moe": (dict(variant="btx", block_type="sequential", add_qkv_bias=True, **MOE), {}),
@@ -103,6 +105,8 @@ def test_the_tables_use_each_class_s_own_tensor_names(tables):
     assert "model.layers.1.mlp.shared_expert_gate.weight" in names["qwen2_moe"]
     assert "model.layers.1.mlp.experts.2.down_proj.weight" in names["qwen3_moe"]
     assert "model.layers.1.self_attn.k_norm.weight" in names["qwen3"]
+    assert "model.layers.1.post_feedforward_layernorm.weight" in names["olmo2"]
+    assert not any("input_layernorm" in n for n in names["olmo2"])
 
 
 def _export_import_export(root: str, families: list[str]) -> dict:

@@ -202,8 +202,8 @@ def test_refused_configurations_are_one_line_and_leave_no_output(families, tmp_p
         (_write_config(tmp_path / "gemma2", model_type="gemma2", architectures=["Gemma2ForCausalLM"]), "GeGLU"),
         (_write_config(tmp_path / "gemma3", model_type="gemma3_text", architectures=["Gemma3ForCausalLM"]), "sqrt"),
         (
-            _write_config(tmp_path / "olmo2", model_type="olmo2", architectures=["Olmo2ForCausalLM"]),
-            "norms come after attention and MLP",
+            _write_config(tmp_path / "olmo3", model_type="olmo3", architectures=["Olmo3ForCausalLM"]),
+            "its sliding-window layers",
         ),
         (_write_config(tmp_path / "gpt2", model_type="gpt2", architectures=["GPT2LMHeadModel"]), "model_type=gpt2"),
     ]
@@ -262,7 +262,7 @@ def test_defaults_are_transformers_defaults():
 
     assert importer.TOP == layerwise.TOP
     sizes = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=3, num_attention_heads=32, vocab_size=1000)
-    for model_type in ("llama", "mistral", "qwen2", "qwen3"):
+    for model_type in ("llama", "mistral", "qwen2", "qwen3", "olmo2"):
         cls = families.IMPORTERS[model_type]
         family = cls.architecture_class[: -len("ForCausalLM")]
         theirs = getattr(transformers, f"{family}Config")(**sizes)
@@ -275,7 +275,7 @@ def test_defaults_are_transformers_defaults():
         assert ours.default_seq_length() == theirs.max_position_embeddings, model_type
         if model_type == "mistral":
             assert ours.get("sliding_window") == theirs.sliding_window
-        elif model_type != "llama":
+        elif model_type not in ("llama", "olmo2"):
             assert not ours.get("use_sliding_window") and ours.get("max_window_layers") == theirs.max_window_layers
             assert set(theirs.layer_types) == {"full_attention"}
 
