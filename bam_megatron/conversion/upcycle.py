@@ -491,7 +491,9 @@ class _Mixer:
         if "linear_qkv.bias" in attention:  # Qwen2's QKV biases: a bias is a QKV weight of one column
             biases = [b.unsqueeze(-1) for b in attention.pop("linear_qkv.bias")]
             mixed["linear_qkv.bias"] = soft_moa_qkv(biases, self.config, shared_kv(biases)).squeeze(-1)
-        if "q_layernorm.weight" in attention:  # Qwen3's per-head Q/K norms: one row per expert
+        if "post_layernorm.weight" in attention:  # OLMo 2's norm after the attention: one, after the mixture
+            mixed["post_layernorm.weight"] = torch.stack(attention.pop("post_layernorm.weight")).mean(0)
+        if "q_layernorm.weight" in attention:  # Q/K norms: each expert's (Qwen3's per head, OLMo 2's projection)
             k_norms = attention.pop("k_layernorm.weight")
             mixed["q_layernorm.weight"], mixed["k_layernorm.weight"] = soft_moa_qk_norms(
                 attention.pop("q_layernorm.weight"), k_norms, self.config, None if chosen is None else k_norms[chosen]

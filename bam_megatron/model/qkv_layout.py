@@ -60,9 +60,18 @@ def soft_moa_qkv(
 def soft_moa_qk_norms(
     q_norms: Sequence[torch.Tensor], k_norms: Sequence[torch.Tensor], config: BAMConfig, shared_k=None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """N dense attentions' per-head Q and K norm weights [d] -> the soft MoA's (`ExpertHeadNorm`):
-    Q [N, d], one row per expert; K [N, d] (expert KV) or one [d] (shared KV: ``shared_k``, by
-    default the experts' average, as the shared K projection)."""
+    """N dense attentions' Q and K norm weights -> the soft MoA's. Per head (Qwen3: [d] each,
+    `ExpertHeadNorm`): Q [N, d], one row per expert; K [N, d] (expert KV) or one [d]. Over the
+    projection (OLMo 2: [H·d] and [H_kv·d], `ProjectionRMSNorm`): Q [N·H·d] in the wide attention's
+    head order; K [N·H_kv·d], expert-major (expert KV), or one [H_kv·d]. Shared KV: ``shared_k``,
+    by default the experts' average, as the shared K projection."""
+    if config.qk_layernorm_scope == "projection":
+        sources = wide_head_sources(config)
+        qs = torch.stack([q.view(config.num_attention_heads, -1) for q in q_norms])  # [N, H, d]
+        q = qs[sources[:, 0], sources[:, 1]].reshape(-1)
+        if config.attention_kv_mode == "shared":
+            return q, shared_k if shared_k is not None else torch.stack(list(k_norms)).mean(0)
+        return q, torch.cat(list(k_norms))
     q, k = torch.stack(list(q_norms)), torch.stack(list(k_norms))
     if config.attention_kv_mode == "shared":
         k = shared_k if shared_k is not None else k.mean(0)

@@ -46,7 +46,8 @@ class BamTarget(Target):
     Tensor names follow transformers' conventions. The soft mixture of attention is stored as the
     one wide attention bam-megatron computes (``q_proj`` holds all N·H query heads in megatron-core's
     order, ``k_proj``/``v_proj`` its K/V heads and their biases, ``q_norm``/``k_norm`` each expert's
-    per-head norm as a row of [N, head_dim] (shared K/V: one ``k_norm``), ``router`` the attention
+    per-head norm as a row of [N, head_dim] (shared K/V: one ``k_norm``; over the projection: as our
+    ``q_layernorm``/``k_layernorm``, one entry per channel of the wide Q / K), ``router`` the attention
     router); FFN experts are ``mlp.experts.{e}.{gate,up,down}_proj`` with ``mlp.router``.
     """
 
@@ -84,6 +85,8 @@ class BamTarget(Target):
             "attention_router_topk": config.attention_router_topk,
             "qkv_bias": a.add_qkv_bias,
             "qk_norm": a.qk_layernorm,
+            "qk_norm_scope": a.qk_layernorm_scope,
+            "norm_placement": a.norm_placement,
             "num_experts": experts,
             "num_experts_per_tok": a.moe_router_topk if experts else 1,
             "moe_router_pre_softmax": bool(a.moe_router_pre_softmax),
@@ -109,8 +112,8 @@ class BamTarget(Target):
         n = config.num_attention_experts
         wide_heads, kv_heads = n * config.num_attention_heads, config.attention_kv_groups
         q, k, v = split_qkv(p[ours + "self_attention.linear_qkv.weight"], wide_heads, kv_heads)
-        out = {
-            theirs + "input_layernorm.weight": p[ours + "input_layernorm.weight"],
+        out = {theirs + name: p[ours + mine] for name, mine in layer_norms(a)}
+        out |= {
             theirs + "self_attn.q_proj.weight": q.reshape(-1, q.shape[-1]),
             theirs + "self_attn.k_proj.weight": k.reshape(-1, k.shape[-1]),
             theirs + "self_attn.v_proj.weight": v.reshape(-1, v.shape[-1]),
@@ -126,8 +129,6 @@ class BamTarget(Target):
             out[theirs + "self_attn.router.weight"] = p[ours + "self_attention.router.weight"]
             if a.router_bias:
                 out[theirs + "self_attn.router.bias"] = p[ours + "self_attention.router.bias"]
-        if a.block_type == "sequential":
-            out[theirs + "post_attention_layernorm.weight"] = p[ours + "pre_mlp_layernorm.weight"]
         if config.num_moe_experts:
             out[theirs + "mlp.router.weight"] = p[ours + "mlp.router.weight"]
             if a.router_bias:
@@ -143,6 +144,20 @@ class BamTarget(Target):
     def copy_files(self, directory: str) -> None:
         """configuration_bam.py and modeling_bam.py next to the weights."""
         copy_model_code(directory)
+
+
+def layer_norms(a: Architecture) -> list[tuple[str, str]]:
+    """A layer's norms, (the remote code's name, ours), after ``model.layers.N.`` / ``decoder.layers.N.``:
+    the pre-norm(s), or with ``norm_placement`` post the norms after attention and FFN (OLMo 2's names)."""
+    if a.norm_placement == "post":
+        return [
+            ("post_attention_layernorm.weight", "self_attention.post_layernorm.weight"),
+            ("post_feedforward_layernorm.weight", "mlp.post_layernorm.weight"),
+        ]
+    norms = [("input_layernorm.weight", "input_layernorm.weight")]
+    if a.block_type == "sequential":
+        norms.append(("post_attention_layernorm.weight", "pre_mlp_layernorm.weight"))
+    return norms
 
 
 def to_bam(

@@ -40,9 +40,8 @@ def embedding_shapes(vocab: int, hidden: int, untied: bool) -> dict[str, tuple[i
 
 
 def attention_shapes(layer: str, hidden: int, q: int, kv: int) -> dict[str, tuple[int, ...]]:
-    """A layer's input norm and Q/K/V/O projections (``layer`` is ``model.layers.N.``)."""
+    """A layer's Q/K/V/O projections (``layer`` is ``model.layers.N.``)."""
     return {
-        layer + "input_layernorm.weight": (hidden,),
         layer + "self_attn.q_proj.weight": (q, hidden),
         layer + "self_attn.k_proj.weight": (kv, hidden),
         layer + "self_attn.v_proj.weight": (kv, hidden),

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from bam_megatron.conversion.hf.bam_format import layer_norms
 from bam_megatron.conversion.hf.errors import ConversionError
 from bam_megatron.conversion.hf.hf_files import SafetensorsWeights
 from bam_megatron.conversion.hf.importer import (
@@ -49,6 +50,8 @@ class BamImporter(Importer):
         "attention_router_topk": None,
         "qkv_bias": False,
         "qk_norm": False,
+        "qk_norm_scope": "head",
+        "norm_placement": "pre",
         "num_experts": 0,
         "num_experts_per_tok": 1,
         "moe_router_pre_softmax": True,
@@ -104,6 +107,8 @@ class BamImporter(Importer):
                 norm_epsilon=float(self.get("norm_eps")),
                 add_qkv_bias=bool(self.get("qkv_bias")),
                 qk_layernorm=bool(self.get("qk_norm")),
+                qk_layernorm_scope=self.get("qk_norm_scope"),
+                norm_placement=self.get("norm_placement"),
                 rope_scaling_factor=self.get("rope_scaling_factor"),
                 moe_router_pre_softmax=bool(self.get("moe_router_pre_softmax")),
                 moe_router_topk_scaling_factor=self.get("moe_router_topk_scaling_factor"),
@@ -138,7 +143,9 @@ class BamImporter(Importer):
             if a.add_qkv_bias:
                 shapes.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,)})
                 shapes[p + "self_attn.v_proj.bias"] = (kv,)
-            if a.qk_layernorm:  # soft MoA: a row per expert (shared K/V: one K norm)
+            if a.qk_layernorm and a.qk_layernorm_scope == "projection":  # every channel of the wide Q / K
+                shapes[p + "self_attn.q_norm.weight"], shapes[p + "self_attn.k_norm.weight"] = (q,), (kv,)
+            elif a.qk_layernorm:  # soft MoA: a row per expert (shared K/V: one K norm)
                 rows = (self.experts,) if self.experts > 1 else ()
                 shapes[p + "self_attn.q_norm.weight"] = (*rows, self.head_dim)
                 shared = _KV_MODE.get(a.variant) == "shared"
@@ -147,8 +154,7 @@ class BamImporter(Importer):
                 shapes[p + "self_attn.router.weight"] = (self.experts, hidden)
                 if a.router_bias:
                     shapes[p + "self_attn.router.bias"] = (self.experts,)
-            if a.block_type == "sequential":
-                shapes[p + "post_attention_layernorm.weight"] = (hidden,)
+            shapes.update({p + name: (hidden,) for name, _ in layer_norms(a)})
             mlps = [f"{p}mlp.experts.{e}." for e in range(a.num_experts or 0)] or [p + "mlp."]
             if a.num_experts:
                 shapes[p + "mlp.router.weight"] = (a.num_experts, hidden)
@@ -194,9 +200,8 @@ class BamImporter(Importer):
             params[attention + "router.weight"].copy_(read(theirs + "self_attn.router.weight"))
             if a.router_bias:
                 params[attention + "router.bias"].copy_(read(theirs + "self_attn.router.bias"))
-        params[ours + "input_layernorm.weight"].copy_(read(theirs + "input_layernorm.weight"))
-        if a.block_type == "sequential":
-            params[ours + "pre_mlp_layernorm.weight"].copy_(read(theirs + "post_attention_layernorm.weight"))
+        for name, mine in layer_norms(a):
+            params[ours + mine].copy_(read(theirs + name))
         if a.num_experts:
             params[ours + "mlp.router.weight"].copy_(read(theirs + "mlp.router.weight"))
             if a.router_bias:

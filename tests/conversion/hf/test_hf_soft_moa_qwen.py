@@ -1,7 +1,9 @@
 """Remote-code export of a BAM upcycled from Qwen-style sources: each attention expert's own QKV biases
 (Qwen2) or per-head Q/K norms (Qwen3, a row per expert) reach transformers, whose logits and KV-cached
 generation are ours; the export imports back to the same checkpoint, and bam-generate's KV-cached
-decoding (megatron-core's static cache) gives its uncached tokens."""
+decoding (megatron-core's static cache) gives its uncached tokens. The same for OLMo 2-style sources
+(norms after attention and FFN, each expert's Q/K norms over its whole projection), BTX included
+(no MoE class has OLMo 2's norms: remote code)."""
 
 from __future__ import annotations
 
@@ -14,7 +16,13 @@ import torch
 from bam_megatron.testing.distributed import run_distributed
 from tests.support.hf import RTOL, TOKENS, VOCAB
 
-QWEN = {"qwen3": dict(qk_layernorm=True, kv_channels=24), "qwen2": dict(add_qkv_bias=True)}
+QWEN = {
+    "qwen3": dict(qk_layernorm=True, kv_channels=24),
+    "qwen2": dict(add_qkv_bias=True),
+    "olmo2": dict(norm_placement="post", qk_layernorm=True, qk_layernorm_scope="projection"),
+}
+CASES = [(kind, method) for kind in ("qwen3", "qwen2") for method in ("bam", "bam-shared-kv")]
+CASES += [("olmo2", method) for method in ("bam", "bam-shared-kv", "btx")]
 NEW = 8
 
 
@@ -65,13 +73,17 @@ def _upcycle_export_import(root: str, kind: str, method: str) -> dict:
     }
 
 
-@pytest.mark.parametrize("method", ["bam", "bam-shared-kv"])
-@pytest.mark.parametrize("kind", list(QWEN))
+@pytest.mark.parametrize("kind, method", CASES, ids=[f"{k}-{m}" for k, m in CASES])
 def test_qwen_sourced_bam_exports_computes_transformers_logits_imports_back_and_decodes(tmp_path, kind, method):
     (r,) = run_distributed(_upcycle_export_import, 1, args=(str(tmp_path), kind, method))
     assert r["class"] == ["BamForCausalLM"] and not r["problems"], r
     shapes, n, kv = r["shapes"], 2, 2 if method == "bam" else 1  # two experts; K/V heads' owners
-    if kind == "qwen3":  # each expert's Q norm a row; K norm too unless K/V is shared
+    if method == "btx":  # one attention
+        n = kv = 1
+    if kind == "olmo2":  # every channel of the wide Q and K: N·H·d, N·H_kv·d (expert) or H_kv·d (shared)
+        assert shapes["model.layers.0.self_attn.q_norm.weight"] == (n * 4 * 16,), shapes
+        assert shapes["model.layers.0.self_attn.k_norm.weight"] == (kv * 2 * 16,), shapes
+    elif kind == "qwen3":  # each expert's Q norm a row; K norm too unless K/V is shared
         assert shapes["model.layers.0.self_attn.q_norm.weight"] == (n, 24), shapes
         assert shapes["model.layers.0.self_attn.k_norm.weight"] == ((n, 24) if kv == n else (24,)), shapes
     else:  # the wide attention's biases: N·H query heads, N·H_kv (expert) or H_kv (shared) K/V heads of 16

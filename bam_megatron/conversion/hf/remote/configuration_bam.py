@@ -8,13 +8,16 @@ One class describes every variant bam-megatron trains, with either block:
 - ``bam``: soft mixture of ``num_attention_experts`` attentions (expert K/V) + FFN experts;
 - ``bam-shared-kv``: as ``bam`` with one K/V shared by all attention experts;
 - ``block_type``: ``parallel`` (y = x + Attn(Norm x) + FFN(Norm x)) or ``sequential``
-  (x' = x + Attn(Norm1 x); y = x' + FFN(Norm2 x')).
+  (x' = x + Attn(Norm1 x); y = x' + FFN(Norm2 x')); ``norm_placement`` ``post`` (sequential only,
+  OLMo 2's): x' = x + Norm1(Attn x); y = x' + Norm2(FFN x').
 """
 
 from transformers import PretrainedConfig
 
 VARIANTS = ("dense", "btx", "bam", "bam-shared-kv")
 BLOCK_TYPES = ("parallel", "sequential")
+NORM_PLACEMENTS = ("pre", "post")
+QK_NORM_SCOPES = ("head", "projection")
 
 
 class BamConfig(PretrainedConfig):
@@ -28,8 +31,10 @@ class BamConfig(PretrainedConfig):
     ``attention_heads_per_expert`` (H) and ``key_value_heads_per_expert`` (H_kv). A config without
     them (written before they existed, or built by hand) gives per-expert counts in
     ``num_attention_heads`` / ``num_key_value_heads``; they are widened here.
-    ``qkv_bias``: biases on q/k/v (Qwen2's); ``qk_norm``: a per-head norm of q
-    and k before RoPE (Qwen3's). ``rope_scaling_factor``: Llama-3's RoPE scaling as megatron-core
+    ``qkv_bias``: biases on q/k/v (Qwen2's); ``qk_norm``: a norm of q
+    and k before RoPE, per head (Qwen3's) or, ``qk_norm_scope`` ``projection``, over each expert's
+    whole projection (OLMo 2's). ``norm_placement``: ``pre`` or ``post`` (the sequential block's
+    norms after attention and FFN, OLMo 2's). ``rope_scaling_factor``: Llama-3's RoPE scaling as megatron-core
     computes it (low/high frequency factors 1 and 4, original context 8192).
     ``moe_router_topk_scaling_factor`` multiplies the FFN routing weights. ``router_bias``: both
     routers add a per-expert bias; ``router_expert_groups``: sizes of the groups of experts whose
@@ -58,6 +63,8 @@ class BamConfig(PretrainedConfig):
         attention_router_topk=None,
         qkv_bias=False,
         qk_norm=False,
+        qk_norm_scope="head",
+        norm_placement="pre",
         num_experts=0,
         num_experts_per_tok=1,
         moe_router_pre_softmax=True,
@@ -79,6 +86,10 @@ class BamConfig(PretrainedConfig):
             raise ValueError(f"block_type must be one of {BLOCK_TYPES}, got {block_type!r}")
         if normalization not in ("RMSNorm", "LayerNorm"):
             raise ValueError(f"normalization must be RMSNorm or LayerNorm, got {normalization!r}")
+        if norm_placement not in NORM_PLACEMENTS or (norm_placement == "post" and block_type != "sequential"):
+            raise ValueError(f"norm_placement must be one of {NORM_PLACEMENTS} ('post': sequential block only)")
+        if qk_norm_scope not in QK_NORM_SCOPES:
+            raise ValueError(f"qk_norm_scope must be one of {QK_NORM_SCOPES}, got {qk_norm_scope!r}")
         if attention_kv_mode not in ("expert", "shared"):
             raise ValueError(f"attention_kv_mode must be 'expert' or 'shared', got {attention_kv_mode!r}")
         self.variant = variant
@@ -104,6 +115,8 @@ class BamConfig(PretrainedConfig):
         self.attention_router_topk = attention_router_topk
         self.qkv_bias = qkv_bias
         self.qk_norm = qk_norm
+        self.qk_norm_scope = qk_norm_scope
+        self.norm_placement = norm_placement
         self.num_experts = num_experts
         self.num_experts_per_tok = num_experts_per_tok
         self.moe_router_pre_softmax = moe_router_pre_softmax

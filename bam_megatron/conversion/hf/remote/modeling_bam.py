@@ -5,6 +5,7 @@ numerically the forward pass bam-megatron trains (megatron-core GPTModel with th
 
     y = x + Attn(Norm(x)) + FFN(Norm(x))           parallel block: one shared pre-norm
     x' = x + Attn(Norm1(x)); y = x' + FFN(Norm2(x'))   sequential block (megatron-core's TransformerLayer)
+    x' = x + Norm1(Attn(x)); y = x' + Norm2(FFN(x'))   sequential, norm_placement post (OLMo 2's)
 
     Attn(x̂) = Σ_j g_j(x̂) · O_j · MHA_j(x̂)          soft mixture of attention, g = softmax(W_r x̂ [+ b_r])
             = O · concat_heads(g_expert(head) · head(x̂))   one attention with N·H heads
@@ -18,7 +19,8 @@ router, the logits' dtype for the FFN router, as bam-megatron); ``router_expert_
 mixture's) computes the router GEMM per group of experts, as bam-megatron does, so the old experts'
 logits keep their bits. Norms are RMSNorm or bias-free LayerNorm. RoPE is megatron-core's (non-interleaved halves, base
 ``rope_theta``, optionally Llama-3's frequency scaling); attention is causal with scale
-1/sqrt(head_dim); optional q/k/v biases and per-head q/k norms (before RoPE), no other biases. A
+1/sqrt(head_dim); optional q/k/v biases and q/k norms (before RoPE; per head, or over each expert's
+whole projection: ``qk_norm_scope``), no other biases. A
 dense model is N = 1 attention expert and no FFN experts.
 
 Serving: the wide attention is one call through transformers' attention interface
@@ -72,6 +74,25 @@ class BamExpertHeadNorm(nn.Module):
         x = F.rms_norm(x, (d,), eps=self.eps) if self.rms else F.layer_norm(x, (d,), eps=self.eps)
         (a, c), n = self.grid, self.weight.shape[0]
         return (x.view(b, a, n, c, t, d) * self.weight.view(1, 1, n, 1, 1, d)).view(b, -1, t, d)
+
+
+class BamProjectionNorm(nn.Module):
+    """RMSNorm over each attention expert's whole Q (or K) projection, all its heads together (OLMo 2's
+    q_norm / k_norm; bam-megatron's ``qk_layernorm_scope: projection``): ``weight`` [heads · head_dim]
+    in the wide attention's head order; the heads of x [b, t, heads · d] form an [A, N, C] grid,
+    row-major (see ``BamAttention.head_grid``), N the experts normalised apart."""
+
+    def __init__(self, config: BamConfig, grid: tuple[int, int, int]) -> None:
+        super().__init__()
+        self.grid, self.eps = grid, config.norm_eps
+        self.weight = nn.Parameter(torch.ones(math.prod(grid) * config.head_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        a, n, c = self.grid
+        y = x.float().view(b, t, a, n, c, -1)
+        y = y * torch.rsqrt(y.pow(2).mean(dim=(2, 4, 5), keepdim=True) + self.eps)
+        return y.view(b, t, -1).to(x.dtype) * self.weight
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -260,7 +281,11 @@ class BamAttention(nn.Module):
         self.v_proj = nn.Linear(h, self.num_kv_heads * d, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * d, h, bias=False)
         self.qk_norm = bool(getattr(config, "qk_norm", False))
-        if self.qk_norm and self.num_experts > 1:  # each expert's own rows; shared K/V: one K norm
+        self.projection_norm = self.qk_norm and getattr(config, "qk_norm_scope", "head") == "projection"
+        if self.projection_norm:  # each expert's whole projection; shared K/V: the one K projection
+            self.q_norm = BamProjectionNorm(config, (self.head_grid[0], self.num_experts, self.head_grid[1]))
+            self.k_norm = BamProjectionNorm(config, (1, 1, groups) if shared else (1, self.num_experts, groups))
+        elif self.qk_norm and self.num_experts > 1:  # each expert's own rows; shared K/V: one K norm
             self.q_norm = BamExpertHeadNorm(config, self.head_grid)
             self.k_norm = _norm(config, d) if shared else BamExpertHeadNorm(config, (1, groups))
         elif self.qk_norm:
@@ -286,10 +311,13 @@ class BamAttention(nn.Module):
         **kwargs,
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         b, t, _ = hidden_states.shape
-        q = self.q_proj(hidden_states).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(hidden_states).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = self.q_proj(hidden_states), self.k_proj(hidden_states)
+        if self.projection_norm:  # over the whole projection, before RoPE
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(hidden_states).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        if self.qk_norm:  # per head, before RoPE (megatron-core's q_layernorm / k_layernorm)
+        if self.qk_norm and not self.projection_norm:  # per head, before RoPE (megatron-core's q/k_layernorm)
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = _apply_rope(q, *position_embeddings), _apply_rope(k, *position_embeddings)
         if past_key_values is not None:  # keys cached after RoPE
@@ -313,14 +341,19 @@ class BamAttention(nn.Module):
 
 
 class BamDecoderLayer(nn.Module):
-    """Parallel: y = x + Attn(Norm(x)) + FFN(Norm(x)). Sequential: x' = x + Attn(Norm1(x)); y = x' + FFN(Norm2(x'))."""
+    """Parallel: y = x + Attn(Norm(x)) + FFN(Norm(x)). Sequential: x' = x + Attn(Norm1(x)); y = x' + FFN(Norm2(x')).
+    Sequential with ``norm_placement`` post (OLMo 2's names): x' = x + Norm1(Attn(x)); y = x' + Norm2(FFN(x'))."""
 
     def __init__(self, config: BamConfig, layer_idx: int) -> None:
         super().__init__()
         self.sequential = getattr(config, "block_type", "parallel") == "sequential"
-        self.input_layernorm = _norm(config)
+        self.post_norm = getattr(config, "norm_placement", "pre") == "post"
+        if self.post_norm:
+            self.post_attention_layernorm, self.post_feedforward_layernorm = _norm(config), _norm(config)
+        else:
+            self.input_layernorm = _norm(config)
         self.self_attn = BamAttention(config, layer_idx)
-        if self.sequential:
+        if self.sequential and not self.post_norm:
             self.post_attention_layernorm = _norm(config)
         self.mlp = BamMoE(config) if config.num_experts else BamSwiGLU(config.hidden_size, config.intermediate_size)
 
@@ -332,6 +365,10 @@ class BamDecoderLayer(nn.Module):
         past_key_values: Optional[Cache] = None,
         **kwargs,
     ) -> torch.Tensor:
+        if self.post_norm:
+            attn, _ = self.self_attn(hidden_states, position_embeddings, attention_mask, past_key_values, **kwargs)
+            hidden_states = hidden_states + self.post_attention_layernorm(attn)
+            return hidden_states + self.post_feedforward_layernorm(self.mlp(hidden_states))
         normed = self.input_layernorm(hidden_states)
         attn, _ = self.self_attn(normed, position_embeddings, attention_mask, past_key_values, **kwargs)
         if self.sequential:
@@ -361,7 +398,7 @@ class BamPreTrainedModel(PreTrainedModel):
             nn.init.normal_(module.weight, mean=0.0, std=std)
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
-        elif isinstance(module, (nn.LayerNorm, nn.RMSNorm, BamExpertHeadNorm)):
+        elif isinstance(module, (nn.LayerNorm, nn.RMSNorm, BamExpertHeadNorm, BamProjectionNorm)):
             nn.init.ones_(module.weight)
 
 
