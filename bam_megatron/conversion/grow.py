@@ -259,9 +259,11 @@ class GrowMixer:
         from bam_megatron.model.qkv_layout import (
             merge_qkv,
             soft_moa_attention_weights,
+            soft_moa_qk_norms,
             soft_moa_qkv,
             split_qkv,
             split_soft_moa_attention,
+            split_soft_moa_qk_norms,
             split_soft_moa_qkv,
         )
 
@@ -295,10 +297,14 @@ class GrowMixer:
         if prefix + "linear_qkv.bias" in params:
             bias_qkv, bias_kv = slot_qkv(prefix + "linear_qkv.bias", column=True)
             grown[prefix + "linear_qkv.bias"] = soft_moa_qkv(bias_qkv, self.config, bias_kv).squeeze(-1)
-        for key in (prefix + "q_layernorm.weight", prefix + "k_layernorm.weight"):
-            if key in params:  # one row per slot (the shared K norm: the mixture's)
-                rows = [new[s.index][key] if s.new else old[key][s.index] for s in self.plan]
-                grown[key] = old[key] if shared and "k_layernorm" in key else torch.stack(rows)
+        q_key, k_key = prefix + "q_layernorm.weight", prefix + "k_layernorm.weight"
+        if q_key in params:  # each slot's Q/K norms (the shared K norm: the mixture's)
+            old_q, old_k = split_soft_moa_qk_norms(old[q_key], old[k_key], old_config)
+            q_norms = [new[s.index][q_key] if s.new else old_q[s.index] for s in self.plan]
+            k_norms = [old[k_key]] if shared else [new[s.index][k_key] if s.new else old_k[s.index] for s in self.plan]
+            grown[q_key], grown[k_key] = soft_moa_qk_norms(
+                q_norms, k_norms, self.config, old[k_key] if shared else None
+            )
         for key, tensor in grown.items():
             params[key].copy_(tensor)
         return set(grown)

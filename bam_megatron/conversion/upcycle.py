@@ -491,8 +491,6 @@ class _Mixer:
         if "linear_qkv.bias" in attention:  # Qwen2's QKV biases: a bias is a QKV weight of one column
             biases = [b.unsqueeze(-1) for b in attention.pop("linear_qkv.bias")]
             mixed["linear_qkv.bias"] = soft_moa_qkv(biases, self.config, shared_kv(biases)).squeeze(-1)
-        if "post_layernorm.weight" in attention:  # OLMo 2's norm after the attention: one, after the mixture
-            mixed["post_layernorm.weight"] = torch.stack(attention.pop("post_layernorm.weight")).mean(0)
         if "q_layernorm.weight" in attention:  # Q/K norms: each expert's (Qwen3's per head, OLMo 2's projection)
             k_norms = attention.pop("k_layernorm.weight")
             mixed["q_layernorm.weight"], mixed["k_layernorm.weight"] = soft_moa_qk_norms(

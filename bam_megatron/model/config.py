@@ -41,7 +41,7 @@ class BAMConfig(TransformerConfig):
 
     norm_placement: str = "pre"
     """'pre': the sequential block's norms before attention and FFN; 'post': after them, inside the
-    residual (OLMo 2): h = x + Norm(Attn(x)), y = h + Norm(FFN(h)) (`norm.PostNorm`)."""
+    residual (OLMo 2): h = x + Norm(Attn(x)), y = h + Norm(FFN(h)) (`norm.PostNormBiasDropoutAdd`)."""
 
     qk_layernorm_scope: str = "head"
     """With ``qk_layernorm``: 'head', megatron-core's per-head norms; 'projection', one RMSNorm over

@@ -1,5 +1,5 @@
 """Norms: a PyTorch LayerNorm/RMSNorm that megatron-core's sequence parallelism accepts (`TorchNorm`);
-norms after attention and the FFN (`PostNorm`); Q/K RMSNorm over a whole projection (`ProjectionRMSNorm`).
+norms after attention and the FFN (`PostNormBiasDropoutAdd`); Q/K RMSNorm over a whole projection (`ProjectionRMSNorm`).
 
 megatron-core's `WrappedTorchNorm` refuses ``sequence_parallel`` outright. The only thing sequence
 parallelism needs from a norm is that its parameters are marked ``sequence_parallel``: each TP rank
@@ -10,7 +10,7 @@ local-spec norm on machines without Transformer Engine, CPU mode included.
 
 from __future__ import annotations
 
-import functools
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -43,49 +43,36 @@ class TorchNorm:
         return norm
 
 
-class PostNorm:
-    """Mixin: a module returning (output, bias) whose output is normalised, ``post_layernorm``.
+class PostNormBiasDropoutAdd(torch.nn.Module):
+    """megatron-core's bias-dropout-add with a norm first: x + dropout(Norm(output + bias)).
 
     megatron-core 0.16.1's TransformerLayer has norms only before attention and the MLP
-    (``input_layernorm``, ``pre_mlp_layernorm``); OLMo 2's norms come after them, inside the
-    residual: h = x + Norm(Attn(x)). The layer's pre-norms are then IdentityOp and the attention (or
-    MLP, or MoE layer) class is this mixin over it (`post_normed`), so the norm sees the whole
-    output: after the TP reduction of the output GEMM, after the weighted sum of the MoE experts,
-    after the soft-MoA mixture. ``post_norm`` (a ModuleSpec param) is the norm's spec.
+    (``input_layernorm``, ``pre_mlp_layernorm``); OLMo 2's come after them, inside the residual:
+    h = x + Norm(Attn(x)), y = h + Norm(FFN(h)). The layer's ``self_attn_bda`` / ``mlp_bda`` seam
+    is where the output meets the residual, after the TP reduction of the output GEMM, the weighted
+    sum of the MoE experts or the soft-MoA mixture; with the pre-norms IdentityOp, this module there
+    makes the post-norm layer for every attention and FFN unchanged. TransformerLayer builds the
+    bda spec without arguments: ``config`` and ``norm`` (the norm's spec) are ModuleSpec params.
+    It is called as megatron-core's ``get_bias_dropout_add``: ``(training, fused)`` -> the function.
     """
 
-    def __init__(self, *args: Any, post_norm: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        config = self.config
+    def __init__(self, config: TransformerConfig, norm: Any) -> None:
+        super().__init__()
         self.post_layernorm = build_module(
-            post_norm, config=config, hidden_size=config.hidden_size, eps=config.layernorm_epsilon
+            norm, config=config, hidden_size=config.hidden_size, eps=config.layernorm_epsilon
         )
 
-    def forward(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
-        """Norm(output + bias), no bias."""
-        output, bias = super().forward(*args, **kwargs)
-        if bias is not None:
-            output = output + bias
-        return self.post_layernorm(output), None
+    def forward(self, training: bool, fused: bool) -> Callable:
+        """The bias-dropout-add function of megatron-core, applied to the normalised output."""
+        from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 
-    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Any = None) -> dict:
-        """The wrapped module's, and the norm's (replicated). megatron-core's MLP asks each child for its
-        own sharded_state_dict, which a torch norm has not: the norm is left out of that walk."""
-        from megatron.core.transformer.utils import sharded_state_dict_default
+        bias_dropout_add = get_bias_dropout_add(training, fused)
 
-        norm = self._modules.pop("post_layernorm")
-        try:
-            out = super().sharded_state_dict(prefix, sharded_offsets, metadata)
-        finally:
-            self._modules["post_layernorm"] = norm
-        out.update(sharded_state_dict_default(norm, f"{prefix}post_layernorm.", sharded_offsets, metadata))
-        return out
+        def normed(x_with_bias: tuple, residual: torch.Tensor, prob: float) -> torch.Tensor:
+            x, bias = x_with_bias
+            return bias_dropout_add((self.post_layernorm(x if bias is None else x + bias), None), residual, prob)
 
-
-@functools.cache
-def post_normed(cls: type) -> type:
-    """``cls`` with its output normalised (`PostNorm`); one class per ``cls``."""
-    return type(f"PostNorm{cls.__name__}", (PostNorm, cls), {"__doc__": f"{cls.__name__}, output normalised."})
+        return normed
 
 
 class ProjectionRMSNorm(torch.nn.Module):

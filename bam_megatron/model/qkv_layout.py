@@ -78,6 +78,18 @@ def soft_moa_qk_norms(
     return q, k
 
 
+def split_soft_moa_qk_norms(q: torch.Tensor, k: torch.Tensor, config: BAMConfig) -> tuple[list, list]:
+    """The inverse of `soft_moa_qk_norms`: each expert's Q norm and (expert KV) K norm, as its dense
+    attention's; shared KV: no K norms (the one K norm is the mixture's)."""
+    n = config.num_attention_experts
+    if config.qk_layernorm_scope != "projection":
+        return list(q), [] if config.attention_kv_mode == "shared" else list(k)
+    sources = wide_head_sources(config)
+    wide = q.view(len(sources), -1)
+    qs = [wide[sources[:, 0] == e][torch.argsort(sources[sources[:, 0] == e, 1])].reshape(-1) for e in range(n)]
+    return qs, [] if config.attention_kv_mode == "shared" else list(k.chunk(n))
+
+
 def soft_moa_attention_weights(
     expert_qkv: Sequence[torch.Tensor],
     expert_proj: Sequence[torch.Tensor],

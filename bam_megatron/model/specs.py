@@ -24,7 +24,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 from bam_megatron.errors import ConfigError
 from bam_megatron.model.config import BAMConfig
 from bam_megatron.model.gpt import block_spec
-from bam_megatron.model.norm import ProjectionRMSNorm, TorchNorm, post_normed
+from bam_megatron.model.norm import PostNormBiasDropoutAdd, ProjectionRMSNorm, TorchNorm
 from bam_megatron.model.parallel_block import ParallelTransformerLayer, PartialSumRowParallelLinear
 from bam_megatron.model.rope_cache import RotatedCacheSelfAttention
 from bam_megatron.model.router import BiasedTopKRouter
@@ -143,21 +143,19 @@ def get_bam_layer_spec(config: BAMConfig, backend: str = "auto") -> ModuleSpec:
         if config.router_bias:  # the FFN router's own bias, without add_bias_linear on every linear
             ffn.submodules.router = BiasedTopKRouter
 
-    pre_norm = norm
-    if config.norm_placement == "post":  # OLMo 2: the norms after attention and FFN, none before
-        for spec in (attention, ffn):
-            spec.module = post_normed(spec.module)
-            spec.params = {**spec.params, "post_norm": norm}
+    pre_norm, bda = norm, get_bias_dropout_add
+    if config.norm_placement == "post":  # OLMo 2: the norms after attention and FFN, where they meet the residual
         pre_norm = IdentityOp
+        bda = ModuleSpec(module=PostNormBiasDropoutAdd, params={"config": config, "norm": norm})
     return ModuleSpec(
         module=ParallelTransformerLayer if parallel else TransformerLayer,
         submodules=TransformerLayerSubmodules(
             input_layernorm=pre_norm,
             self_attention=attention,
-            self_attn_bda=get_bias_dropout_add,
+            self_attn_bda=bda,
             pre_mlp_layernorm=IdentityOp if parallel else pre_norm,
             mlp=ffn,
-            mlp_bda=get_bias_dropout_add,
+            mlp_bda=bda,
             sharded_state_dict_keys_map={} if parallel else sequential_norm_keys(dense_ffn),
         ),
     )

@@ -519,3 +519,34 @@ def test_a_qwen_style_mixture_grows_each_expert_s_biases_and_norms_exactly(tmp_p
     assert code == 0, err
     again = weights(made["back"])
     assert all(torch.equal(again[n], mix[n]) for n in mix)
+
+
+# OLMo 2's norms after attention and FFN (kept from the mixture) and each expert's Q/K norms over its
+# whole projection (laid into the wide attention's head order)
+OLMO2_DENSE = DENSE.replace(
+    block_type="sequential", norm_placement="post", qk_layernorm=True, qk_layernorm_scope="projection"
+)
+
+
+def test_an_olmo2_style_mixture_grows_each_expert_s_projection_norms_exactly(tmp_path):
+    """Expert KV: the new expert brings its Q and K norms; the grown mixture is the old one at step 0,
+    and dropping the new expert gives the mixture back."""
+    made = {name: str(tmp_path / name) for name in ("seed", "code", "law", "mixture", "grown", "back")}
+    run_distributed(_make_dense, 1, args=(made["seed"], 1, None, OLMO2_DENSE))
+    for name, seed in (("code", 2), ("law", 3)):
+        run_distributed(_make_dense, 1, args=(made[name], seed, made["seed"], OLMO2_DENSE))
+    experts = ["--expert", f"seed={made['seed']}", "--expert", f"code={made['code']}"]
+    code, err = upcycle(*experts, "--method", "bam", "--save", made["mixture"], "--report-batches", "0")
+    assert code == 0, err
+    code, err = upcycle("--extend", made["mixture"], "--expert", f"law={made['law']}", "--save", made["grown"])
+    assert code == 0, err
+    big, law = weights(made["grown"]), weights(made["law"])
+    p = "decoder.layers.1.self_attention."
+    assert torch.equal(big[p + "q_layernorm.weight"][-32:], law[p + "q_layernorm.weight"])  # 4 heads of 8
+    assert torch.equal(big[p + "k_layernorm.weight"][-16:], law[p + "k_layernorm.weight"])
+    ((out,),) = [run_distributed(_grown_logits, 1, args=(made["mixture"], made["grown"], 1))]
+    assert torch.equal(out["grown"], out["mixture"])
+    code, err = upcycle("--extend", made["grown"], "--drop-expert", "law", "--save", made["back"])
+    assert code == 0, err
+    mix, again = weights(made["mixture"]), weights(made["back"])
+    assert all(torch.equal(again[n], mix[n]) for n in mix)

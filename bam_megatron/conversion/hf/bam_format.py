@@ -151,8 +151,8 @@ def layer_norms(a: Architecture) -> list[tuple[str, str]]:
     the pre-norm(s), or with ``norm_placement`` post the norms after attention and FFN (OLMo 2's names)."""
     if a.norm_placement == "post":
         return [
-            ("post_attention_layernorm.weight", "self_attention.post_layernorm.weight"),
-            ("post_feedforward_layernorm.weight", "mlp.post_layernorm.weight"),
+            ("post_attention_layernorm.weight", "self_attn_bda.post_layernorm.weight"),
+            ("post_feedforward_layernorm.weight", "mlp_bda.post_layernorm.weight"),
         ]
     norms = [("input_layernorm.weight", "input_layernorm.weight")]
     if a.block_type == "sequential":

@@ -14,9 +14,9 @@ The table (`Olmo2Target.mappings`: Llama's attention and FFN, `llama.LlamaTarget
 | ``self_attn.{q,k,v}_proj`` | ``self_attention.linear_qkv`` (per KV group) | `QKV` |
 | ``self_attn.{q,k}_norm`` (whole projection) | ``self_attention.{q,k}_layernorm`` | `Rename` |
 | ``self_attn.o_proj`` | ``self_attention.linear_proj`` | `Rename` |
-| ``post_attention_layernorm`` | ``self_attention.post_layernorm`` | `Rename` |
+| ``post_attention_layernorm`` | ``self_attn_bda.post_layernorm`` | `Rename` |
 | ``mlp.{gate,up}_proj``, ``down_proj`` | ``mlp.linear_fc1`` = [gate; up], ``linear_fc2`` | `GateUp`, `Rename` |
-| ``post_feedforward_layernorm`` | ``mlp.post_layernorm`` | `Rename` |
+| ``post_feedforward_layernorm`` | ``mlp_bda.post_layernorm`` | `Rename` |
 
 Refused on export: what Llama refuses, and a model without OLMo 2's norm layout (pre-norms, or
 per-head or no q/k norms). OLMo 3 (``olmo3``: sliding-window layers) is not read.
@@ -52,9 +52,9 @@ class Olmo2Target(LlamaTarget):
         return [
             *embeddings(a),
             *self.attention(a),
-            Rename(LAYER + "post_attention_layernorm.weight", OURS + "self_attention.post_layernorm.weight"),
+            Rename(LAYER + "post_attention_layernorm.weight", OURS + "self_attn_bda.post_layernorm.weight"),
             *self.ffn(a),
-            Rename(LAYER + "post_feedforward_layernorm.weight", OURS + "mlp.post_layernorm.weight"),
+            Rename(LAYER + "post_feedforward_layernorm.weight", OURS + "mlp_bda.post_layernorm.weight"),
         ]
 
 
