@@ -103,6 +103,13 @@ class LlamaTarget(TableTarget):
                 f"qk_layernorm_scope={a.qk_layernorm_scope}: {cls}'s q/k norms are over each {self.qk_norm_scope} "
                 "(export with --format bam: remote code)"
             )
+        if a.add_qkv_bias and self.qkv_bias == "never":
+            return f"add_qkv_bias=True: {cls} has no q/k/v biases (export with --format llama or qwen2_moe)"
+        if a.qk_layernorm != self.qk_norm:
+            if a.qk_layernorm:
+                return f"qk_layernorm=True: {cls} has no q/k norms (export with --format qwen3 or qwen3_moe)"
+            hint = "--format llama or qwen2" if self.norm_placement == "pre" else "--format bam: remote code"
+            return f"qk_layernorm=False: {cls} always normalises q and k (export with {hint})"
         return common_checks(config)
 
     def family_config(self, a: Architecture) -> dict[str, Any]:
