@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Optional
 from bam_megatron.errors import ConfigError
 from bam_megatron.model.moe_defaults import MOE_ROUTER_PRE_SOFTMAX
 from bam_megatron.model.variants import (
+    ACTIVATIONS,
     BLOCK_TYPES,
     DEFAULT_NUM_EXPERTS,
     NORM_PLACEMENTS,
@@ -130,10 +131,45 @@ class Architecture:
     )
     norm_placement: str = _declare(
         "where the sequential block's norms are: pre, h = x + Attn(Norm x), y = h + FFN(Norm h) (Llama); post, "
-        "h = x + Norm(Attn x), y = h + Norm(FFN h) (OLMo 2)",
+        "h = x + Norm(Attn x), y = h + Norm(FFN h) (OLMo 2); both, h = x + Norm(Attn(Norm x)), ... (Gemma 2/3)",
         default="pre",
         unset="default: pre",
         choices=NORM_PLACEMENTS,
+    )
+    apply_layernorm_1p: bool = _declare(
+        "every norm scales by (1 + weight), its weight starting at 0 (Megatron-LM's --apply-layernorm-1p, "
+        "megatron-core's layernorm_zero_centered_gamma; Gemma's RMSNorm)",
+        default=False,
+        unset="default: weight",
+    )
+    activation: str = _declare(
+        "the gated FFN's activation: swiglu, SiLU; geglu, tanh-approximated GELU (Gemma's)",
+        default="swiglu",
+        unset="default: swiglu",
+        choices=ACTIVATIONS,
+    )
+    scale_embeddings: bool = _declare(
+        "the embeddings times sqrt(hidden size) (Gemma's)", default=False, unset="default: not scaled"
+    )
+    query_pre_attn_scalar: Optional[float] = _declare(
+        "attention scores scaled by query_pre_attn_scalar^-1/2 instead of head_dim^-1/2 (Gemma's; megatron-core's "
+        "softmax_scale)",
+        default=None,
+        unset="default: head_dim",
+        above=0,
+    )
+    local_rotary_base: Optional[float] = _declare(
+        "RoPE base of the local layers (Gemma 3's rope_local_base_freq; every layer but each "
+        "--global-attention-every-th, whose base is --rotary-base); the attention itself is full causal",
+        default=None,
+        unset="default: one base for every layer",
+        above=0,
+    )
+    global_attention_every: Optional[int] = _declare(
+        "with --local-rotary-base: layers N, 2N, ... (1-based) are global (Gemma 3: 6)",
+        default=None,
+        unset="default: none",
+        minimum=1,
     )
     rotary_base: float = _declare("RoPE base (Hugging Face: rope_theta)", default=10000.0, unset="default: 1e4")
     untie_embeddings_and_output_weights: bool = _declare(
@@ -187,6 +223,10 @@ class Architecture:
         check_norms(
             self.block_type, self.norm_placement, self.normalization, self.qk_layernorm, self.qk_layernorm_scope
         )
+        if self.activation not in ACTIVATIONS:
+            raise ConfigError(f"--activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}")
+        if (self.local_rotary_base is None) != (self.global_attention_every is None):
+            raise ConfigError("--local-rotary-base and --global-attention-every go together (Gemma 3's local layers)")
         if self.num_attention_heads % self.num_query_groups:
             raise ConfigError(
                 f"--num-attention-heads {self.num_attention_heads} is not a multiple of "
@@ -267,7 +307,17 @@ class Architecture:
             qk_layernorm_scope=self.qk_layernorm_scope,
             norm_placement=self.norm_placement,
             rope_scaling_factor=self.rope_scaling_factor,
+            layernorm_zero_centered_gamma=self.apply_layernorm_1p,
+            scale_embeddings=self.scale_embeddings,
+            local_rotary_base=self.local_rotary_base,
+            global_attention_every=self.global_attention_every,
         )
+        if self.activation == "geglu":
+            from bam_megatron.model.configs import gelu_tanh
+
+            fields["activation_func"] = gelu_tanh
+        if self.query_pre_attn_scalar is not None:
+            fields["softmax_scale"] = self.query_pre_attn_scalar**-0.5
         if self.is_moe:
             fields["moe_router_pre_softmax"] = self.moe_router_pre_softmax
             fields["moe_router_topk_scaling_factor"] = self.moe_router_topk_scaling_factor
@@ -359,9 +409,9 @@ def check_norms(block_type: str, placement: str, normalization: str, qk_layernor
         raise ConfigError(f"--norm-placement must be one of {', '.join(NORM_PLACEMENTS)}, got {placement!r}")
     if qk_scope not in QK_NORM_SCOPES:
         raise ConfigError(f"--qk-layernorm-scope must be one of {', '.join(QK_NORM_SCOPES)}, got {qk_scope!r}")
-    if placement == "post" and block_type != "sequential":
+    if placement != "pre" and block_type != "sequential":
         raise ConfigError(
-            "--norm-placement post needs --block-type sequential (the parallel block's attention and FFN share "
+            f"--norm-placement {placement} needs --block-type sequential (the parallel block's attention and FFN share "
             "one pre-norm)"
         )
     if qk_scope == "projection" and not (qk_layernorm and normalization == "RMSNorm"):

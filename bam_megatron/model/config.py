@@ -43,6 +43,16 @@ class BAMConfig(TransformerConfig):
     """'pre': the sequential block's norms before attention and FFN; 'post': after them, inside the
     residual (OLMo 2): h = x + Norm(Attn(x)), y = h + Norm(FFN(h)) (`norm.PostNormBiasDropoutAdd`)."""
 
+    scale_embeddings: bool = False
+    """The embeddings times sqrt(hidden_size) (Gemma's; a forward hook on GPTModel's embedding, `gpt.gpt_model`)."""
+
+    local_rotary_base: Optional[float] = None
+    """RoPE base of the local layers (Gemma 3): every layer whose number (1-based) is not a multiple of
+    ``global_attention_every`` (`rope_cache.RotatedCacheSelfAttention.layer_rope`)."""
+
+    global_attention_every: Optional[int] = None
+    """With ``local_rotary_base``: layers N, 2N, ... keep ``rotary_base``."""
+
     qk_layernorm_scope: str = "head"
     """With ``qk_layernorm``: 'head', megatron-core's per-head norms; 'projection', one RMSNorm over
     the whole Q (and K) projection, all heads together (OLMo 2; `norm.ProjectionRMSNorm`)."""
@@ -70,8 +80,8 @@ class BAMConfig(TransformerConfig):
             raise ConfigError(f"attention_kv_mode must be one of {KV_MODES}, got {self.attention_kv_mode!r}")
         if self.block_type not in BLOCK_TYPES:
             raise ConfigError(f"block_type must be one of {BLOCK_TYPES}, got {self.block_type!r}")
-        if self.norm_placement == "post" and self.block_type != "sequential":
-            raise ConfigError("--norm-placement post needs --block-type sequential")
+        if self.norm_placement != "pre" and self.block_type != "sequential":
+            raise ConfigError(f"--norm-placement {self.norm_placement} needs --block-type sequential")
         k = self.attention_router_topk
         if k is not None and not 1 <= k <= n:
             raise ConfigError(f"attention_router_topk must be in [1, num_attention_experts={n}], got {k}")

@@ -25,6 +25,12 @@ from bam_megatron.model.config import BAMConfig
 from bam_megatron.model.moe_defaults import MOE_ROUTER_PRE_SOFTMAX, MOE_TRAINING_DEFAULTS
 from bam_megatron.model.variants import DEFAULT_NUM_EXPERTS, PRESETS, SOFT_MOA_VARIANTS, VARIANTS
 
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GELU with the tanh approximation: GeGLU's activation (Gemma's gelu_pytorch_tanh)."""
+    return F.gelu(x, approximate="tanh")
+
+
 # Defaults shared by every variant: SwiGLU, RMSNorm, no biases, fp32 softmax routers.
 _COMMON = dict(
     gated_linear_unit=True,

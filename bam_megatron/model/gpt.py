@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
+import torch
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.spec_utils import ModuleSpec
@@ -47,7 +48,7 @@ def gpt_model(
     """A RoPE GPTModel holding this rank's pipeline stage (first/last stage from parallel state)."""
     from megatron.core import parallel_state
 
-    return GPTModel(
+    model = GPTModel(
         config=config,
         transformer_layer_spec=transformer_spec,
         vocab_size=vocab_size,
@@ -60,6 +61,12 @@ def gpt_model(
         rope_scaling=getattr(config, "rope_scaling_factor", None) is not None,
         rope_scaling_factor=getattr(config, "rope_scaling_factor", None) or 8.0,
     )
+    if getattr(config, "scale_embeddings", False) and model.pre_process:
+        # Gemma: embeddings times sqrt(hidden), in their dtype (GPTModel's embedding has no such scale;
+        # it is linear, so after the embedding's dropout is the same).
+        scale = config.hidden_size**0.5
+        model.embedding.register_forward_hook(lambda module, args, out: out * torch.tensor(scale, dtype=out.dtype))
+    return model
 
 
 def build_gpt(config: TransformerConfig, layer_spec: ModuleSpec, vocab_size: int, max_sequence_length: int) -> GPTModel:

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -30,17 +31,33 @@ class TorchNorm:
         zero_centered_gamma: bool = False,
         normalization: str = "LayerNorm",
     ) -> torch.nn.Module:
-        if config.layernorm_zero_centered_gamma:
-            raise ValueError("layernorm_zero_centered_gamma needs Transformer Engine or apex norms")
         kinds = {"LayerNorm": torch.nn.LayerNorm, "RMSNorm": torch.nn.RMSNorm}
         if config.normalization not in kinds:
             raise ValueError(f"normalization={config.normalization!r}: TorchNorm supports {sorted(kinds)}")
-        # LayerNorm without bias (as Cohere's): the two norms then have the same parameters.
-        extra = {"bias": False} if config.normalization == "LayerNorm" else {}
-        norm = kinds[config.normalization](hidden_size, eps=eps, **extra)
+        if config.layernorm_zero_centered_gamma:
+            norm = OnePlusNorm(hidden_size, eps, rms=config.normalization == "RMSNorm")
+        else:  # LayerNorm without bias (as Cohere's): the two norms then have the same parameters.
+            extra = {"bias": False} if config.normalization == "LayerNorm" else {}
+            norm = kinds[config.normalization](hidden_size, eps=eps, **extra)
         for param in norm.parameters():
             param.sequence_parallel = config.sequence_parallel
         return norm
+
+
+class OnePlusNorm(torch.nn.Module):
+    """(1 + weight) x Norm(x), in fp32, ``weight`` starting at 0: megatron-core's
+    ``layernorm_zero_centered_gamma`` (Gemma's RMSNorm) for the local backend; RMSNorm or bias-free LayerNorm."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-5, rms: bool = True) -> None:
+        super().__init__()
+        self.eps, self.rms = eps, rms
+        self.weight = torch.nn.Parameter(torch.zeros(hidden_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Norm over the last dimension, times (1 + weight)."""
+        shape, y = x.shape[-1:], x.float()
+        y = F.rms_norm(y, shape, eps=self.eps) if self.rms else F.layer_norm(y, shape, eps=self.eps)
+        return (y * (1.0 + self.weight.float())).to(x.dtype)
 
 
 class PostNormBiasDropoutAdd(torch.nn.Module):
@@ -90,8 +107,8 @@ class ProjectionRMSNorm(torch.nn.Module):
 
     def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, *, head_group: tuple[int, ...]):
         super().__init__()
-        if config.normalization != "RMSNorm":
-            raise ValueError(f"normalization={config.normalization!r}: ProjectionRMSNorm is an RMSNorm")
+        if config.normalization != "RMSNorm" or config.layernorm_zero_centered_gamma:
+            raise ValueError("ProjectionRMSNorm is an RMSNorm with its weight (no layernorm_zero_centered_gamma)")
         from bam_megatron.model.soft_moa import on_this_rank
 
         # Plain Python for the layout: the model may be built on the meta device.

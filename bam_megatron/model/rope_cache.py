@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
 from megatron.core.transformer.attention import SelfAttention
 
@@ -22,7 +23,31 @@ from bam_megatron.platform.internals import AttentionSeams
 
 
 class RotatedCacheSelfAttention(AttentionSeams, SelfAttention):
-    """SelfAttention whose static KV cache holds rotated keys, so a decode step rotates only its own."""
+    """SelfAttention whose static KV cache holds rotated keys, so a decode step rotates only its own;
+    a local layer (Gemma 3's ``local_rotary_base``) rotates at its own base (`layer_rope`)."""
+
+    def forward(self, *args: Any, rotary_pos_emb: Any = None, **kwargs: Any):
+        """megatron-core's forward, with this layer's RoPE."""
+        return super().forward(*args, rotary_pos_emb=self.layer_rope(rotary_pos_emb), **kwargs)
+
+    def layer_rope(self, rotary_pos_emb: Any) -> Any:
+        """GPTModel's one RoPE table [s, 1, 1, d] (or a (q, k) pair), or for a local layer (its number not a
+        multiple of ``global_attention_every``) the same positions at ``local_rotary_base``.
+
+        megatron-core computes one table for every layer, angles ``position x inv_freq`` with
+        ``inv_freq[0] = base^0 = 1`` (unchanged by Llama-3 scaling, which keeps high frequencies):
+        channel 0 is the position itself, exactly, and the local angles are ``position x
+        local_inv_freq`` as megatron-core (and transformers) compute them.
+        """
+        base, every = self.config.local_rotary_base, self.config.global_attention_every
+        if rotary_pos_emb is None or base is None or self.layer_number % every == 0:
+            return rotary_pos_emb
+        if isinstance(rotary_pos_emb, tuple):
+            return tuple(self.layer_rope(emb) for emb in rotary_pos_emb)
+        d = rotary_pos_emb.shape[-1]
+        exponents = torch.arange(0, d, 2, dtype=torch.float32, device=rotary_pos_emb.device) / d
+        angles = rotary_pos_emb[..., :1] * (1.0 / (base**exponents))
+        return torch.cat([angles, angles], dim=-1)
 
     def adjust_key_value_for_inference(self, inference_context, query, key, value, rotary_pos_emb, *args, **kwargs):
         """megatron-core's KV-cache step, with this step's query and key rotated before the key is cached."""

@@ -108,18 +108,23 @@ class ExpertHeadNorm(torch.nn.Module):
 
     def __init__(self, config: BAMConfig, hidden_size: int, eps: float = 1e-5, *, head_expert: tuple[int, ...]) -> None:
         super().__init__()
-        if config.layernorm_zero_centered_gamma:
-            raise ValueError("layernorm_zero_centered_gamma needs Transformer Engine or apex norms")
         if config.normalization not in ("LayerNorm", "RMSNorm"):
             raise ValueError(f"normalization={config.normalization!r}: ExpertHeadNorm supports LayerNorm, RMSNorm")
         self.eps, self.rms = eps, config.normalization == "RMSNorm"
-        self.weight = torch.nn.Parameter(torch.ones(config.num_attention_experts, hidden_size))
+        self.one_plus = config.layernorm_zero_centered_gamma  # (1 + weight), as every norm then (Gemma's)
+        self.weight = torch.nn.Parameter(
+            (torch.zeros if self.one_plus else torch.ones)(config.num_attention_experts, hidden_size)
+        )
         self.register_buffer("head_expert", on_this_rank(torch.tensor(head_expert)), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[s, b, heads, d] -> each head normalised over d, times its expert's weight row."""
         shape = x.shape[-1:]
         # As TorchNorm's norms: RMSNorm, or LayerNorm without bias; the weight applied per head.
+        if self.one_plus:
+            y = x.float()
+            y = F.rms_norm(y, shape, eps=self.eps) if self.rms else F.layer_norm(y, shape, eps=self.eps)
+            return (y * (1.0 + self.weight[self.head_expert].float())).to(x.dtype)
         normed = F.rms_norm(x, shape, eps=self.eps) if self.rms else F.layer_norm(x, shape, eps=self.eps)
         return normed * self.weight[self.head_expert]
 
@@ -168,6 +173,7 @@ class SoftMoASelfAttention(RotatedCacheSelfAttention):
             raise ValueError("soft MoA does not support packed sequences")
         if inference_context is not None:
             self._check_inference(inference_context, unused)
+        rotary_pos_emb = self.layer_rope(rotary_pos_emb)  # a local layer's own RoPE base (Gemma 3)
         gates = self.router(hidden_states)  # g(x̂): [s, b, N], fp32; current tokens only, nothing cached
         query, key, value = self.get_query_key_value_tensors(hidden_states)  # N·H heads, one GEMM
         if rotary_pos_emb is not None and not isinstance(rotary_pos_emb, tuple):

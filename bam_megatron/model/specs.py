@@ -143,9 +143,9 @@ def get_bam_layer_spec(config: BAMConfig, backend: str = "auto") -> ModuleSpec:
         if config.router_bias:  # the FFN router's own bias, without add_bias_linear on every linear
             ffn.submodules.router = BiasedTopKRouter
 
-    pre_norm, bda = norm, get_bias_dropout_add
-    if config.norm_placement == "post":  # OLMo 2: the norms after attention and FFN, where they meet the residual
-        pre_norm = IdentityOp
+    pre_norm = IdentityOp if config.norm_placement == "post" else norm  # OLMo 2: no norm before
+    bda = get_bias_dropout_add
+    if config.norm_placement != "pre":  # OLMo 2, Gemma: a norm after attention and FFN, where they meet the residual
         bda = ModuleSpec(module=PostNormBiasDropoutAdd, params={"config": config, "norm": norm})
     return ModuleSpec(
         module=ParallelTransformerLayer if parallel else TransformerLayer,

@@ -15,8 +15,10 @@ SOFT_MOA_VARIANTS = ("bam", "bam-shared-kv")
 """Variants whose attention is a soft mixture of attention experts (with an attention router)."""
 BLOCK_TYPES = ("parallel", "sequential")
 NORMALIZATIONS = ("RMSNorm", "LayerNorm")
-NORM_PLACEMENTS = ("pre", "post")
-"""Where the sequential block's norms are: before attention and FFN (Llama), or after them (OLMo 2)."""
+NORM_PLACEMENTS = ("pre", "post", "both")
+"""Where the sequential block's norms are: before attention and FFN (Llama), after them (OLMo 2), or both (Gemma)."""
+ACTIVATIONS = ("swiglu", "geglu")
+"""The gated FFN's activation: SiLU (SwiGLU), or tanh-approximated GELU (GeGLU: Gemma's gelu_pytorch_tanh)."""
 QK_NORM_SCOPES = ("head", "projection")
 """What the Q/K norms normalise: each head (Qwen3), or the whole projection, all heads together (OLMo 2)."""
 DEFAULT_NUM_EXPERTS = 4

@@ -11,6 +11,7 @@ import dataclasses
 import pytest
 
 from bam_megatron.model.architecture import ARCHITECTURE_FIELDS, ARCHITECTURE_FLAGS, Architecture
+from bam_megatron.model.configs import gelu_tanh
 
 BASE = Architecture(
     variant="bam",
@@ -23,6 +24,7 @@ BASE = Architecture(
     num_experts=4,
 )
 
+GEMMA3_LOCAL = BASE.replace(local_rotary_base=10000.0, global_attention_every=6)
 # field -> (the architecture with it changed, {TransformerConfig attribute: the value it must hold})
 CONFIG_ROWS = {
     "variant": (BASE.replace(variant="bam-shared-kv"), {"attention_kv_mode": "shared", "num_attention_experts": 4}),
@@ -46,6 +48,12 @@ CONFIG_ROWS = {
         {"qk_layernorm_scope": "projection"},
     ),
     "norm_placement": (BASE.replace(block_type="sequential", norm_placement="post"), {"norm_placement": "post"}),
+    "apply_layernorm_1p": (BASE.replace(apply_layernorm_1p=True), {"layernorm_zero_centered_gamma": True}),
+    "activation": (BASE.replace(activation="geglu"), {"activation_func": gelu_tanh}),
+    "scale_embeddings": (BASE.replace(scale_embeddings=True), {"scale_embeddings": True}),
+    "query_pre_attn_scalar": (BASE.replace(query_pre_attn_scalar=256.0), {"softmax_scale": 0.0625}),
+    "local_rotary_base": (GEMMA3_LOCAL, {"local_rotary_base": 10000.0}),
+    "global_attention_every": (GEMMA3_LOCAL, {"global_attention_every": 6}),
     "rope_scaling_factor": (BASE.replace(rope_scaling_factor=8.0), {"rope_scaling_factor": 8.0}),
     "moe_router_pre_softmax": (
         BASE.replace(moe_router_topk=2, moe_router_pre_softmax=False),
@@ -75,7 +83,8 @@ def test_the_field_reaches_the_transformer_config(field):
     changed, expected = CONFIG_ROWS[field]
     changes = {name for name, _, _ in BASE.differences(changed)}
     # what a value needs: renormalising top-k > 1, post-norms the sequential block, a Q/K norm scope Q/K norms
-    assert field in changes and changes <= {field, "moe_router_topk", "block_type", "qk_layernorm"}
+    prerequisites = {"moe_router_topk", "block_type", "qk_layernorm", "local_rotary_base", "global_attention_every"}
+    assert field in changes and changes <= {field} | prerequisites
     before, after = BASE.model_config(), changed.model_config()
     for attribute, value in expected.items():
         assert getattr(after, attribute) == value, attribute
@@ -123,6 +132,7 @@ def test_vocabulary_and_embedding_tying_reach_the_model():
         ({"norm_placement": "post"}, "--norm-placement post needs --block-type sequential"),
         ({"qk_layernorm_scope": "projection"}, "--qk-layernorm-scope projection needs --qk-layernorm"),
         ({"norm_placement": "after"}, "--norm-placement must be one of"),
+        ({"local_rotary_base": 1e4}, "--local-rotary-base and --global-attention-every go together"),
     ],
 )
 def test_norm_settings_that_do_not_fit_are_refused(changes, flag):

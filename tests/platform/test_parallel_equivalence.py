@@ -7,6 +7,7 @@ through megatron-core's own sharding declarations and must reproduce loss and gr
 import pytest
 import torch
 
+from bam_megatron.model.configs import gelu_tanh
 from bam_megatron.platform.distributed import ParallelSizes
 from bam_megatron.testing.distributed import run_distributed
 from bam_megatron.testing.shards import assemble
@@ -69,6 +70,19 @@ SEQUENTIAL = {"block_type": "sequential"}
 QWEN = {"block_type": "sequential", "qk_layernorm": True, "add_qkv_bias": True, "kv_channels": 24}
 # OLMo 2: norms after attention and FFN, Q/K RMSNorm over the whole projection (all TP ranks' heads)
 OLMO2 = {"block_type": "sequential", "norm_placement": "post", "qk_layernorm": True, "qk_layernorm_scope": "projection"}
+# Gemma 3: (1 + w) norms before and after, GeGLU, scaled embeddings, layer 1 local (own RoPE base), per-head
+# (1 + w) Q/K norms, query_pre_attn_scalar
+GEMMA3 = {
+    "block_type": "sequential",
+    "norm_placement": "both",
+    "layernorm_zero_centered_gamma": True,
+    "activation_func": gelu_tanh,
+    "scale_embeddings": True,
+    "qk_layernorm": True,
+    "softmax_scale": 0.2,
+    "local_rotary_base": 1000.0,
+    "global_attention_every": 2,
+}
 FULL_RECOMPUTE = {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
 
 CASES = [
@@ -96,6 +110,8 @@ CASES = [
     ("dense", TP2, OLMO2),
     ("btx", TP2_SP, OLMO2),
     ("bam", TP2_SP, OLMO2),
+    ("dense", TP2, GEMMA3),
+    ("bam", TP2_SP, GEMMA3),
     # megatron-core's own GPT layer (the foundation): the megatron_core tier
     *[
         pytest.param(model, sizes, {}, marks=pytest.mark.megatron_core)
@@ -113,7 +129,7 @@ CASES = [
 
 def _case_id(case) -> str:
     model, sizes, overrides = case.values if hasattr(case, "values") else case
-    extra = "-".join(f"{k}={v}" for k, v in overrides.items()).replace(" ", "")
+    extra = "-".join(f"{k}={getattr(v, '__name__', v)}" for k, v in overrides.items()).replace(" ", "")
     return "-".join(part for part in (model, _layout_id(sizes), extra) if part)
 
 

@@ -26,13 +26,15 @@ LLAMA3_ROPE = {
 
 
 def hf_directory(path: str, family: str, **settings) -> torch.Tensor:
-    """A random transformers model of ``family`` saved at ``path``; its fp32 logits of TOKENS."""
+    """A random transformers model of ``family`` saved at ``path``; its fp32 logits of TOKENS
+    (``model_class``: the class, if not ``{family}ForCausalLM``)."""
     import transformers
 
     torch.manual_seed(0)
     save = settings.pop("save", {})
+    model_class = settings.pop("model_class", f"{family}ForCausalLM")
     config = getattr(transformers, f"{family}Config")(**{**SIZES, "initializer_range": 0.3, **settings})
-    model = getattr(transformers, f"{family}ForCausalLM")(config).eval()
+    model = getattr(transformers, model_class)(config).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "norm" in name:

@@ -21,6 +21,7 @@ from bam_megatron.conversion.hf.target import (
     TOP,
     Target,
     common_checks,
+    gemma_setting,
     initializer_range,
     split_qkv,
     split_qkv_bias,
@@ -57,7 +58,10 @@ class BamTarget(Target):
     remote_code = True
 
     def why_not(self, a: Architecture, config) -> Optional[str]:
-        """Only settings no bam-megatron architecture has (`common_checks`)."""
+        """Settings no bam-megatron architecture has (`common_checks`); Gemma's layer (not yet in the remote code)."""
+        gemma = gemma_setting(a)
+        if gemma is not None:
+            return f"{gemma}: the remote code does not compute Gemma's layer yet (export with --format gemma3_text)"
         return common_checks(config)
 
     def hf_config(self, a: Architecture, config, meta, token_ids: dict[str, Any]) -> dict[str, Any]:

@@ -45,7 +45,7 @@ from bam_megatron.conversion.hf.bridge import (
     swiglu,
 )
 from bam_megatron.conversion.hf.errors import ConversionError
-from bam_megatron.conversion.hf.target import common_checks
+from bam_megatron.conversion.hf.target import common_checks, gemma_setting
 from bam_megatron.model.architecture import Architecture
 
 LAYERNORM_EPS = 1e-5  # transformers' default layer_norm_eps for Cohere
@@ -106,7 +106,10 @@ class CohereTarget(TableTarget):
     model_type = "cohere"
 
     def why_not(self, a: Architecture, config) -> Optional[str]:
-        """`check_exportable`'s checks."""
+        """`check_exportable`'s checks; none of Gemma's settings."""
+        gemma = gemma_setting(a)
+        if gemma is not None:
+            return f"{gemma}: CohereForCausalLM has no such setting"
         try:
             check_exportable(config, a.variant)
         except ConversionError as reason:

@@ -33,6 +33,7 @@ from typing import Optional
 
 from bam_megatron.conversion.hf.bam_format import BamTarget
 from bam_megatron.conversion.hf.cohere import CohereTarget
+from bam_megatron.conversion.hf.gemma3 import Gemma3Target
 from bam_megatron.conversion.hf.llama import LlamaTarget, MistralTarget, Qwen2Target, Qwen3Target
 from bam_megatron.conversion.hf.moe import MixtralTarget, Qwen2MoeTarget, Qwen3MoeTarget
 from bam_megatron.conversion.hf.olmo2 import Olmo2Target
@@ -49,6 +50,7 @@ TARGETS: dict[str, Target] = {
         Qwen3Target(),
         Phi3Target(),
         Olmo2Target(),
+        Gemma3Target(),
         Qwen2MoeTarget(),
         Qwen3MoeTarget(),
         MixtralTarget(),
@@ -70,6 +72,8 @@ def preferences(a: Architecture, imported_model_type: Optional[str] = None) -> l
         order.append(family.name)
     if a.has_soft_moa:
         pass
+    elif a.norm_placement == "both" or a.apply_layernorm_1p:
+        order += [] if a.is_moe else ["gemma3_text"]
     elif a.norm_placement == "post" or a.qk_layernorm_scope == "projection":
         order += [] if a.is_moe else ["olmo2"]
     elif a.block_type == "parallel":

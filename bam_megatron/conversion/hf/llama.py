@@ -53,7 +53,7 @@ from bam_megatron.conversion.hf.bridge import (
 )
 from bam_megatron.conversion.hf.errors import ConversionError
 from bam_megatron.conversion.hf.importer import REQUIRED, fill_swiglu  # noqa: F401  (remote_import reads it here)
-from bam_megatron.conversion.hf.target import common_checks
+from bam_megatron.conversion.hf.target import common_checks, gemma_setting
 from bam_megatron.model.architecture import Architecture
 
 # ===== export: the classes, what they refuse, their config.json, and the table
@@ -72,6 +72,7 @@ class LlamaTarget(TableTarget):
     qk_norm = False
     norm_placement = "pre"  # Llama's norms come before attention and MLP (OLMo 2's after: `olmo2`)
     qk_norm_scope = "head"  # with qk_norm: Qwen3's per head (OLMo 2's over the whole projection)
+    gemma = False  # Gemma's layer: (1 + w) norms, GeGLU, scaled embeddings (`gemma3`)
 
     def why_not(self, a: Architecture, config) -> Optional[str]:
         """The sequential block with RMSNorm, and this family's bias and q/k-norm settings."""
@@ -92,9 +93,19 @@ class LlamaTarget(TableTarget):
             )
         if a.normalization != "RMSNorm":
             return f"normalization={a.normalization}: {cls}'s norms are RMSNorm (export with --format bam: remote code)"
+        gemma = gemma_setting(a)
+        if self.gemma and not (a.apply_layernorm_1p and a.activation == "geglu" and a.scale_embeddings):
+            return (
+                f"apply_layernorm_1p={a.apply_layernorm_1p}, activation={a.activation}, scale_embeddings="
+                f"{a.scale_embeddings}: {cls} has (1 + weight) norms, GeGLU and scaled embeddings (export with "
+                "--format llama)"
+            )
+        if not self.gemma and gemma is not None and gemma != f"norm_placement={self.norm_placement}":
+            return f"{gemma}: {cls} has no such setting (Gemma's: export with --format gemma3_text)"
         if a.norm_placement != self.norm_placement:
             where = {"pre": "before", "post": "after"}[self.norm_placement]
-            hint = "--format olmo2" if a.norm_placement == "post" and not a.is_moe else "--format bam: remote code"
+            native = {"post": "--format olmo2", "both": "--format gemma3_text", "pre": "--format llama"}
+            hint = "--format bam: remote code" if a.is_moe else native[a.norm_placement]
             return (
                 f"norm_placement={a.norm_placement}: {cls}'s norms come {where} attention and MLP (export with {hint})"
             )
@@ -265,7 +276,7 @@ class LlamaImporter(TableImporter):
     def check(self) -> Architecture:
         """Check config.json; the seed's architecture (sequential block, RMSNorm, SwiGLU, RoPE)."""
         self.check_family()
-        self.require("hidden_act", "silu", "the MLP is SwiGLU")
+        self.check_activation()
         eps = self.get("rms_norm_eps")
         if not isinstance(eps, (int, float)) or not eps > 0:
             raise ConversionError(f"rms_norm_eps={eps}: must be a positive number")
@@ -299,6 +310,10 @@ class LlamaImporter(TableImporter):
             rope_scaling_factor=scaling,
             **self.ffn_fields(),
         )
+
+    def check_activation(self) -> None:
+        """The MLP is SwiGLU."""
+        self.require("hidden_act", "silu", "the MLP is SwiGLU")
 
     def ffn_fields(self) -> dict:
         """The Architecture fields of the FFN: a dense SwiGLU of ``intermediate_size``."""

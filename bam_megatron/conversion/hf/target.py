@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from bam_megatron.conversion.hf.importer import MEGATRON_LLAMA3_ROPE as LLAMA3
 from bam_megatron.conversion.hf.importer import TOP  # noqa: F401  (bam_format reads it here)
 from bam_megatron.model.architecture import Architecture
+from bam_megatron.model.configs import gelu_tanh
 from bam_megatron.model.qkv_layout import split_qkv  # noqa: F401  (bam_format reads it here)
 
 
@@ -32,7 +33,6 @@ def common_checks(config) -> Optional[str]:
     checks = [
         ("add_bias_linear", config.add_bias_linear, False),
         ("gated_linear_unit", config.gated_linear_unit, True),
-        ("activation_func", config.activation_func, F.silu),
         ("rotary_interleaved", config.rotary_interleaved, False),
     ]
     if config.num_moe_experts:
@@ -46,6 +46,25 @@ def common_checks(config) -> Optional[str]:
     for name, value, wanted in checks:
         if value != wanted:
             return f"{name}={_shown(value)}: the exported classes compute {name}={_shown(wanted)} only"
+    if config.activation_func not in (F.silu, gelu_tanh):  # the Architecture's `activation`
+        return f"activation_func={_shown(config.activation_func)}: the exported classes compute SiLU or tanh-GELU only"
+    return None
+
+
+GEMMA_FIELDS = ("apply_layernorm_1p", "activation", "scale_embeddings", "query_pre_attn_scalar", "local_rotary_base")
+"""Architecture fields only Gemma's layer sets (with ``norm_placement: both``)."""
+
+
+def gemma_setting(a: Architecture) -> Optional[str]:
+    """ "field=value" of the first Gemma setting ``a`` has, None if none: the classes other than Gemma's
+    (and the remote code, so far) do not compute them."""
+    from bam_megatron.model.architecture import field_default
+
+    if a.norm_placement == "both":
+        return "norm_placement=both"
+    for name in GEMMA_FIELDS:
+        if getattr(a, name) != field_default(name):
+            return f"{name}={getattr(a, name)}"
     return None
 
 

@@ -1,6 +1,6 @@
 """Every native Hugging Face family's table, both ways (bam_megatron/conversion/hf/bridge.py).
 
-Each family (Llama, Mistral, Qwen2, Qwen3, Phi-3, OLMo 2, Cohere, Qwen2-MoE, Qwen3-MoE, Mixtral) has one
+Each family (Llama, Mistral, Qwen2, Qwen3, Phi-3, OLMo 2, Gemma 3, Cohere, Qwen2-MoE, Qwen3-MoE, Mixtral) has one
 table that drives its import and its export. Checked here for every family: importing what the
 table exports gives back every parameter bit for bit (no files: the table alone, with its
 settings that only an import sees, such as Cohere's logit scale); and through the command line,
@@ -31,6 +31,22 @@ FAMILIES: dict[str, tuple[dict, dict]] = {
     "phi3": (dict(DENSE, kv_channels=24, untie_embeddings_and_output_weights=False), {}),
     # norms after attention and MLP; q/k norms over the whole projection (GQA: K's is smaller)
     "olmo2": (dict(DENSE, norm_placement="post", qk_layernorm=True, qk_layernorm_scope="projection"), {}),
+    # (1 + w) norms before and after, GeGLU, scaled tied embeddings; layer 1 local (its RoPE base), layer 2 global
+    "gemma3_text": (
+        dict(
+            DENSE,
+            norm_placement="both",
+            apply_layernorm_1p=True,
+            activation="geglu",
+            scale_embeddings=True,
+            qk_layernorm=True,
+            query_pre_attn_scalar=24.0,
+            local_rotary_base=1000.0,
+            global_attention_every=2,
+            untie_embeddings_and_output_weights=False,
+        ),
+        {},
+    ),
     # Command R's logit scale, folded into the final norm on import
     "cohere": (dict(variant="dense", normalization="LayerNorm"), {"logit_scale": 0.0625}),
     "qwen2_moe": (dict(variant="btx", block_type="sequential", add_qkv_bias=True, **MOE), {}),
