@@ -21,7 +21,6 @@ from bam_megatron.conversion.hf.target import (
     TOP,
     Target,
     common_checks,
-    gemma_setting,
     initializer_range,
     split_qkv,
     split_qkv_bias,
@@ -58,10 +57,7 @@ class BamTarget(Target):
     remote_code = True
 
     def why_not(self, a: Architecture, config) -> Optional[str]:
-        """Settings no bam-megatron architecture has (`common_checks`); Gemma's layer (not yet in the remote code)."""
-        gemma = gemma_setting(a)
-        if gemma is not None:
-            return f"{gemma}: the remote code does not compute Gemma's layer yet (export with --format gemma3_text)"
+        """Only settings no bam-megatron architecture has (`common_checks`)."""
         return common_checks(config)
 
     def hf_config(self, a: Architecture, config, meta, token_ids: dict[str, Any]) -> dict[str, Any]:
@@ -91,6 +87,12 @@ class BamTarget(Target):
             "qk_norm": a.qk_layernorm,
             "qk_norm_scope": a.qk_layernorm_scope,
             "norm_placement": a.norm_placement,
+            "apply_layernorm_1p": a.apply_layernorm_1p,
+            "activation": a.activation,
+            "scale_embeddings": a.scale_embeddings,
+            "query_pre_attn_scalar": a.query_pre_attn_scalar,
+            "local_rotary_base": a.local_rotary_base,
+            "global_attention_every": a.global_attention_every,
             "num_experts": experts,
             "num_experts_per_tok": a.moe_router_topk if experts else 1,
             "moe_router_pre_softmax": bool(a.moe_router_pre_softmax),
@@ -152,12 +154,17 @@ class BamTarget(Target):
 
 def layer_norms(a: Architecture) -> list[tuple[str, str]]:
     """A layer's norms, (the remote code's name, ours), after ``model.layers.N.`` / ``decoder.layers.N.``:
-    the pre-norm(s), or with ``norm_placement`` post the norms after attention and FFN (OLMo 2's names)."""
+    the pre-norm(s); with ``norm_placement`` post the norms after attention and FFN (OLMo 2's names);
+    both, the four (Gemma's names)."""
+    post = [
+        ("post_attention_layernorm.weight", "self_attn_bda.post_layernorm.weight"),
+        ("post_feedforward_layernorm.weight", "mlp_bda.post_layernorm.weight"),
+    ]
     if a.norm_placement == "post":
-        return [
-            ("post_attention_layernorm.weight", "self_attn_bda.post_layernorm.weight"),
-            ("post_feedforward_layernorm.weight", "mlp_bda.post_layernorm.weight"),
-        ]
+        return post
+    if a.norm_placement == "both":
+        pre = [("input_layernorm.weight", "input_layernorm.weight")]
+        return pre + post + [("pre_feedforward_layernorm.weight", "pre_mlp_layernorm.weight")]
     norms = [("input_layernorm.weight", "input_layernorm.weight")]
     if a.block_type == "sequential":
         norms.append(("post_attention_layernorm.weight", "pre_mlp_layernorm.weight"))

@@ -3,7 +3,7 @@
 generation are ours; the export imports back to the same checkpoint, and bam-generate's KV-cached
 decoding (megatron-core's static cache) gives its uncached tokens. The same for OLMo 2-style sources
 (norms after attention and FFN, each expert's Q/K norms over its whole projection), BTX included
-(no MoE class has OLMo 2's norms: remote code)."""
+(no MoE class has OLMo 2's norms: remote code); and for Gemma 3-style sources (Gemma's layer, local layers)."""
 
 from __future__ import annotations
 
@@ -20,9 +20,20 @@ QWEN = {
     "qwen3": dict(qk_layernorm=True, kv_channels=24),
     "qwen2": dict(add_qkv_bias=True),
     "olmo2": dict(norm_placement="post", qk_layernorm=True, qk_layernorm_scope="projection"),
+    # Gemma 3's layer: (1 + w) norms before and after, GeGLU, scaled embeddings, layer 1 local
+    "gemma3": dict(
+        norm_placement="both",
+        apply_layernorm_1p=True,
+        activation="geglu",
+        scale_embeddings=True,
+        qk_layernorm=True,
+        query_pre_attn_scalar=24.0,
+        local_rotary_base=1000.0,
+        global_attention_every=2,
+    ),
 }
 CASES = [(kind, method) for kind in ("qwen3", "qwen2") for method in ("bam", "bam-shared-kv")]
-CASES += [("olmo2", method) for method in ("bam", "bam-shared-kv", "btx")]
+CASES += [(kind, method) for kind in ("olmo2", "gemma3") for method in ("bam", "bam-shared-kv", "btx")]
 NEW = 8
 
 
@@ -83,9 +94,10 @@ def test_qwen_sourced_bam_exports_computes_transformers_logits_imports_back_and_
     if kind == "olmo2":  # every channel of the wide Q and K: N·H·d, N·H_kv·d (expert) or H_kv·d (shared)
         assert shapes["model.layers.0.self_attn.q_norm.weight"] == (n * 4 * 16,), shapes
         assert shapes["model.layers.0.self_attn.k_norm.weight"] == (kv * 2 * 16,), shapes
-    elif kind == "qwen3":  # each expert's Q norm a row; K norm too unless K/V is shared
-        assert shapes["model.layers.0.self_attn.q_norm.weight"] == (n, 24), shapes
-        assert shapes["model.layers.0.self_attn.k_norm.weight"] == ((n, 24) if kv == n else (24,)), shapes
+    elif kind in ("qwen3", "gemma3"):  # each expert's Q norm a row; K norm too unless K/V is shared
+        d, rows = (24 if kind == "qwen3" else 16), (n,) if n > 1 else ()
+        assert shapes["model.layers.0.self_attn.q_norm.weight"] == (*rows, d), shapes
+        assert shapes["model.layers.0.self_attn.k_norm.weight"] == ((*rows, d) if kv == n else (d,)), shapes
     else:  # the wide attention's biases: N·H query heads, N·H_kv (expert) or H_kv (shared) K/V heads of 16
         assert shapes["model.layers.0.self_attn.q_proj.bias"] == (n * 4 * 16,), shapes
         assert shapes["model.layers.0.self_attn.k_proj.bias"] == (kv * 2 * 16,), shapes

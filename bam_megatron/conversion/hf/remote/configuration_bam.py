@@ -16,7 +16,7 @@ from transformers import PretrainedConfig
 
 VARIANTS = ("dense", "btx", "bam", "bam-shared-kv")
 BLOCK_TYPES = ("parallel", "sequential")
-NORM_PLACEMENTS = ("pre", "post")
+NORM_PLACEMENTS = ("pre", "post", "both")
 QK_NORM_SCOPES = ("head", "projection")
 
 
@@ -33,8 +33,12 @@ class BamConfig(PretrainedConfig):
     ``num_attention_heads`` / ``num_key_value_heads``; they are widened here.
     ``qkv_bias``: biases on q/k/v (Qwen2's); ``qk_norm``: a norm of q
     and k before RoPE, per head (Qwen3's) or, ``qk_norm_scope`` ``projection``, over each expert's
-    whole projection (OLMo 2's). ``norm_placement``: ``pre`` or ``post`` (the sequential block's
-    norms after attention and FFN, OLMo 2's). ``rope_scaling_factor``: Llama-3's RoPE scaling as megatron-core
+    whole projection (OLMo 2's). ``norm_placement``: ``pre``, ``post`` (the sequential block's
+    norms after attention and FFN, OLMo 2's) or ``both`` (Gemma's). Gemma's layer besides:
+    ``apply_layernorm_1p`` ((1 + weight) norms), ``activation`` ``geglu`` (tanh GELU),
+    ``scale_embeddings`` (times sqrt(hidden_size)), ``query_pre_attn_scalar`` (scores times its
+    ^-1/2), ``local_rotary_base`` with ``global_attention_every`` (every layer but each N-th rotates
+    at the local base). ``rope_scaling_factor``: Llama-3's RoPE scaling as megatron-core
     computes it (low/high frequency factors 1 and 4, original context 8192).
     ``moe_router_topk_scaling_factor`` multiplies the FFN routing weights. ``router_bias``: both
     routers add a per-expert bias; ``router_expert_groups``: sizes of the groups of experts whose
@@ -65,6 +69,12 @@ class BamConfig(PretrainedConfig):
         qk_norm=False,
         qk_norm_scope="head",
         norm_placement="pre",
+        apply_layernorm_1p=False,
+        activation="swiglu",
+        scale_embeddings=False,
+        query_pre_attn_scalar=None,
+        local_rotary_base=None,
+        global_attention_every=None,
         num_experts=0,
         num_experts_per_tok=1,
         moe_router_pre_softmax=True,
@@ -86,8 +96,10 @@ class BamConfig(PretrainedConfig):
             raise ValueError(f"block_type must be one of {BLOCK_TYPES}, got {block_type!r}")
         if normalization not in ("RMSNorm", "LayerNorm"):
             raise ValueError(f"normalization must be RMSNorm or LayerNorm, got {normalization!r}")
-        if norm_placement not in NORM_PLACEMENTS or (norm_placement == "post" and block_type != "sequential"):
-            raise ValueError(f"norm_placement must be one of {NORM_PLACEMENTS} ('post': sequential block only)")
+        if norm_placement not in NORM_PLACEMENTS or (norm_placement != "pre" and block_type != "sequential"):
+            raise ValueError(f"norm_placement must be one of {NORM_PLACEMENTS} (not 'pre': sequential block only)")
+        if activation not in ("swiglu", "geglu"):
+            raise ValueError(f"activation must be swiglu or geglu, got {activation!r}")
         if qk_norm_scope not in QK_NORM_SCOPES:
             raise ValueError(f"qk_norm_scope must be one of {QK_NORM_SCOPES}, got {qk_norm_scope!r}")
         if attention_kv_mode not in ("expert", "shared"):
@@ -117,6 +129,12 @@ class BamConfig(PretrainedConfig):
         self.qk_norm = qk_norm
         self.qk_norm_scope = qk_norm_scope
         self.norm_placement = norm_placement
+        self.apply_layernorm_1p = apply_layernorm_1p
+        self.activation = activation
+        self.scale_embeddings = scale_embeddings
+        self.query_pre_attn_scalar = query_pre_attn_scalar
+        self.local_rotary_base = local_rotary_base
+        self.global_attention_every = global_attention_every
         self.num_experts = num_experts
         self.num_experts_per_tok = num_experts_per_tok
         self.moe_router_pre_softmax = moe_router_pre_softmax

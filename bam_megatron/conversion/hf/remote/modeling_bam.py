@@ -51,8 +51,25 @@ from transformers.utils.output_capturing import capture_outputs
 from .configuration_bam import BamConfig
 
 
+class BamOnePlusNorm(nn.Module):
+    """(1 + weight) x Norm(x) in fp32, weight from 0 (``apply_layernorm_1p``: Gemma's RMSNorm; megatron-core's
+    layernorm_zero_centered_gamma)."""
+
+    def __init__(self, size: int, eps: float, rms: bool) -> None:
+        super().__init__()
+        self.eps, self.rms = eps, rms
+        self.weight = nn.Parameter(torch.zeros(size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape, y = x.shape[-1:], x.float()
+        y = F.rms_norm(y, shape, eps=self.eps) if self.rms else F.layer_norm(y, shape, eps=self.eps)
+        return (y * (1.0 + self.weight.float())).to(x.dtype)
+
+
 def _norm(config: BamConfig, size: Optional[int] = None) -> nn.Module:
     size = config.hidden_size if size is None else size
+    if getattr(config, "apply_layernorm_1p", False):
+        return BamOnePlusNorm(size, config.norm_eps, config.normalization != "LayerNorm")
     if config.normalization == "LayerNorm":
         return nn.LayerNorm(size, eps=config.norm_eps, bias=False)
     return nn.RMSNorm(size, eps=config.norm_eps)
@@ -67,13 +84,16 @@ class BamExpertHeadNorm(nn.Module):
         super().__init__()
         self.grid, self.eps = grid, config.norm_eps
         self.rms = config.normalization != "LayerNorm"
+        self.one_plus = bool(getattr(config, "apply_layernorm_1p", False))  # (1 + weight), in fp32
         self.weight = nn.Parameter(torch.ones(config.num_attention_experts, config.head_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, _, t, d = x.shape
-        x = F.rms_norm(x, (d,), eps=self.eps) if self.rms else F.layer_norm(x, (d,), eps=self.eps)
+        y = x.float() if self.one_plus else x
+        y = F.rms_norm(y, (d,), eps=self.eps) if self.rms else F.layer_norm(y, (d,), eps=self.eps)
         (a, c), n = self.grid, self.weight.shape[0]
-        return (x.view(b, a, n, c, t, d) * self.weight.view(1, 1, n, 1, 1, d)).view(b, -1, t, d)
+        weight = (1.0 + self.weight.float()) if self.one_plus else self.weight
+        return (y.view(b, a, n, c, t, d) * weight.view(1, 1, n, 1, 1, d)).view(b, -1, t, d).to(x.dtype)
 
 
 class BamProjectionNorm(nn.Module):
@@ -93,6 +113,10 @@ class BamProjectionNorm(nn.Module):
         y = x.float().view(b, t, a, n, c, -1)
         y = y * torch.rsqrt(y.pow(2).mean(dim=(2, 4, 5), keepdim=True) + self.eps)
         return y.view(b, t, -1).to(x.dtype) * self.weight
+
+
+def _geglu(config: BamConfig) -> bool:
+    return getattr(config, "activation", "swiglu") == "geglu"
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -119,10 +143,10 @@ class BamRotaryEmbedding(nn.Module):
     models on the meta device, which would leave a non-persistent buffer uninitialised.
     """
 
-    def __init__(self, config: BamConfig) -> None:
+    def __init__(self, config: BamConfig, base: Optional[float] = None) -> None:
         super().__init__()
-        self.dim, self.base = config.head_dim, config.rope_theta
-        self.scaling = getattr(config, "rope_scaling_factor", None)
+        self.dim, self.base = config.head_dim, config.rope_theta if base is None else base
+        self.scaling = getattr(config, "rope_scaling_factor", None) if base is None else None
 
     def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """position_ids [b, t] -> cos, sin [b, 1, t, head_dim] in fp32."""
@@ -141,16 +165,18 @@ def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
 
 
 class BamSwiGLU(nn.Module):
-    """down(silu(gate(x)) * up(x)): megatron-core's gated MLP (fc1 = [gate; up], fc2 = down)."""
+    """down(act(gate(x)) * up(x)): megatron-core's gated MLP (fc1 = [gate; up], fc2 = down); act SiLU, or
+    with ``geglu`` the tanh GELU (Gemma's)."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+    def __init__(self, hidden_size: int, intermediate_size: int, geglu: bool = False) -> None:
         super().__init__()
+        self.act = (lambda x: F.gelu(x, approximate="tanh")) if geglu else F.silu
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
 def _router_logits(router: nn.Linear, x: torch.Tensor, groups, dtype=None) -> torch.Tensor:
@@ -183,7 +209,8 @@ class BamMoE(nn.Module):
         )
         self.groups = getattr(config, "router_expert_groups", None)
         self.experts = nn.ModuleList(
-            BamSwiGLU(config.hidden_size, config.moe_intermediate_size) for _ in range(config.num_experts)
+            BamSwiGLU(config.hidden_size, config.moe_intermediate_size, _geglu(config))
+            for _ in range(config.num_experts)
         )
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -266,7 +293,8 @@ class BamAttention(nn.Module):
         self.num_heads = config.num_attention_heads  # N·H: the wide attention's
         self.num_kv_heads = config.num_key_value_heads  # N·H_kv (expert K/V) or H_kv (shared)
         self.num_key_value_groups = self.num_heads // self.num_kv_heads  # query heads per K/V head
-        self.scaling = self.head_dim**-0.5
+        scalar = getattr(config, "query_pre_attn_scalar", None)  # Gemma's, else head_dim
+        self.scaling = (scalar or self.head_dim) ** -0.5
         self.attention_dropout = 0.0
         self.topk = config.attention_router_topk
         # Head i of the wide attention = (a, expert, c) in a [A, N, C] grid (row-major): expert K/V is
@@ -347,15 +375,21 @@ class BamDecoderLayer(nn.Module):
     def __init__(self, config: BamConfig, layer_idx: int) -> None:
         super().__init__()
         self.sequential = getattr(config, "block_type", "parallel") == "sequential"
-        self.post_norm = getattr(config, "norm_placement", "pre") == "post"
-        if self.post_norm:
-            self.post_attention_layernorm, self.post_feedforward_layernorm = _norm(config), _norm(config)
-        else:
+        placement = getattr(config, "norm_placement", "pre")
+        self.post_norm, self.pre_norm = placement != "pre", placement != "post"
+        if self.pre_norm:
             self.input_layernorm = _norm(config)
         self.self_attn = BamAttention(config, layer_idx)
-        if self.sequential and not self.post_norm:
+        if self.post_norm:  # OLMo 2's and Gemma's names
+            self.post_attention_layernorm, self.post_feedforward_layernorm = _norm(config), _norm(config)
+            if self.pre_norm:
+                self.pre_feedforward_layernorm = _norm(config)
+        elif self.sequential:
             self.post_attention_layernorm = _norm(config)
-        self.mlp = BamMoE(config) if config.num_experts else BamSwiGLU(config.hidden_size, config.intermediate_size)
+        if config.num_experts:
+            self.mlp = BamMoE(config)
+        else:
+            self.mlp = BamSwiGLU(config.hidden_size, config.intermediate_size, _geglu(config))
 
     def forward(
         self,
@@ -365,10 +399,12 @@ class BamDecoderLayer(nn.Module):
         past_key_values: Optional[Cache] = None,
         **kwargs,
     ) -> torch.Tensor:
-        if self.post_norm:
-            attn, _ = self.self_attn(hidden_states, position_embeddings, attention_mask, past_key_values, **kwargs)
+        if self.post_norm:  # x' = x + Norm(Attn([Norm] x)); y = x' + Norm(FFN([Norm] x'))
+            normed = self.input_layernorm(hidden_states) if self.pre_norm else hidden_states
+            attn, _ = self.self_attn(normed, position_embeddings, attention_mask, past_key_values, **kwargs)
             hidden_states = hidden_states + self.post_attention_layernorm(attn)
-            return hidden_states + self.post_feedforward_layernorm(self.mlp(hidden_states))
+            normed = self.pre_feedforward_layernorm(hidden_states) if self.pre_norm else hidden_states
+            return hidden_states + self.post_feedforward_layernorm(self.mlp(normed))
         normed = self.input_layernorm(hidden_states)
         attn, _ = self.self_attn(normed, position_embeddings, attention_mask, past_key_values, **kwargs)
         if self.sequential:
@@ -398,6 +434,8 @@ class BamPreTrainedModel(PreTrainedModel):
             nn.init.normal_(module.weight, mean=0.0, std=std)
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
+        elif isinstance(module, BamOnePlusNorm) or getattr(module, "one_plus", False):
+            nn.init.zeros_(module.weight)
         elif isinstance(module, (nn.LayerNorm, nn.RMSNorm, BamExpertHeadNorm, BamProjectionNorm)):
             nn.init.ones_(module.weight)
 
@@ -411,6 +449,11 @@ class BamModel(BamPreTrainedModel):
         self.layers = nn.ModuleList(BamDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = _norm(config)
         self.rotary_emb = BamRotaryEmbedding(config)
+        # Gemma 3's local layers: their own RoPE base; layers N, 2N, ... (1-based) keep rope_theta
+        local, every = getattr(config, "local_rotary_base", None), getattr(config, "global_attention_every", None)
+        self.local_rotary_emb = None if local is None else BamRotaryEmbedding(config, local)
+        self.local_layers = [local is not None and (i + 1) % every != 0 for i in range(config.num_hidden_layers)]
+        self.embed_scale = config.hidden_size**0.5 if getattr(config, "scale_embeddings", False) else None
         self.post_init()
 
     @merge_with_config_defaults
@@ -430,6 +473,8 @@ class BamModel(BamPreTrainedModel):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
         hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        if inputs_embeds is None and self.embed_scale is not None:  # Gemma: times sqrt(hidden), in their dtype
+            hidden = hidden * torch.tensor(self.embed_scale, dtype=hidden.dtype)
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
         if position_ids is None:
@@ -443,8 +488,11 @@ class BamModel(BamPreTrainedModel):
             position_ids=position_ids,
         )
         rope = self.rotary_emb(position_ids)
-        for layer in self.layers:
-            hidden = layer(hidden, rope, mask, past_key_values if use_cache else None, **kwargs)
+        local_rope = None if self.local_rotary_emb is None else self.local_rotary_emb(position_ids)
+        for layer, local in zip(self.layers, self.local_layers):
+            hidden = layer(
+                hidden, local_rope if local else rope, mask, past_key_values if use_cache else None, **kwargs
+            )
         return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden), past_key_values=past_key_values)
 
 
