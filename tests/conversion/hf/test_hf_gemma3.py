@@ -76,3 +76,27 @@ def test_a_gemma3_window_shorter_than_the_sequence_is_refused_in_one_line(import
     code, text = convert("import", "--load", str(bad), "--save", out)
     assert code == 2 and "sliding_window=16" in text and len(text.strip().splitlines()) == 1, text
     assert not os.path.exists(out)
+
+
+def test_gemma3_defaults_are_transformers_defaults():
+    """A config.json that leaves fields out is read with Gemma3TextConfig's values for them."""
+    import transformers
+
+    from bam_megatron.conversion.hf import families
+
+    sizes = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=6, num_attention_heads=8, vocab_size=1000)
+    theirs = transformers.Gemma3TextConfig(**sizes)
+    ours = families.IMPORTERS["gemma3_text"]({"model_type": "gemma3_text", **sizes}, seq_length=16)
+    a = ours.architecture
+    assert (ours.head_dim, ours.kv_heads) == (theirs.head_dim, theirs.num_key_value_heads)
+    assert a.norm_epsilon == theirs.rms_norm_eps and a.query_pre_attn_scalar == theirs.query_pre_attn_scalar
+    rope = theirs.rope_parameters
+    assert (a.rotary_base, a.local_rotary_base) == (
+        rope["full_attention"]["rope_theta"],
+        rope["sliding_attention"]["rope_theta"],
+    )
+    every = a.global_attention_every
+    assert [("full" if (i + 1) % every == 0 else "sliding") + "_attention" for i in range(6)] == theirs.layer_types
+    assert a.untie_embeddings_and_output_weights != theirs.tie_word_embeddings
+    assert ours.default_seq_length() == theirs.max_position_embeddings
+    assert ours.get("sliding_window") == theirs.sliding_window
