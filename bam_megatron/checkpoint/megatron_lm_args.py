@@ -72,6 +72,8 @@ def no_megatron_lm_model(meta: CheckpointMeta) -> Optional[str]:
         return f"norm_placement {a.norm_placement}: Megatron-LM's GPT layers have norms before attention and MLP only"
     if a.apply_layernorm_1p or a.activation != "swiglu" or a.scale_embeddings or a.local_rotary_base is not None:
         return "Gemma's layer (apply_layernorm_1p, activation, scale_embeddings, local_rotary_base): not exported"
+    if a.attn_logit_softcapping is not None or a.final_logit_softcapping is not None:
+        return "attn_logit_softcapping / final_logit_softcapping: Megatron-LM does not soft-cap"
     if a.query_pre_attn_scalar is not None:
         return f"query_pre_attn_scalar {a.query_pre_attn_scalar}: Megatron-LM has no softmax scale flag"
     if a.qk_layernorm_scope != "head":

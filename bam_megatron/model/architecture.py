@@ -158,6 +158,15 @@ class Architecture:
         unset="default: head_dim",
         above=0,
     )
+    attn_logit_softcapping: Optional[float] = _declare(
+        "attention scores soft-capped, c·tanh(s/c), before the softmax (Gemma 2's; the local backend's attention)",
+        default=None,
+        unset="default: none",
+        above=0,
+    )
+    final_logit_softcapping: Optional[float] = _declare(
+        "output logits soft-capped, c·tanh(z/c) (Gemma 2's)", default=None, unset="default: none", above=0
+    )
     local_rotary_base: Optional[float] = _declare(
         "RoPE base of the local layers (Gemma 3's rope_local_base_freq; every layer but each "
         "--global-attention-every-th, whose base is --rotary-base); the attention itself is full causal",
@@ -309,6 +318,8 @@ class Architecture:
             rope_scaling_factor=self.rope_scaling_factor,
             layernorm_zero_centered_gamma=self.apply_layernorm_1p,
             scale_embeddings=self.scale_embeddings,
+            attn_logit_softcapping=self.attn_logit_softcapping,
+            final_logit_softcapping=self.final_logit_softcapping,
             local_rotary_base=self.local_rotary_base,
             global_attention_every=self.global_attention_every,
         )

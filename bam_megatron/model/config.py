@@ -46,6 +46,12 @@ class BAMConfig(TransformerConfig):
     scale_embeddings: bool = False
     """The embeddings times sqrt(hidden_size) (Gemma's; a forward hook on GPTModel's embedding, `gpt.gpt_model`)."""
 
+    attn_logit_softcapping: Optional[float] = None
+    """Attention scores soft-capped, c·tanh(s/c), before the softmax (Gemma 2; `sdpa_attention.SDPAttention`)."""
+
+    final_logit_softcapping: Optional[float] = None
+    """Output logits soft-capped, c·tanh(z/c) (Gemma 2; a forward hook on GPTModel's output layer)."""
+
     local_rotary_base: Optional[float] = None
     """RoPE base of the local layers (Gemma 3): every layer whose number (1-based) is not a multiple of
     ``global_attention_every`` (`rope_cache.RotatedCacheSelfAttention.layer_rope`)."""

@@ -66,6 +66,9 @@ def gpt_model(
         # it is linear, so after the embedding's dropout is the same).
         scale = config.hidden_size**0.5
         model.embedding.register_forward_hook(lambda module, args, out: out * torch.tensor(scale, dtype=out.dtype))
+    if getattr(config, "final_logit_softcapping", None) and model.post_process:
+        cap = config.final_logit_softcapping  # Gemma 2: logits c·tanh(z/c) (GPTModel has no such cap)
+        model.output_layer.register_forward_hook(lambda module, args, out: (torch.tanh(out[0] / cap) * cap, out[1]))
     return model
 
 

@@ -40,6 +40,7 @@ class SDPAttention(MegatronModule):
         self.attn_mask_type = attn_mask_type
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
         self.scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(config.kv_channels)
+        self.softcap = getattr(config, "attn_logit_softcapping", None)
 
     def forward(
         self,
@@ -63,6 +64,8 @@ class SDPAttention(MegatronModule):
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, d]
 
         def attend(dropout_p: float) -> torch.Tensor:
+            if self.softcap is not None:
+                return softcapped_attention(q, k, v, allowed, causal, self.scale, self.softcap, dropout_p)
             return F.scaled_dot_product_attention(
                 q,
                 k,
@@ -82,3 +85,21 @@ class SDPAttention(MegatronModule):
             context = attend(0.0)
         sq, b = query.shape[0], query.shape[1]
         return context.permute(2, 0, 1, 3).reshape(sq, b, -1)
+
+
+def softcapped_attention(q, k, v, allowed, causal: bool, scale: float, cap: float, dropout_p: float) -> torch.Tensor:
+    """softmax(cap·tanh(Q Kᵀ · scale / cap) + mask) V on [b, heads, s, d] (Gemma 2's attention, which
+    ``F.scaled_dot_product_attention`` cannot compute): the same masks as it (``causal``: top-left
+    aligned; ``allowed``: True where attended), grouped-query heads repeated, softmax in fp32."""
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(q, k.transpose(-2, -1)) * scale
+    scores = torch.tanh(scores / cap) * cap
+    if causal:
+        keep = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~keep, float("-inf"))
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    return torch.matmul(F.dropout(probs, p=dropout_p) if dropout_p > 0 else probs, v)

@@ -103,6 +103,8 @@ def get_bam_layer_spec(config: BAMConfig, backend: str = "auto") -> ModuleSpec:
       A parallel block with a dense FFN reduces once over TP (`PartialSumRowParallelLinear`;
       these output GEMMs are plain PyTorch on either backend).
     """
+    if config.attn_logit_softcapping is not None and resolve_backend(backend) == "te":
+        raise ConfigError("--attn-logit-softcapping: computed by the local backend's attention only (--backend local)")
     m = _modules(resolve_backend(backend))
     norm = _norm(config, resolve_backend(backend))
     parallel = config.block_type == "parallel"

@@ -52,6 +52,8 @@ CONFIG_ROWS = {
     "activation": (BASE.replace(activation="geglu"), {"activation_func": gelu_tanh}),
     "scale_embeddings": (BASE.replace(scale_embeddings=True), {"scale_embeddings": True}),
     "query_pre_attn_scalar": (BASE.replace(query_pre_attn_scalar=256.0), {"softmax_scale": 0.0625}),
+    "attn_logit_softcapping": (BASE.replace(attn_logit_softcapping=50.0), {"attn_logit_softcapping": 50.0}),
+    "final_logit_softcapping": (BASE.replace(final_logit_softcapping=30.0), {"final_logit_softcapping": 30.0}),
     "local_rotary_base": (GEMMA3_LOCAL, {"local_rotary_base": 10000.0}),
     "global_attention_every": (GEMMA3_LOCAL, {"global_attention_every": 6}),
     "rope_scaling_factor": (BASE.replace(rope_scaling_factor=8.0), {"rope_scaling_factor": 8.0}),

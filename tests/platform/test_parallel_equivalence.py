@@ -83,6 +83,12 @@ GEMMA3 = {
     "local_rotary_base": 1000.0,
     "global_attention_every": 2,
 }
+# Gemma 2: the same layer without Q/K norms or local RoPE base, with attention and final-logit soft-capping
+GEMMA2 = {
+    **{k: v for k, v in GEMMA3.items() if k not in ("qk_layernorm", "local_rotary_base", "global_attention_every")},
+    "attn_logit_softcapping": 2.0,
+    "final_logit_softcapping": 3.0,
+}
 FULL_RECOMPUTE = {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
 
 CASES = [
@@ -112,6 +118,7 @@ CASES = [
     ("bam", TP2_SP, OLMO2),
     ("dense", TP2, GEMMA3),
     ("bam", TP2_SP, GEMMA3),
+    ("dense", TP2, GEMMA2),
     # megatron-core's own GPT layer (the foundation): the megatron_core tier
     *[
         pytest.param(model, sizes, {}, marks=pytest.mark.megatron_core)

@@ -57,7 +57,10 @@ class BamTarget(Target):
     remote_code = True
 
     def why_not(self, a: Architecture, config) -> Optional[str]:
-        """Only settings no bam-megatron architecture has (`common_checks`)."""
+        """Settings no bam-megatron architecture has (`common_checks`); Gemma 2's soft-capping (not yet here)."""
+        for name in ("attn_logit_softcapping", "final_logit_softcapping"):
+            if getattr(a, name) is not None:
+                return f"{name}={getattr(a, name)}: the remote code does not soft-cap yet"
         return common_checks(config)
 
     def hf_config(self, a: Architecture, config, meta, token_ids: dict[str, Any]) -> dict[str, Any]:

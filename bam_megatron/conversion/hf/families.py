@@ -2,10 +2,10 @@
 
 Read: Cohere (parallel block, ``cohere.CohereImporter``), the Llama family, Llama, Mistral, Qwen2
 and Qwen3 (sequential block, ``llama``), Phi-3 and Phi-4 (``phi3``), OLMo 2 (``olmo2``), Gemma 3
-text (``gemma3``), the mixtures Qwen2-MoE, Qwen3-MoE and Mixtral (BTX seeds, ``moe``), and
+text (``gemma3``) and Gemma 2 (``gemma2``), the mixtures Qwen2-MoE, Qwen3-MoE and Mixtral (BTX seeds, ``moe``), and
 bam-convert-hf's own remote-code exports (every variant, ``remote_import``).
 Refused by name, with the reason: families whose forward pass megatron-core's GPT cannot compute
-exactly here (Gemma 2, OLMo 3) or not yet read (Gemma 1), and Gemma 3's multimodal class. Anything
+exactly here (OLMo 3) or not yet read (Gemma 1), and Gemma 3's multimodal class. Anything
 else: one line naming its ``model_type`` and ``architectures``.
 """
 
@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 from bam_megatron.conversion.hf.cohere import CohereImporter
 from bam_megatron.conversion.hf.errors import ConversionError
+from bam_megatron.conversion.hf.gemma2 import Gemma2Importer
 from bam_megatron.conversion.hf.gemma3 import Gemma3Importer
 from bam_megatron.conversion.hf.importer import Importer
 from bam_megatron.conversion.hf.llama import LlamaImporter, MistralImporter, Qwen2Importer, Qwen3Importer
@@ -33,6 +34,7 @@ IMPORTERS: dict[str, type[Importer]] = {
         Qwen3Importer,
         Phi3Importer,
         Olmo2Importer,
+        Gemma2Importer,
         Gemma3Importer,
         Qwen2MoeImporter,
         Qwen3MoeImporter,
@@ -45,8 +47,6 @@ IMPORTERS: dict[str, type[Importer]] = {
 REFUSED: dict[str, str] = {
     "gemma": "Gemma (1) is not read: its layer has no norms after attention and MLP (Gemma 3 text, gemma3_text, "
     "is read)",
-    "gemma2": "megatron-core cannot compute Gemma 2 exactly here: its attention and final-logit soft-capping "
-    "(attn_logit_softcapping, final_logit_softcapping)",
     "gemma3": "Gemma3ForConditionalGeneration is Gemma 3 with its vision tower: bam-convert-hf import reads the text "
     "model (model_type gemma3_text, Gemma3ForCausalLM)",
     "olmo3": "megatron-core cannot compute OLMo-3 exactly here: its sliding-window layers (OLMo 2, model_type "

@@ -33,6 +33,7 @@ from typing import Optional
 
 from bam_megatron.conversion.hf.bam_format import BamTarget
 from bam_megatron.conversion.hf.cohere import CohereTarget
+from bam_megatron.conversion.hf.gemma2 import Gemma2Target
 from bam_megatron.conversion.hf.gemma3 import Gemma3Target
 from bam_megatron.conversion.hf.llama import LlamaTarget, MistralTarget, Qwen2Target, Qwen3Target
 from bam_megatron.conversion.hf.moe import MixtralTarget, Qwen2MoeTarget, Qwen3MoeTarget
@@ -51,6 +52,7 @@ TARGETS: dict[str, Target] = {
         Phi3Target(),
         Olmo2Target(),
         Gemma3Target(),
+        Gemma2Target(),
         Qwen2MoeTarget(),
         Qwen3MoeTarget(),
         MixtralTarget(),
@@ -73,7 +75,7 @@ def preferences(a: Architecture, imported_model_type: Optional[str] = None) -> l
     if a.has_soft_moa:
         pass
     elif a.norm_placement == "both" or a.apply_layernorm_1p:
-        order += [] if a.is_moe else ["gemma3_text"]
+        order += [] if a.is_moe else ["gemma3_text", "gemma2"]
     elif a.norm_placement == "post" or a.qk_layernorm_scope == "projection":
         order += [] if a.is_moe else ["olmo2"]
     elif a.block_type == "parallel":

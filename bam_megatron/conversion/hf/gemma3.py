@@ -62,6 +62,14 @@ class Gemma3Target(LlamaTarget):
     norm_placement = "both"
     gemma = True
 
+    def why_not(self, a: Architecture, config) -> Optional[str]:
+        """As Llama's with Gemma's layer; no soft-capping (Gemma 2's: transformers' Gemma 3 attends with sdpa)."""
+        for name in ("attn_logit_softcapping", "final_logit_softcapping"):
+            if getattr(a, name) is not None:
+                cls = self.architecture_class
+                return f"{name}={getattr(a, name)}: {cls} does not soft-cap (export with --format gemma2)"
+        return super().why_not(a, config)
+
     def hf_config(self, a: Architecture, config, meta, token_ids: dict[str, Any]) -> dict[str, Any]:
         """Llama's fields without ``hidden_act`` (``hidden_activation``), Gemma's attention scale, RoPE per
         kind of layer and a window as long as the recorded sequence (it never bites: ours is full causal)."""
@@ -103,6 +111,25 @@ class Gemma3Target(LlamaTarget):
 # ===== import: config.json's checks (the table is the target's)
 
 
+def check_layer_types(importer: LlamaImporter, pattern: int) -> Optional[int]:
+    """N where every N-th layer is global and the others local (None: every layer global), from
+    ``layer_types`` (or, without, every ``pattern``-th global); another pattern, or a sliding window
+    shorter than the recorded sequence, is refused naming the field."""
+    layers, types = importer.get("num_hidden_layers"), importer.get("layer_types")
+    if types is None:
+        types = [KINDS[(i + 1) % pattern == 0] for i in range(layers)]
+    full = [i for i, kind in enumerate(types) if kind == "full_attention"]
+    every = full[0] + 1 if full else layers + 1
+    if len(types) != layers or types != [KINDS[(i + 1) % every == 0] for i in range(layers)]:
+        raise ConversionError(
+            f"layer_types={types}: bam-megatron's local layers are every layer but each N-th (global)"
+        )
+    if len(full) == layers:
+        return None
+    sliding_window_refusal(importer.get("sliding_window"), importer.seq_length)
+    return every
+
+
 class Gemma3Importer(LlamaImporter):
     """``Gemma3ForCausalLM`` (text): Gemma's layer; local layers' RoPE base; windows only where they never bite."""
 
@@ -139,20 +166,7 @@ class Gemma3Importer(LlamaImporter):
         for key in ("attn_logit_softcapping", "final_logit_softcapping"):
             self.require(key, None, "megatron-core's attention and output layer do not soft-cap")
         self.require("use_bidirectional_attention", False, "bam-megatron's attention is causal")
-        layers = self.get("num_hidden_layers")
-        types = self.get("layer_types")
-        if types is None:
-            pattern = self.get("sliding_window_pattern")
-            types = [KINDS[(i + 1) % pattern == 0] for i in range(layers)]
-        full = [i for i, kind in enumerate(types) if kind == "full_attention"]
-        every = full[0] + 1 if full else layers + 1
-        if len(types) != layers or types != [KINDS[(i + 1) % every == 0] for i in range(layers)]:
-            raise ConversionError(
-                f"layer_types={types}: bam-megatron's local layers are every layer but each N-th (global)"
-            )
-        self.every = every if len(full) < layers else None
-        if len(full) < layers:
-            sliding_window_refusal(self.get("sliding_window"), self.seq_length)
+        self.every = check_layer_types(self, self.get("sliding_window_pattern"))
 
     def rope(self, allow_llama3: bool = True) -> tuple[float, Optional[float]]:
         """Plain RoPE on both kinds of layer: (global theta, None); the local theta is kept for `check`."""

@@ -51,7 +51,15 @@ def common_checks(config) -> Optional[str]:
     return None
 
 
-GEMMA_FIELDS = ("apply_layernorm_1p", "activation", "scale_embeddings", "query_pre_attn_scalar", "local_rotary_base")
+GEMMA_FIELDS = (
+    "apply_layernorm_1p",
+    "activation",
+    "scale_embeddings",
+    "query_pre_attn_scalar",
+    "attn_logit_softcapping",
+    "final_logit_softcapping",
+    "local_rotary_base",
+)
 """Architecture fields only Gemma's layer sets (with ``norm_placement: both``)."""
 
 

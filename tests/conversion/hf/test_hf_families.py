@@ -1,6 +1,6 @@
 """Every native Hugging Face family's table, both ways (bam_megatron/conversion/hf/bridge.py).
 
-Each family (Llama, Mistral, Qwen2, Qwen3, Phi-3, OLMo 2, Gemma 3, Cohere, Qwen2-MoE, Qwen3-MoE, Mixtral) has one
+Each family (Llama, Mistral, Qwen2, Qwen3, Phi-3, OLMo 2, Gemma 2, Gemma 3, Cohere, Qwen2-MoE, Qwen3-MoE, Mixtral) has one
 table that drives its import and its export. Checked here for every family: importing what the
 table exports gives back every parameter bit for bit (no files: the table alone, with its
 settings that only an import sees, such as Cohere's logit scale); and through the command line,
@@ -32,6 +32,21 @@ FAMILIES: dict[str, tuple[dict, dict]] = {
     # norms after attention and MLP; q/k norms over the whole projection (GQA: K's is smaller)
     "olmo2": (dict(DENSE, norm_placement="post", qk_layernorm=True, qk_layernorm_scope="projection"), {}),
     # (1 + w) norms before and after, GeGLU, scaled tied embeddings; layer 1 local (its RoPE base), layer 2 global
+    # Gemma 3's layer without q/k norms, with attention and final-logit soft-capping, one RoPE base
+    "gemma2": (
+        dict(
+            DENSE,
+            norm_placement="both",
+            apply_layernorm_1p=True,
+            activation="geglu",
+            scale_embeddings=True,
+            query_pre_attn_scalar=24.0,
+            attn_logit_softcapping=2.0,
+            final_logit_softcapping=3.0,
+            untie_embeddings_and_output_weights=False,
+        ),
+        {},
+    ),
     "gemma3_text": (
         dict(
             DENSE,

@@ -199,7 +199,6 @@ def test_refused_configurations_are_one_line_and_leave_no_output(families, tmp_p
         (variant("classifier", architectures=["LlamaForSequenceClassification"]), "LlamaForSequenceClassification"),
         (variant("quantized", quantization_config={"quant_method": "gptq"}), "quantization_config"),
         (_write_config(tmp_path / "gemma", model_type="gemma", architectures=["GemmaForCausalLM"]), "is not read"),
-        (_write_config(tmp_path / "gemma2", model_type="gemma2", architectures=["Gemma2ForCausalLM"]), "soft-capping"),
         (
             _write_config(tmp_path / "gemma3", model_type="gemma3", architectures=["Gemma3ForConditionalGeneration"]),
             "model_type gemma3_text",
