@@ -57,10 +57,7 @@ class BamTarget(Target):
     remote_code = True
 
     def why_not(self, a: Architecture, config) -> Optional[str]:
-        """Settings no bam-megatron architecture has (`common_checks`); Gemma 2's soft-capping (not yet here)."""
-        for name in ("attn_logit_softcapping", "final_logit_softcapping"):
-            if getattr(a, name) is not None:
-                return f"{name}={getattr(a, name)}: the remote code does not soft-cap yet"
+        """Only settings no bam-megatron architecture has (`common_checks`)."""
         return common_checks(config)
 
     def hf_config(self, a: Architecture, config, meta, token_ids: dict[str, Any]) -> dict[str, Any]:
@@ -94,6 +91,8 @@ class BamTarget(Target):
             "activation": a.activation,
             "scale_embeddings": a.scale_embeddings,
             "query_pre_attn_scalar": a.query_pre_attn_scalar,
+            "attn_logit_softcapping": a.attn_logit_softcapping,
+            "final_logit_softcapping": a.final_logit_softcapping,
             "local_rotary_base": a.local_rotary_base,
             "global_attention_every": a.global_attention_every,
             "num_experts": experts,

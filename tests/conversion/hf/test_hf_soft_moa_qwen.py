@@ -3,7 +3,8 @@
 generation are ours; the export imports back to the same checkpoint, and bam-generate's KV-cached
 decoding (megatron-core's static cache) gives its uncached tokens. The same for OLMo 2-style sources
 (norms after attention and FFN, each expert's Q/K norms over its whole projection), BTX included
-(no MoE class has OLMo 2's norms: remote code); and for Gemma 3-style sources (Gemma's layer, local layers)."""
+(no MoE class has OLMo 2's norms: remote code); and for Gemma 3-style sources (Gemma's layer, local
+layers) and Gemma 2-style ones (soft-capping)."""
 
 from __future__ import annotations
 
@@ -31,9 +32,20 @@ QWEN = {
         local_rotary_base=1000.0,
         global_attention_every=2,
     ),
+    # Gemma 2's: soft caps small enough to bite
+    "gemma2": dict(
+        norm_placement="both",
+        apply_layernorm_1p=True,
+        activation="geglu",
+        scale_embeddings=True,
+        query_pre_attn_scalar=24.0,
+        attn_logit_softcapping=2.0,
+        final_logit_softcapping=3.0,
+    ),
 }
 CASES = [(kind, method) for kind in ("qwen3", "qwen2") for method in ("bam", "bam-shared-kv")]
 CASES += [(kind, method) for kind in ("olmo2", "gemma3") for method in ("bam", "bam-shared-kv", "btx")]
+CASES += [("gemma2", method) for method in ("bam", "btx")]
 NEW = 8
 
 
@@ -98,7 +110,9 @@ def test_qwen_sourced_bam_exports_computes_transformers_logits_imports_back_and_
         d, rows = (24 if kind == "qwen3" else 16), (n,) if n > 1 else ()
         assert shapes["model.layers.0.self_attn.q_norm.weight"] == (*rows, d), shapes
         assert shapes["model.layers.0.self_attn.k_norm.weight"] == ((*rows, d) if kv == n else (d,)), shapes
-    else:  # the wide attention's biases: N·H query heads, N·H_kv (expert) or H_kv (shared) K/V heads of 16
+    elif (
+        kind == "qwen2"
+    ):  # the wide attention's biases: N·H query heads, N·H_kv (expert) or H_kv (shared) K/V heads of 16
         assert shapes["model.layers.0.self_attn.q_proj.bias"] == (n * 4 * 16,), shapes
         assert shapes["model.layers.0.self_attn.k_proj.bias"] == (kv * 2 * 16,), shapes
     assert r["error"] < RTOL, r["error"]

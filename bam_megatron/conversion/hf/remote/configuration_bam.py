@@ -37,8 +37,9 @@ class BamConfig(PretrainedConfig):
     norms after attention and FFN, OLMo 2's) or ``both`` (Gemma's). Gemma's layer besides:
     ``apply_layernorm_1p`` ((1 + weight) norms), ``activation`` ``geglu`` (tanh GELU),
     ``scale_embeddings`` (times sqrt(hidden_size)), ``query_pre_attn_scalar`` (scores times its
-    ^-1/2), ``local_rotary_base`` with ``global_attention_every`` (every layer but each N-th rotates
-    at the local base). ``rope_scaling_factor``: Llama-3's RoPE scaling as megatron-core
+    ^-1/2), ``attn_logit_softcapping`` / ``final_logit_softcapping`` (Gemma 2's c·tanh(x/c) of the
+    attention scores / output logits), ``local_rotary_base`` with ``global_attention_every`` (every
+    layer but each N-th rotates at the local base). ``rope_scaling_factor``: Llama-3's RoPE scaling as megatron-core
     computes it (low/high frequency factors 1 and 4, original context 8192).
     ``moe_router_topk_scaling_factor`` multiplies the FFN routing weights. ``router_bias``: both
     routers add a per-expert bias; ``router_expert_groups``: sizes of the groups of experts whose
@@ -73,6 +74,8 @@ class BamConfig(PretrainedConfig):
         activation="swiglu",
         scale_embeddings=False,
         query_pre_attn_scalar=None,
+        attn_logit_softcapping=None,
+        final_logit_softcapping=None,
         local_rotary_base=None,
         global_attention_every=None,
         num_experts=0,
@@ -133,6 +136,8 @@ class BamConfig(PretrainedConfig):
         self.activation = activation
         self.scale_embeddings = scale_embeddings
         self.query_pre_attn_scalar = query_pre_attn_scalar
+        self.attn_logit_softcapping = attn_logit_softcapping
+        self.final_logit_softcapping = final_logit_softcapping
         self.local_rotary_base = local_rotary_base
         self.global_attention_every = global_attention_every
         self.num_experts = num_experts

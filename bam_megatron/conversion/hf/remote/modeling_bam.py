@@ -273,6 +273,38 @@ def eager_attention_forward(
     return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
 
 
+def softcapped_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Optional[torch.Tensor],
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gemma 2's attention: softmax(c·tanh(q kᵀ · scaling / c) + mask) v, c = ``attn_logit_softcapping``
+    (no fused kernel computes it). The mask as whichever attention implementation asked for it: an
+    additive float mask, a boolean one (True: attended), or None for plain causal attention (the
+    queries the last positions of the keys)."""
+    cap = module.config.attn_logit_softcapping
+    key = _repeat_kv(key, module.num_key_value_groups)
+    value = _repeat_kv(value, module.num_key_value_groups)
+    weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    weights = torch.tanh(weights / cap) * cap
+    t, s = query.shape[-2], key.shape[-2]
+    if attention_mask is None:
+        causal = torch.ones(t, s, dtype=torch.bool, device=query.device).tril(s - t)
+        weights = weights.masked_fill(~causal, float("-inf"))
+    elif attention_mask.dtype == torch.bool:
+        weights = weights.masked_fill(~attention_mask[:, :, :, :s], float("-inf"))
+    else:
+        weights = weights + attention_mask[:, :, :, :s]
+    weights = torch.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = F.dropout(weights, p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+
 class BamAttention(nn.Module):
     """Soft mixture of N attention experts as one causal attention with N·H query heads.
 
@@ -351,6 +383,8 @@ class BamAttention(nn.Module):
         if past_key_values is not None:  # keys cached after RoPE
             k, v = past_key_values.update(k, v, self.layer_idx)
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+        if getattr(self.config, "attn_logit_softcapping", None) is not None:
+            attention = softcapped_attention_forward
         heads, weights = attention(
             self,
             q,
@@ -545,6 +579,9 @@ class BamForCausalLM(BamPreTrainedModel, GenerationMixin):
             **kwargs,
         )
         logits = self.lm_head(slice_logits_to_keep(out.last_hidden_state, logits_to_keep))
+        cap = getattr(self.config, "final_logit_softcapping", None)
+        if cap is not None:  # Gemma 2: c·tanh(z/c)
+            logits = torch.tanh(logits / cap) * cap
         loss = None
         if labels is not None:  # next-token loss; -100 ignored
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
