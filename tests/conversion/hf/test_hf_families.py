@@ -1,7 +1,7 @@
 """Every native Hugging Face family's table, both ways (bam_megatron/conversion/hf/bridge.py).
 
-Each family (Llama, Mistral, Qwen2, Qwen3, Phi-3, OLMo 2, Gemma 2, Gemma 3, Cohere, Qwen2-MoE, Qwen3-MoE, Mixtral) has one
-table that drives its import and its export. Checked here for every family: importing what the
+Each family (Llama, Mistral, Qwen2, Qwen3, Phi-3, OLMo 2, Gemma 2, Gemma 3, Cohere, Qwen2-MoE, Qwen3-MoE,
+Mixtral) has one table that drives its import and its export. Checked here for every family: importing what the
 table exports gives back every parameter bit for bit (no files: the table alone, with its
 settings that only an import sees, such as Cohere's logit scale); and through the command line,
 a tiny random checkpoint made by our own code, exported with ``--format FAMILY``, imported and
