@@ -188,3 +188,17 @@ def import_export_round_trips(jobs: dict[str, tuple[str, str]], tokens: torch.Te
             convert("export", "--load", seed2, "--save", again),
         ]
     return results
+
+
+def assert_round_trip(root: str, name: str, result: dict, architecture_class: str, rtol: float) -> None:
+    """What `import_export_round_trips` gives for ``name`` holds: the import succeeded with transformers' logits
+    (relative error below ``rtol``), the export is ``architecture_class`` with transformers' logits again and
+    nothing missing or unexpected, and export -> import -> export wrote the same bytes."""
+    assert result["import"][0] == 0, result["import"]
+    assert result["error"] < rtol, (name, result["error"])
+    assert result["export"][0] == 0 and result["class"] == architecture_class, (name, result["export"], result["class"])
+    assert result["problems"] == {} and result["export_error"] < rtol, (name, result)
+    assert all(code == 0 for code, _ in result["again"]), result["again"]
+    first = directory_files(os.path.join(root, f"{name}-hf"))
+    again = directory_files(os.path.join(root, f"{name}-again"))
+    assert sorted(first) == sorted(again) and all(first[f] == again[f] for f in first), name

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from bam_megatron.testing.distributed import run_distributed
-from tests.support.hf import directory_files, import_export_round_trips
+from tests.support.hf import assert_round_trip, import_export_round_trips
 from tests.support.hf_models import SEQ, TOKENS, hf_directory
 
 RTOL = 1e-5
@@ -46,13 +46,7 @@ def imported(tmp_path_factory):
 
 def test_gemma2_imports_with_transformers_logits_and_exports_back_to_gemma2(imported):
     root, result = imported
-    assert result["import"][0] == 0, result["import"]
-    assert result["error"] < RTOL, result["error"]
-    assert result["export"][0] == 0 and result["class"] == "Gemma2ForCausalLM", (result["export"], result["class"])
-    assert result["problems"] == {} and result["export_error"] < RTOL, result
-    assert all(code == 0 for code, _ in result["again"]), result["again"]
-    first, again = directory_files(os.path.join(root, "gemma2-hf")), directory_files(os.path.join(root, "gemma2-again"))
-    assert sorted(first) == sorted(again) and all(first[f] == again[f] for f in first)
+    assert_round_trip(root, "gemma2", result, "Gemma2ForCausalLM", RTOL)
     config = json.load(open(os.path.join(root, "gemma2-hf", "config.json")))
     assert (config["attn_logit_softcapping"], config["final_logit_softcapping"]) == (2.0, 3.0)
     a = result["architecture"]

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from bam_megatron.testing.distributed import run_distributed
-from tests.support.hf import convert, directory_files, import_export_round_trips
+from tests.support.hf import assert_round_trip, convert, import_export_round_trips
 from tests.support.hf_models import SEQ, TOKENS, hf_directory
 
 RTOL = 1e-5
@@ -102,16 +102,7 @@ def imported(families, tmp_path_factory):
 def test_imports_compute_transformers_logits_and_export_back_to_the_family(imported, name):
     root, results = imported
     result = results[name]
-    assert result["import"][0] == 0, result["import"]
-    assert result["error"] < RTOL, (name, result["error"])
-    assert result["export"][0] == 0 and result["class"] == FAMILIES[name][2], (name, result["export"], result["class"])
-    assert result["problems"] == {} and result["export_error"] < RTOL, (name, result)
-    assert all(code == 0 for code, _ in result["again"]), result["again"]
-    first, again = (
-        directory_files(os.path.join(root, f"{name}-hf")),
-        directory_files(os.path.join(root, f"{name}-again")),
-    )
-    assert sorted(first) == sorted(again) and all(first[f] == again[f] for f in first), name
+    assert_round_trip(root, name, result, FAMILIES[name][2], RTOL)
 
 
 def test_the_imported_architectures(imported):

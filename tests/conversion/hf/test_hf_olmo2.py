@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from bam_megatron.testing.distributed import run_distributed
-from tests.support.hf import convert, directory_files, import_export_round_trips
+from tests.support.hf import assert_round_trip, convert, import_export_round_trips
 from tests.support.hf_models import SEQ, TOKENS, hf_directory
 
 RTOL = 1e-5
@@ -33,13 +33,7 @@ def imported(tmp_path_factory):
 
 def test_olmo2_imports_with_transformers_logits_and_exports_back_to_olmo2(imported):
     root, result = imported
-    assert result["import"][0] == 0, result["import"]
-    assert result["error"] < RTOL, result["error"]
-    assert result["export"][0] == 0 and result["class"] == "Olmo2ForCausalLM", (result["export"], result["class"])
-    assert result["problems"] == {} and result["export_error"] < RTOL, result
-    assert all(code == 0 for code, _ in result["again"]), result["again"]
-    first, again = directory_files(os.path.join(root, "olmo2-hf")), directory_files(os.path.join(root, "olmo2-again"))
-    assert sorted(first) == sorted(again) and all(first[f] == again[f] for f in first)
+    assert_round_trip(root, "olmo2", result, "Olmo2ForCausalLM", RTOL)
     assert json.load(open(os.path.join(root, "olmo2-hf", "config.json")))["architectures"] == ["Olmo2ForCausalLM"]
     a = result["architecture"]
     assert (a.block_type, a.norm_placement, a.qk_layernorm, a.qk_layernorm_scope) == (

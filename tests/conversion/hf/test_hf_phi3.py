@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from bam_megatron.testing.distributed import run_distributed
-from tests.support.hf import convert, directory_files, import_export_round_trips
+from tests.support.hf import assert_round_trip, convert, import_export_round_trips
 from tests.support.hf_models import SEQ, TOKENS, hf_directory
 
 RTOL = 1e-5
@@ -52,16 +52,7 @@ def imported(models, tmp_path_factory):
 def test_phi3_imports_with_transformers_logits_and_exports_back_to_phi3(imported, name):
     root, results = imported
     result = results[name]
-    assert result["import"][0] == 0, result["import"]
-    assert result["error"] < RTOL, (name, result["error"])
-    assert result["export"][0] == 0 and result["class"] == "Phi3ForCausalLM", (name, result["export"], result["class"])
-    assert result["problems"] == {} and result["export_error"] < RTOL, (name, result)
-    assert all(code == 0 for code, _ in result["again"]), result["again"]
-    first, again = (
-        directory_files(os.path.join(root, f"{name}-hf")),
-        directory_files(os.path.join(root, f"{name}-again")),
-    )
-    assert sorted(first) == sorted(again) and all(first[f] == again[f] for f in first), name
+    assert_round_trip(root, name, result, "Phi3ForCausalLM", RTOL)
     config = json.load(open(os.path.join(root, f"{name}-hf", "config.json")))
     assert config["architectures"] == ["Phi3ForCausalLM"] and config["sliding_window"] is None
 
